@@ -27,17 +27,30 @@ class Preprocessing(BaseModel):
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-def eval_transform(preprocessing: Preprocessing) -> v2.Compose:
-    """PIL RGB image -> normalised float tensor (3, input_size, input_size)."""
+def eval_geometry(preprocessing: Preprocessing) -> v2.Compose:
+    """PIL RGB image -> uint8 tensor (3, input_size, input_size): resize shorter side, centre crop."""
     return v2.Compose(
         [
             v2.ToImage(),
             v2.Resize(preprocessing.resize, antialias=True),
             v2.CenterCrop(preprocessing.input_size),
+        ]
+    )
+
+
+def normalization(preprocessing: Preprocessing) -> v2.Compose:
+    """uint8 image tensor -> float, scaled to [0, 1] and normalised with the bundle's mean/std."""
+    return v2.Compose(
+        [
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(preprocessing.mean), list(preprocessing.std)),
         ]
     )
+
+
+def eval_transform(preprocessing: Preprocessing) -> v2.Compose:
+    """PIL RGB image -> normalised float tensor (3, input_size, input_size)."""
+    return v2.Compose([eval_geometry(preprocessing), normalization(preprocessing)])
 
 
 def preprocess_batch(images: Sequence[Image.Image], preprocessing: Preprocessing) -> Tensor:

@@ -100,6 +100,43 @@ class MethodConfig(_Strict):
         return {"baseline": 0, "mixoe": 1}.get(self.name, self.oe_outlier_ratio)
 
 
+class EvaluationConfig(_Strict):
+    """OOD sets, score functions and operating points for evaluate / calibrate / export.
+
+    The held-out classes of a holdout split are always evaluated as the ``fine`` OOD set;
+    ``ood_sets`` adds image folders (any tree of images), e.g. ``coarse: data/tinyimagenet/val``.
+    """
+
+    ood_sets: dict[str, Path] = Field(default_factory=dict)
+    max_images_per_set: int | None = Field(None, ge=1, description="seeded subsample of large OOD folders")
+    score: str | None = Field(None, description="deployed OOD score; default energy for energy-oe, else msp")
+    calibration_targets: list[float] = Field(default_factory=lambda: [0.90, 0.95, 0.99])
+    default_target: float = 0.95
+    paper_protocol: bool = Field(False, description="also report the MixOE paper's balanced 10-draw protocol")
+    batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _default_is_a_target(self) -> "EvaluationConfig":
+        if self.default_target not in self.calibration_targets:
+            raise ValueError(f"default_target {self.default_target} is not one of {self.calibration_targets}")
+        return self
+
+
+class ExportConfig(_Strict):
+    """Where ``mixoe export`` writes the bundle: ``<repository>/<name>/<version>/``."""
+
+    repository: Path = Path("models/repository")
+    name: str = "model"
+    version: str = "1"
+
+
+class BaselineStageConfig(_Strict):
+    """The cross-entropy stage that ``mixoe pipeline`` runs before fine-tuning."""
+
+    epochs: int = Field(10, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-2)
+
+
 class TrainConfig(_Strict):
     """A whole run: model, data, method, optimisation."""
 
@@ -120,6 +157,15 @@ class TrainConfig(_Strict):
     bf16: bool = True
     sync_batchnorm: bool = False
     output_dir: Path = Path("runs/default")
+    evaluation: EvaluationConfig = EvaluationConfig()
+    export: ExportConfig = ExportConfig()
+    baseline: BaselineStageConfig = BaselineStageConfig()
+
+    @property
+    def deployed_score(self) -> str:
+        if self.evaluation.score is not None:
+            return self.evaluation.score
+        return "energy" if self.method.name == "energy-oe" else "msp"
 
     @model_validator(mode="after")
     def _outliers_when_needed(self) -> "TrainConfig":

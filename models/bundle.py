@@ -1,0 +1,412 @@
+"""Save and load a deployable bundle: the contract between training and serving.
+
+A bundle lives at ``<repository>/<name>/<version>/`` and holds ``weights.safetensors`` (never a
+pickle: loading one runs code), ``manifest.json`` (this module's :class:`Manifest`) and optionally
+``report.md`` and plots. Training writes it with :func:`save_bundle`; the service reads it with
+:func:`load_bundle`, which checks the schema version, the manifest, the weights' sha256 and the
+state-dict keys before returning anything, so a bundle either loads whole or not at all.
+
+Scores follow :mod:`models.scores` (higher = more OOD): an input is accepted when its score is at
+most the operating point's conformal threshold, and its p-value comes from the same calibration
+scores (:mod:`models.conformal`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from models.conformal import conformal_p_values
+from models.nets import ARCHITECTURES, Classifier, build_network
+from models.preprocess import Preprocessing, preprocess_batch
+from models.scores import SCORES, get_score
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+# Names and versions become directory names: no separators, no leading dot (temporary directories
+# are hidden siblings, so they can never be mistaken for a version).
+_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+_VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class BundleError(Exception):
+    """Any problem loading/saving a bundle; the message names the problem and the path."""
+
+
+class _Strict(BaseModel):
+    """Unknown keys and non-finite floats are errors: a typo must not silently become a default."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ScoreSpec(_Strict):
+    """Which OOD score the thresholds were calibrated on, and at what temperature."""
+
+    name: str
+    temperature: float = Field(gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_score(cls, name: str) -> str:
+        if name not in SCORES:
+            raise ValueError(f"unknown OOD score {name!r}; supported: {', '.join(sorted(SCORES))}")
+        return name
+
+
+class OperatingPoint(_Strict):
+    """A conformal threshold for one target ID acceptance, with what it measured on test data."""
+
+    target_id_acceptance: float = Field(gt=0, lt=1)
+    threshold: float
+    k: int = Field(ge=1)
+    n_calibration: int = Field(ge=1)
+    measured_id_acceptance: float | None = Field(None, ge=0, le=1)
+    ood_acceptance: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OperatingPoint:
+        if self.k > self.n_calibration:
+            raise ValueError(f"k={self.k} exceeds n_calibration={self.n_calibration}")
+        leaks = [name for name, rate in self.ood_acceptance.items() if not 0.0 <= rate <= 1.0]
+        if leaks:
+            raise ValueError(f"ood_acceptance must lie in [0, 1] for: {', '.join(leaks)}")
+        return self
+
+
+class Calibration(_Strict):
+    """Sorted ID calibration scores (for p-values) and the thresholds derived from them.
+
+    Every operating point must be the k-th smallest of exactly these scores, so that the accept
+    flag and the p-value of a request can never disagree about which data they came from.
+    """
+
+    scores: list[float] = Field(min_length=1)
+    operating_points: list[OperatingPoint] = Field(min_length=1)
+    default_target: float = 0.95
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Calibration:
+        if any(a > b for a, b in zip(self.scores, self.scores[1:])):
+            raise ValueError("calibration scores must be sorted in ascending order")
+        targets = [point.target_id_acceptance for point in self.operating_points]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"operating point targets must be distinct, got {targets}")
+        if self.default_target not in targets:
+            raise ValueError(f"default_target {self.default_target} is not one of the operating points {targets}")
+        n = len(self.scores)
+        for point in self.operating_points:
+            if point.n_calibration != n:
+                raise ValueError(
+                    f"operating point {point.target_id_acceptance} has n_calibration={point.n_calibration} "
+                    f"but {n} calibration scores are stored"
+                )
+            if point.threshold != self.scores[point.k - 1]:
+                raise ValueError(
+                    f"operating point {point.target_id_acceptance}: threshold {point.threshold} is not "
+                    f"the k={point.k}-th smallest calibration score {self.scores[point.k - 1]}"
+                )
+        return self
+
+
+class Manifest(_Strict):
+    """Everything needed to rebuild, run and trust a model, stored as ``manifest.json``."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(pattern=_NAME_PATTERN)
+    version: str = Field(pattern=_VERSION_PATTERN)
+    created_at: str
+    architecture: str
+    num_classes: int = Field(ge=1)
+    class_names: list[str]
+    preprocessing: Preprocessing
+    score: ScoreSpec
+    calibration: Calibration
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    data_fingerprints: dict[str, str] = Field(default_factory=dict)
+    weights_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+
+    @field_validator("created_at")
+    @classmethod
+    def _iso_utc(cls, value: str) -> str:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"created_at {value!r} is not an ISO 8601 timestamp") from None
+        if moment.utcoffset() != timedelta(0):
+            raise ValueError(f"created_at {value!r} must be in UTC (offset +00:00 or Z)")
+        return value
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, name: str) -> str:
+        if name not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {name!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+        return name
+
+    @model_validator(mode="after")
+    def _classes_match(self) -> Manifest:
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"num_classes={self.num_classes} but {len(self.class_names)} class_names")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class_names must be distinct")
+        return self
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One batch's outputs, all on CPU. ``scores`` are OOD scores (higher = more OOD)."""
+
+    logits: Tensor  # (B, K) float32
+    probabilities: Tensor  # (B, K) float32, softmax of the logits at temperature 1
+    scores: Tensor  # (B,) float32
+    p_values: Tensor  # (B,) float64, conformal p-values against the calibration scores
+    accepted: Tensor  # (B,) bool, scores <= operating_point.threshold
+    operating_point: OperatingPoint
+
+
+class Bundle:
+    """A loaded model ready to predict: network, preprocessing, score and calibrated thresholds.
+
+    The network is put in eval mode on ``device`` once here; on CUDA it also switches to
+    channels_last, which bf16 convolutions prefer.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, model: Classifier, device: torch.device):
+        self.path = path
+        self.manifest = manifest
+        self.device = device
+        self._cuda = device.type == "cuda"
+        memory_format = torch.channels_last if self._cuda else torch.contiguous_format
+        self.model = model.to(device=device, memory_format=memory_format).eval()
+        self._score = get_score(manifest.score.name)
+        self._calibration_scores = np.asarray(manifest.calibration.scores, dtype=np.float64)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def operating_point(self, target: float | None = None) -> OperatingPoint:
+        """The operating point for ``target`` ID acceptance; ``None`` means the bundle's default."""
+        calibration = self.manifest.calibration
+        wanted = calibration.default_target if target is None else target
+        for point in calibration.operating_points:
+            if point.target_id_acceptance == wanted:
+                return point
+        available = ", ".join(str(p.target_id_acceptance) for p in calibration.operating_points)
+        raise BundleError(
+            f"no operating point for target ID acceptance {wanted} in bundle {self.name}/{self.version} "
+            f"({self.path}); available: {available}"
+        )
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        """PIL images (any mode) -> the normalised batch (B, 3, S, S) the thresholds were calibrated on."""
+        rgb = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+        return preprocess_batch(rgb, self.manifest.preprocessing)
+
+    def predict(self, batch: Tensor, operating_point: float | None = None) -> Predictions:
+        """Classify a preprocessed batch (B, 3, S, S) and accept or reject each input."""
+        point = self.operating_point(operating_point)
+        size = self.manifest.preprocessing.input_size
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size) or not batch.is_floating_point():
+            raise ValueError(
+                f"expected a float batch of shape (B, 3, {size}, {size}), got {batch.dtype} {tuple(batch.shape)}"
+            )
+        memory_format = torch.channels_last if self._cuda else torch.contiguous_format
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._cuda):
+            inputs = batch.to(device=self.device, memory_format=memory_format, non_blocking=True)
+            logits = self.model(inputs).float().cpu()
+            scores = self._score(logits, self.manifest.score.temperature)
+            p_values = torch.from_numpy(conformal_p_values(scores.numpy(), self._calibration_scores))
+            return Predictions(
+                logits=logits,
+                probabilities=logits.softmax(dim=1),
+                scores=scores,
+                p_values=p_values,
+                accepted=scores.double() <= point.threshold,
+                operating_point=point,
+            )
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks so large weights never sit in memory twice."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def save_bundle(
+    directory: Path,
+    model: torch.nn.Module,
+    manifest: Manifest,
+    extra_files: Mapping[str, Path] | None = None,
+) -> Path:
+    """Write a bundle to ``directory`` (``<repository>/<name>/<version>``) atomically; return it.
+
+    Everything goes into a hidden temporary sibling first and is moved into place with one
+    ``os.replace``, so readers never see a half-written bundle. ``extra_files`` maps file names in
+    the bundle (``report.md``, plots) to the files to copy. The state dict is checked against
+    ``build_network(architecture, num_classes)`` first: a bundle that cannot load is never written.
+    """
+    directory = Path(directory)
+    if (directory.parent.name, directory.name) != (manifest.name, manifest.version):
+        raise BundleError(
+            f"bundle directory {directory} must end in <name>/<version> = {manifest.name}/{manifest.version}"
+        )
+    if directory.exists():
+        raise BundleError(f"bundle {manifest.name}/{manifest.version} already exists at {directory}")
+    extras = dict(extra_files or {})
+    for file_name, source in extras.items():
+        if file_name in (WEIGHTS_FILE, MANIFEST_FILE) or Path(file_name).name != file_name or file_name.startswith("."):
+            raise BundleError(f"extra file name {file_name!r} for {directory} must be a plain, non-reserved file name")
+        if not Path(source).is_file():
+            raise BundleError(f"extra file {source} for {directory} does not exist")
+    state = {key: tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()}
+    _load_strict(build_network(manifest.architecture, manifest.num_classes), state, manifest, directory)
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        final = manifest.model_copy(update={"weights_sha256": sha256_file(staging / WEIGHTS_FILE)})
+        (staging / MANIFEST_FILE).write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        for file_name, source in extras.items():
+            shutil.copyfile(source, staging / file_name)
+        # mkdtemp creates 0700; a bundle is meant to be read by the serving user too.
+        staging.chmod(0o755)
+        if directory.exists():  # created by someone else while we were writing
+            raise BundleError(f"bundle {manifest.name}/{manifest.version} already exists at {directory}")
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_bundle(path: Path, device: str | torch.device = "cpu") -> Bundle:
+    """Load and verify the bundle at ``path``; any problem raises :class:`BundleError`.
+
+    Checks, in order: the directory, ``manifest.json`` (present, JSON, known schema version,
+    valid), ``weights.safetensors`` (present, sha256 as recorded), then the state dict against the
+    architecture and class count. Nothing is returned unless every check passes.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"bundle directory not found: {path}")
+    manifest = _read_manifest(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{WEIGHTS_FILE} missing in bundle {path}")
+    if not manifest.weights_sha256:
+        raise BundleError(f"manifest in {path} records no weights_sha256, so the weights cannot be verified")
+    digest = sha256_file(weights)
+    if digest != manifest.weights_sha256:
+        raise BundleError(
+            f"sha256 mismatch for {weights}: manifest records {manifest.weights_sha256}, file has {digest} "
+            "(weights corrupted or tampered with)"
+        )
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as error:
+        raise BundleError(f"cannot read {weights}: {error}") from None
+    model = build_network(manifest.architecture, manifest.num_classes)
+    _load_strict(model, state, manifest, path)
+    return Bundle(path, manifest, model, torch.device(device))
+
+
+def _read_manifest(path: Path) -> Manifest:
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise BundleError(f"{MANIFEST_FILE} missing in bundle {path}")
+    try:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{manifest_path} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{manifest_path} must hold a JSON object, got {type(raw).__name__}")
+    schema_version = raw.get("schema_version")
+    if schema_version not in SUPPORTED_SCHEMA_VERSIONS:
+        supported = ", ".join(str(v) for v in SUPPORTED_SCHEMA_VERSIONS)
+        raise BundleError(
+            f"{manifest_path} has unsupported schema_version {schema_version!r}; this code reads version(s) {supported}"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as error:
+        raise BundleError(f"invalid manifest {manifest_path}: {error}") from None
+
+
+def _load_strict(model: Classifier, state: Mapping[str, Tensor], manifest: Manifest, path: Path) -> None:
+    """Load ``state`` into ``model`` requiring exactly its keys and shapes."""
+    head = state.get("head.weight")
+    if head is not None and head.shape[0] != manifest.num_classes:
+        raise BundleError(
+            f"class count mismatch in {path}: the weights' head has {head.shape[0]} outputs "
+            f"but the manifest declares num_classes={manifest.num_classes}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise BundleError(
+            f"weights in {path} do not fit architecture {manifest.architecture!r} "
+            f"with {manifest.num_classes} classes: {error}"
+        ) from None
+
+
+def find_bundles(repository: Path) -> list[tuple[str, str, Path]]:
+    """Every ``(name, version, path)`` under ``repository`` that has a manifest, by name then version.
+
+    Versions compare naturally (``2 < 10``, ``1.9 < 1.10``); hidden temporary directories and
+    entries whose names are not valid bundle names or versions are skipped.
+    """
+    repository = Path(repository)
+    if not repository.is_dir():
+        raise BundleError(f"model repository not found: {repository}")
+    found = []
+    for manifest_path in repository.glob(f"*/*/{MANIFEST_FILE}"):
+        version_dir = manifest_path.parent
+        name, version = version_dir.parent.name, version_dir.name
+        if re.fullmatch(_NAME_PATTERN, name) and re.fullmatch(_VERSION_PATTERN, version):
+            found.append((name, version, version_dir))
+    return sorted(found, key=lambda entry: (entry[0], _version_key(entry[1])))
+
+
+def latest_version(repository: Path, name: str) -> str:
+    """The highest version of bundle ``name`` in ``repository``."""
+    bundles = find_bundles(repository)
+    versions = [version for bundle_name, version, _ in bundles if bundle_name == name]
+    if not versions:
+        names = sorted({bundle_name for bundle_name, _, _ in bundles})
+        raise BundleError(
+            f"no bundle named {name!r} in {repository}; available: {', '.join(names) if names else 'none'}"
+        )
+    return versions[-1]
+
+
+def _version_key(version: str) -> tuple[tuple[tuple[int, int | str], ...], str]:
+    """Natural sort key: digit runs compare as numbers, the raw string breaks ties (``2`` vs ``02``)."""
+    parts = tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|\D+", version))
+    return parts, version

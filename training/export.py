@@ -1,0 +1,98 @@
+"""``mixoe export``: turn a calibrated, evaluated run into a bundle in a model repository.
+
+The bundle (``<repository>/<name>/<version>/``) is the contract with the service: weights as
+safetensors, a validated manifest (architecture, preprocessing, classes, score, operating points
+with the calibration scores, metrics, training settings, data fingerprints, weights hash), and a
+report with its plots.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from models.bundle import Manifest, ScoreSpec, save_bundle
+from models.nets import build_network
+from models.scores import get_score
+from training.calibrate import load_calibration
+from training.checkpoint import BEST_INFO, load_best_weights
+from training.config import TrainConfig
+from training.data import fingerprint
+from training.transforms import preprocessing_of
+from training.evaluate import EVALUATION_JSON, ood_set_names, scores_of
+from training.experiment import load_experiment_data
+from training.report import write_report
+from training.scoring import ID_TEST, run_logits
+
+
+def export(config: TrainConfig) -> Path:
+    """Write the run's bundle and return its directory."""
+    run_dir = config.output_dir
+    evaluation_path = run_dir / EVALUATION_JSON
+    if not evaluation_path.is_file():
+        raise FileNotFoundError(f"{evaluation_path} not found: run 'mixoe evaluate' first")
+    evaluation = json.loads(evaluation_path.read_text())
+    score_name, calibration = load_calibration(config)
+    data = load_experiment_data(config.data)
+    model = build_network(config.architecture, data.num_classes)
+    model.load_state_dict(load_best_weights(run_dir))
+    best = json.loads((run_dir / BEST_INFO).read_text())
+    export_config = config.export
+    manifest = Manifest(
+        name=export_config.name,
+        version=export_config.version,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        architecture=config.architecture,
+        num_classes=data.num_classes,
+        class_names=data.class_names,
+        preprocessing=preprocessing_of(config.data.transforms),
+        score=ScoreSpec(name=score_name, temperature=get_score(score_name).default_temperature),
+        calibration=calibration,
+        metrics=evaluation,
+        training={
+            "method": config.method.model_dump(mode="json"),
+            "optimizer": config.optimizer.model_dump(mode="json"),
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+            "pretrained": config.pretrained,
+            "best_epoch": best["epoch"],
+            "best_val_accuracy": best["val_accuracy"],
+            "holdout": None if config.data.holdout is None else config.data.holdout.model_dump(),
+            "id_classes_original_indices": data.id_classes,
+        },
+        data_fingerprints={
+            "train": fingerprint(data.train.samples),
+            "val": fingerprint(data.val.samples),
+            **({"test": fingerprint(data.test.samples)} if data.test is not None else {}),
+        },
+    )
+    logits = run_logits(config)
+    with tempfile.TemporaryDirectory() as scratch:
+        report_dir = Path(scratch)
+        write_report(
+            report_dir,
+            title=f"{export_config.name} v{export_config.version}: {config.method.name} on {config.architecture}",
+            summary={
+                "model": f"{export_config.name}/{export_config.version}",
+                "architecture": config.architecture,
+                "method": config.method.name,
+                "deployed score": score_name,
+                "ID classes": data.num_classes,
+                "ID test accuracy": evaluation["id_accuracy"],
+                "calibration images": len(calibration.scores),
+            },
+            evaluation={
+                **evaluation,
+                "operating_points": [p.model_dump() for p in calibration.operating_points],
+            },
+            id_scores=scores_of(logits[ID_TEST], score_name),
+            ood_scores={name: scores_of(logits[name], score_name) for name in ood_set_names(logits)},
+            thresholds={p.target_id_acceptance: p.threshold for p in calibration.operating_points},
+            score_name=score_name,
+        )
+        extra = {path.name: path for path in report_dir.iterdir()}
+        target = Path(export_config.repository) / export_config.name / export_config.version
+        return save_bundle(target, model, manifest, extra_files=extra)

@@ -1,0 +1,316 @@
+"""The training loop: baseline cross-entropy and every fine-tuning method, on one process or many.
+
+Read top to bottom: :func:`train` sets up data, model, method, optimizer and schedule, resumes from
+``last.pt`` if a previous attempt was interrupted, then alternates :func:`train_one_epoch` and
+:func:`evaluate_accuracy`, keeping the best ID-validation checkpoint.
+
+Reproducibility: every random stream (model init, data order, augmentation workers, mixing
+lambdas and boxes) is derived from ``config.seed`` and the epoch number, so a CPU run is
+bit-for-bit repeatable and a resumed run continues exactly where an uninterrupted one would.
+Under ``torchrun`` each rank gets its own shard of ID images and of outliers from
+``DistributedSampler``; mixing draws use the same generator on every rank, so one global batch
+shares one lambda and one cutmix box, as in a single-process run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from models.nets import build_network
+from training.checkpoint import load_best_weights, load_training_state, save_best, save_training_state, unwrap
+from training.config import TrainConfig, save_config
+from training.data import ImageDataset, OutlierPool, collate_skipping_bad
+from training.transforms import build_eval_geometry, build_train_transform
+from training.distributed import DistributedContext, init_distributed, shutdown_distributed
+from training.experiment import ExperimentData, load_experiment_data
+from training.methods import Method, build_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    best_val_accuracy: float
+    best_epoch: int
+    epochs_run: int
+
+
+class DeviceNormalize(nn.Module):
+    """uint8 images (B,3,H,W) -> normalised float on the device.
+
+    Loader workers ship uint8 (4x less to copy than float); converting and normalising on the
+    accelerator is free next to the network.
+    """
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return (images.float() - self.mean) / self.std
+
+
+def _loader(
+    dataset: Dataset, batch_size: int, ctx: DistributedContext, seed: int, workers: int, shuffle: bool
+) -> DataLoader:
+    """A loader whose sampler shards across ranks; with one rank it is a seeded shuffle."""
+    sampler = DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed, drop_last=shuffle
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=ctx.device.type == "cuda",
+        drop_last=shuffle,
+        collate_fn=collate_skipping_bad,
+        prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator(),
+    )
+
+
+def _start_pass(loader: DataLoader, pass_seed: int) -> None:
+    """Fix one pass's shuffle and worker augmentation seeds, so a resumed run replays them.
+
+    Workers are not persistent on purpose: each pass's workers draw their seeds from the
+    loader's generator, reseeded here, instead of carrying RNG state over from earlier epochs.
+    """
+    loader.sampler.set_epoch(pass_seed)
+    loader.generator.manual_seed(pass_seed)
+
+
+def _per_rank_batch(global_batch: int, ctx: DistributedContext) -> int:
+    if global_batch % ctx.world_size:
+        raise ValueError(f"batch_size {global_batch} is not divisible by the {ctx.world_size} processes")
+    return global_batch // ctx.world_size
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int, min_lr: float):
+    """Per-step cosine from the base lr down to ``min_lr`` after an optional linear warm-up."""
+    base = optimizer.param_groups[0]["lr"]
+    floor = min_lr / base
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    opt = config.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay
+        )
+    return torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """Pretrained backbone + fresh head, or (fine-tuning) a previous run's best weights."""
+    pretrained = None if config.init_checkpoint else config.pretrained
+    model = build_network(config.architecture, num_classes, pretrained)
+    if config.init_checkpoint is not None:
+        model.load_state_dict(load_best_weights(config.init_checkpoint))
+    return model
+
+
+def train_one_epoch(
+    model: nn.Module,
+    method: Method,
+    normalize: DeviceNormalize,
+    id_loader: DataLoader,
+    outlier_batches: Iterator[Tensor] | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    mix_generator: torch.Generator,
+    ctx: DistributedContext,
+    config: TrainConfig,
+    progress: bool,
+) -> dict[str, float]:
+    model.train()
+    cuda = ctx.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and config.bf16 else nullcontext()
+    memory_format = torch.channels_last if cuda and config.channels_last else torch.contiguous_format
+    totals: dict[str, float] = {}
+    images_seen = 0
+    start = time.perf_counter()
+    ratio = method.outliers_per_id_image
+    for batch in tqdm(id_loader, disable=not progress, leave=False, desc="train"):
+        if batch is None:  # every image of this batch was unreadable (counted by the dataset)
+            continue
+        images, labels = batch
+        outliers = None
+        if outlier_batches is not None:
+            # Unreadable files can shorten either batch; keep exactly `ratio` outliers per ID image.
+            pool = next(outlier_batches)
+            keep = min(len(labels), len(pool) // ratio)
+            images, labels, pool = images[:keep], labels[:keep], pool[: keep * ratio]
+            outliers = normalize(pool.to(ctx.device, non_blocking=True)).contiguous(memory_format=memory_format)
+        x = normalize(images.to(ctx.device, non_blocking=True)).contiguous(memory_format=memory_format)
+        y = labels.to(ctx.device, non_blocking=True)
+        with autocast:
+            loss, parts = method.loss(model, x, y, outliers, mix_generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        batch = len(y)
+        images_seen += batch
+        totals["loss"] = totals.get("loss", 0.0) + loss.item() * batch
+        for key, value in parts.items():
+            totals[key] = totals.get(key, 0.0) + value * batch
+    elapsed = time.perf_counter() - start
+    seen = ctx.all_reduce_sum([float(images_seen)])[0]
+    averages = {k: v / max(1, images_seen) for k, v in totals.items()}
+    averages["id_images_per_second"] = seen / elapsed if elapsed > 0 else 0.0
+    return averages
+
+
+@torch.inference_mode()
+def evaluate_accuracy(
+    model: nn.Module, normalize: DeviceNormalize, loader: DataLoader, ctx: DistributedContext
+) -> float:
+    """Top-1 accuracy over the (sharded) loader, summed across ranks."""
+    model.eval()
+    correct = total = 0
+    cuda = ctx.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    for batch in loader:
+        if batch is None:
+            continue
+        images, labels = batch
+        with autocast:
+            logits = model(normalize(images.to(ctx.device, non_blocking=True)))
+        correct += (logits.argmax(dim=1).cpu() == labels).sum().item()
+        total += len(labels)
+    correct, total = ctx.all_reduce_sum([float(correct), float(total)])
+    return correct / max(1.0, total)
+
+
+def _outlier_batches(loader: DataLoader, seed: int, epoch: int) -> Iterator[Tensor]:
+    """Outlier batches for one ID epoch, re-passing over the pool (reshuffled) if it runs out."""
+    for pass_index in itertools.count():
+        _start_pass(loader, seed + 1_000_003 * epoch + pass_index)
+        yield from (batch for batch in loader if batch is not None)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) one training stage described by ``config``; returns its best accuracy."""
+    ctx = init_distributed(config.device)
+    try:
+        return _train(config, ctx)
+    finally:
+        shutdown_distributed()
+
+
+def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
+    run_dir = config.output_dir
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    torch.manual_seed(config.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
+
+    data: ExperimentData = load_experiment_data(config.data)
+    transforms = config.data.transforms
+    train_set = ImageDataset(data.train.samples, build_train_transform(transforms))
+    val_set = ImageDataset(data.val.samples, build_eval_geometry(transforms))
+    batch = _per_rank_batch(config.batch_size, ctx)
+    workers = config.data.num_workers
+    id_loader = _loader(train_set, batch, ctx, config.seed, workers, shuffle=True)
+    val_loader = _loader(val_set, batch, ctx, config.seed, workers, shuffle=False)
+    if len(id_loader) == 0:
+        raise ValueError(
+            f"{len(train_set)} training images make no full batch of {config.batch_size}: lower batch_size"
+        )
+
+    method = build_method(config.method)
+    outlier_loader = None
+    if method.outliers_per_id_image:
+        pool = OutlierPool(config.outliers.root, build_train_transform(transforms), exclude=config.outliers.exclude)
+        outlier_loader = _loader(
+            pool, batch * method.outliers_per_id_image, ctx, config.seed + 1, workers, shuffle=True
+        )
+
+    model = build_model(config, data.num_classes)
+    if config.sync_batchnorm and ctx.is_distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    cuda = ctx.device.type == "cuda"
+    model.to(ctx.device, memory_format=torch.channels_last if cuda and config.channels_last else torch.preserve_format)
+    normalize = DeviceNormalize(transforms.mean, transforms.std).to(ctx.device)
+    optimizer = build_optimizer(model, config)
+    scheduler = cosine_schedule(
+        optimizer, config.epochs * len(id_loader), config.optimizer.warmup_steps, config.optimizer.min_lr
+    )
+
+    start_epoch, best_accuracy, best_epoch = 0, -1.0, -1
+    state = load_training_state(run_dir)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_accuracy, best_epoch = state["epoch"] + 1, state["best_accuracy"], state["best_epoch"]
+        if ctx.is_main:
+            log.info("resuming %s from epoch %d", run_dir, start_epoch)
+
+    train_model: nn.Module = model
+    if ctx.is_distributed:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if cuda else None)
+    progress = ctx.is_main and sys.stderr.isatty()
+
+    for epoch in range(start_epoch, config.epochs):
+        # Augmentation without workers and dropout draw from the global RNG: reseeding it per
+        # epoch makes a resumed epoch identical to the uninterrupted one.
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        _start_pass(id_loader, config.seed + epoch)
+        outlier_batches = _outlier_batches(outlier_loader, config.seed, epoch) if outlier_loader is not None else None
+        mix_generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        stats = train_one_epoch(
+            train_model, method, normalize, id_loader, outlier_batches, optimizer, scheduler,
+            mix_generator, ctx, config, progress,
+        )
+        accuracy = evaluate_accuracy(model, normalize, val_loader, ctx)
+        improved = accuracy > best_accuracy
+        if improved:
+            best_accuracy, best_epoch = accuracy, epoch
+        if ctx.is_main:
+            if improved:
+                save_best(run_dir, model, {"epoch": epoch, "val_accuracy": accuracy, "method": method.name})
+            save_training_state(
+                run_dir,
+                {
+                    "model": unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "best_accuracy": best_accuracy,
+                    "best_epoch": best_epoch,
+                },
+            )
+            line = {"epoch": epoch, "method": method.name, "val_accuracy": accuracy, "lr": scheduler.get_last_lr()[0]}
+            line.update(stats)
+            print(json.dumps(line), flush=True)
+            with open(run_dir / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(line) + "\n")
+        ctx.barrier()
+
+    return TrainResult(run_dir, best_accuracy, best_epoch, config.epochs - start_epoch)
