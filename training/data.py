@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from training.config import DataConfig
 
@@ -318,11 +318,24 @@ class ImageDataset(Dataset):
                 logger.warning("Skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)
             return None
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+    def transformed(self, key: int | tuple[int, int]) -> Tensor | None:
+        """Load and transform one image; ``key`` is an index or ``(index, seed)`` from :class:`SeededItems`.
+
+        With a seed, the random augmentation of an image depends on that seed alone, not on which
+        worker process loads it or what it loaded before.
+        """
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image = self.load_image(index)
         if image is None:
             return None
-        return self.transform(image), self.samples[index].label
+        if seed is not None:
+            torch.manual_seed(seed)
+        return self.transform(image)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int] | None:
+        image = self.transformed(key)
+        index = key[0] if isinstance(key, tuple) else key
+        return None if image is None else (image, self.samples[index].label)
 
 
 class OutlierPool(ImageDataset):
@@ -351,9 +364,34 @@ class OutlierPool(ImageDataset):
             raise ValueError(f"outlier folder {root} holds no images{detail}")
         super().__init__([Sample(path, -1) for path in paths], transform)
 
-    def __getitem__(self, index: int) -> Tensor | None:  # type: ignore[override]
-        image = self.load_image(index)
-        return None if image is None else self.transform(image)
+    def __getitem__(self, key: int | tuple[int, int]) -> Tensor | None:  # type: ignore[override]
+        return self.transformed(key)
+
+
+class SeededItems(Sampler[tuple[int, int]]):
+    """Yield ``(index, seed)`` pairs from a (distributed) sampler: one augmentation seed per item.
+
+    The seed is a function of the run seed, the pass (``set_epoch``) and the index only. So the
+    augmentations of a run do not depend on the number of loader workers or processes, a
+    resumed epoch replays exactly, and workers can stay alive between epochs.
+    """
+
+    def __init__(self, sampler: DistributedSampler, seed: int):
+        self.sampler = sampler
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        for index in self.sampler:
+            yield index, (base + index) % (2**63)
 
 
 def collate_skipping_bad(batch: list[Any]) -> Any | None:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from models.nets import build_network
 from training.checkpoint import load_best_weights, load_training_state, save_best, save_training_state, unwrap
 from training.config import TrainConfig, save_config
-from training.data import ImageDataset, OutlierPool, collate_skipping_bad
+from training.data import ImageDataset, OutlierPool, SeededItems, collate_skipping_bad
 from training.transforms import build_eval_geometry, build_train_transform
 from training.distributed import DistributedContext, init_distributed, shutdown_distributed
 from training.experiment import ExperimentData, load_experiment_data
@@ -69,31 +69,25 @@ class DeviceNormalize(nn.Module):
 def _loader(
     dataset: Dataset, batch_size: int, ctx: DistributedContext, seed: int, workers: int, shuffle: bool
 ) -> DataLoader:
-    """A loader whose sampler shards across ranks; with one rank it is a seeded shuffle."""
+    """A loader whose sampler shards across ranks (a seeded shuffle with one rank).
+
+    Every item carries its own augmentation seed (:class:`SeededItems`), so workers can persist
+    across epochs without making a run depend on the number of workers or on resumption.
+    """
     sampler = DistributedSampler(
         dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed, drop_last=shuffle
     )
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=SeededItems(sampler, seed),
         num_workers=workers,
         pin_memory=ctx.device.type == "cuda",
         drop_last=shuffle,
         collate_fn=collate_skipping_bad,
+        persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        generator=torch.Generator(),
     )
-
-
-def _start_pass(loader: DataLoader, pass_seed: int) -> None:
-    """Fix one pass's shuffle and worker augmentation seeds, so a resumed run replays them.
-
-    Workers are not persistent on purpose: each pass's workers draw their seeds from the
-    loader's generator, reseeded here, instead of carrying RNG state over from earlier epochs.
-    """
-    loader.sampler.set_epoch(pass_seed)
-    loader.generator.manual_seed(pass_seed)
 
 
 def _per_rank_batch(global_batch: int, ctx: DistributedContext) -> int:
@@ -210,7 +204,7 @@ def evaluate_accuracy(
 def _outlier_batches(loader: DataLoader, seed: int, epoch: int) -> Iterator[Tensor]:
     """Outlier batches for one ID epoch, re-passing over the pool (reshuffled) if it runs out."""
     for pass_index in itertools.count():
-        _start_pass(loader, seed + 1_000_003 * epoch + pass_index)
+        loader.sampler.set_epoch(1_000_003 * epoch + pass_index)
         yield from (batch for batch in loader if batch is not None)
 
 
@@ -278,10 +272,10 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
     progress = ctx.is_main and sys.stderr.isatty()
 
     for epoch in range(start_epoch, config.epochs):
-        # Augmentation without workers and dropout draw from the global RNG: reseeding it per
-        # epoch makes a resumed epoch identical to the uninterrupted one.
+        # Dropout draws from the global RNG: reseeding it per epoch makes a resumed epoch
+        # identical to the uninterrupted one.
         torch.manual_seed(config.seed * 100_003 + epoch)
-        _start_pass(id_loader, config.seed + epoch)
+        id_loader.sampler.set_epoch(epoch)
         outlier_batches = _outlier_batches(outlier_loader, config.seed, epoch) if outlier_loader is not None else None
         mix_generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         stats = train_one_epoch(

@@ -200,3 +200,11 @@ def test_cli_misuse_is_one_clear_line_and_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mixoe: error:")
     assert message in err[0]
+
+
+def test_loader_workers_do_not_change_the_weights(baseline_run: Path, data_root: Path, tmp_path: Path) -> None:
+    """Each image's augmentation is seeded by (run seed, epoch, index), not by the worker."""
+    config = tiny_config(data_root, tmp_path / "workers")
+    config = config.model_copy(update={"data": config.data.model_copy(update={"num_workers": 2})})
+    trainer.train(config)
+    assert_same_weights(weights(baseline_run), weights(tmp_path / "workers"))
