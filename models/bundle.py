@@ -295,8 +295,11 @@ def save_bundle(
         (staging / MANIFEST_FILE).write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
         for file_name, source in extras.items():
             shutil.copyfile(source, staging / file_name)
-        # mkdtemp creates 0700; a bundle is meant to be read by the serving user too.
+        # mkdtemp creates 0700 and safetensors writes 0600; a bundle is meant to be read by the
+        # serving user too (the container runs as a non-root user).
         staging.chmod(0o755)
+        for written in staging.iterdir():
+            written.chmod(0o644)
         if directory.exists():  # created by someone else while we were writing
             raise BundleError(f"bundle {manifest.name}/{manifest.version} already exists at {directory}")
         os.replace(staging, directory)

@@ -325,3 +325,11 @@ def test_latest_version_of_an_unknown_name_lists_the_known_ones(tmp_path: Path) 
         latest_version(tmp_path, "birds")
     with pytest.raises(BundleError, match="model repository not found"):
         find_bundles(tmp_path / "missing")
+
+
+def test_saved_bundle_is_readable_by_other_users(saved: tuple[Path, Classifier, Manifest]) -> None:
+    """The service may run as another (non-root) user than the one who exported the bundle."""
+    directory = saved[0]
+    assert directory.stat().st_mode & 0o005 == 0o005
+    for path in directory.iterdir():
+        assert path.stat().st_mode & 0o004, path.name
