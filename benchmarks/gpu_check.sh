@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One check of the GPU path, end to end, in about five minutes on one H100/H200-class card:
+#   1. training throughput, reference configuration (ResNet-50, 448 px, batch 32+32, MixOE step):
+#      our data path beside the reference-style one (PIL + normalise in 4 workers, fp32) and the
+#      compute-only ceiling;
+#   2. a short MixOE fine-tune of Oxford 17 Flowers at 224 px to a bundle (`mixoe pipeline`, under
+#      torchrun when there are several GPUs);
+#   3. the service on that bundle under the serve benchmark, beside the raw batched model rate and
+#      a naive one-image-per-forward server.
+# Prints one table last and writes JSON under $OUT_DIR.
+#
+# For a GPU machine that cannot install packages: on a machine with pip, download the few pure
+# Python wheels the project needs beyond torch/torchvision/numpy/pillow (see README, "GPU check")
+# into a folder, copy it over and point WHEELS at it; they are installed into a private folder.
+#
+#   FLOWERS=../shared/data/flowers17 TINY=../shared/data/tinyimagenet200 bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT_DIR:-benchmarks/out/gpu_check}
+FLOWERS=${FLOWERS:-../shared/data/flowers17}
+TINY=${TINY:-../shared/data/tinyimagenet200}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT_DIR"
+if [ -n "${WHEELS:-}" ]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/mixoe-site "$WHEELS"/*.whl
+  export PYTHONPATH=/tmp/mixoe-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+WEIGHTS=$("$PYTHON" -c "from models.nets import offline_mobilenet_v2_weights as w; print(w())")
+echo "gpu_check: $GPUS GPU(s); output in $OUT_DIR"
+
+"$PYTHON" benchmarks/train_throughput.py --arch resnet50 --size 448 --batch 32 \
+  --data "$FLOWERS" --outliers "$TINY/train" --out "$OUT_DIR/train_throughput.json"
+
+launcher=("$PYTHON" -m training)
+[ "$GPUS" -gt 1 ] && launcher=(torchrun --standalone --nproc_per_node="$GPUS" -m training)
+"${launcher[@]}" pipeline benchmarks/configs/flowers17_mixoe.yaml \
+  --set pretrained="$WEIGHTS" --set data.root="$FLOWERS" --set outliers.root="$TINY/train" \
+  --set evaluation.ood_sets.coarse="$TINY/val" --set epochs=3 --set baseline.epochs=3 \
+  --set export.repository="$OUT_DIR/repository" --output-dir "$OUT_DIR/run"
+
+"$PYTHON" benchmarks/serve_bench.py --bundle "$OUT_DIR/repository/flowers17-mixoe/1" \
+  --images "$FLOWERS/images" --duration 10 --raw-seconds 5 --out "$OUT_DIR/serve_bench.json"
+
+"$PYTHON" - "$OUT_DIR" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+train = json.loads((out / "train_throughput.json").read_text())
+serve = json.loads((out / "serve_bench.json").read_text())
+evaluation = json.loads((out / "run" / "finetune" / "evaluation.json").read_text())
+rates = {r["variant"]: r["id_images_per_second"] for r in train["rows"]}
+rows = [(f"train {v} (ID img/s)", f"{rate:.1f}") for v, rate in rates.items()]
+if "reference" in rates and "ours" in rates:
+    rows.append(("train ours / reference", f"{rates['ours'] / rates['reference']:.2f}"))
+msp = evaluation["scores"]["msp"]
+rows += [("flowers17 MixOE ID accuracy", f"{evaluation['id_accuracy']:.3f}"),
+         ("flowers17 MixOE fine AUROC (msp)", f"{msp['fine']['auroc']:.3f}"),
+         ("flowers17 MixOE coarse AUROC (msp)", f"{msp['coarse']['auroc']:.3f}")]
+for r in serve["results"]:
+    rows.append((f"serve {r['config']} (img/s, p95 ms, x raw)",
+                 f"{r['images_per_s']:.1f}, {r['p95_ms'] or 0:.1f}, {r['vs_raw']:.2f}"))
+summary = {"machine": train["machine"], "rows": dict(rows)}
+(out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
+print(f"\nGPU check on {train['machine']}\n| measurement | value |\n|---|---|")
+for name, value in rows:
+    print(f"| {name} | {value} |")
+PY

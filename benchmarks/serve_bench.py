@@ -1,0 +1,360 @@
+"""Serving throughput and latency: the micro-batched server beside a naive one and the raw model.
+
+Three measurements of one bundle on one machine, in one run (compare ratios, not absolute numbers):
+
+* ``raw@M``    ``bundle.predict`` on preprocessed batches of ``--max-batch-size`` (M) images: the
+               model's own rate, the ceiling the servers are compared with (no decoding, no HTTP);
+               ``raw@1`` is the same at batch 1, the ceiling of a server that does not batch;
+* ``batched``  ``python -m service`` on 127.0.0.1 with ``max_batch_size=--max-batch-size``, driven by
+               ``--clients`` concurrent clients, each uploading real JPEGs to ``POST /predict``
+               (``--images-per-request`` per request) as fast as answers come back;
+* ``naive``    the same server with ``max_batch_size=1``: one forward pass per image, which is what a
+               server without batching does.
+
+Each server run is bounded by ``--requests`` and ``--duration`` (whichever ends first), after a
+short unmeasured warm-up. Server throughput counts images answered with 200 per second; latency is
+per request, measured by the client. The server's mean batch size comes from its ``/metrics``.
+The device defaults to ``auto`` (CUDA when present), so the same command runs on a GPU node; there,
+use ``--client-processes`` so that the load generator is not the bottleneck.
+
+    python benchmarks/serve_bench.py --bundle models/repository/flowers/1 --clients 32 --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import itertools
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+from models.bundle import load_bundle
+from service.decoding import decode_image
+from service.registry import select_bundles
+from service.settings import EMBEDDED_REPOSITORY
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "flowers17" / "images"
+BOUNDARY = "mixoe-serve-bench"
+DECODE_LIMITS = {"max_bytes": 64 * 1024 * 1024, "max_pixels": 100_000_000}
+
+
+@dataclass
+class RunResult:
+    """One configuration's numbers (``raw`` has no latencies)."""
+
+    config: str
+    max_batch_size: int
+    requests: int
+    errors: int
+    images_per_s: float
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    mean_batch_size: float | None
+    seconds: float
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, help="<repository>/<name>/<version>; default: the embedded default model")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder searched for *.jpg / *.jpeg")
+    parser.add_argument("--max-images", type=int, default=512, help="how many JPEGs to load and cycle through")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent client connections")
+    parser.add_argument("--client-processes", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)))
+    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=3000, help="at most this many requests per server run")
+    parser.add_argument("--duration", type=float, default=30.0, help="at most this many seconds per server run")
+    parser.add_argument("--raw-seconds", type=float, default=10.0, help="how long to time the raw model")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--decode-workers", type=int, help="the server's decoding threads; default: the service's own")
+    parser.add_argument("--skip-naive", action="store_true", help="only raw and batched")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "serve_bench.json")
+    args = parser.parse_args()
+    if args.clients < args.client_processes or args.max_batch_size < 1:
+        parser.error("need --clients >= --client-processes and --max-batch-size >= 1")
+    return args
+
+
+def default_bundle() -> Path:
+    try:
+        _, _, path = select_bundles(EMBEDDED_REPOSITORY, [])[0]
+    except Exception as error:  # BundleError: no repository or no bundles yet
+        raise SystemExit(f"no default bundle ({error}); pass --bundle <repository>/<name>/<version>") from None
+    return path
+
+
+def load_jpegs(folder: Path, limit: int) -> list[tuple[str, bytes]]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:limit]
+    if not files:
+        raise SystemExit(f"no JPEG files under {folder}")
+    return [(path.name, path.read_bytes()) for path in files]
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def machine_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return platform.processor() or "cpu"
+
+
+def measure_raw(
+    bundle_path: Path, jpegs: list[tuple[str, bytes]], batch_sizes: list[int], device: str, seconds: float
+) -> tuple[list[RunResult], float]:
+    """The model's own rate on real preprocessed images, per batch size; and decode+preprocess ms per image."""
+    bundle = load_bundle(bundle_path, device)
+    started = time.perf_counter()
+    sample = jpegs[: max(max(batch_sizes), min(len(jpegs), 200))]
+    tensors = [bundle.preprocess([decode_image(data, **DECODE_LIMITS)]) for _, data in sample]
+    decode_ms = 1000 * (time.perf_counter() - started) / len(sample)
+    results = []
+    for batch_size in batch_sizes:
+        batch = torch.cat([tensors[i % len(tensors)] for i in range(batch_size)])
+        for _ in range(3):
+            bundle.predict(batch)  # warm-up: lazy init, cuDNN algorithm choice
+        batches, started = 0, time.perf_counter()
+        while batches < 3 or time.perf_counter() - started < seconds:
+            bundle.predict(batch)  # returns CPU tensors: includes the device sync and copy back
+            batches += 1
+        elapsed = time.perf_counter() - started
+        rate = batches * batch_size / elapsed
+        results.append(RunResult(f"raw@{batch_size}", batch_size, batches, 0, rate, None, None, None, float(batch_size), elapsed))
+    del bundle, tensors
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return results, decode_ms
+
+
+def multipart_body(files: list[tuple[str, bytes]]) -> bytes:
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n"
+        for name, data in files
+    ]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def request_bodies(jpegs: list[tuple[str, bytes]], per_request: int) -> list[bytes]:
+    """Pre-built multipart bodies, so the load generator spends its CPU on sending, not encoding."""
+    cycle = itertools.cycle(jpegs)
+    return [multipart_body([next(cycle) for _ in range(per_request)]) for _ in range(max(1, len(jpegs) // per_request))]
+
+
+async def _drive(url: str, bodies: list[bytes], clients: int, max_requests: int, seconds: float, start_at: float) -> tuple[list[float], int, float]:
+    """``clients`` connections posting back to back; returns (latencies of 200s, errors, elapsed)."""
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    latencies: list[float] = []
+    errors = 0
+    counter = itertools.count()
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                index = next(counter)
+                if index >= max_requests:
+                    return
+                sent = time.perf_counter()
+                response = await client.post("/predict", content=bodies[index % len(bodies)], headers=headers)
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - sent)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return latencies, errors, time.perf_counter() - started
+
+
+def _drive_process(job: tuple[str, list[bytes], int, int, float, float]) -> tuple[list[float], int, float]:
+    return asyncio.run(_drive(*job))
+
+
+def _ready_check(_: int) -> int:
+    return os.getpid()
+
+
+def drive(url: str, bodies: list[bytes], clients: int, processes: int, max_requests: int, seconds: float) -> tuple[list[float], int, float]:
+    """Split the clients over ``processes`` load-generator processes that start together."""
+    if processes == 1:
+        return asyncio.run(_drive(url, bodies, clients, max_requests, seconds, time.time()))
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(_ready_check, range(processes))  # every worker has started and imported this module
+        start_at = time.time() + 0.5
+        shares = [(clients // processes + (i < clients % processes), max_requests // processes) for i in range(processes)]
+        jobs = [(url, bodies, share_clients, share_requests, seconds, start_at) for share_clients, share_requests in shares]
+        outcomes = pool.map(_drive_process, jobs)
+    latencies = [latency for outcome in outcomes for latency in outcome[0]]
+    return latencies, sum(outcome[1] for outcome in outcomes), max(outcome[2] for outcome in outcomes)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(
+    bundle_path: Path, device: str, settings: dict[str, str], log: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m service`` serving only ``bundle_path``, with ``settings`` as MIXOE_* variables."""
+    port = free_port()
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MIXOE_")} | {
+        "MIXOE_MODEL_REPOSITORY": str(bundle_path.parent.parent),
+        "MIXOE_MODELS": f"{bundle_path.parent.name}:{bundle_path.name}",
+        "MIXOE_DEVICE": device,
+        "MIXOE_HOST": "127.0.0.1",
+        "MIXOE_PORT": str(port),
+    } | {f"MIXOE_{key.upper()}": value for key, value in settings.items()}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=environment, stdout=sink, stderr=sink)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}; see {log}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_server(process)
+    raise SystemExit(f"server not ready after 300 s; see {log}")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """``(images batched, batches run)`` so far, from the server's ``mixoe_batch_size`` histogram."""
+    values = {"mixoe_batch_size_sum": 0.0, "mixoe_batch_size_count": 0.0}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values["mixoe_batch_size_sum"], values["mixoe_batch_size_count"]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return 1000 * statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else 1000 * values[0]
+
+
+def measure_server(config: str, args: argparse.Namespace, bundle_path: Path, device: str, max_batch_size: int, delay_ms: float, bodies: list[bytes]) -> RunResult:
+    settings = {
+        "max_batch_size": str(max_batch_size),
+        "max_batch_delay_ms": str(delay_ms),
+        "queue_size": str(max(1024, 2 * args.clients * args.images_per_request)),
+        "max_files": str(max(64, args.images_per_request)),
+    }
+    if args.decode_workers:
+        settings["decode_workers"] = str(args.decode_workers)
+    process, url = start_server(bundle_path, device, settings, args.out.with_suffix(f".{config}.log"))
+    try:
+        drive(url, bodies, args.clients, args.client_processes, 2 * args.clients, args.duration)  # warm-up, not measured
+        images_before, batches_before = batch_totals(url)
+        latencies, errors, elapsed = drive(url, bodies, args.clients, args.client_processes, args.requests, args.duration)
+        images_after, batches_after = batch_totals(url)
+    finally:
+        stop_server(process)
+    return RunResult(
+        config=config,
+        max_batch_size=max_batch_size,
+        requests=len(latencies) + errors,
+        errors=errors,
+        images_per_s=len(latencies) * args.images_per_request / elapsed,
+        p50_ms=percentile(latencies, 50),
+        p95_ms=percentile(latencies, 95),
+        p99_ms=percentile(latencies, 99),
+        mean_batch_size=(images_after - images_before) / max(1.0, batches_after - batches_before),
+        seconds=elapsed,
+    )
+
+
+def print_table(results: list[RunResult], raw_rate: float) -> None:
+    def number(value: float | None, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    print(f"{'config':<8} {'batch':>5} {'requests':>8} {'errors':>6} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'mean batch':>10} {'vs raw':>6}")
+    for r in results:
+        print(
+            f"{r.config:<8} {r.max_batch_size:>5} {r.requests:>8} {r.errors:>6} {r.images_per_s:>8.1f} {number(r.p50_ms):>8} "
+            f"{number(r.p95_ms):>8} {number(r.p99_ms):>8} {number(r.mean_batch_size):>10} {r.images_per_s / raw_rate:>6.2f}"
+        )
+
+
+def main() -> None:
+    args = parse_args()
+    bundle_path = (args.bundle or default_bundle()).resolve()
+    device = resolve_device(args.device)
+    jpegs = load_jpegs(args.images, args.max_images)
+    print(f"bundle {bundle_path} on {device} ({machine_name(device)}); {len(jpegs)} JPEGs from {args.images}", flush=True)
+
+    raws, decode_ms = measure_raw(bundle_path, jpegs, sorted({args.max_batch_size, 1}, reverse=True), device, args.raw_seconds)
+    raw = raws[0]  # at max_batch_size: the reference the servers are compared with
+    for result in raws:
+        print(f"{result.config}: {result.images_per_s:.1f} img/s", flush=True)
+    print(f"decode+preprocess: {decode_ms:.2f} ms/img (1 thread)", flush=True)
+    bodies = request_bodies(jpegs, args.images_per_request)
+    results = [*raws, measure_server("batched", args, bundle_path, device, args.max_batch_size, args.max_batch_delay_ms, bodies)]
+    if not args.skip_naive:
+        results.append(measure_server("naive", args, bundle_path, device, 1, 0.0, bodies))
+    print_table(results, raw.images_per_s)
+
+    report = {
+        "bundle": str(bundle_path),
+        "device": device,
+        "machine": machine_name(device),
+        "torch": torch.__version__,
+        "images": str(args.images),
+        "jpegs": len(jpegs),
+        "clients": args.clients,
+        "client_processes": args.client_processes,
+        "images_per_request": args.images_per_request,
+        "max_batch_delay_ms": args.max_batch_delay_ms,
+        "decode_preprocess_ms_per_image": decode_ms,
+        "results": [asdict(r) | {"vs_raw": r.images_per_s / raw.images_per_s} for r in results],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
