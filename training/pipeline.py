@@ -7,6 +7,7 @@ interrupted training stage resumes from its own ``last.pt``.
 from __future__ import annotations
 
 import json
+import os
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +40,13 @@ def stage_configs(config: TrainConfig) -> tuple[TrainConfig, TrainConfig | None]
     return baseline, finetune
 
 
-def run_pipeline(config: TrainConfig) -> Path:
-    """Run every unfinished stage; returns the exported bundle's directory."""
+def run_pipeline(config: TrainConfig) -> Path | None:
+    """Run every unfinished stage; returns the exported bundle's directory (None on ranks > 0)."""
     root = config.output_dir
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(config, root / "config.yaml")
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone writes
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        save_config(config, root / "config.yaml")
     state_path = root / STATE
     done: dict[str, str] = json.loads(state_path.read_text()) if state_path.is_file() else {}
     baseline, finetune = stage_configs(config)
@@ -55,11 +58,14 @@ def run_pipeline(config: TrainConfig) -> Path:
             return
         result = action()
         done[name] = str(result)
-        state_path.write_text(json.dumps(done, indent=2))
+        if is_main:
+            state_path.write_text(json.dumps(done, indent=2))
 
     stage("baseline", lambda: train(baseline).run_dir)
     if finetune is not None:
         stage("finetune", lambda: train(finetune).run_dir)
+    if not is_main:
+        return None  # rank 0 alone calibrates, evaluates and exports
     stage("calibrate", lambda: calibrate(final).default_target)
     stage("evaluate", lambda: evaluate(final)["id_accuracy"])
     stage("export", lambda: export(final))
