@@ -190,7 +190,40 @@ class MixOE(Method):
 
 
 @dataclass(frozen=True)
-class OutlierExposure(Method):
+class _OutlierRegularised(Method):
+    """The shape OE and Energy-OE share: one forward pass over ``cat([x, outliers])``, then
+    ``CE(f(x), y) + weight * auxiliary(f(x), f(o))``. Subclasses define only the auxiliary term."""
+
+    weight: float
+    outliers_per_id_image: int
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"weight must be non-negative, got {self.weight}")
+        if self.outliers_per_id_image < 1:
+            raise ValueError(f"outliers_per_id_image must be at least 1, got {self.outliers_per_id_image}")
+
+    @abstractmethod
+    def auxiliary(self, logits_id: Tensor, logits_out: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The outlier term and any extra values to log."""
+
+    def loss(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        outliers: Tensor | None,
+        generator: torch.Generator,
+    ) -> LossAndLogs:
+        outliers = _require_outliers(outliers, images, self.name)
+        logits_id, logits_out = _forward_split(model, images, outliers)
+        ce = F.cross_entropy(logits_id.float(), labels)
+        aux, extra = self.auxiliary(logits_id, logits_out)
+        return ce + self.weight * aux, _logs(ce=ce, aux=aux, **extra)
+
+
+@dataclass(frozen=True)
+class OutlierExposure(_OutlierRegularised):
     """Outlier Exposure (Hendrycks et al., "Deep Anomaly Detection with Outlier Exposure", ICLR 2019):
 
     ``loss = CE(f(x), y) + weight * mean_o [ -(1/K) sum_k log softmax(f(o))_k ]``,
@@ -203,29 +236,12 @@ class OutlierExposure(Method):
     outliers_per_id_image: int = 2
     name: ClassVar[str] = "oe"
 
-    def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"weight must be non-negative, got {self.weight}")
-        if self.outliers_per_id_image < 1:
-            raise ValueError(f"outliers_per_id_image must be at least 1, got {self.outliers_per_id_image}")
-
-    def loss(
-        self,
-        model: nn.Module,
-        images: Tensor,
-        labels: Tensor,
-        outliers: Tensor | None,
-        generator: torch.Generator,
-    ) -> LossAndLogs:
-        outliers = _require_outliers(outliers, images, self.name)
-        logits_id, logits_out = _forward_split(model, images, outliers)
-        ce = F.cross_entropy(logits_id.float(), labels)
-        aux = uniform_cross_entropy(logits_out)
-        return ce + self.weight * aux, _logs(ce=ce, aux=aux)
+    def auxiliary(self, logits_id: Tensor, logits_out: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return uniform_cross_entropy(logits_out), {}
 
 
 @dataclass(frozen=True)
-class EnergyOE(Method):
+class EnergyOE(_OutlierRegularised):
     """Energy-bounded outlier exposure (Liu et al., "Energy-based Out-of-distribution Detection",
     NeurIPS 2020):
 
@@ -237,35 +253,18 @@ class EnergyOE(Method):
     """
 
     weight: float = 0.1
+    outliers_per_id_image: int = 2
     m_in: float = -13.0
     m_out: float = -6.0
-    outliers_per_id_image: int = 2
     name: ClassVar[str] = "energy-oe"
 
-    def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"weight must be non-negative, got {self.weight}")
-        if self.outliers_per_id_image < 1:
-            raise ValueError(f"outliers_per_id_image must be at least 1, got {self.outliers_per_id_image}")
-
-    def loss(
-        self,
-        model: nn.Module,
-        images: Tensor,
-        labels: Tensor,
-        outliers: Tensor | None,
-        generator: torch.Generator,
-    ) -> LossAndLogs:
-        outliers = _require_outliers(outliers, images, self.name)
-        logits_id, logits_out = _forward_split(model, images, outliers)
-        ce = F.cross_entropy(logits_id.float(), labels)
+    def auxiliary(self, logits_id: Tensor, logits_out: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         aux = energy_margin_loss(logits_id, logits_out, self.m_in, self.m_out)
-        return ce + self.weight * aux, _logs(
-            ce=ce,
-            aux=aux,
-            energy_in=-logits_id.float().logsumexp(dim=1).mean(),
-            energy_out=-logits_out.float().logsumexp(dim=1).mean(),
-        )
+        energies = {
+            "energy_in": -logits_id.float().logsumexp(dim=1).mean(),
+            "energy_out": -logits_out.float().logsumexp(dim=1).mean(),
+        }
+        return aux, energies
 
 
 _BUILDERS: dict[str, Callable[[MethodConfig], Method]] = {

@@ -281,7 +281,7 @@ def test_build_method_maps_every_config_name() -> None:
     assert build_method(MethodConfig(name="mixoe", mix="cutmix", beta=2.0)) == MixOE("cutmix", alpha=2.0, beta=2.0)
     assert build_method(MethodConfig(name="oe", oe_weight=0.5, oe_outlier_ratio=3)) == OutlierExposure(0.5, 3)
     assert build_method(MethodConfig(name="energy-oe", energy_weight=0.2, m_in=-10, m_out=-4)) == EnergyOE(
-        0.2, -10.0, -4.0, 2
+        weight=0.2, m_in=-10.0, m_out=-4.0, outliers_per_id_image=2
     )
 
 
