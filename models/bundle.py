@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from models.conformal import conformal_p_values
-from models.nets import ARCHITECTURES, Classifier, build_network
+from models.nets import ARCHITECTURES, Classifier, build_network, deployed_logits
 from models.preprocess import Preprocessing, preprocess_batch
 from models.scores import SCORES, get_score
 
@@ -196,8 +196,7 @@ class Bundle:
         self.path = path
         self.manifest = manifest
         self.device = device
-        self._cuda = device.type == "cuda"
-        memory_format = torch.channels_last if self._cuda else torch.contiguous_format
+        memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         self.model = model.to(device=device, memory_format=memory_format).eval()
         self._score = get_score(manifest.score.name)
         self._calibration_scores = np.asarray(manifest.calibration.scores, dtype=np.float64)
@@ -236,10 +235,8 @@ class Bundle:
             raise ValueError(
                 f"expected a float batch of shape (B, 3, {size}, {size}), got {batch.dtype} {tuple(batch.shape)}"
             )
-        memory_format = torch.channels_last if self._cuda else torch.contiguous_format
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._cuda):
-            inputs = batch.to(device=self.device, memory_format=memory_format, non_blocking=True)
-            logits = self.model(inputs).float().cpu()
+        logits = deployed_logits(self.model, batch)
+        with torch.inference_mode():
             scores = self._score(logits, self.manifest.score.temperature)
             p_values = torch.from_numpy(conformal_p_values(scores.numpy(), self._calibration_scores))
             return Predictions(

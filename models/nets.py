@@ -64,6 +64,21 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+@torch.inference_mode()
+def deployed_logits(model: nn.Module, batch: Tensor) -> Tensor:
+    """Float32 CPU logits computed as in production: bf16 autocast + channels_last on CUDA.
+
+    The one inference path shared by calibration/evaluation (training) and the service, so that
+    thresholds are calibrated on exactly the numbers the service compares against them.
+    """
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        inputs = batch.to(device=device, memory_format=memory_format, non_blocking=True)
+        return model(inputs).float().cpu()
+
+
 def _architecture(name: str) -> _Architecture:
     try:
         return ARCHITECTURES[name]

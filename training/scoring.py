@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.bundle import sha256_file
-from models.nets import build_network
+from models.nets import build_network, deployed_logits
 from models.preprocess import Preprocessing, eval_transform
 from training.checkpoint import BEST_WEIGHTS, load_best_weights
 from training.config import TrainConfig
@@ -55,7 +55,6 @@ def assessment_sets(config: TrainConfig) -> dict[str, list[Sample]]:
     return sets
 
 
-@torch.inference_mode()
 def collect_logits(
     model: torch.nn.Module, samples: list[Sample], preprocessing: Preprocessing, device: torch.device,
     batch_size: int, workers: int,
@@ -65,16 +64,14 @@ def collect_logits(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_bad,
         pin_memory=device.type == "cuda",
     )
-    model.eval().to(device)
     cuda = device.type == "cuda"
+    model.eval().to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
     logits, labels = [], []
     for batch in loader:
         if batch is None:
             continue
         images, targets = batch
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            out = model(images.to(device, non_blocking=True))
-        logits.append(out.float().cpu())
+        logits.append(deployed_logits(model, images))
         labels.append(targets)
     num_classes = model.num_classes
     return SetLogits(
