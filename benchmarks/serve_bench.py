@@ -71,7 +71,9 @@ class RunResult:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, help="<repository>/<name>/<version>; default: the embedded default model")
+    parser.add_argument(
+        "--bundle", type=Path, help="<repository>/<name>/<version>; default: the embedded default model"
+    )
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder searched for *.jpg / *.jpeg")
     parser.add_argument("--max-images", type=int, default=512, help="how many JPEGs to load and cycle through")
     parser.add_argument("--clients", type=int, default=32, help="concurrent client connections")
@@ -140,7 +142,9 @@ def measure_raw(
             batches += 1
         elapsed = time.perf_counter() - started
         rate = batches * batch_size / elapsed
-        results.append(RunResult(f"raw@{batch_size}", batch_size, batches, 0, rate, None, None, None, float(batch_size), elapsed))
+        results.append(
+            RunResult(f"raw@{batch_size}", batch_size, batches, 0, rate, None, None, None, float(batch_size), elapsed)
+        )
     del bundle, tensors
     gc.collect()
     if device.startswith("cuda"):
@@ -151,7 +155,9 @@ def measure_raw(
 def multipart_body(files: list[tuple[str, bytes]]) -> bytes:
     parts = [
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-        f"Content-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n"
+        f"Content-Type: image/jpeg\r\n\r\n".encode()
+        + data
+        + b"\r\n"
         for name, data in files
     ]
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
@@ -163,7 +169,9 @@ def request_bodies(jpegs: list[tuple[str, bytes]], per_request: int) -> list[byt
     return [multipart_body([next(cycle) for _ in range(per_request)]) for _ in range(max(1, len(jpegs) // per_request))]
 
 
-async def _drive(url: str, bodies: list[bytes], clients: int, max_requests: int, seconds: float, start_at: float) -> tuple[list[float], int, float]:
+async def _drive(
+    url: str, bodies: list[bytes], clients: int, max_requests: int, seconds: float, start_at: float
+) -> tuple[list[float], int, float]:
     """``clients`` connections posting back to back; returns (latencies of 200s, errors, elapsed)."""
     headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -200,15 +208,21 @@ def _ready_check(_: int) -> int:
     return os.getpid()
 
 
-def drive(url: str, bodies: list[bytes], clients: int, processes: int, max_requests: int, seconds: float) -> tuple[list[float], int, float]:
+def drive(
+    url: str, bodies: list[bytes], clients: int, processes: int, max_requests: int, seconds: float
+) -> tuple[list[float], int, float]:
     """Split the clients over ``processes`` load-generator processes that start together."""
     if processes == 1:
         return asyncio.run(_drive(url, bodies, clients, max_requests, seconds, time.time()))
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         pool.map(_ready_check, range(processes))  # every worker has started and imported this module
         start_at = time.time() + 0.5
-        shares = [(clients // processes + (i < clients % processes), max_requests // processes) for i in range(processes)]
-        jobs = [(url, bodies, share_clients, share_requests, seconds, start_at) for share_clients, share_requests in shares]
+        shares = [
+            (clients // processes + (i < clients % processes), max_requests // processes) for i in range(processes)
+        ]
+        jobs = [
+            (url, bodies, share_clients, share_requests, seconds, start_at) for share_clients, share_requests in shares
+        ]
         outcomes = pool.map(_drive_process, jobs)
     latencies = [latency for outcome in outcomes for latency in outcome[0]]
     return latencies, sum(outcome[1] for outcome in outcomes), max(outcome[2] for outcome in outcomes)
@@ -225,16 +239,22 @@ def start_server(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``python -m service`` serving only ``bundle_path``, with ``settings`` as MIXOE_* variables."""
     port = free_port()
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("MIXOE_")} | {
-        "MIXOE_MODEL_REPOSITORY": str(bundle_path.parent.parent),
-        "MIXOE_MODELS": f"{bundle_path.parent.name}:{bundle_path.name}",
-        "MIXOE_DEVICE": device,
-        "MIXOE_HOST": "127.0.0.1",
-        "MIXOE_PORT": str(port),
-    } | {f"MIXOE_{key.upper()}": value for key, value in settings.items()}
+    environment = (
+        {key: value for key, value in os.environ.items() if not key.startswith("MIXOE_")}
+        | {
+            "MIXOE_MODEL_REPOSITORY": str(bundle_path.parent.parent),
+            "MIXOE_MODELS": f"{bundle_path.parent.name}:{bundle_path.name}",
+            "MIXOE_DEVICE": device,
+            "MIXOE_HOST": "127.0.0.1",
+            "MIXOE_PORT": str(port),
+        }
+        | {f"MIXOE_{key.upper()}": value for key, value in settings.items()}
+    )
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=environment, stdout=sink, stderr=sink)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service"], cwd=ROOT, env=environment, stdout=sink, stderr=sink
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -273,10 +293,20 @@ def batch_totals(url: str) -> tuple[float, float]:
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
-    return 1000 * statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else 1000 * values[0]
+    return (
+        1000 * statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else 1000 * values[0]
+    )
 
 
-def measure_server(config: str, args: argparse.Namespace, bundle_path: Path, device: str, max_batch_size: int, delay_ms: float, bodies: list[bytes]) -> RunResult:
+def measure_server(
+    config: str,
+    args: argparse.Namespace,
+    bundle_path: Path,
+    device: str,
+    max_batch_size: int,
+    delay_ms: float,
+    bodies: list[bytes],
+) -> RunResult:
     settings = {
         "max_batch_size": str(max_batch_size),
         "max_batch_delay_ms": str(delay_ms),
@@ -287,9 +317,13 @@ def measure_server(config: str, args: argparse.Namespace, bundle_path: Path, dev
         settings["decode_workers"] = str(args.decode_workers)
     process, url = start_server(bundle_path, device, settings, args.out.with_suffix(f".{config}.log"))
     try:
-        drive(url, bodies, args.clients, args.client_processes, 2 * args.clients, args.duration)  # warm-up, not measured
+        drive(
+            url, bodies, args.clients, args.client_processes, 2 * args.clients, args.duration
+        )  # warm-up, not measured
         images_before, batches_before = batch_totals(url)
-        latencies, errors, elapsed = drive(url, bodies, args.clients, args.client_processes, args.requests, args.duration)
+        latencies, errors, elapsed = drive(
+            url, bodies, args.clients, args.client_processes, args.requests, args.duration
+        )
         images_after, batches_after = batch_totals(url)
     finally:
         stop_server(process)
@@ -307,15 +341,35 @@ def measure_server(config: str, args: argparse.Namespace, bundle_path: Path, dev
     )
 
 
-def print_table(results: list[RunResult], raw_rate: float) -> None:
-    def number(value: float | None, digits: int = 1) -> str:
-        return "-" if value is None else f"{value:.{digits}f}"
+_COLUMNS = ("config", "batch", "requests", "errors", "img/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "vs raw")
 
-    print(f"{'config':<8} {'batch':>5} {'requests':>8} {'errors':>6} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'mean batch':>10} {'vs raw':>6}")
-    for r in results:
+
+def print_table(results: list[RunResult], raw_rate: float) -> None:
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    rows = [
+        (
+            r.config,
+            str(r.max_batch_size),
+            str(r.requests),
+            str(r.errors),
+            f"{r.images_per_s:.1f}",
+            number(r.p50_ms),
+            number(r.p95_ms),
+            number(r.p99_ms),
+            number(r.mean_batch_size),
+            f"{r.images_per_s / raw_rate:.2f}",
+        )
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in [_COLUMNS, *rows]) for i in range(len(_COLUMNS))]
+    for row in [_COLUMNS, *rows]:
         print(
-            f"{r.config:<8} {r.max_batch_size:>5} {r.requests:>8} {r.errors:>6} {r.images_per_s:>8.1f} {number(r.p50_ms):>8} "
-            f"{number(r.p95_ms):>8} {number(r.p99_ms):>8} {number(r.mean_batch_size):>10} {r.images_per_s / raw_rate:>6.2f}"
+            "  ".join(
+                cell.ljust(width) if i == 0 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
         )
 
 
@@ -324,15 +378,22 @@ def main() -> None:
     bundle_path = (args.bundle or default_bundle()).resolve()
     device = resolve_device(args.device)
     jpegs = load_jpegs(args.images, args.max_images)
-    print(f"bundle {bundle_path} on {device} ({machine_name(device)}); {len(jpegs)} JPEGs from {args.images}", flush=True)
+    print(
+        f"bundle {bundle_path} on {device} ({machine_name(device)}); {len(jpegs)} JPEGs from {args.images}", flush=True
+    )
 
-    raws, decode_ms = measure_raw(bundle_path, jpegs, sorted({args.max_batch_size, 1}, reverse=True), device, args.raw_seconds)
+    raws, decode_ms = measure_raw(
+        bundle_path, jpegs, sorted({args.max_batch_size, 1}, reverse=True), device, args.raw_seconds
+    )
     raw = raws[0]  # at max_batch_size: the reference the servers are compared with
     for result in raws:
         print(f"{result.config}: {result.images_per_s:.1f} img/s", flush=True)
     print(f"decode+preprocess: {decode_ms:.2f} ms/img (1 thread)", flush=True)
     bodies = request_bodies(jpegs, args.images_per_request)
-    results = [*raws, measure_server("batched", args, bundle_path, device, args.max_batch_size, args.max_batch_delay_ms, bodies)]
+    results = [
+        *raws,
+        measure_server("batched", args, bundle_path, device, args.max_batch_size, args.max_batch_delay_ms, bodies),
+    ]
     if not args.skip_naive:
         results.append(measure_server("naive", args, bundle_path, device, 1, 0.0, bodies))
     print_table(results, raw.images_per_s)

@@ -1,0 +1,45 @@
+"""The FastAPI application factory: wiring only; the work happens in the modules it assembles."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.access import AccessMiddleware
+from service.context import ServiceContext
+from service.errors import install_error_handlers
+from service.limits import BodyLimitMiddleware
+from service.routes import ops, predict, v2
+from service.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; models load and batchers start when it starts (its lifespan), not here."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        context = await ServiceContext.start(settings)
+        app.state.context = context
+        try:
+            yield
+        finally:
+            await context.stop()
+
+    app = FastAPI(
+        title="MixOE OOD-aware image classification",
+        summary="Class, OOD score and accept/reject per image; Open Inference Protocol; Prometheus metrics.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.context = None
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AccessMiddleware)  # outermost: times and counts every answer, 413s included
+    app.include_router(predict.router)
+    app.include_router(v2.router)
+    app.include_router(v2.infer_router)
+    app.include_router(ops.router)
+    return app

@@ -1,0 +1,59 @@
+"""Optional API-key protection for the prediction routes.
+
+When ``MIXOE_API_KEYS`` is set, ``/predict`` and ``/v2/models/*/infer`` need ``X-API-Key: <key>``
+or ``Authorization: Bearer <key>``; health, metadata and metrics stay open for probes and
+Prometheus. The check runs in :class:`ProtectedRoute`, *before* FastAPI reads the request body, so
+an unauthenticated client cannot make the server parse a large multipart upload.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from pydantic import SecretStr
+from starlette.datastructures import Headers
+
+from service.errors import ErrorCode, Unauthorized
+
+
+def presented_key(headers: Headers) -> str | None:
+    """The key a request carries, from ``X-API-Key`` or a Bearer ``Authorization`` header."""
+    key = headers.get("x-api-key", "").strip()
+    if key:
+        return key
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def check_api_key(headers: Headers, keys: Sequence[SecretStr]) -> None:
+    """Pass when no keys are configured or the request carries one of them; else 401."""
+    if not keys:
+        return
+    key = presented_key(headers)
+    if key is None:
+        raise Unauthorized(
+            ErrorCode.UNAUTHORIZED, "missing API key: send X-API-Key: <key> or Authorization: Bearer <key>"
+        )
+    # compare_digest against every key: the time taken does not reveal which key nearly matched.
+    matches = [hmac.compare_digest(key.encode(), known.get_secret_value().encode()) for known in keys]
+    if not any(matches):
+        raise Unauthorized(ErrorCode.UNAUTHORIZED, "invalid API key")
+
+
+class ProtectedRoute(APIRoute):
+    """An APIRoute that checks the API key (``app.state.settings.api_keys``) before anything else."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def protected(request: Request) -> Response:
+            check_api_key(request.headers, request.app.state.settings.api_keys)
+            return await handler(request)
+
+        return protected

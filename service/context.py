@@ -1,0 +1,103 @@
+"""Everything a running app owns (models, batchers, thread pools, metrics), started and stopped together.
+
+Start-up loads every selected bundle (hash-checked by ``models.bundle``; any failure stops the
+process before it reports ready), warms each model up once, then starts the batchers. Shutdown
+marks the service not ready, lets each batcher finish its queue, then joins the threads.
+
+All models share ONE inference thread: a GPU runs one batch at a time anyway, and a single
+thread keeps CUDA streams and CPU thread pools from contending. Decoding has its own pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from models.bundle import Bundle, load_bundle
+from service.batcher import MicroBatcher
+from service.inference import ImageJob, ImageVerdict, ModelRunner
+from service.metrics import ServiceMetrics, score_buckets
+from service.predictor import Predictor
+from service.registry import LoadedModel, ModelRegistry, select_bundles
+from service.settings import Settings
+
+logger = logging.getLogger("mixoe.service")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; explicit choices are kept."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    registry: ModelRegistry
+    metrics: ServiceMetrics
+    predictor: Predictor
+    inference_pool: ThreadPoolExecutor
+    decode_pool: ThreadPoolExecutor
+    ready: bool = field(default=False)
+
+    @classmethod
+    async def start(cls, settings: Settings) -> ServiceContext:
+        device = resolve_device(settings.device)
+        selected = select_bundles(settings.model_repository, settings.models)
+        bundles = [await asyncio.to_thread(load_bundle, path, device) for _, _, path in selected]
+        metrics = ServiceMetrics(score_buckets(bundle.manifest for bundle in bundles), settings.max_batch_size)
+        inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixoe-inference")
+        decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="mixoe-decode")
+        try:
+            registry = await _start_models(bundles, settings, metrics, inference_pool, device)
+        except BaseException:
+            inference_pool.shutdown(wait=False, cancel_futures=True)
+            decode_pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        context = cls(
+            settings, registry, metrics, Predictor(settings, metrics, decode_pool), inference_pool, decode_pool
+        )
+        context.ready = True
+        return context
+
+    async def stop(self) -> None:
+        """Stop intake, finish queued work (bounded by ``shutdown_timeout_s``), release the threads."""
+        self.ready = False
+        await asyncio.gather(
+            *(model.batcher.stop(drain=True, timeout=self.settings.shutdown_timeout_s) for model in self.registry)
+        )
+        self.inference_pool.shutdown(wait=True)
+        self.decode_pool.shutdown(wait=True)
+
+
+async def _start_models(
+    bundles: list[Bundle], settings: Settings, metrics: ServiceMetrics, inference_pool: ThreadPoolExecutor, device: str
+) -> ModelRegistry:
+    """Warm each model up in the inference thread, give it a running batcher, publish its metrics."""
+    loop = asyncio.get_running_loop()
+    models = []
+    for bundle in bundles:
+        runner = ModelRunner(bundle)
+        await loop.run_in_executor(inference_pool, runner.warm_up)
+        batcher: MicroBatcher[ImageJob, ImageVerdict] = MicroBatcher(
+            runner,
+            executor=inference_pool,
+            observer=metrics,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_s,
+            queue_size=settings.queue_size,
+            retry_after_s=settings.retry_after_s,
+            name=f"{bundle.name}:{bundle.version}",
+        )
+        models.append(LoadedModel(bundle, batcher))
+        logger.info("loaded model %s:%s from %s on %s", bundle.name, bundle.version, bundle.path, device)
+    registry = ModelRegistry(models, settings.default_model)
+    for model in models:
+        metrics.register_model(model.bundle.manifest)
+        await model.batcher.start()
+    return registry

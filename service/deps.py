@@ -1,0 +1,21 @@
+"""FastAPI dependencies, as ``Annotated`` aliases the routes declare (``context: ContextDep``)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.context import ServiceContext
+from service.errors import ErrorCode, NotReady
+
+
+def get_context(request: Request) -> ServiceContext:
+    """The running service, or 503 while models load or after shutdown began."""
+    context: ServiceContext | None = getattr(request.app.state, "context", None)
+    if context is None or not context.ready:
+        raise NotReady(ErrorCode.NOT_READY, "the service is not ready (models loading or shutting down)")
+    return context
+
+
+ContextDep = Annotated[ServiceContext, Depends(get_context)]

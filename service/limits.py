@@ -1,0 +1,66 @@
+"""Request-body size limit, answered with the service's own JSON 413 (``request_too_large``).
+
+A pure ASGI middleware: a declared ``Content-Length`` over the limit is refused before a byte is
+read; a body that turns out longer (chunked uploads) is cut off as soon as it passes the limit.
+Whatever the app answers to the aborted read is discarded in favour of the 413. (Starlette's own
+limiter would also work, but it replaces every answer with a plain-text body.)
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ErrorCode, count_bad_input, error_response
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the app's body read; never escapes this middleware."""
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        exceeded = False
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def send_unless_exceeded(message: Message) -> None:
+            nonlocal response_started
+            if exceeded:
+                return  # the app's answer to the aborted read; the 413 below replaces it
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_unless_exceeded)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not response_started:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        count_bad_input(scope["app"], ErrorCode.REQUEST_TOO_LARGE)
+        response = error_response(413, ErrorCode.REQUEST_TOO_LARGE, f"request body exceeds {self.max_bytes} bytes")
+        await response(scope, receive, send)

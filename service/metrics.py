@@ -1,0 +1,158 @@
+"""Prometheus metrics of one app instance, in its own registry (so apps and tests never share counts).
+
+Names and labels are a contract with ``deploy/`` (alert rules, Grafana): base units, ``_total`` on
+counters, only low-cardinality labels (model, version, operating point, decision, route template),
+never file names or request ids. ``operating_point`` label values are the target ID acceptance as
+text, e.g. ``"0.95"`` (:func:`operating_point_label`).
+
+The rejection rate is ``mixoe_predictions_total{decision="rejected"}`` over all predictions; its
+calibrated expectation is ``mixoe_expected_rejection_ratio`` (= 1 - target ID acceptance) for the
+same operating point, so a dashboard can plot one against the other and alert on drift.
+
+``mixoe_ood_score`` needs fixed buckets for the life of the process: they are chosen at start-up
+from the loaded bundles (:func:`score_buckets`): every operating point's threshold exactly (so the
+``le="<threshold>"`` bucket counts the inputs that threshold accepts), calibration-score quantiles
+(where ID traffic lands), and a few steps beyond the largest calibration score (where OOD traffic
+lands). With several models, possibly with different score functions, the buckets are the union
+over all of them: one histogram, one bucket layout, so replicas serving the same models aggregate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from models.bundle import Manifest
+
+_CALIBRATION_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
+_BEYOND_CALIBRATION = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # multiples of the calibration span above its maximum
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def operating_point_label(target_id_acceptance: float) -> str:
+    """``0.95 -> "0.95"``: the shortest text that reads back as the same target."""
+    return f"{target_id_acceptance:g}"
+
+
+def score_buckets(manifests: Iterable[Manifest]) -> list[float]:
+    """Histogram bucket bounds for OOD scores, around the thresholds and calibration quantiles."""
+    bounds: set[float] = set()
+    for manifest in manifests:
+        calibration = np.asarray(manifest.calibration.scores, dtype=np.float64)
+        low, high = float(calibration[0]), float(calibration[-1])
+        span = high - low if high > low else max(abs(high), 1.0)
+        approximate = [
+            *np.quantile(calibration, _CALIBRATION_QUANTILES),
+            low,
+            *(high + span * f for f in _BEYOND_CALIBRATION),
+        ]
+        bounds.update(float(f"{value:.6g}") for value in approximate)
+        bounds.update(point.threshold for point in manifest.calibration.operating_points)  # exact, never rounded
+    return sorted(bounds)
+
+
+def batch_size_buckets(max_batch_size: int) -> list[float]:
+    """Powers of two up to ``max_batch_size``, and ``max_batch_size`` itself (a full batch)."""
+    bounds = {float(2**i) for i in range(max_batch_size.bit_length()) if 2**i <= max_batch_size}
+    return sorted(bounds | {float(max_batch_size)})
+
+
+class ServiceMetrics:
+    """Every collector the service exports, registered in a fresh :class:`CollectorRegistry`."""
+
+    def __init__(self, ood_score_buckets: Sequence[float], max_batch_size: int):
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.predictions = Counter(
+            "mixoe_predictions_total",
+            "Images classified, by accept/reject decision (OOD score above threshold = rejected).",
+            ["model", "version", "operating_point", "decision"],
+            registry=registry,
+        )
+        self.ood_score = Histogram(
+            "mixoe_ood_score",
+            "OOD score of each classified image (higher = more out-of-distribution).",
+            ["model", "version"],
+            buckets=list(ood_score_buckets),
+            registry=registry,
+        )
+        self.threshold = Gauge(
+            "mixoe_threshold",
+            "Calibrated OOD-score threshold of each operating point.",
+            ["model", "version", "operating_point"],
+            registry=registry,
+        )
+        self.expected_rejection_ratio = Gauge(
+            "mixoe_expected_rejection_ratio",
+            "Share of in-distribution images the operating point is calibrated to reject (1 - target).",
+            ["model", "version", "operating_point"],
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "mixoe_model_info",
+            "Loaded models (value 1), with their architecture, score function and manifest schema.",
+            ["model", "version", "architecture", "score", "schema_version"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "mixoe_request_duration_seconds",
+            "HTTP request latency by route template.",
+            ["route", "method", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.requests = Counter(
+            "mixoe_requests_total", "HTTP requests by route template.", ["route", "method", "status"], registry=registry
+        )
+        self.queue_wait = Histogram(
+            "mixoe_queue_wait_seconds",
+            "Time an image waits in the batching queue.",
+            buckets=_QUEUE_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "mixoe_batch_size",
+            "Images per model batch.",
+            buckets=batch_size_buckets(max_batch_size),
+            registry=registry,
+        )
+        self.inference = Histogram(
+            "mixoe_inference_seconds", "Model time per batch.", buckets=_INFERENCE_BUCKETS, registry=registry
+        )
+        self.queue_depth = Gauge("mixoe_queue_depth", "Images waiting in the batching queues.", registry=registry)
+        self.bad_inputs = Counter(
+            "mixoe_bad_inputs_total", "Requests refused for bad input, by reason code.", ["reason"], registry=registry
+        )
+
+    def register_model(self, manifest: Manifest) -> None:
+        """Publish a loaded model's identity, thresholds and expected rejection ratios."""
+        name, version = manifest.name, manifest.version
+        self.model_info.labels(
+            name, version, manifest.architecture, manifest.score.name, str(manifest.schema_version)
+        ).set(1)
+        for point in manifest.calibration.operating_points:
+            label = operating_point_label(point.target_id_acceptance)
+            self.threshold.labels(name, version, label).set(point.threshold)
+            self.expected_rejection_ratio.labels(name, version, label).set(round(1.0 - point.target_id_acceptance, 12))
+
+    def record_prediction(self, model: str, version: str, target: float, score: float, accepted: bool) -> None:
+        """Count one classified image and observe its OOD score."""
+        decision = "accepted" if accepted else "rejected"
+        self.predictions.labels(model, version, operating_point_label(target), decision).inc()
+        self.ood_score.labels(model, version).observe(score)
+
+    # The micro-batcher reports through these three (see service.batcher.BatchObserver).
+    def queue_changed(self, delta: int) -> None:
+        self.queue_depth.inc(delta)
+
+    def batch_started(self, queue_waits: Sequence[float]) -> None:
+        self.batch_size.observe(len(queue_waits))
+        for wait in queue_waits:
+            self.queue_wait.observe(wait)
+
+    def batch_finished(self, seconds: float) -> None:
+        self.inference.observe(seconds)

@@ -1,0 +1,133 @@
+"""Which bundles the service serves, and how a request's model reference finds one.
+
+References are ``"name"`` or ``"name:version"``, in settings and in requests alike. A bare name
+means that name's *default version*: the version its (last) entry in ``MIXOE_MODELS`` selected, or
+the latest one in the repository when every bundle is loaded. Unknown names and versions fail
+with the list of what is available, never a bare ``KeyError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.bundle import Bundle, BundleError, OperatingPoint, find_bundles, latest_version
+from service.batcher import MicroBatcher
+from service.errors import ErrorCode, InvalidParameter, ModelNotFound
+from service.inference import ImageJob, ImageVerdict
+
+
+def parse_reference(reference: str) -> tuple[str, str | None]:
+    """``"name:version" -> ("name", "version")``; ``"name" -> ("name", None)``."""
+    name, _, version = reference.partition(":")
+    return name, version or None
+
+
+def select_bundles(repository: Path, references: Sequence[str]) -> list[tuple[str, str, Path]]:
+    """``(name, version, path)`` of the bundles to load; empty ``references`` = every name's latest.
+
+    Raises :class:`BundleError` naming what is available when a reference matches nothing: a
+    service that cannot load what it was told to load must not start.
+    """
+    available = find_bundles(repository)
+    if not available:
+        raise BundleError(f"no bundles in model repository {repository}")
+    paths = {(name, version): path for name, version, path in available}
+    if not references:
+        names = sorted({name for name, _, _ in available})
+        references = names
+    selected: dict[tuple[str, str], Path] = {}
+    for reference in references:
+        name, version = parse_reference(reference)
+        version = version or latest_version(repository, name)
+        if (name, version) not in paths:
+            listing = ", ".join(f"{n}:{v}" for n, v, _ in available)
+            raise BundleError(f"bundle {name}:{version} not found in {repository}; available: {listing}")
+        selected[(name, version)] = paths[(name, version)]
+    return [(name, version, path) for (name, version), path in selected.items()]
+
+
+@dataclass
+class LoadedModel:
+    """A bundle in memory and the batcher feeding it."""
+
+    bundle: Bundle
+    batcher: MicroBatcher[ImageJob, ImageVerdict]
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.bundle.manifest.class_names
+
+    def operating_point(self, target: float | None) -> OperatingPoint:
+        """The operating point for ``target`` (``None``: the bundle's default), or a 422 listing them."""
+        points = self.bundle.manifest.calibration.operating_points
+        if target is None:
+            return self.bundle.operating_point(None)
+        for point in points:
+            if math.isclose(point.target_id_acceptance, target, rel_tol=0.0, abs_tol=1e-9):
+                return point
+        available = ", ".join(f"{point.target_id_acceptance:g}" for point in points)
+        raise InvalidParameter(
+            ErrorCode.UNKNOWN_OPERATING_POINT,
+            f"model {self.name}:{self.version} has no operating point {target:g}; available: {available}",
+        )
+
+
+class ModelRegistry:
+    """Loaded models by ``(name, version)``, each name's default version, and the default model."""
+
+    def __init__(self, models: Sequence[LoadedModel], default_reference: str | None = None):
+        if not models:
+            raise ValueError("a registry needs at least one model")
+        self._models = {(model.name, model.version): model for model in models}
+        self._default_versions = {model.name: model.version for model in models}  # the last entry wins
+        reference = default_reference or models[0].name
+        try:
+            self._default = self.get(reference)
+        except ModelNotFound as error:
+            raise ValueError(f"default model: {error.message}") from None
+
+    def __iter__(self) -> Iterator[LoadedModel]:
+        return iter(self._models.values())
+
+    @property
+    def default(self) -> LoadedModel:
+        return self._default
+
+    def versions(self, name: str) -> list[str]:
+        """Loaded versions of ``name``; an unknown name is a 404 listing the loaded models."""
+        versions = [version for model_name, version in self._models if model_name == name]
+        if not versions:
+            raise ModelNotFound(ErrorCode.UNKNOWN_MODEL, f"no model named {name!r}; loaded: {self._listing()}")
+        return versions
+
+    def get(self, reference: str | None) -> LoadedModel:
+        """Resolve ``"name"``, ``"name:version"`` or ``None`` (the default model)."""
+        if reference is None or reference == "":
+            return self._default
+        name, version = parse_reference(reference)
+        return self.get_version(name, version)
+
+    def get_version(self, name: str, version: str | None) -> LoadedModel:
+        """Resolve a name and an optional version (``None``: the name's default version)."""
+        if name not in self._default_versions:
+            raise ModelNotFound(ErrorCode.UNKNOWN_MODEL, f"no model named {name!r}; loaded: {self._listing()}")
+        key = (name, version or self._default_versions[name])
+        if key not in self._models:
+            raise ModelNotFound(
+                ErrorCode.UNKNOWN_MODEL, f"model {name!r} has no loaded version {version!r}; loaded: {self._listing()}"
+            )
+        return self._models[key]
+
+    def _listing(self) -> str:
+        return ", ".join(f"{name}:{version}" for name, version in self._models)

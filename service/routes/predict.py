@@ -1,0 +1,70 @@
+"""``POST /predict``: the human-friendly multipart route (one or more files in the field ``files``).
+
+``model``, ``top_k`` and ``operating_point`` may come as form fields or query parameters (the form
+wins). If any file is bad the whole request fails with a 4xx whose ``file`` names it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+
+from service.access import IMAGES_STATE_KEY
+from service.auth import ProtectedRoute
+from service.deps import ContextDep
+from service.errors import ErrorBody
+from service.predictor import Upload
+from service.schemas import ClassProbability, ImagePrediction, OODScore, PredictResponse
+
+router = APIRouter(route_class=ProtectedRoute, tags=["predict"])
+
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422, 503)}
+
+
+@router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
+async def predict(
+    request: Request,
+    context: ContextDep,
+    files: Annotated[list[UploadFile], File(description="One or more image files (JPEG, PNG, GIF, BMP, TIFF, WebP).")],
+    model_form: Annotated[str | None, Form(alias="model")] = None,
+    top_k_form: Annotated[int | None, Form(alias="top_k")] = None,
+    operating_point_form: Annotated[float | None, Form(alias="operating_point")] = None,
+    model: Annotated[str | None, Query(description='"name" or "name:version"; default: the default model.')] = None,
+    top_k: Annotated[int | None, Query(description="How many classes to list (1..K); default min(5, K).")] = None,
+    operating_point: Annotated[float | None, Query(description="Target ID acceptance, e.g. 0.95.")] = None,
+) -> PredictResponse:
+    """Classify each image and accept it (in-distribution) or reject it (OOD score above the threshold)."""
+    setattr(request.state, IMAGES_STATE_KEY, len(files))
+    loaded = context.registry.get(model_form or model)
+    limit = context.settings.max_upload_bytes
+    # Reading one byte past the limit is enough for the decoder to refuse the file as too large.
+    uploads = [
+        Upload(file.filename or f"file[{index}]", await file.read(limit + 1)) for index, file in enumerate(files)
+    ]
+    verdicts = await context.predictor.predict(
+        loaded,
+        uploads,
+        operating_point=operating_point_form if operating_point_form is not None else operating_point,
+        top_k=top_k_form if top_k_form is not None else top_k,
+    )
+    score_name = loaded.bundle.manifest.score.name
+    return PredictResponse(
+        model=loaded.name,
+        version=loaded.version,
+        predictions=[
+            ImagePrediction(
+                filename=upload.filename,
+                label=verdict.label,
+                class_index=verdict.class_index,
+                probability=verdict.probability,
+                top_k=[ClassProbability(label=label, probability=p) for label, p in verdict.top_k],
+                ood_score=OODScore(name=score_name, value=verdict.score),
+                threshold=verdict.threshold,
+                operating_point=verdict.target_id_acceptance,
+                p_value=verdict.p_value,
+                accepted=verdict.accepted,
+            )
+            for upload, verdict in zip(uploads, verdicts, strict=True)
+        ],
+    )

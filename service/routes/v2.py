@@ -1,0 +1,139 @@
+"""Open Inference Protocol (KServe v2) routes: server and model metadata, model readiness, infer.
+
+Health (``/v2/health/*``) lives in :mod:`service.routes.ops` with the other probe routes. Every
+model route also exists under ``/versions/{version}``, as ``tritonclient`` calls it when given a
+model version.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
+from fastapi import APIRouter, Request, Response
+
+from service.access import IMAGES_STATE_KEY
+from service.auth import ProtectedRoute
+from service.deps import ContextDep
+from service.errors import ErrorBody, ErrorCode, InvalidInput
+from service.oip import BINARY_EXTENSION, IMAGE_INPUT, OUTPUTS, encode_infer_response, parse_infer_request
+from service.predictor import Upload
+from service.registry import LoadedModel
+from service.schemas import (
+    ModelMetadata,
+    ModelParameters,
+    ModelReadiness,
+    OperatingPointInfo,
+    ServerMetadata,
+    TensorMetadata,
+)
+
+SERVER_NAME = "mixoe-service"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+infer_router = APIRouter(prefix="/v2", route_class=ProtectedRoute, tags=["open inference protocol"])
+
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422, 503)}
+
+
+def _server_version() -> str:
+    try:
+        return package_version(SERVER_NAME)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@router.get("", response_model=ServerMetadata)
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name=SERVER_NAME, version=_server_version(), extensions=[BINARY_EXTENSION])
+
+
+def _metadata(context: ContextDep, name: str, version: str | None) -> ModelMetadata:
+    loaded = context.registry.get_version(name, version)
+    manifest = loaded.bundle.manifest
+    calibration = manifest.calibration
+    return ModelMetadata(
+        name=loaded.name,
+        versions=[version] if version else context.registry.versions(name),
+        platform=f"pytorch_{manifest.architecture}",
+        inputs=[TensorMetadata(name=IMAGE_INPUT, datatype="BYTES", shape=[-1])],
+        outputs=[TensorMetadata(name=output, datatype=spec.datatype, shape=[-1]) for output, spec in OUTPUTS.items()],
+        parameters=ModelParameters(
+            class_names=manifest.class_names,
+            score=manifest.score.name,
+            default_operating_point=calibration.default_target,
+            operating_points=[
+                OperatingPointInfo(
+                    target_id_acceptance=point.target_id_acceptance,
+                    threshold=point.threshold,
+                    n_calibration=point.n_calibration,
+                )
+                for point in calibration.operating_points
+            ],
+        ),
+    )
+
+
+@router.get("/models/{name}", response_model=ModelMetadata, responses=_ERRORS)
+async def model_metadata(context: ContextDep, name: str) -> ModelMetadata:
+    return _metadata(context, name, None)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=_ERRORS)
+async def model_version_metadata(context: ContextDep, name: str, version: str) -> ModelMetadata:
+    return _metadata(context, name, version)
+
+
+@router.get("/models/{name}/ready", response_model=ModelReadiness, responses=_ERRORS)
+async def model_ready(context: ContextDep, name: str) -> ModelReadiness:
+    loaded = context.registry.get_version(name, None)
+    return ModelReadiness(name=name, versions=[loaded.version], ready=loaded.batcher.running)
+
+
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReadiness, responses=_ERRORS)
+async def model_version_ready(context: ContextDep, name: str, version: str) -> ModelReadiness:
+    loaded = context.registry.get_version(name, version)
+    return ModelReadiness(name=name, versions=[version], ready=loaded.batcher.running)
+
+
+async def _infer(request: Request, context: ContextDep, loaded: LoadedModel) -> Response:
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding != "identity":
+        raise InvalidInput(ErrorCode.INVALID_REQUEST, f"Content-Encoding {encoding!r} is not supported; send identity")
+    header_length = request.headers.get(HEADER_LENGTH)
+    if header_length is not None and not header_length.isdigit():
+        raise InvalidInput(ErrorCode.INVALID_REQUEST, f"{HEADER_LENGTH} must be a byte count, got {header_length!r}")
+    call = parse_infer_request(
+        await request.body(), int(header_length) if header_length else None, max_images=context.settings.max_files
+    )
+    setattr(request.state, IMAGES_STATE_KEY, len(call.images))
+    uploads = [Upload(f"image[{index}]", data) for index, data in enumerate(call.images)]
+    verdicts = await context.predictor.predict(loaded, uploads, operating_point=call.operating_point, top_k=1)
+    point = loaded.operating_point(call.operating_point)
+    body, json_length = encode_infer_response(
+        model_name=loaded.name,
+        model_version=loaded.version,
+        request_id=call.request_id,
+        verdicts=verdicts,
+        outputs=call.outputs,
+        parameters={
+            "operating_point": point.target_id_acceptance,
+            "threshold": point.threshold,
+            "score": loaded.bundle.manifest.score.name,
+        },
+    )
+    if json_length is None:
+        return Response(body, media_type="application/json")
+    return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)})
+
+
+@infer_router.post("/models/{name}/infer", responses=_ERRORS)
+async def infer(request: Request, context: ContextDep, name: str) -> Response:
+    """Classify a BYTES tensor of encoded images (JSON base64 or the binary tensor extension)."""
+    return await _infer(request, context, context.registry.get_version(name, None))
+
+
+@infer_router.post("/models/{name}/versions/{version}/infer", responses=_ERRORS)
+async def infer_version(request: Request, context: ContextDep, name: str, version: str) -> Response:
+    return await _infer(request, context, context.registry.get_version(name, version))

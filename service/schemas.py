@@ -1,0 +1,90 @@
+"""Response bodies of the HTTP API, as pydantic models (they are also the OpenAPI documentation)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ClassProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class OODScore(BaseModel):
+    name: str = Field(description="Score function (msp, maxlogit, energy, ...).")
+    value: float = Field(description="Higher = more out-of-distribution; rejected when above the threshold.")
+
+
+class ImagePrediction(BaseModel):
+    """The verdict for one uploaded image."""
+
+    filename: str
+    label: str
+    class_index: int
+    probability: float = Field(description="Softmax probability of the predicted class.")
+    top_k: list[ClassProbability]
+    ood_score: OODScore
+    threshold: float = Field(description="OOD-score threshold of the operating point used.")
+    operating_point: float = Field(description="Target share of in-distribution images accepted, e.g. 0.95.")
+    p_value: float = Field(description="Conformal p-value: share of calibration ID images at least as OOD-looking.")
+    accepted: bool = Field(description="ood_score <= threshold: the image looks in-distribution.")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[ImagePrediction]
+
+
+class Liveness(BaseModel):
+    live: bool
+
+
+class Readiness(BaseModel):
+    ready: bool
+
+
+class ModelReadiness(BaseModel):
+    name: str
+    versions: list[str]
+    ready: bool
+
+
+class ServerMetadata(BaseModel):
+    """Open Inference Protocol server metadata."""
+
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class OperatingPointInfo(BaseModel):
+    target_id_acceptance: float
+    threshold: float
+    n_calibration: int
+
+
+class ModelParameters(BaseModel):
+    """What a client needs beyond the tensors: classes, score convention, operating points."""
+
+    class_names: list[str]
+    score: str
+    default_operating_point: float
+    operating_points: list[OperatingPointInfo]
+
+
+class ModelMetadata(BaseModel):
+    """Open Inference Protocol model metadata (``parameters`` is this service's addition)."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: ModelParameters

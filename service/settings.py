@@ -1,0 +1,99 @@
+"""Service configuration: one pydantic-settings class, read from ``MIXOE_*`` environment variables.
+
+Everything a deployment tunes lives here, validated once at start-up, so that a typo or an
+impossible combination (a queue smaller than one request) stops the process with a clear message
+instead of surfacing as odd behaviour under load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+import models
+
+EMBEDDED_REPOSITORY = Path(models.__file__).resolve().parent / "repository"
+"""The model repository shipped inside the ``models`` package (``models/repository``)."""
+
+_MODEL_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_MIB = 1024 * 1024
+
+
+def _split_list(value: object) -> object:
+    """Environment variables hold lists as comma-separated text: ``a,b:2``."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """How the service loads models, batches work, limits uploads and authenticates callers."""
+
+    model_config = SettingsConfigDict(env_prefix="MIXOE_", protected_namespaces=(), extra="forbid")
+
+    model_repository: Path = Field(EMBEDDED_REPOSITORY, description="Directory of <name>/<version>/ bundles.")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description='Bundles to load, "name" (its latest version) or "name:version"; empty: every '
+        "bundle's latest version.",
+    )
+    default_model: str | None = Field(
+        None,
+        description="Model used when a request names none; default: the first entry of models, else the first name.",
+    )
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda when available.")
+
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Most images per model batch.")
+    max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill up.")
+    queue_size: int = Field(1024, ge=1, description="Images waiting per model before requests get 503.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 answers.")
+    decode_workers: int = Field(
+        default_factory=lambda: min(8, os.cpu_count() or 1), ge=1, description="Threads decoding images."
+    )
+
+    max_upload_bytes: int = Field(20 * _MIB, ge=1, description="Largest accepted image file.")
+    max_request_bytes: int = Field(100 * _MIB, ge=1, description="Largest accepted request body.")
+    max_files: int = Field(64, ge=1, le=1000, description="Most images in one request.")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Most pixels (width x height) in one image.")
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="When set, /predict and /v2/models/*/infer need X-API-Key or Authorization: Bearer. "
+        "Prefer the environment: command-line arguments are visible to other users.",
+    )
+
+    host: str = Field("127.0.0.1", description="Listen address; containers set 0.0.0.0.")
+    port: int = Field(8000, ge=0, le=65535, description="Listen port (0: any free port).")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="How long SIGTERM waits for queued work.")
+
+    _split_models = field_validator("models", "api_keys", mode="before")(_split_list)
+
+    @field_validator("models")
+    @classmethod
+    def _references(cls, references: list[str]) -> list[str]:
+        bad = [reference for reference in references if not _MODEL_REFERENCE.match(reference)]
+        if bad:
+            raise ValueError(f'model references must look like "name" or "name:version", got {bad}')
+        return references
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if self.queue_size < self.max_files:
+            raise ValueError(
+                f"queue_size ({self.queue_size}) must hold at least one full request (max_files={self.max_files})"
+            )
+        if self.max_request_bytes < self.max_upload_bytes:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) is below max_upload_bytes ({self.max_upload_bytes})"
+            )
+        return self
+
+    @property
+    def max_batch_delay_s(self) -> float:
+        return self.max_batch_delay_ms / 1000.0

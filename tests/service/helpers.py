@@ -1,0 +1,113 @@
+"""A tiny bundle whose thresholds separate known images, and image encoders, for the service tests.
+
+The network is an untrained ResNet-18 (fixed seed, 32 px input): its OOD scores on three solid
+colour images are distinct, and the operating points are placed *between* those scores, so every
+test knows which image each operating point accepts:
+
+* ``accepted``   - score below every threshold: accepted at 0.9, 0.95 and 0.99;
+* ``borderline`` - between the 0.9 and 0.95 thresholds: rejected at 0.9, accepted at 0.95 and 0.99;
+* ``rejected``   - above every threshold: rejected everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.bundle import Calibration, Manifest, OperatingPoint, ScoreSpec, save_bundle
+from models.conformal import conformal_threshold
+from models.nets import build_network
+from models.preprocess import Preprocessing, preprocess_batch
+from models.scores import get_score
+
+CLASS_NAMES = ["red", "green", "blue"]
+PREPROCESSING = Preprocessing(input_size=32, resize=36)
+TARGETS = (0.9, 0.95, 0.99)
+N_CALIBRATION = 200
+_ANCHOR_COLOURS = [(0, 255, 0), (0, 0, 255), (128, 128, 128)]
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def solid(colour: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def noise_image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """Where the tiny bundle lives and the PNG bytes of its three reference images, by role."""
+
+    repository: Path
+    path: Path
+    images: dict[str, bytes]
+
+
+def _calibration_scores(t90: float, t95: float, t99: float) -> np.ndarray:
+    """200 sorted scores whose conformal thresholds at 0.9 / 0.95 / 0.99 are exactly t90 / t95 / t99."""
+    # k = ceil(target * 201): 181, 191, 199 -> sorted indices 180, 190, 198.
+    return np.interp(np.arange(N_CALIBRATION), [0, 180, 190, 198, 199], [t90 - 0.3, t90, t95, t99, t99 + 0.01])
+
+
+def build_tiny_bundle(repository: Path, version: str = "1", seed: int = 0) -> TinyModel:
+    torch.manual_seed(seed)
+    network = build_network("resnet18", len(CLASS_NAMES)).eval()
+    anchors = [solid(colour) for colour in _ANCHOR_COLOURS]
+    with torch.inference_mode():
+        scores = get_score("msp")(network(preprocess_batch(anchors, PREPROCESSING))).double().tolist()
+    order = np.argsort(scores)
+    low, middle, high = (scores[i] for i in order)
+    assert middle - low > 1e-3 and high - middle > 1e-3, f"reference scores too close to separate: {scores}"
+    t90, t95 = (low + middle) / 2, (middle + high) / 2
+    t99 = (t95 + high) / 2
+    calibration = _calibration_scores(t90, t95, t99)
+    points = []
+    for target in TARGETS:
+        conformal = conformal_threshold(calibration, target)
+        points.append(
+            OperatingPoint(
+                target_id_acceptance=target,
+                threshold=conformal.threshold,
+                k=conformal.k,
+                n_calibration=conformal.n_calibration,
+            )
+        )
+    assert [point.threshold for point in points] == [t90, t95, t99]
+    manifest = Manifest(
+        name="tiny",
+        version=version,
+        created_at="2024-01-01T00:00:00+00:00",
+        architecture="resnet18",
+        num_classes=len(CLASS_NAMES),
+        class_names=CLASS_NAMES,
+        preprocessing=PREPROCESSING,
+        score=ScoreSpec(name="msp", temperature=1.0),
+        calibration=Calibration(scores=calibration.tolist(), operating_points=points, default_target=0.95),
+    )
+    path = save_bundle(repository / "tiny" / version, network, manifest)
+    roles = dict(zip(("accepted", "borderline", "rejected"), (encode(anchors[i]) for i in order), strict=True))
+    return TinyModel(repository, path, roles)
+
+
+def sample_value(metrics_text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """The value of one sample in a /metrics exposition (0 when absent: an untouched labelled counter)."""
+    wanted = labels or {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(key) == value for key, value in wanted.items()):
+                return sample.value
+    return 0.0

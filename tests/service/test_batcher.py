@@ -1,0 +1,180 @@
+"""The micro-batcher on its own: batching, routing of results, failures, back-pressure, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from service.batcher import MicroBatcher
+from service.errors import NotReady, Overloaded
+
+
+class Recorder:
+    """A BatchObserver that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.batch_sizes: list[int] = []
+        self.finished = 0
+
+    def queue_changed(self, delta: int) -> None:
+        self.depth += delta
+
+    def batch_started(self, queue_waits: Sequence[float]) -> None:
+        assert all(wait >= 0 for wait in queue_waits)
+        self.batch_sizes.append(len(queue_waits))
+
+    def batch_finished(self, seconds: float) -> None:
+        self.finished += 1
+
+
+def make(
+    run_batch: Callable[[list[Any]], Sequence[Any]], observer: Recorder, executor: ThreadPoolExecutor, **options: Any
+) -> MicroBatcher[Any, Any]:
+    defaults = {"max_batch_size": 8, "max_delay_s": 0.02, "queue_size": 64, "retry_after_s": 3}
+    return MicroBatcher(run_batch, executor=executor, observer=observer, **(defaults | options))
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool
+
+
+def test_concurrent_items_are_batched_and_routed_back(executor: ThreadPoolExecutor) -> None:
+    observer = Recorder()
+    threads: set[str] = set()
+
+    def double(items: list[int]) -> list[int]:
+        threads.add(threading.current_thread().name)
+        return [2 * item for item in items]
+
+    async def scenario() -> list[list[int]]:
+        batcher = make(double, observer, executor)
+        await batcher.start()
+        results = await asyncio.gather(*(batcher.submit([i, 100 + i]) for i in range(12)))
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert results == [[2 * i, 2 * (100 + i)] for i in range(12)]
+    assert max(observer.batch_sizes) == 8 and sum(observer.batch_sizes) == 24
+    assert threads and threading.main_thread().name not in threads  # never on the event loop's thread
+    assert observer.depth == 0
+
+
+def test_a_lone_item_waits_at_most_the_delay(executor: ThreadPoolExecutor) -> None:
+    observer = Recorder()
+
+    async def scenario() -> float:
+        batcher = make(lambda items: items, observer, executor, max_delay_s=0.05, max_batch_size=32)
+        await batcher.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await batcher.submit(["x"])
+        elapsed = loop.time() - started
+        await batcher.stop()
+        return elapsed
+
+    elapsed = asyncio.run(scenario())
+    assert 0.04 <= elapsed < 1.0
+    assert observer.batch_sizes == [1]
+
+
+def test_a_failing_batch_fails_every_request_in_it(executor: ThreadPoolExecutor) -> None:
+    def explode(items: list[int]) -> list[int]:
+        raise ValueError("model crashed")
+
+    async def scenario() -> list[object]:
+        batcher = make(explode, Recorder(), executor, max_delay_s=0.05)
+        await batcher.start()
+        outcomes = await asyncio.gather(batcher.submit([1]), batcher.submit([2, 3]), return_exceptions=True)
+        await batcher.stop()
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(outcome, ValueError) and "model crashed" in str(outcome) for outcome in outcomes)
+
+
+def test_wrong_number_of_results_is_an_error(executor: ThreadPoolExecutor) -> None:
+    async def scenario() -> None:
+        batcher = make(lambda items: items[:-1], Recorder(), executor)
+        await batcher.start()
+        try:
+            with pytest.raises(RuntimeError, match="returned 1 results for 2 items"):
+                await batcher.submit([1, 2])
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_full_queue_is_refused_whole_with_retry_after(executor: ThreadPoolExecutor) -> None:
+    gate = threading.Event()
+
+    def blocked(items: list[int]) -> list[int]:
+        gate.wait(5)
+        return items
+
+    async def scenario() -> None:
+        observer = Recorder()
+        batcher = make(blocked, observer, executor, max_batch_size=1, queue_size=2, max_delay_s=0)
+        await batcher.start()
+        first = asyncio.ensure_future(batcher.submit([1]))  # taken by the worker, blocks the thread
+        while observer.batch_sizes != [1]:
+            await asyncio.sleep(0.001)
+        second = asyncio.ensure_future(batcher.submit([2, 3]))  # fills the queue
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit([4])
+        assert refused.value.retry_after_s == 3
+        assert observer.depth == 2  # the refused item was never queued
+        gate.set()
+        assert await first == [1] and await second == [2, 3]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_stop_with_drain_finishes_queued_work_then_refuses(executor: ThreadPoolExecutor) -> None:
+    async def scenario() -> None:
+        batcher = make(lambda items: [item + 1 for item in items], Recorder(), executor, max_delay_s=0.2)
+        await batcher.start()
+        pending = [asyncio.ensure_future(batcher.submit([i])) for i in range(5)]
+        await asyncio.sleep(0)  # let them enqueue
+        await batcher.stop(drain=True)
+        assert [await task for task in pending] == [[1], [2], [3], [4], [5]]
+        with pytest.raises(NotReady):
+            await batcher.submit([9])
+
+    asyncio.run(scenario())
+
+
+def test_stop_without_drain_fails_what_is_pending(executor: ThreadPoolExecutor) -> None:
+    gate = threading.Event()
+
+    def blocked(items: list[int]) -> list[int]:
+        gate.wait(5)
+        return items
+
+    async def scenario() -> None:
+        observer = Recorder()
+        batcher = make(blocked, observer, executor, max_batch_size=1, max_delay_s=0)
+        await batcher.start()
+        running = asyncio.ensure_future(batcher.submit([1]))
+        queued = asyncio.ensure_future(batcher.submit([2]))
+        while observer.batch_sizes != [1]:
+            await asyncio.sleep(0.001)
+        await batcher.stop(drain=False)
+        gate.set()
+        for task in (running, queued):
+            with pytest.raises(NotReady):
+                await task
+        assert observer.depth == 0
+
+    asyncio.run(scenario())

@@ -1,0 +1,88 @@
+"""Many concurrent clients: batches form, each client gets its own images' verdicts; a full queue is a 503."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from models.bundle import Predictions
+from service.app import create_app
+from service.settings import Settings
+from tests.service.helpers import encode, noise_image, sample_value
+
+
+async def _serve(app: FastAPI, scenario: Callable[[httpx.AsyncClient], object]) -> object:
+    """Run ``scenario`` against ``app`` in-process, with its lifespan (models, batchers) running."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            return await scenario(client)  # type: ignore[misc]
+
+
+def test_concurrent_clients_get_their_own_results_in_shared_batches(
+    make_settings: Callable[..., Settings], predict_direct: Callable[[Sequence[bytes], float | None], Predictions]
+) -> None:
+    images = [encode(noise_image(100 + i, (40 + i, 30))) for i in range(32)]
+    app = create_app(make_settings(max_batch_size=16, max_batch_delay_ms=50))
+
+    async def scenario(client: httpx.AsyncClient) -> tuple[list[httpx.Response], str]:
+        async def one(index: int) -> httpx.Response:
+            return await client.post("/predict", files=[("files", (f"img{index}.png", images[index], "image/png"))])
+
+        responses = await asyncio.gather(*(one(i) for i in range(len(images))))
+        return list(responses), (await client.get("/metrics")).text
+
+    responses, metrics = asyncio.run(_serve(app, scenario))  # type: ignore[misc]
+    expected = predict_direct(images, None)
+    for index, response in enumerate(responses):
+        assert response.status_code == 200
+        prediction = response.json()["predictions"][0]
+        assert prediction["filename"] == f"img{index}.png"
+        assert prediction["ood_score"]["value"] == pytest.approx(float(expected.scores[index]), abs=1e-5)
+        assert prediction["class_index"] == int(expected.probabilities[index].argmax())
+    batches = sample_value(metrics, "mixoe_batch_size_count")
+    assert sample_value(metrics, "mixoe_batch_size_sum") == 32
+    assert batches < 32  # at least one batch held more than one image
+    assert sample_value(metrics, "mixoe_batch_size_bucket", {"le": "1.0"}) < batches
+
+
+def test_a_full_queue_answers_503_with_retry_after(make_settings: Callable[..., Settings]) -> None:
+    image = encode(noise_image(5))
+    app = create_app(make_settings(max_files=1, queue_size=1, max_batch_size=1, max_batch_delay_ms=0, retry_after_s=7))
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        context = app.state.context
+        gate = threading.Event()
+        context.inference_pool.submit(gate.wait, 30)  # occupy the one inference thread
+
+        def post() -> asyncio.Task[httpx.Response]:
+            return asyncio.ensure_future(client.post("/predict", files=[("files", ("x.png", image, "image/png"))]))
+
+        async def metric(name: str) -> float:
+            return sample_value((await client.get("/metrics")).text, name)
+
+        async def wait_for(name: str, value: float) -> None:
+            for _ in range(500):
+                if await metric(name) == value:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"{name} never reached {value}")
+
+        first = post()
+        await wait_for("mixoe_batch_size_count", 1)  # the worker took it and waits for the thread
+        second = post()
+        await wait_for("mixoe_queue_depth", 1)  # the queue (size 1) is now full
+        refused = await client.post("/predict", files=[("files", ("x.png", image, "image/png"))])
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "7"
+        assert refused.json()["code"] == "overloaded"
+        assert (await client.get("/v2/health/ready")).status_code == 200  # overloaded is not unhealthy
+        gate.set()
+        assert (await first).status_code == 200 and (await second).status_code == 200
+
+    asyncio.run(_serve(app, scenario))

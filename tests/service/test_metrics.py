@@ -1,0 +1,67 @@
+"""Metric helpers: bucket placement, label text, registry isolation."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+
+from models.bundle import Bundle
+from service.metrics import ServiceMetrics, batch_size_buckets, operating_point_label, score_buckets
+
+
+def test_score_buckets_hold_every_threshold_exactly(bundle: Bundle) -> None:
+    buckets = score_buckets([bundle.manifest])
+    thresholds = [point.threshold for point in bundle.manifest.calibration.operating_points]
+    assert all(threshold in buckets for threshold in thresholds)
+    assert buckets == sorted(set(buckets))
+    calibration = bundle.manifest.calibration.scores
+    assert buckets[-1] > calibration[-1]  # room above the calibration range, where OOD traffic lands
+    assert sum(calibration[0] <= bound <= calibration[-1] for bound in buckets) >= 8  # resolution where ID lands
+
+
+def test_score_buckets_of_several_models_are_the_union(bundle: Bundle) -> None:
+    shifted_scores = [score + 10.0 for score in bundle.manifest.calibration.scores]
+    shifted_points = [
+        point.model_copy(update={"threshold": shifted_scores[point.k - 1]})
+        for point in bundle.manifest.calibration.operating_points
+    ]
+    calibration = bundle.manifest.calibration.model_copy(
+        update={"scores": shifted_scores, "operating_points": shifted_points}
+    )
+    other = bundle.manifest.model_copy(update={"calibration": calibration})
+    union = score_buckets([bundle.manifest, other])
+    assert set(score_buckets([bundle.manifest])) | set(score_buckets([other])) == set(union)
+
+
+def test_batch_size_buckets() -> None:
+    assert batch_size_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_size_buckets(24) == [1, 2, 4, 8, 16, 24]
+    assert batch_size_buckets(1) == [1]
+
+
+def test_operating_point_labels_read_like_the_targets() -> None:
+    assert [operating_point_label(t) for t in (0.9, 0.95, 0.99, 0.999)] == ["0.9", "0.95", "0.99", "0.999"]
+
+
+def test_each_instance_has_its_own_registry(bundle: Bundle) -> None:
+    first, second = ServiceMetrics([0.5], 8), ServiceMetrics([0.5], 8)
+    first.register_model(bundle.manifest)
+    first.record_prediction("tiny", "1", 0.95, 0.7, accepted=False)
+    assert (
+        first.registry.get_sample_value(
+            "mixoe_predictions_total",
+            {"model": "tiny", "version": "1", "operating_point": "0.95", "decision": "rejected"},
+        )
+        == 1.0
+    )
+    assert (
+        second.registry.get_sample_value(
+            "mixoe_predictions_total",
+            {"model": "tiny", "version": "1", "operating_point": "0.95", "decision": "rejected"},
+        )
+        is None
+    )
+    text = generate_latest(first.registry).decode()
+    assert 'mixoe_expected_rejection_ratio{model="tiny",operating_point="0.95",version="1"} 0.05' in text
+    assert (
+        'mixoe_model_info{architecture="resnet18",model="tiny",schema_version="1",score="msp",version="1"} 1.0' in text
+    )

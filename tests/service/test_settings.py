@@ -1,0 +1,48 @@
+"""Settings from MIXOE_* variables, and the combinations refused at start-up."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import EMBEDDED_REPOSITORY, Settings
+
+
+def test_defaults_point_at_the_embedded_repository() -> None:
+    settings = Settings()
+    assert EMBEDDED_REPOSITORY.name == "repository" and (EMBEDDED_REPOSITORY.parent / "bundle.py").is_file()
+    assert settings.model_repository == EMBEDDED_REPOSITORY
+    assert (settings.max_batch_size, settings.max_batch_delay_ms, settings.models, settings.api_keys) == (
+        32,
+        5.0,
+        [],
+        [],
+    )
+
+
+def test_lists_come_comma_separated_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIXOE_MODELS", "flowers, cars:3")
+    monkeypatch.setenv("MIXOE_API_KEYS", "first-key,second-key")
+    monkeypatch.setenv("MIXOE_MAX_BATCH_SIZE", "64")
+    settings = Settings()
+    assert settings.models == ["flowers", "cars:3"]
+    assert [key.get_secret_value() for key in settings.api_keys] == ["first-key", "second-key"]
+    assert "first-key" not in repr(settings)  # keys never end up in logs
+    assert settings.max_batch_size == 64
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"models": ["Bad Name"]},
+        {"device": "tpu"},
+        {"queue_size": 4, "max_files": 8},
+        {"max_request_bytes": 10, "max_upload_bytes": 100},
+        {"max_batch_size": 0},
+        {"unknown_option": 1},
+    ],
+    ids=["model-reference", "device", "queue-below-request", "request-below-file", "batch-size", "unknown-option"],
+)
+def test_impossible_settings_are_refused(values: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**values)
