@@ -29,7 +29,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -42,7 +41,9 @@ from pathlib import Path
 import httpx
 import torch
 
+from machine import machine_name
 from models.bundle import load_bundle
+from models.nets import resolve_device
 from service.decoding import decode_image
 from service.registry import select_bundles
 from service.settings import EMBEDDED_REPOSITORY
@@ -107,19 +108,6 @@ def load_jpegs(folder: Path, limit: int) -> list[tuple[str, bytes]]:
     if not files:
         raise SystemExit(f"no JPEG files under {folder}")
     return [(path.name, path.read_bytes()) for path in files]
-
-
-def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
-def machine_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return platform.processor() or "cpu"
 
 
 def measure_raw(
@@ -376,7 +364,7 @@ def print_table(results: list[RunResult], raw_rate: float) -> None:
 def main() -> None:
     args = parse_args()
     bundle_path = (args.bundle or default_bundle()).resolve()
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     jpegs = load_jpegs(args.images, args.max_images)
     print(
         f"bundle {bundle_path} on {device} ({machine_name(device)}); {len(jpegs)} JPEGs from {args.images}", flush=True

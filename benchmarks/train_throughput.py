@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -32,22 +31,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from models.nets import build_network
+from machine import machine_name
+from models.nets import build_network, resolve_device
 from training.config import DataConfig, MethodConfig, TransformConfig
 from training.data import ImageDataset, OutlierPool, collate_skipping_bad, load_split
-from training.distributed import resolve_device
 from training.methods import build_method
 from training.trainer import DeviceNormalize
 from training.transforms import build_train_transform
-
-
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return platform.processor() or "cpu"
 
 
 def reference_transform(cfg: TransformConfig) -> v2.Compose:
@@ -183,7 +173,7 @@ def main() -> None:
         "method": "mixoe-mixup", "steps": args.steps, "rows": rows,
     }
     print(f"\nMixOE step, {args.arch} {args.size}px, batch {args.batch}+{args.batch}, on {result['machine']}")
-    print(f"| variant | workers | precision | ID img/s | vs compute |\n|---|---|---|---|---|")
+    print("| variant | workers | precision | ID img/s | vs compute |\n|---|---|---|---|---|")
     for row in rows:
         ratio = f"{row['id_images_per_second'] / compute:.2f}" if compute else "-"
         print(f"| {row['variant']} | {row['workers']} | {row['precision']} | {row['id_images_per_second']:.1f} | {ratio} |")

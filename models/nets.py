@@ -79,6 +79,22 @@ def deployed_logits(model: nn.Module, batch: Tensor) -> Tensor:
         return model(inputs).float().cpu()
 
 
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error, not a silent CPU run.
+
+    ``cuda`` means the process's own GPU (``local_rank`` under torchrun); ``cuda:N`` names one.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but no CUDA device is available")
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    raise ValueError(f"Invalid device {name!r}. Only auto, cpu, cuda and cuda:N are supported.")
+
+
 def _architecture(name: str) -> _Architecture:
     try:
         return ARCHITECTURES[name]

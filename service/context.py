@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.bundle import Bundle, load_bundle
+from models.nets import resolve_device
 from service.batcher import MicroBatcher
 from service.inference import ImageJob, ImageVerdict, ModelRunner
 from service.metrics import ServiceMetrics, score_buckets
@@ -26,13 +27,6 @@ from service.registry import LoadedModel, ModelRegistry, select_bundles
 from service.settings import Settings
 
 logger = logging.getLogger("mixoe.service")
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; explicit choices are kept."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 @dataclass
@@ -48,6 +42,10 @@ class ServiceContext:
     @classmethod
     async def start(cls, settings: Settings) -> ServiceContext:
         device = resolve_device(settings.device)
+        if device.type == "cuda":
+            # The GPU runs the model; CPU threads only decode and resize, each in its own decode
+            # worker. One intra-op thread per worker avoids oversubscribing the cores.
+            torch.set_num_threads(1)
         selected = select_bundles(settings.model_repository, settings.models)
         bundles = [await asyncio.to_thread(load_bundle, path, device) for _, _, path in selected]
         metrics = ServiceMetrics(score_buckets(bundle.manifest for bundle in bundles), settings.max_batch_size)
@@ -76,7 +74,7 @@ class ServiceContext:
 
 
 async def _start_models(
-    bundles: list[Bundle], settings: Settings, metrics: ServiceMetrics, inference_pool: ThreadPoolExecutor, device: str
+    bundles: list[Bundle], settings: Settings, metrics: ServiceMetrics, inference_pool: ThreadPoolExecutor, device: torch.device
 ) -> ModelRegistry:
     """Warm each model up in the inference thread, give it a running batcher, publish its metrics."""
     loop = asyncio.get_running_loop()

@@ -17,7 +17,7 @@ from models.bundle import Bundle, OperatingPoint
 
 @dataclass(frozen=True)
 class ImageJob:
-    """One preprocessed image (3, S, S) and what its request asked for."""
+    """One resized, centre-cropped uint8 image (3, S, S) and what its request asked for."""
 
     pixels: Tensor
     operating_point: OperatingPoint
@@ -82,4 +82,4 @@ class ModelRunner:
     def warm_up(self) -> None:
         """One throw-away batch, so the first request does not pay for lazy initialisation."""
         size = self._bundle.manifest.preprocessing.input_size
-        self._bundle.predict(torch.zeros(1, 3, size, size))
+        self._bundle.predict(torch.zeros(1, 3, size, size, dtype=torch.uint8))

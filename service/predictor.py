@@ -74,7 +74,9 @@ class Predictor:
         return verdicts
 
     def _prepare(self, bundle: Bundle, upload: Upload) -> Tensor:
-        """Bytes -> the (3, S, S) tensor the model was calibrated on; runs in the decoding pool."""
+        """Bytes -> the uint8 (3, S, S) crop the model was calibrated on; runs in the decoding pool.
+
+        Normalisation happens batched on the model's device (:meth:`Bundle.predict`)."""
         max_pixels = self._settings.max_image_pixels
         image = decode_image(
             upload.data, max_bytes=self._settings.max_upload_bytes, max_pixels=max_pixels, filename=upload.filename
@@ -90,7 +92,7 @@ class Predictor:
                 f"{resize} within {max_pixels} pixels",
                 file=upload.filename,
             )
-        return bundle.preprocess([image])[0]
+        return bundle.pixels(image)
 
 
 def resolve_top_k(top_k: int | None, num_classes: int) -> int:

@@ -2,18 +2,23 @@
 
 Each finished stage is recorded in ``<output_dir>/pipeline.json`` and skipped on the next call; an
 interrupted training stage resumes from its own ``last.pt``.
+
+Under ``torchrun`` every rank trains both stages inside one process-group session (re-creating the
+group between stages is unreliable, see :mod:`training.distributed`); rank 0 alone then
+calibrates, evaluates and exports.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from training.calibrate import calibrate
 from training.config import MethodConfig, TrainConfig, save_config
+from training.distributed import distributed_session
 from training.evaluate import evaluate
 from training.export import export
 from training.trainer import train
@@ -40,31 +45,32 @@ def stage_configs(config: TrainConfig) -> tuple[TrainConfig, TrainConfig | None]
     return baseline, finetune
 
 
+def _run_stage(name: str, action: Callable[[], object], done: dict[str, str], state_path: Path, record: bool) -> None:
+    """Run ``action`` unless stage ``name`` is in ``done``; ``record`` it in ``state_path`` (rank 0)."""
+    if name in done:
+        log.info("stage %s already finished, skipping", name)
+        return
+    done[name] = str(action())
+    if record:
+        state_path.write_text(json.dumps(done, indent=2))
+
+
 def run_pipeline(config: TrainConfig) -> Path | None:
     """Run every unfinished stage; returns the exported bundle's directory (None on ranks > 0)."""
     root = config.output_dir
-    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone writes
-    if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        save_config(config, root / "config.yaml")
     state_path = root / STATE
     done: dict[str, str] = json.loads(state_path.read_text()) if state_path.is_file() else {}
     baseline, finetune = stage_configs(config)
     final = finetune or baseline
-
-    def stage(name: str, action: Callable[[], object]) -> None:
-        if name in done:
-            log.info("stage %s already finished, skipping", name)
-            return
-        result = action()
-        done[name] = str(result)
-        if is_main:
-            state_path.write_text(json.dumps(done, indent=2))
-
-    stage("baseline", lambda: train(baseline).run_dir)
-    if finetune is not None:
-        stage("finetune", lambda: train(finetune).run_dir)
-    if not is_main:
+    with distributed_session(config.device) as ctx:
+        if ctx.is_main:  # under torchrun, rank 0 alone writes
+            root.mkdir(parents=True, exist_ok=True)
+            save_config(config, root / "config.yaml")
+        stage = partial(_run_stage, done=done, state_path=state_path, record=ctx.is_main)
+        stage("baseline", lambda: train(baseline).run_dir)
+        if finetune is not None:
+            stage("finetune", lambda: train(finetune).run_dir)
+    if not ctx.is_main:
         return None  # rank 0 alone calibrates, evaluates and exports
     stage("calibrate", lambda: calibrate(final).default_target)
     stage("evaluate", lambda: evaluate(final)["id_accuracy"])

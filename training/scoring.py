@@ -22,7 +22,7 @@ from training.checkpoint import BEST_WEIGHTS, load_best_weights
 from training.config import TrainConfig
 from training.data import ImageDataset, Sample, collate_skipping_bad, list_images
 from training.transforms import preprocessing_of
-from training.distributed import resolve_device
+from models.nets import resolve_device
 from training.experiment import load_experiment_data
 
 ID_VAL, ID_TEST, FINE = "id_val", "id_test", "fine"

@@ -9,7 +9,12 @@ lambdas and boxes) is derived from ``config.seed`` and the epoch number, so a CP
 bit-for-bit repeatable and a resumed run continues exactly where an uninterrupted one would.
 Under ``torchrun`` each rank gets its own shard of ID images and of outliers from
 ``DistributedSampler``; mixing draws use the same generator on every rank, so one global batch
-shares one lambda and one cutmix box, as in a single-process run.
+shares one lambda and one cutmix box, as in a single-process run. With ``drop_last`` the sampler
+gives rank ``r`` positions ``r::world`` of the same permutation that one process uses, and the
+per-rank batch is ``batch_size / world``, so step ``k``'s per-rank batches together are one
+process's batch ``k`` and the ``i``-th ID image still meets the ``i``-th outlier: apart from
+BatchNorm statistics (per rank unless ``sync_batchnorm``) and float summation order, N processes
+take the same steps as one. Logged losses are averaged over all ranks' images.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from training.checkpoint import load_best_weights, load_training_state, save_bes
 from training.config import TrainConfig, save_config
 from training.data import ImageDataset, OutlierPool, SeededItems, collate_skipping_bad
 from training.transforms import build_eval_geometry, build_train_transform
-from training.distributed import DistributedContext, init_distributed, shutdown_distributed
+from training.distributed import DistributedContext, ShardSampler, distributed_session
 from training.experiment import ExperimentData, load_experiment_data
 from training.methods import Method, build_method
 
@@ -73,10 +78,14 @@ def _loader(
 
     Every item carries its own augmentation seed (:class:`SeededItems`), so workers can persist
     across epochs without making a run depend on the number of workers or on resumption.
+    Unshuffled (evaluation) loaders shard without padding, so each image counts once.
     """
-    sampler = DistributedSampler(
-        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed, drop_last=shuffle
-    )
+    if shuffle:
+        sampler = DistributedSampler(
+            dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
+        )
+    else:
+        sampler = ShardSampler(len(dataset), ctx.world_size, ctx.rank)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -174,8 +183,9 @@ def train_one_epoch(
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value * batch
     elapsed = time.perf_counter() - start
-    seen = ctx.all_reduce_sum([float(images_seen)])[0]
-    averages = {k: v / max(1, images_seen) for k, v in totals.items()}
+    keys = list(totals)  # the method logs the same keys, in the same order, on every rank
+    seen, *sums = ctx.all_reduce_sum([float(images_seen)] + [totals[k] for k in keys])
+    averages = {k: total / max(1.0, seen) for k, total in zip(keys, sums)}
     averages["id_images_per_second"] = seen / elapsed if elapsed > 0 else 0.0
     return averages
 
@@ -210,11 +220,8 @@ def _outlier_batches(loader: DataLoader, seed: int, epoch: int) -> Iterator[Tens
 
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) one training stage described by ``config``; returns its best accuracy."""
-    ctx = init_distributed(config.device)
-    try:
+    with distributed_session(config.device) as ctx:
         return _train(config, ctx)
-    finally:
-        shutdown_distributed()
 
 
 def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
@@ -245,6 +252,11 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
             pool, batch * method.outliers_per_id_image, ctx, config.seed + 1, workers, shuffle=True
         )
 
+    if config.sync_batchnorm and ctx.is_distributed and ctx.device.type != "cuda":
+        raise ValueError(
+            f"sync_batchnorm needs GPUs: torch {torch.__version__} runs SyncBatchNorm on CUDA devices only, "
+            f"not on {ctx.device.type}"
+        )
     model = build_model(config, data.num_classes)
     if config.sync_batchnorm and ctx.is_distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -273,8 +285,9 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
 
     for epoch in range(start_epoch, config.epochs):
         # Dropout draws from the global RNG: reseeding it per epoch makes a resumed epoch
-        # identical to the uninterrupted one.
-        torch.manual_seed(config.seed * 100_003 + epoch)
+        # identical to the uninterrupted one; each rank gets its own stream (rank 0's is a
+        # single process's).
+        torch.manual_seed(config.seed * 100_003 + epoch + ctx.rank * 1_000_000_007)
         id_loader.sampler.set_epoch(epoch)
         outlier_batches = _outlier_batches(outlier_loader, config.seed, epoch) if outlier_loader is not None else None
         mix_generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
@@ -282,6 +295,7 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
             train_model, method, normalize, id_loader, outlier_batches, optimizer, scheduler,
             mix_generator, ctx, config, progress,
         )
+        ctx.broadcast_buffers(model)
         accuracy = evaluate_accuracy(model, normalize, val_loader, ctx)
         improved = accuracy > best_accuracy
         if improved:

@@ -333,3 +333,15 @@ def test_saved_bundle_is_readable_by_other_users(saved: tuple[Path, Classifier, 
     assert directory.stat().st_mode & 0o005 == 0o005
     for path in directory.iterdir():
         assert path.stat().st_mode & 0o004, path.name
+
+
+def test_uint8_pixels_predict_exactly_like_the_normalised_batch(saved: tuple[Path, Classifier, Manifest]) -> None:
+    """The service sends uint8 crops and lets predict normalise; the answer must not change."""
+    bundle = load_bundle(saved[0])
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)) for _ in range(4)]
+    images.append(images[0].convert("L"))
+    from_float = bundle.predict(bundle.preprocess(images))
+    from_uint8 = bundle.predict(torch.stack([bundle.pixels(image) for image in images]))
+    assert torch.equal(from_float.logits, from_uint8.logits)
+    assert torch.equal(from_float.accepted, from_uint8.accepted)
