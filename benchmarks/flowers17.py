@@ -35,10 +35,10 @@ from typing import Any
 from models.nets import offline_mobilenet_v2_weights
 from training.calibrate import calibrate
 from training.config import TrainConfig
-from training.evaluate import evaluate, scores_of
+from training.evaluate import evaluate
 from training.export import export
 from training.metrics import auroc
-from training.scoring import ID_VAL, run_logits
+from training.scoring import ID_VAL, run_logits, scores_of
 from training.trainer import train
 
 # (row label, method section, deployed score) in table order; baseline rows share one run.
@@ -115,7 +115,7 @@ def stage(raw: dict, **changes: Any) -> TrainConfig:
 
 def validation_criterion(config: TrainConfig) -> tuple[float, float]:
     """(ID validation accuracy, MSP AUROC of ID validation vs validation outliers): no OOD test data."""
-    logits = run_logits(config)
+    logits = run_logits(config).sets
     val = logits[ID_VAL]
     accuracy = float((val.logits.argmax(1) == val.labels).mean())
     return accuracy, auroc(scores_of(val, "msp"), scores_of(logits["val_outliers"], "msp"))

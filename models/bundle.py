@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from models.conformal import conformal_p_values
-from models.nets import ARCHITECTURES, Classifier, build_network, deployed_logits
+from models.nets import ARCHITECTURES, Classifier, Precision, build_network, deployed_logits
 from models.preprocess import Preprocessing, eval_geometry, normalization, preprocess_batch
 from models.scores import SCORES, get_score
 
@@ -141,6 +141,7 @@ class Manifest(_Strict):
     preprocessing: Preprocessing
     score: ScoreSpec
     calibration: Calibration
+    precision: Precision = Field("fp32", description="inference precision the thresholds were calibrated at")
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     data_fingerprints: dict[str, str] = Field(default_factory=dict)
@@ -250,7 +251,7 @@ class Bundle:
             )
         if batch.dtype == torch.uint8:
             batch = self._normalize(batch.to(self.device, non_blocking=True))
-        logits = deployed_logits(self.model, batch)
+        logits = deployed_logits(self.model, batch, self.manifest.precision)
         with torch.inference_mode():
             scores = self._score(logits, self.manifest.score.temperature)
             p_values = torch.from_numpy(conformal_p_values(scores.numpy(), self._calibration_scores))

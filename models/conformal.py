@@ -12,6 +12,7 @@ of ID data at least as OOD-looking as ``s``. Small p-values mean "unlike the ID 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ def conformal_threshold(calibration_scores: ArrayLike, target_id_acceptance: flo
         raise UnsupportedTargetError("no calibration scores")
     k = conformal_rank(target_id_acceptance, n)
     if k > n:
-        needed = math.ceil(target_id_acceptance / (1.0 - target_id_acceptance))
+        needed = next(m for m in itertools.count(n + 1) if conformal_rank(target_id_acceptance, m) <= m)
         raise UnsupportedTargetError(
             f"target ID acceptance {target_id_acceptance} needs at least {needed} calibration images, got {n}"
         )

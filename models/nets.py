@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -64,17 +65,25 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-@torch.inference_mode()
-def deployed_logits(model: nn.Module, batch: Tensor) -> Tensor:
-    """Float32 CPU logits computed as in production: bf16 autocast + channels_last on CUDA.
+Precision = Literal["fp32", "bf16"]
 
-    The one inference path shared by calibration/evaluation (training) and the service, so that
-    thresholds are calibrated on exactly the numbers the service compares against them.
+
+def default_precision(device: torch.device, bf16: bool = True) -> Precision:
+    """bf16 autocast where it is fast (CUDA), fp32 elsewhere: the precision a new bundle is calibrated at."""
+    return "bf16" if bf16 and device.type == "cuda" else "fp32"
+
+
+@torch.inference_mode()
+def deployed_logits(model: nn.Module, batch: Tensor, precision: Precision) -> Tensor:
+    """Float32 CPU logits at ``precision`` (bf16 autocast or fp32), channels_last on CUDA.
+
+    The one inference path shared by calibration/evaluation (training) and the service. A bundle
+    records the precision its thresholds were calibrated at and always runs at it, whatever the
+    device: bf16 and fp32 scores differ by more than the gaps between calibration scores.
     """
     device = next(model.parameters()).device
-    cuda = device.type == "cuda"
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         inputs = batch.to(device=device, memory_format=memory_format, non_blocking=True)
         return model(inputs).float().cpu()
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 from torch import Tensor
 from torchvision.transforms import v2
 
@@ -19,12 +19,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Preprocessing(BaseModel):
-    """Resize the shorter side to ``resize``, centre-crop ``input_size``, normalise."""
+    """Resize the shorter side to ``resize``, centre-crop ``input_size``, normalise.
+
+    Strict, because it is part of the bundle contract: an unknown key, a zero std or a crop larger
+    than the resized image (which would silently pad with zeros) is a broken bundle.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     input_size: int = Field(224, ge=8)
     resize: int = Field(256, ge=8)
     mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "Preprocessing":
+        if self.resize < self.input_size:
+            raise ValueError(f"resize ({self.resize}) must be at least input_size ({self.input_size})")
+        return self
 
 
 def eval_geometry(preprocessing: Preprocessing) -> v2.Compose:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
 class _Strict(BaseModel):
@@ -30,6 +30,12 @@ class TransformConfig(_Strict):
     color_jitter: float = Field(0.0, ge=0.0, description="brightness/contrast/saturation strength, 0 = off")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    @model_validator(mode="after")
+    def _valid_eval_preprocessing(self) -> "TransformConfig":
+        """Fail at config time, not at export, if the bundle's preprocessing would be invalid."""
+        Preprocessing(input_size=self.input_size, resize=self.resize, mean=self.mean, std=self.std)
+        return self
 
 
 class HoldoutConfig(_Strict):
@@ -185,26 +191,39 @@ def read_config_file(path: Path) -> dict[str, Any]:
     raise ValueError(f"Config file must end in .yaml, .yml or .toml: {path}")
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of ``raw`` with ``value`` at the dotted ``key`` (``a.b.c``), creating levels as needed."""
+    result = dict(raw)
+    node = result
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[parts[-1]] = value
+    return result
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``dotted.key=value`` overrides; values are parsed as YAML scalars (``1e-3``, ``true``)."""
-    result = dict(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"Override must look like key.sub=value, got {item!r}")
-        node = result
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            node[part] = dict(child) if isinstance(child, dict) else {}
-            node = node[part]
-        node[parts[-1]] = yaml.safe_load(value)
-    return result
+        raw = set_dotted(raw, key, yaml.safe_load(value))
+    return raw
 
 
-def load_config(path: Path | None, overrides: list[str] = ()) -> TrainConfig:
-    raw = read_config_file(path) if path is not None else {}
-    return TrainConfig.model_validate(apply_overrides(raw, list(overrides)))
+def load_config(path: Path | None, overrides: list[str] = (), values: dict[str, Any] | None = None) -> TrainConfig:
+    """The config file, then ``--set`` overrides (YAML-parsed), then ``values`` taken as they are.
+
+    ``values`` carries command-line flags such as ``--output-dir``: a path or a version like ``1``
+    must stay a string, which YAML parsing would not guarantee.
+    """
+    raw = apply_overrides(read_config_file(path) if path is not None else {}, list(overrides))
+    for key, value in (values or {}).items():
+        raw = set_dotted(raw, key, value)
+    return TrainConfig.model_validate(raw)
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

@@ -120,6 +120,8 @@ def list_images(directory: Path) -> list[Path]:
 
     Symlinked folders are followed, since subsets of datasets are often assembled from links.
     """
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"image folder not found: {directory}")
     found = []
     for current, dirs, files in os.walk(directory, followlinks=True):
         dirs[:] = [d for d in dirs if not _is_hidden(d)]
@@ -328,9 +330,11 @@ class ImageDataset(Dataset):
         image = self.load_image(index)
         if image is None:
             return None
-        if seed is not None:
+        if seed is None:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
             torch.manual_seed(seed)
-        return self.transform(image)
+            return self.transform(image)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int] | None:
         image = self.transformed(key)

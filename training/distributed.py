@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from models.nets import resolve_device
 from torch import nn
 from torch.utils.data import Sampler
+
+from models.nets import resolve_device
 
 
 @dataclass(frozen=True)

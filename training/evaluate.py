@@ -11,34 +11,27 @@ import dataclasses
 import json
 from typing import Any
 
-import torch
-
 from models.scores import SCORES
+from training.checkpoint import atomic_write
 from training.config import TrainConfig
 from training.metrics import accuracy, ood_metrics, paper_protocol_metrics
 from training.report import markdown_table
-from training.scoring import ID_TEST, ID_VAL, SetLogits, run_logits
+from training.scoring import ID_TEST, run_logits, scores_of
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
 
 
-def ood_set_names(logits: dict[str, SetLogits]) -> list[str]:
-    return [name for name in logits if name not in (ID_VAL, ID_TEST)]
-
-
-def scores_of(set_logits: SetLogits, score_name: str) -> Any:
-    """OOD scores (numpy, float64) of one set under one score function at its default temperature."""
-    return SCORES[score_name](torch.from_numpy(set_logits.logits)).double().numpy()
-
-
 def evaluate(config: TrainConfig) -> dict[str, Any]:
     """Compute, save (JSON + Markdown) and return the run's evaluation."""
-    logits = run_logits(config)
+    run = run_logits(config)
+    logits = run.sets
     if ID_TEST not in logits:
         raise ValueError("evaluation needs an ID test split: set data.test")
     test = logits[ID_TEST]
     result: dict[str, Any] = {
+        "weights_sha256": run.weights_sha256,
+        "precision": run.precision,
         "id_accuracy": accuracy(test.logits, test.labels),
         "num_images": {name: len(s.labels) for name, s in logits.items()},
         "conventions": "OOD score higher = more OOD; ID is the positive class; TPR = ID accepted",
@@ -47,7 +40,7 @@ def evaluate(config: TrainConfig) -> dict[str, Any]:
     for score_name in SCORES:
         id_scores = scores_of(test, score_name)
         per_set = {}
-        for name in ood_set_names(logits):
+        for name in run.ood_set_names():
             ood_scores = scores_of(logits[name], score_name)
             per_set[name] = dataclasses.asdict(ood_metrics(id_scores, ood_scores))
             if config.evaluation.paper_protocol:
@@ -60,8 +53,8 @@ def evaluate(config: TrainConfig) -> dict[str, Any]:
                 }
         result["scores"][score_name] = per_set
     run_dir = config.output_dir
-    (run_dir / EVALUATION_JSON).write_text(json.dumps(result, indent=2))
-    (run_dir / EVALUATION_MD).write_text(evaluation_markdown(result))
+    atomic_write(run_dir / EVALUATION_JSON, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    atomic_write(run_dir / EVALUATION_MD, lambda tmp: tmp.write_text(evaluation_markdown(result)))
     return result
 
 

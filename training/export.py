@@ -13,18 +13,17 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.bundle import Manifest, ScoreSpec, save_bundle
+from models.bundle import Manifest, save_bundle
 from models.nets import build_network
-from models.scores import get_score
-from training.calibrate import load_calibration
+from training.calibrate import load_calibration, require_current_weights
 from training.checkpoint import BEST_INFO, load_best_weights
 from training.config import TrainConfig
 from training.data import fingerprint
 from training.transforms import preprocessing_of
-from training.evaluate import EVALUATION_JSON, ood_set_names, scores_of
+from training.evaluate import EVALUATION_JSON
 from training.experiment import load_experiment_data
 from training.report import write_report
-from training.scoring import ID_TEST, run_logits
+from training.scoring import ID_TEST, run_logits, scores_of
 
 
 def export(config: TrainConfig) -> Path:
@@ -34,7 +33,9 @@ def export(config: TrainConfig) -> Path:
     if not evaluation_path.is_file():
         raise FileNotFoundError(f"{evaluation_path} not found: run 'mixoe evaluate' first")
     evaluation = json.loads(evaluation_path.read_text())
-    score_name, calibration = load_calibration(config)
+    require_current_weights(config, evaluation["weights_sha256"], "evaluation")
+    record = load_calibration(config)
+    calibration, score_name = record.calibration, record.score.name
     data = load_experiment_data(config.data)
     model = build_network(config.architecture, data.num_classes)
     model.load_state_dict(load_best_weights(run_dir))
@@ -48,8 +49,9 @@ def export(config: TrainConfig) -> Path:
         num_classes=data.num_classes,
         class_names=data.class_names,
         preprocessing=preprocessing_of(config.data.transforms),
-        score=ScoreSpec(name=score_name, temperature=get_score(score_name).default_temperature),
+        score=record.score,
         calibration=calibration,
+        precision=record.precision,
         metrics=evaluation,
         training={
             "method": config.method.model_dump(mode="json"),
@@ -69,7 +71,8 @@ def export(config: TrainConfig) -> Path:
             **({"test": fingerprint(data.test.samples)} if data.test is not None else {}),
         },
     )
-    logits = run_logits(config)
+    run = run_logits(config)
+    logits = run.sets
     with tempfile.TemporaryDirectory() as scratch:
         report_dir = Path(scratch)
         write_report(
@@ -89,7 +92,7 @@ def export(config: TrainConfig) -> Path:
                 "operating_points": [p.model_dump() for p in calibration.operating_points],
             },
             id_scores=scores_of(logits[ID_TEST], score_name),
-            ood_scores={name: scores_of(logits[name], score_name) for name in ood_set_names(logits)},
+            ood_scores={name: scores_of(logits[name], score_name) for name in run.ood_set_names()},
             thresholds={p.target_id_acceptance: p.threshold for p in calibration.operating_points},
             score_name=score_name,
         )

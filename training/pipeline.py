@@ -72,7 +72,7 @@ def run_pipeline(config: TrainConfig) -> Path | None:
             stage("finetune", lambda: train(finetune).run_dir)
     if not ctx.is_main:
         return None  # rank 0 alone calibrates, evaluates and exports
-    stage("calibrate", lambda: calibrate(final).default_target)
+    stage("calibrate", lambda: calibrate(final).calibration.default_target)
     stage("evaluate", lambda: evaluate(final)["id_accuracy"])
     stage("export", lambda: export(final))
     return Path(done["export"])

@@ -2,12 +2,16 @@
 
 Evaluation, calibration and export all need the same forward passes (ID validation, ID test, each
 OOD set). They share :func:`run_logits`, which caches the arrays in ``<run>/logits.npz`` keyed by
-the weights' hash, so re-running a later stage never recomputes them and new weights never reuse
-stale ones. Images go through :func:`models.preprocess.eval_transform`, exactly as in the service.
+everything they depend on (weights, preprocessing, precision, the images of every set), so a later
+stage never recomputes them and a changed input never reuses stale ones. Images go through
+:func:`models.preprocess.eval_transform` and :func:`models.nets.deployed_logits`, exactly as in
+the service, at the precision the bundle will record.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,14 +20,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.bundle import sha256_file
-from models.nets import build_network, deployed_logits
+from models.nets import Precision, build_network, default_precision, deployed_logits, resolve_device
 from models.preprocess import Preprocessing, eval_transform
-from training.checkpoint import BEST_WEIGHTS, load_best_weights
+from models.scores import SCORES
+from training.checkpoint import BEST_WEIGHTS, atomic_write, load_best_weights
 from training.config import TrainConfig
-from training.data import ImageDataset, Sample, collate_skipping_bad, list_images
-from training.transforms import preprocessing_of
-from models.nets import resolve_device
+from training.data import ImageDataset, Sample, collate_skipping_bad, fingerprint, list_images
 from training.experiment import load_experiment_data
+from training.transforms import preprocessing_of
 
 ID_VAL, ID_TEST, FINE = "id_val", "id_test", "fine"
 CACHE = "logits.npz"
@@ -48,6 +52,8 @@ def assessment_sets(config: TrainConfig) -> dict[str, list[Sample]]:
         if name in sets:
             raise ValueError(f"OOD set name {name!r} is reserved; choose another")
         paths = list_images(Path(root))
+        if not paths:
+            raise ValueError(f"OOD set {name!r}: no images under {root}")
         limit = config.evaluation.max_images_per_set
         if limit is not None and len(paths) > limit:
             paths = [paths[i] for i in sorted(rng.choice(len(paths), limit, replace=False))]
@@ -57,7 +63,7 @@ def assessment_sets(config: TrainConfig) -> dict[str, list[Sample]]:
 
 def collect_logits(
     model: torch.nn.Module, samples: list[Sample], preprocessing: Preprocessing, device: torch.device,
-    batch_size: int, workers: int,
+    precision: Precision, batch_size: int, workers: int,
 ) -> SetLogits:
     dataset = ImageDataset(samples, eval_transform(preprocessing))
     loader = DataLoader(
@@ -71,7 +77,7 @@ def collect_logits(
         if batch is None:
             continue
         images, targets = batch
-        logits.append(deployed_logits(model, images))
+        logits.append(deployed_logits(model, images, precision))
         labels.append(targets)
     num_classes = model.num_classes
     return SetLogits(
@@ -80,30 +86,65 @@ def collect_logits(
     )
 
 
-def run_logits(config: TrainConfig) -> dict[str, SetLogits]:
-    """Logits of the run's best weights on every assessment set (cached per weights hash)."""
+@dataclass(frozen=True)
+class RunLogits:
+    """Logits per assessment set, and what they were computed from: which weights, which precision."""
+
+    sets: dict[str, SetLogits]
+    weights_sha256: str
+    precision: Precision
+
+    def ood_set_names(self) -> list[str]:
+        return [name for name in self.sets if name not in (ID_VAL, ID_TEST)]
+
+
+def scores_of(set_logits: SetLogits, score_name: str) -> np.ndarray:
+    """OOD scores (float64) of one set under one score function at its default temperature."""
+    return SCORES[score_name](torch.from_numpy(set_logits.logits)).double().numpy()
+
+
+def _cache_key(weights_hash: str, preprocessing: Preprocessing, precision: str, sets: dict[str, list[Sample]]) -> str:
+    """Everything the logits depend on: new weights, preprocessing, precision or images miss the cache."""
+    parts = {
+        "weights": weights_hash,
+        "preprocessing": preprocessing.model_dump(mode="json"),
+        "precision": precision,
+        "sets": {name: fingerprint(samples) for name, samples in sets.items()},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:  # a file object, so numpy does not append ".npz" to the temp name
+        np.savez(handle, **arrays)
+
+
+def run_logits(config: TrainConfig) -> RunLogits:
+    """Logits of the run's best weights on every assessment set (cached per :func:`_cache_key`)."""
     run_dir = config.output_dir
     weights_hash = sha256_file(run_dir / BEST_WEIGHTS)
     sets = assessment_sets(config)
+    device = resolve_device(config.device)
+    precision = default_precision(device, config.bf16)
+    preprocessing = preprocessing_of(config.data.transforms)
+    key = _cache_key(weights_hash, preprocessing, precision, sets)
     cache_path = run_dir / CACHE
     if cache_path.is_file():
         with np.load(cache_path) as cached:
-            if str(cached["weights_sha256"]) == weights_hash and all(f"{n}.logits" in cached for n in sets):
-                return {n: SetLogits(cached[f"{n}.logits"], cached[f"{n}.labels"]) for n in sets}
-    data = load_experiment_data(config.data)
-    model = build_network(config.architecture, data.num_classes)
+            if str(cached["key"]) == key:
+                logits = {n: SetLogits(cached[f"{n}.logits"], cached[f"{n}.labels"]) for n in sets}
+                return RunLogits(logits, weights_hash, precision)
+    model = build_network(config.architecture, len(load_experiment_data(config.data).class_names))
     model.load_state_dict(load_best_weights(run_dir))
-    device = resolve_device(config.device)
-    preprocessing = preprocessing_of(config.data.transforms)
-    result = {
+    logits = {
         name: collect_logits(
-            model, samples, preprocessing, device, config.evaluation.batch_size, config.data.num_workers
+            model, samples, preprocessing, device, precision, config.evaluation.batch_size, config.data.num_workers
         )
         for name, samples in sets.items()
     }
-    arrays = {"weights_sha256": np.array(weights_hash)}
-    for name, set_logits in result.items():
+    arrays = {"key": np.array(key)}
+    for name, set_logits in logits.items():
         arrays[f"{name}.logits"] = set_logits.logits
         arrays[f"{name}.labels"] = set_logits.labels
-    np.savez(cache_path, **arrays)
-    return result
+    atomic_write(cache_path, lambda tmp: _save_npz(tmp, arrays))
+    return RunLogits(logits, weights_hash, precision)

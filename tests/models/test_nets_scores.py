@@ -87,3 +87,20 @@ def test_offline_mobilenet_v2_file_loads_the_torchvision_backbone() -> None:
     assert set(backbone) == expected_keys
     assert all(torch.equal(backbone[key], reference[key]) for key in expected_keys)
     assert network.head.weight.shape == (5, 1280)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"typo": 1}, "Extra inputs"),
+        ({"std": (0.2, 0.0, 0.2)}, "greater than 0"),
+        ({"resize": 200, "input_size": 224}, "at least input_size"),
+    ],
+)
+def test_preprocessing_refuses_what_would_silently_break_a_bundle(fields: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    from models.preprocess import Preprocessing
+
+    with pytest.raises(ValidationError, match=message):
+        Preprocessing(**fields)

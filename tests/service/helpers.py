@@ -1,4 +1,4 @@
-"""A tiny bundle whose thresholds separate known images, and image encoders, for the service tests.
+"""A tiny bundle whose thresholds separate known images, and the request builders the service tests share.
 
 The network is an untrained ResNet-18 (fixed seed, 32 px input): its OOD scores on three solid
 colour images are distinct, and the operating points are placed *between* those scores, so every
@@ -11,14 +11,20 @@ test knows which image each operating point accepts:
 
 from __future__ import annotations
 
+import base64
 import io
+import struct
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.http import InferInput
 
 from models.bundle import Calibration, Manifest, OperatingPoint, ScoreSpec, save_bundle
 from models.conformal import conformal_threshold
@@ -46,6 +52,21 @@ def solid(colour: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> Ima
 def noise_image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header announcing ``width x height`` RGB pixels, with almost no pixel data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 @dataclass(frozen=True)
@@ -111,3 +132,40 @@ def sample_value(metrics_text: str, name: str, labels: dict[str, str] | None = N
             if sample.name == name and all(sample.labels.get(key) == value for key, value in wanted.items()):
                 return sample.value
     return 0.0
+
+
+def role_files(tiny: TinyModel, *roles: str) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """The multipart ``files`` of a /predict request carrying the reference images ``roles``, as ``<role>.png``."""
+    return [("files", (f"{role}.png", tiny.images[role], "image/png")) for role in roles]
+
+
+def infer_json(*images: bytes) -> dict[str, Any]:
+    """An Open Inference Protocol JSON request body: ``images`` as one base64 BYTES tensor."""
+    data = [base64.b64encode(image).decode() for image in images]
+    return {"inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": data}]}
+
+
+def triton_input(images: Sequence[bytes], binary: bool) -> InferInput:
+    """The ``image`` tensor as ``tritonclient`` sends it: raw binary data, or base64 text (JSON carries no bytes)."""
+    tensor = InferInput("image", [len(images)], "BYTES")
+    elements = list(images) if binary else [base64.b64encode(image) for image in images]
+    return tensor.set_data_from_numpy(np.array(elements, dtype=np.object_), binary_data=binary)
+
+
+class Recorder:
+    """A BatchObserver that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.batch_sizes: list[int] = []
+        self.finished = 0
+
+    def queue_changed(self, delta: int) -> None:
+        self.depth += delta
+
+    def batch_started(self, queue_waits: Sequence[float]) -> None:
+        assert all(wait >= 0 for wait in queue_waits)
+        self.batch_sizes.append(len(queue_waits))
+
+    def batch_finished(self, seconds: float) -> None:
+        self.finished += 1

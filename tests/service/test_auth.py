@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -10,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service.helpers import TinyModel, sample_value
+from tests.service.helpers import TinyModel, infer_json, role_files, sample_value
 
 KEYS = ["first-secret", "second-secret"]
 
@@ -22,9 +21,7 @@ def guarded(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
 
 
 def _predict(client: TestClient, tiny: TinyModel, headers: dict[str, str]) -> tuple[int, str]:
-    response = client.post(
-        "/predict", files=[("files", ("a.png", tiny.images["accepted"], "image/png"))], headers=headers
-    )
+    response = client.post("/predict", files=role_files(tiny, "accepted"), headers=headers)
     return response.status_code, response.json().get("code", "")
 
 
@@ -34,15 +31,10 @@ def _predict(client: TestClient, tiny: TinyModel, headers: dict[str, str]) -> tu
     ids=["none", "wrong-x-api-key", "wrong-bearer", "not-bearer"],
 )
 def test_missing_or_wrong_keys_are_401(guarded: TestClient, tiny: TinyModel, headers: dict[str, str]) -> None:
-    response = guarded.post(
-        "/predict", files=[("files", ("a.png", tiny.images["accepted"], "image/png"))], headers=headers
-    )
+    response = guarded.post("/predict", files=role_files(tiny, "accepted"), headers=headers)
     assert (response.status_code, response.json()["code"]) == (401, "unauthorized")
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    infer = {
-        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(b"x").decode()]}]
-    }
-    assert guarded.post("/v2/models/tiny/infer", json=infer, headers=headers).status_code == 401
+    assert guarded.post("/v2/models/tiny/infer", json=infer_json(b"x"), headers=headers).status_code == 401
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service.helpers import TinyModel, encode, noise_image, sample_value, solid
-from tests.service.test_decoding import png_claiming
+from tests.service.helpers import TinyModel, encode, noise_image, png_claiming, sample_value, solid
 
 MAX_UPLOAD = 4_000
 MAX_REQUEST = 20_000
@@ -98,6 +97,12 @@ def test_bad_upload_is_a_4xx_naming_the_problem(
         ),
         (
             "/v2/models/tiny/infer",
+            {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["\u00e9t\u00e9"]}]},
+            400,
+            "invalid_base64",
+        ),
+        (
+            "/v2/models/tiny/infer",
             {
                 "inputs": [
                     {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(b"").decode()]}
@@ -117,12 +122,20 @@ def test_bad_upload_is_a_4xx_naming_the_problem(
             "too_many_files",
         ),
     ],
-    ids=["unknown-model", "bad-base64", "empty-image", "too-many-images"],
+    ids=["unknown-model", "bad-base64", "non-ascii-base64", "empty-image", "too-many-images"],
 )
 def test_bad_infer_requests(strict: TestClient, path: str, payload: dict[str, Any], status: int, code: str) -> None:
     response = strict.post(path, json=payload)
     assert (response.status_code, response.json()["code"]) == (status, code)
     assert strict.get("/v2/health/ready").status_code == 200
+
+
+@pytest.mark.parametrize("header_length", ["-1", "12a", "9" * 5000], ids=["negative", "text", "huge"])
+def test_a_malformed_header_length_is_a_400(strict: TestClient, header_length: str) -> None:
+    headers = {"Inference-Header-Content-Length": header_length}
+    response = strict.post("/v2/models/tiny/infer", content=b"{}", headers=headers)
+    assert (response.status_code, response.json()["code"]) == (400, "invalid_request"), response.text
+    assert "byte count" in response.json()["error"]
 
 
 def test_unknown_routes_and_methods_use_the_same_body(strict: TestClient) -> None:

@@ -12,25 +12,21 @@ import pytest
 
 from service.batcher import MicroBatcher
 from service.errors import NotReady, Overloaded
+from tests.service.helpers import Recorder
 
 
-class Recorder:
-    """A BatchObserver that remembers what it was told."""
+class Gate:
+    """A batch function that holds the inference thread until :meth:`open` (at most 5 s), then echoes its items."""
 
     def __init__(self) -> None:
-        self.depth = 0
-        self.batch_sizes: list[int] = []
-        self.finished = 0
+        self._event = threading.Event()
 
-    def queue_changed(self, delta: int) -> None:
-        self.depth += delta
+    def __call__(self, items: list[int]) -> list[int]:
+        self._event.wait(5)
+        return items
 
-    def batch_started(self, queue_waits: Sequence[float]) -> None:
-        assert all(wait >= 0 for wait in queue_waits)
-        self.batch_sizes.append(len(queue_waits))
-
-    def batch_finished(self, seconds: float) -> None:
-        self.finished += 1
+    def open(self) -> None:
+        self._event.set()
 
 
 def make(
@@ -66,6 +62,7 @@ def test_concurrent_items_are_batched_and_routed_back(executor: ThreadPoolExecut
     assert max(observer.batch_sizes) == 8 and sum(observer.batch_sizes) == 24
     assert threads and threading.main_thread().name not in threads  # never on the event loop's thread
     assert observer.depth == 0
+    assert observer.finished == len(observer.batch_sizes)  # every batch reported its end
 
 
 def test_a_lone_item_waits_at_most_the_delay(executor: ThreadPoolExecutor) -> None:
@@ -115,15 +112,11 @@ def test_wrong_number_of_results_is_an_error(executor: ThreadPoolExecutor) -> No
 
 
 def test_full_queue_is_refused_whole_with_retry_after(executor: ThreadPoolExecutor) -> None:
-    gate = threading.Event()
-
-    def blocked(items: list[int]) -> list[int]:
-        gate.wait(5)
-        return items
+    gate = Gate()
 
     async def scenario() -> None:
         observer = Recorder()
-        batcher = make(blocked, observer, executor, max_batch_size=1, queue_size=2, max_delay_s=0)
+        batcher = make(gate, observer, executor, max_batch_size=1, queue_size=2, max_delay_s=0)
         await batcher.start()
         first = asyncio.ensure_future(batcher.submit([1]))  # taken by the worker, blocks the thread
         while observer.batch_sizes != [1]:
@@ -134,7 +127,7 @@ def test_full_queue_is_refused_whole_with_retry_after(executor: ThreadPoolExecut
             await batcher.submit([4])
         assert refused.value.retry_after_s == 3
         assert observer.depth == 2  # the refused item was never queued
-        gate.set()
+        gate.open()
         assert await first == [1] and await second == [2, 3]
         await batcher.stop()
 
@@ -156,25 +149,41 @@ def test_stop_with_drain_finishes_queued_work_then_refuses(executor: ThreadPoolE
 
 
 def test_stop_without_drain_fails_what_is_pending(executor: ThreadPoolExecutor) -> None:
-    gate = threading.Event()
-
-    def blocked(items: list[int]) -> list[int]:
-        gate.wait(5)
-        return items
+    gate = Gate()
 
     async def scenario() -> None:
         observer = Recorder()
-        batcher = make(blocked, observer, executor, max_batch_size=1, max_delay_s=0)
+        batcher = make(gate, observer, executor, max_batch_size=1, max_delay_s=0)
         await batcher.start()
         running = asyncio.ensure_future(batcher.submit([1]))
         queued = asyncio.ensure_future(batcher.submit([2]))
         while observer.batch_sizes != [1]:
             await asyncio.sleep(0.001)
         await batcher.stop(drain=False)
-        gate.set()
+        gate.open()
         for task in (running, queued):
             with pytest.raises(NotReady):
                 await task
         assert observer.depth == 0
+
+    asyncio.run(scenario())
+
+
+def test_stop_is_not_lost_when_an_item_arrives_in_the_same_turn(executor: ThreadPoolExecutor) -> None:
+    """The worker waits (up to ``max_delay_s``) for more items; an item and ``stop`` arriving together must
+    still stop it. With ``asyncio.wait_for`` on Python 3.11 the cancellation was swallowed and stop hung."""
+
+    async def scenario() -> None:
+        batcher = make(lambda items: items, Recorder(), executor, max_delay_s=5)
+        await batcher.start()
+        first = asyncio.ensure_future(batcher.submit([1]))
+        await asyncio.sleep(0.05)  # the worker holds item 1 and waits for the batch to fill
+        second = asyncio.ensure_future(batcher.submit([2]))
+        await asyncio.sleep(0)  # `second` queues its item and wakes the worker; stop() lands in the same turn
+        async with asyncio.timeout(2):
+            await batcher.stop(drain=False)
+        for task in (first, second):
+            with pytest.raises(NotReady):
+                await task
 
     asyncio.run(scenario())

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -12,28 +10,13 @@ from PIL import Image, ImageFile
 
 from service.decoding import decode_image
 from service.errors import ErrorCode, InvalidInput, PayloadTooLarge
-from tests.service.helpers import encode, noise_image, solid
+from tests.service.helpers import encode, noise_image, png_claiming, solid
 
 LIMITS = {"max_bytes": 10**7, "max_pixels": 10**7}
 
 
 def decode(data: bytes, **limits: int) -> Image.Image:
     return decode_image(data, **(LIMITS | limits), filename="upload.bin")
-
-
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A valid PNG header announcing ``width x height`` RGB pixels, with almost no pixel data."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + _chunk(b"IEND", b"")
-    )
 
 
 def test_exif_orientation_is_applied() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -11,7 +10,7 @@ from fastapi.testclient import TestClient
 from models.bundle import Bundle
 from service.app import create_app
 from service.settings import Settings
-from tests.service.helpers import TinyModel, sample_value
+from tests.service.helpers import TinyModel, infer_json, role_files, sample_value
 
 MODEL = {"model": "tiny", "version": "1"}
 
@@ -22,26 +21,13 @@ def fresh(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
         yield test_client
 
 
-def _files(tiny: TinyModel, *roles: str) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("files", (f"{role}.png", tiny.images[role], "image/png")) for role in roles]
-
-
 def test_predictions_are_counted_by_decision_and_operating_point(
     fresh: TestClient, tiny: TinyModel, bundle: Bundle
 ) -> None:
-    assert fresh.post("/predict", files=_files(tiny, "accepted", "borderline", "rejected")).status_code == 200
-    assert fresh.post("/predict?operating_point=0.9", files=_files(tiny, "borderline", "rejected")).status_code == 200
-    infer = {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": [1],
-                "datatype": "BYTES",
-                "data": [base64.b64encode(tiny.images["accepted"]).decode()],
-            }
-        ]
-    }
-    assert fresh.post("/v2/models/tiny/infer", json=infer).status_code == 200
+    assert fresh.post("/predict", files=role_files(tiny, "accepted", "borderline", "rejected")).status_code == 200
+    rejected_at_09 = role_files(tiny, "borderline", "rejected")
+    assert fresh.post("/predict?operating_point=0.9", files=rejected_at_09).status_code == 200
+    assert fresh.post("/v2/models/tiny/infer", json=infer_json(tiny.images["accepted"])).status_code == 200
     text = fresh.get("/metrics").text
 
     def predictions(point: str, decision: str) -> float:
@@ -80,3 +66,12 @@ def test_routes_are_labelled_by_template_never_by_raw_path(fresh: TestClient) ->
     assert sample_value(text, "mixoe_requests_total", {"route": "/v2/models/{name}", "status": "404"}) == 1
     assert sample_value(text, "mixoe_requests_total", {"route": "unmatched", "status": "404"}) == 1
     assert "some-scanner-probe" not in text and "wp-admin" not in text
+
+
+def test_methods_are_labelled_from_a_fixed_set(fresh: TestClient) -> None:
+    """The method is any token a client sends: unknown ones share the label ``other``."""
+    for method in ("FOOBAR", "SCAN1", "SCAN2"):
+        assert fresh.request(method, "/predict").status_code == 405
+    text = fresh.get("/metrics").text
+    assert sample_value(text, "mixoe_requests_total", {"route": "/predict", "method": "other", "status": "405"}) == 3
+    assert "FOOBAR" not in text and "SCAN" not in text

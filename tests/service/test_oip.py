@@ -12,18 +12,13 @@ from tritonclient.http import InferenceServerClient, InferInput, InferRequestedO
 from service.errors import ErrorCode, InvalidInput, InvalidParameter, PayloadTooLarge
 from service.inference import ImageVerdict
 from service.oip import OUTPUTS, encode_infer_response, parse_infer_request
+from tests.service.helpers import triton_input
 
 IMAGES = [b"\x89PNG first", b"\xff\xd8 second \x00 with a zero byte"]
 
 
 def triton_body(binary: bool, parameters: dict[str, object] | None = None) -> tuple[bytes, int | None]:
-    tensor = InferInput("image", [len(IMAGES)], "BYTES")
-    if binary:
-        tensor.set_data_from_numpy(np.array(IMAGES, dtype=np.object_), binary_data=True)
-    else:  # JSON cannot carry raw bytes: the client sends base64 text
-        encoded = [base64.b64encode(image) for image in IMAGES]
-        tensor.set_data_from_numpy(np.array(encoded, dtype=np.object_), binary_data=False)
-    return InferenceServerClient.generate_request_body([tensor], parameters=parameters)
+    return InferenceServerClient.generate_request_body([triton_input(IMAGES, binary)], parameters=parameters)
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary-extension", "json-base64"])
@@ -100,6 +95,7 @@ GOOD_INPUT = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base6
         ),
         (_json_request([{**GOOD_INPUT, "data": ["not base64!"]}]), None, InvalidInput, ErrorCode.INVALID_BASE64),
         (_json_request([{**GOOD_INPUT, "data": [7]}]), None, InvalidInput, ErrorCode.INVALID_BASE64),
+        (_json_request([{**GOOD_INPUT, "data": ["aW1n\u00e9"]}]), None, InvalidInput, ErrorCode.INVALID_BASE64),
         (
             _json_request([{"name": "image", "shape": [1], "datatype": "BYTES"}]),
             None,
@@ -109,6 +105,12 @@ GOOD_INPUT = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base6
         (_json_request([GOOD_INPUT], outputs=[{"name": "logits"}]), None, InvalidParameter, ErrorCode.UNKNOWN_OUTPUT),
         (
             _json_request([GOOD_INPUT], parameters={"operating_point": "high"}),
+            None,
+            InvalidParameter,
+            ErrorCode.INVALID_REQUEST,
+        ),
+        (
+            _json_request([GOOD_INPUT])[:-1] + b', "parameters": {"operating_point": ' + b"9" * 400 + b"}}",
             None,
             InvalidParameter,
             ErrorCode.INVALID_REQUEST,
@@ -125,9 +127,11 @@ GOOD_INPUT = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base6
         "too-many",
         "bad-base64",
         "non-string",
+        "non-ascii-base64",
         "no-data",
         "unknown-output",
         "bad-operating-point",
+        "operating-point-beyond-float",
         "header-length-too-big",
     ],
 )

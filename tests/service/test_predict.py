@@ -8,19 +8,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from models.bundle import Predictions
-from tests.service.helpers import CLASS_NAMES, TinyModel, encode, noise_image
+from tests.service.helpers import CLASS_NAMES, TinyModel, encode, noise_image, role_files
 
 ROLES = ("accepted", "borderline", "rejected")
-
-
-def upload(tiny: TinyModel, *roles: str) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("files", (f"{role}.png", tiny.images[role], "image/png")) for role in roles]
 
 
 def test_predictions_match_the_bundle(
     client: TestClient, tiny: TinyModel, predict_direct: Callable[[Sequence[bytes], float | None], Predictions]
 ) -> None:
-    response = client.post("/predict", files=upload(tiny, *ROLES))
+    response = client.post("/predict", files=role_files(tiny, *ROLES))
     assert response.status_code == 200
     body = response.json()
     assert (body["model"], body["version"]) == ("tiny", "1")
@@ -48,8 +44,8 @@ def test_predictions_match_the_bundle(
 def test_the_operating_point_moves_the_threshold(
     client: TestClient, tiny: TinyModel, operating_point: str, expected: list[bool]
 ) -> None:
-    as_form = client.post("/predict", files=upload(tiny, *ROLES), data={"operating_point": operating_point})
-    as_query = client.post(f"/predict?operating_point={operating_point}", files=upload(tiny, *ROLES))
+    as_form = client.post("/predict", files=role_files(tiny, *ROLES), data={"operating_point": operating_point})
+    as_query = client.post(f"/predict?operating_point={operating_point}", files=role_files(tiny, *ROLES))
     for response in (as_form, as_query):
         assert response.status_code == 200
         predictions = response.json()["predictions"]
@@ -59,19 +55,19 @@ def test_the_operating_point_moves_the_threshold(
 
 
 def test_top_k_lists_classes_by_probability(client: TestClient, tiny: TinyModel) -> None:
-    default = client.post("/predict", files=upload(tiny, "accepted")).json()["predictions"][0]
+    default = client.post("/predict", files=role_files(tiny, "accepted")).json()["predictions"][0]
     assert len(default["top_k"]) == 3  # min(5, K)
     probabilities = [entry["probability"] for entry in default["top_k"]]
     assert probabilities == sorted(probabilities, reverse=True)
     assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
     assert default["top_k"][0] == {"label": default["label"], "probability": default["probability"]}
-    one = client.post("/predict", files=upload(tiny, "accepted"), data={"top_k": "1"}).json()["predictions"][0]
+    one = client.post("/predict", files=role_files(tiny, "accepted"), data={"top_k": "1"}).json()["predictions"][0]
     assert one["top_k"] == default["top_k"][:1]
 
 
 def test_model_can_be_named_with_its_version(client: TestClient, tiny: TinyModel) -> None:
     for reference in ("tiny", "tiny:1"):
-        response = client.post("/predict", files=upload(tiny, "accepted"), data={"model": reference})
+        response = client.post("/predict", files=role_files(tiny, "accepted"), data={"model": reference})
         assert response.status_code == 200 and response.json()["version"] == "1"
 
 

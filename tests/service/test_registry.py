@@ -17,8 +17,7 @@ from service.batcher import MicroBatcher
 from service.errors import InvalidParameter, ModelNotFound
 from service.registry import LoadedModel, ModelRegistry, select_bundles
 from service.settings import Settings
-from tests.service.helpers import TinyModel
-from tests.service.test_batcher import Recorder
+from tests.service.helpers import Recorder, TinyModel
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ every request leaves one JSON log line, and SIGTERM finishes queued work before 
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -27,7 +26,7 @@ from tritonclient.http import InferenceServerClient, InferInput, InferRequestedO
 from tritonclient.utils import InferenceServerException
 
 from models.bundle import Predictions
-from tests.service.helpers import TinyModel
+from tests.service.helpers import TinyModel, role_files, triton_input
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ("accepted", "borderline", "rejected")
@@ -104,8 +103,7 @@ def server(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def _predict(server: Server, tiny: TinyModel, query: str = "") -> list[dict[str, object]]:
-    files = [("files", (f"{role}.png", tiny.images[role], "image/png")) for role in ROLES]
-    response = httpx.post(f"{server.url}/predict{query}", files=files, timeout=30)
+    response = httpx.post(f"{server.url}/predict{query}", files=role_files(tiny, *ROLES), timeout=30)
     assert response.status_code == 200, response.text
     return response.json()["predictions"]
 
@@ -129,15 +127,10 @@ def test_tritonclient_round_trip_matches_predict(
     try:
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
         assert client.get_model_metadata("tiny")["inputs"][0]["datatype"] == "BYTES"
-        images = [tiny.images[role] for role in ROLES]
-        tensor = InferInput("image", [len(images)], "BYTES")
+        tensor = triton_input([tiny.images[role] for role in ROLES], binary)
         if binary:
-            tensor.set_data_from_numpy(np.array(images, dtype=np.object_), binary_data=True)
             outputs = None  # tritonclient then asks for every output, as binary data
         else:
-            tensor.set_data_from_numpy(
-                np.array([base64.b64encode(i) for i in images], dtype=np.object_), binary_data=False
-            )
             outputs = [
                 InferRequestedOutput(name, binary_data=False)
                 for name in ("label", "class_index", "ood_score", "accepted")
@@ -169,16 +162,21 @@ def test_tritonclient_sees_errors_as_messages(server: Server) -> None:
 
 
 def test_each_request_logs_one_json_line(server: Server, tiny: TinyModel) -> None:
+    def access_lines() -> list[dict[str, object]]:
+        return [e for e in server.log_lines() if e.get("logger") == "mixoe.access" and e.get("route") == "/predict"]
+
+    before = len(access_lines())  # earlier tests in this module used the same server
     _predict(server, tiny)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        entries = [e for e in server.log_lines() if e.get("logger") == "mixoe.access" and e.get("route") == "/predict"]
-        if entries:
-            break
+    while len(access_lines()) == before and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(0.2)  # a second line for the same request would be there by now
+    entries = access_lines()
+    assert len(entries) == before + 1
     entry = entries[-1]
     assert (entry["method"], entry["status"], entry["images"]) == ("POST", 200, 3)
     assert isinstance(entry["duration_s"], float) and entry["duration_s"] > 0
+    assert not [e for e in server.log_lines() if e.get("logger") == "uvicorn.access"]  # uvicorn's own log is off
 
 
 def test_sigterm_finishes_queued_work(tiny: TinyModel, tmp_path: Path) -> None:
@@ -188,8 +186,7 @@ def test_sigterm_finishes_queued_work(tiny: TinyModel, tmp_path: Path) -> None:
         responses: list[httpx.Response] = []
 
         def send(role: str) -> None:
-            files = [("files", (f"{role}.png", tiny.images[role], "image/png"))]
-            responses.append(httpx.post(f"{slow.url}/predict", files=files, timeout=30))
+            responses.append(httpx.post(f"{slow.url}/predict", files=role_files(tiny, role), timeout=30))
 
         threads = [threading.Thread(target=send, args=(role,)) for role in ROLES]
         started = time.monotonic()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import base64
+import threading
+from collections.abc import Callable
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from tritonclient.http import InferenceServerClient, InferInput
+from tritonclient.http import InferenceServerClient
 
-from tests.service.helpers import TinyModel
+from service.app import create_app
+from service.oip import InferCall, parse_infer_request
+from service.routes import v2
+from service.settings import Settings
+from tests.service.helpers import TinyModel, infer_json, role_files, triton_input
 
 ROLES = ("accepted", "borderline", "rejected")
 
@@ -48,13 +52,7 @@ def test_health_and_model_readiness(client: TestClient) -> None:
 def test_infer_agrees_with_predict(
     client: TestClient, tiny: TinyModel, binary: bool, operating_point: float | None
 ) -> None:
-    images = [tiny.images[role] for role in ROLES]
-    tensor = InferInput("image", [len(images)], "BYTES")
-    if binary:
-        tensor.set_data_from_numpy(np.array(images, dtype=np.object_), binary_data=True)
-    else:
-        encoded = [base64.b64encode(image) for image in images]
-        tensor.set_data_from_numpy(np.array(encoded, dtype=np.object_), binary_data=False)
+    tensor = triton_input([tiny.images[role] for role in ROLES], binary)
     parameters = {} if operating_point is None else {"operating_point": operating_point}
     body, header_length = InferenceServerClient.generate_request_body([tensor], parameters=parameters)
     headers = {} if header_length is None else {"Inference-Header-Content-Length": str(header_length)}
@@ -65,8 +63,7 @@ def test_infer_agrees_with_predict(
     )
 
     query = "" if operating_point is None else f"?operating_point={operating_point}"
-    files = [("files", (f"{role}.png", tiny.images[role], "image/png")) for role in ROLES]
-    expected = client.post(f"/predict{query}", files=files).json()["predictions"]
+    expected = client.post(f"/predict{query}", files=role_files(tiny, *ROLES)).json()["predictions"]
     assert [label.decode() for label in result.as_numpy("label")] == [p["label"] for p in expected]
     assert result.as_numpy("class_index").tolist() == [p["class_index"] for p in expected]
     assert result.as_numpy("accepted").tolist() == [p["accepted"] for p in expected]
@@ -76,3 +73,25 @@ def test_infer_agrees_with_predict(
     response_parameters = result.get_response()["parameters"]
     assert response_parameters["operating_point"] == (operating_point or 0.95)
     assert response_parameters["threshold"] == expected[0]["threshold"]
+
+
+def test_infer_bodies_are_parsed_off_the_event_loop(
+    client: TestClient, tiny: TinyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[str] = []
+
+    def recording(*args: object, **kwargs: object) -> InferCall:
+        threads.append(threading.current_thread().name)
+        return parse_infer_request(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(v2, "parse_infer_request", recording)
+    assert client.post("/v2/models/tiny/infer", json=infer_json(tiny.images["accepted"])).status_code == 200
+    assert len(threads) == 1 and threads[0].startswith("mixoe-decode")
+
+
+def test_not_ready_until_the_models_load(make_settings: Callable[..., Settings]) -> None:
+    client = TestClient(create_app(make_settings()))  # no `with`: the lifespan (model loading) never runs
+    assert client.get("/v2/health/live").status_code == 200
+    for path in ("/v2/health/ready", "/metrics", "/v2/models/tiny"):
+        response = client.get(path)
+        assert (response.status_code, response.json()["code"]) == (503, "not_ready"), path

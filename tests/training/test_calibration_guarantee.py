@@ -85,3 +85,9 @@ def test_p_values_are_small_for_scores_beyond_the_calibration_set() -> None:
     calibration = np.sort(np.random.default_rng(4).standard_normal(N_CALIBRATION))
     p_values = conformal_p_values(np.array([calibration[-1] + 1.0, calibration[0] - 1.0]), calibration)
     np.testing.assert_allclose(p_values, [1 / (N_CALIBRATION + 1), 1.0])
+
+
+def test_an_unsupported_target_names_the_smallest_calibration_set_that_would_do() -> None:
+    with pytest.raises(UnsupportedTargetError, match="needs at least 9 calibration images, got 8"):
+        conformal_threshold(np.arange(8.0), 0.90)
+    assert conformal_threshold(np.arange(9.0), 0.90).k == 9

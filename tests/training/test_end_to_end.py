@@ -208,3 +208,32 @@ def test_loader_workers_do_not_change_the_weights(baseline_run: Path, data_root:
     config = config.model_copy(update={"data": config.data.model_copy(update={"num_workers": 2})})
     trainer.train(config)
     assert_same_weights(weights(baseline_run), weights(tmp_path / "workers"))
+
+
+def test_export_refuses_a_calibration_of_other_weights(data_root: Path, tmp_path: Path, capsys) -> None:
+    """Thresholds belong to the weights they were calibrated on; new weights need a new calibration."""
+    from safetensors.torch import save_file
+
+    from training.calibrate import calibrate
+    from training.evaluate import evaluate
+
+    run = tmp_path / "run"
+    config = tiny_config(data_root, run, epochs=1)
+    trainer.train(config)
+    calibrate(config)
+    evaluate(config)
+    changed = weights(run)
+    changed["head.bias"] = changed["head.bias"] + 1.0
+    save_file(changed, str(run / "best.safetensors"))
+    assert main(["export", str(run), "--repository", str(tmp_path / "repo"), "--name", "x", "--version", "1"]) == 2
+    assert "other weights" in capsys.readouterr().err
+    assert not (tmp_path / "repo" / "x" / "1").exists()
+
+
+@pytest.mark.parametrize("text", ["data: [unclosed", "architecture: resnet18\nunknown_key: 1\n"])
+def test_a_broken_config_file_is_one_clear_line(tmp_path: Path, capsys, text: str) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixoe: error:")
