@@ -136,7 +136,11 @@ def _one_line(error: Exception) -> str:
         return "invalid configuration: " + "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in error.errors()
         )
-    return str(error)
+    if isinstance(error, yaml.YAMLError):
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"invalid YAML{where}: {getattr(error, 'problem', None) or error}"
+    return " ".join(str(error).split())  # one line, whatever the message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
