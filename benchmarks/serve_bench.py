@@ -42,7 +42,7 @@ import httpx
 import torch
 
 from machine import machine_name
-from models.bundle import load_bundle
+from models.bundle import BundleError, load_bundle
 from models.nets import resolve_device
 from service.decoding import decode_image
 from service.registry import select_bundles
@@ -90,15 +90,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-naive", action="store_true", help="only raw and batched")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "serve_bench.json")
     args = parser.parse_args()
-    if args.clients < args.client_processes or args.max_batch_size < 1:
-        parser.error("need --clients >= --client-processes and --max-batch-size >= 1")
+    if args.clients < args.client_processes or args.max_batch_size < 1 or not 1 <= args.images_per_request <= 1000:
+        parser.error(
+            "need --clients >= --client-processes, --max-batch-size >= 1 and 1 <= --images-per-request <= 1000 "
+            "(the service's max_files limit)"
+        )
     return args
 
 
 def default_bundle() -> Path:
     try:
         _, _, path = select_bundles(EMBEDDED_REPOSITORY, [])[0]
-    except Exception as error:  # BundleError: no repository or no bundles yet
+    except BundleError as error:  # no repository or no bundles yet
         raise SystemExit(f"no default bundle ({error}); pass --bundle <repository>/<name>/<version>") from None
     return path
 
@@ -278,12 +281,13 @@ def batch_totals(url: str) -> tuple[float, float]:
     return values["mixoe_batch_size_sum"], values["mixoe_batch_size_count"]
 
 
-def percentile(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: int) -> float | None:
+    """The ``q``-th percentile (1..99) of ``values`` in seconds, as milliseconds; ``None`` when there are none."""
     if not values:
         return None
-    return (
-        1000 * statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else 1000 * values[0]
-    )
+    if len(values) == 1:
+        return 1000 * values[0]
+    return 1000 * statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def measure_server(

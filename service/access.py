@@ -1,9 +1,11 @@
 """Per-request observability: the request metrics and one JSON access-log line per request.
 
 A pure ASGI middleware (outermost), so it times the whole request and sees the final status of
-every answer, error answers included. The ``route`` label is the matched route's template
-(``/v2/models/{name}/infer``), never the raw path: raw paths would give one time series per model
-name or scanner URL. Requests matching no route are labelled ``unmatched``.
+every answer, error answers included. Labels stay few whatever clients send: ``route`` is the
+matched route's template (``/v2/models/{name}/infer``), never the raw path (raw paths would give one
+time series per model name or scanner URL), and requests matching no route are labelled
+``unmatched``; ``method`` is one of the standard HTTP methods or ``other`` (the method is any token
+a client cares to send). The log line keeps the method as sent.
 """
 
 from __future__ import annotations
@@ -11,12 +13,23 @@ from __future__ import annotations
 import logging
 import time
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("mixoe.access")
 
-IMAGES_STATE_KEY = "images"
-"""Routes store the number of images a request carried in ``request.state.images``."""
+_IMAGES_STATE_KEY = "images"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def record_images(request: Request, count: int) -> None:
+    """Note how many images ``request`` carried, for its access-log line."""
+    setattr(request.state, _IMAGES_STATE_KEY, count)
+
+
+def method_label(method: str) -> str:
+    """The ``method`` label: a standard HTTP method, or ``other``."""
+    return method if method in _METHODS else "other"
 
 
 class AccessMiddleware:
@@ -48,7 +61,7 @@ class AccessMiddleware:
         method = scope["method"]
         context = getattr(scope["app"].state, "context", None)
         if context is not None:
-            labels = (template, method, str(status))
+            labels = (template, method_label(method), str(status))
             context.metrics.request_duration.labels(*labels).observe(seconds)
             context.metrics.requests.labels(*labels).inc()
         logger.info(
@@ -61,6 +74,6 @@ class AccessMiddleware:
                 "route": template,
                 "status": status,
                 "duration_s": round(seconds, 6),
-                "images": scope.get("state", {}).get(IMAGES_STATE_KEY, 0),
+                "images": scope.get("state", {}).get(_IMAGES_STATE_KEY, 0),
             },
         )

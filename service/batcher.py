@@ -164,8 +164,11 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+                # (stop) that arrives just as the item does, and the worker would never exit.
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self._queue.get())
                 except TimeoutError:
                     return
             else:

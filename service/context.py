@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,7 +37,7 @@ class ServiceContext:
     predictor: Predictor
     inference_pool: ThreadPoolExecutor
     decode_pool: ThreadPoolExecutor
-    ready: bool = field(default=False)
+    ready: bool = False
 
     @classmethod
     async def start(cls, settings: Settings) -> ServiceContext:
@@ -52,16 +52,13 @@ class ServiceContext:
         inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixoe-inference")
         decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="mixoe-decode")
         try:
-            registry = await _start_models(bundles, settings, metrics, inference_pool, device)
+            registry = await _start_models(bundles, settings, metrics, inference_pool)
         except BaseException:
             inference_pool.shutdown(wait=False, cancel_futures=True)
             decode_pool.shutdown(wait=False, cancel_futures=True)
             raise
-        context = cls(
-            settings, registry, metrics, Predictor(settings, metrics, decode_pool), inference_pool, decode_pool
-        )
-        context.ready = True
-        return context
+        predictor = Predictor(settings, metrics, decode_pool)
+        return cls(settings, registry, metrics, predictor, inference_pool, decode_pool, ready=True)
 
     async def stop(self) -> None:
         """Stop intake, finish queued work (bounded by ``shutdown_timeout_s``), release the threads."""
@@ -69,12 +66,13 @@ class ServiceContext:
         await asyncio.gather(
             *(model.batcher.stop(drain=True, timeout=self.settings.shutdown_timeout_s) for model in self.registry)
         )
-        self.inference_pool.shutdown(wait=True)
-        self.decode_pool.shutdown(wait=True)
+        # Joining the threads waits for a batch or a decode still running: never on the event loop.
+        await asyncio.to_thread(self.inference_pool.shutdown, wait=True)
+        await asyncio.to_thread(self.decode_pool.shutdown, wait=True)
 
 
 async def _start_models(
-    bundles: list[Bundle], settings: Settings, metrics: ServiceMetrics, inference_pool: ThreadPoolExecutor, device: torch.device
+    bundles: list[Bundle], settings: Settings, metrics: ServiceMetrics, inference_pool: ThreadPoolExecutor
 ) -> ModelRegistry:
     """Warm each model up in the inference thread, give it a running batcher, publish its metrics."""
     loop = asyncio.get_running_loop()
@@ -93,7 +91,7 @@ async def _start_models(
             name=f"{bundle.name}:{bundle.version}",
         )
         models.append(LoadedModel(bundle, batcher))
-        logger.info("loaded model %s:%s from %s on %s", bundle.name, bundle.version, bundle.path, device)
+        logger.info("loaded model %s:%s from %s on %s", bundle.name, bundle.version, bundle.path, bundle.device)
     registry = ModelRegistry(models, settings.default_model)
     for model in models:
         metrics.register_model(model.bundle.manifest)

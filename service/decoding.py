@@ -52,25 +52,13 @@ def _open(data: bytes, name: str, filename: str | None) -> Image.Image:
     """Parse the header only (PIL is lazy): format and size, no pixel data yet."""
     try:
         return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except Image.DecompressionBombError as error:
-        raise PayloadTooLarge(ErrorCode.TOO_MANY_PIXELS, f"{name}: {error}", file=filename) from None
     except UnidentifiedImageError:
         formats = ", ".join(ACCEPTED_FORMATS)
         raise InvalidInput(
             ErrorCode.NOT_AN_IMAGE, f"{name} is not an image in a supported format ({formats})", file=filename
         ) from None
-    except (OSError, EOFError) as error:
-        if isinstance(error, EOFError) or "truncated" in str(error).lower():
-            raise _truncated(name, filename) from None
-        raise InvalidInput(
-            ErrorCode.NOT_AN_IMAGE, f"{name} has an unreadable image header: {error}", file=filename
-        ) from None
-    # A malformed header can make a format plugin fail in many other ways (ValueError, KeyError...):
-    # for untrusted bytes every one of them means the same thing.
     except Exception as error:
-        raise InvalidInput(
-            ErrorCode.NOT_AN_IMAGE, f"{name} has an unreadable image header: {error}", file=filename
-        ) from None
+        raise _client_error(error, name, filename, ErrorCode.NOT_AN_IMAGE, "has an unreadable image header") from None
 
 
 def _load_first_frame(image: Image.Image, name: str, filename: str | None) -> None:
@@ -78,20 +66,23 @@ def _load_first_frame(image: Image.Image, name: str, filename: str | None) -> No
     try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
-    except Image.DecompressionBombError as error:
-        raise PayloadTooLarge(ErrorCode.TOO_MANY_PIXELS, f"{name}: {error}", file=filename) from None
-    except (OSError, EOFError) as error:
-        if isinstance(error, EOFError) or "truncated" in str(error).lower():
-            raise _truncated(name, filename) from None
-        raise InvalidInput(ErrorCode.CORRUPT_IMAGE, f"{name} is corrupt: {error}", file=filename) from None
     except Exception as error:
-        raise InvalidInput(ErrorCode.CORRUPT_IMAGE, f"{name} is corrupt: {error}", file=filename) from None
+        raise _client_error(error, name, filename, ErrorCode.CORRUPT_IMAGE, "is corrupt") from None
 
 
-def _truncated(name: str, filename: str | None) -> InvalidInput:
-    return InvalidInput(
-        ErrorCode.TRUNCATED_IMAGE, f"{name} is truncated: the file ends before its image data does", file=filename
-    )
+def _client_error(error: Exception, name: str, filename: str | None, code: ErrorCode, problem: str) -> InvalidInput:
+    """What PIL raised on untrusted bytes, as the client error it means.
+
+    A malformed file can make a format plugin fail in many ways (``OSError``, ``ValueError``,
+    ``KeyError``...): whatever is neither a decompression bomb nor a truncation is ``code``.
+    """
+    if isinstance(error, Image.DecompressionBombError):
+        return PayloadTooLarge(ErrorCode.TOO_MANY_PIXELS, f"{name}: {error}", file=filename)
+    if isinstance(error, EOFError) or (isinstance(error, OSError) and "truncated" in str(error).lower()):
+        return InvalidInput(
+            ErrorCode.TRUNCATED_IMAGE, f"{name} is truncated: the file ends before its image data does", file=filename
+        )
+    return InvalidInput(code, f"{name} {problem}: {error}", file=filename)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -110,6 +110,11 @@ _STATUS: dict[type[ServiceError], int] = {
     NotReady: 503,
 }
 
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422, 503)
+}
+"""The error answers of the prediction and model routes, for their OpenAPI ``responses``."""
+
 _HTTP_CODES: dict[int, ErrorCode] = {
     400: ErrorCode.BAD_REQUEST,
     404: ErrorCode.NOT_FOUND,

@@ -4,14 +4,30 @@ A pure ASGI middleware: a declared ``Content-Length`` over the limit is refused 
 read; a body that turns out longer (chunked uploads) is cut off as soon as it passes the limit.
 Whatever the app answers to the aborted read is discarded in favour of the 413. (Starlette's own
 limiter would also work, but it replaces every answer with a plain-text body.)
+
+:func:`parse_byte_count` reads byte counts from headers, here and for the Open Inference Protocol's
+``Inference-Header-Content-Length``.
 """
 
 from __future__ import annotations
+
+import re
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ErrorCode, count_bad_input, error_response
+
+_BYTE_COUNT = re.compile(r"[0-9]{1,18}")
+
+
+def parse_byte_count(text: str) -> int | None:
+    """The byte count a header such as ``Content-Length`` holds, or ``None`` when it holds anything else.
+
+    Only ASCII digits, at most 18 of them: ``"²".isdigit()`` is true yet ``int("²")`` fails, and so does
+    ``int()`` of a number past 4300 digits. A client's header must never become a 500.
+    """
+    return int(text) if _BYTE_COUNT.fullmatch(text) else None
 
 
 class _BodyTooLarge(Exception):
@@ -27,8 +43,8 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        declared = parse_byte_count(Headers(scope=scope).get("content-length", ""))
+        if declared is not None and declared > self.max_bytes:
             await self._refuse(scope, receive, send)
             return
         received = 0

@@ -1,9 +1,10 @@
 """Prometheus metrics of one app instance, in its own registry (so apps and tests never share counts).
 
 Names and labels are a contract with ``deploy/`` (alert rules, Grafana): base units, ``_total`` on
-counters, only low-cardinality labels (model, version, operating point, decision, route template),
-never file names or request ids. ``operating_point`` label values are the target ID acceptance as
-text, e.g. ``"0.95"`` (:func:`operating_point_label`).
+counters, only low-cardinality labels (model, version, operating point, decision, route template,
+HTTP method or ``other``: see :mod:`service.access`), never file names or request ids.
+``operating_point`` label values are the target ID acceptance as text, e.g. ``"0.95"``
+(:func:`operating_point_label`).
 
 The rejection rate is ``mixoe_predictions_total{decision="rejected"}`` over all predictions; its
 calibrated expectation is ``mixoe_expected_rejection_ratio`` (= 1 - target ID acceptance) for the
@@ -31,6 +32,8 @@ _BEYOND_CALIBRATION = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # multiples of the calibr
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_OPERATING_POINT_LABELS = ("model", "version", "operating_point")
+_REQUEST_LABELS = ("route", "method", "status")  # the order service.access passes them in
 
 
 def operating_point_label(target_id_acceptance: float) -> str:
@@ -83,13 +86,13 @@ class ServiceMetrics:
         self.threshold = Gauge(
             "mixoe_threshold",
             "Calibrated OOD-score threshold of each operating point.",
-            ["model", "version", "operating_point"],
+            _OPERATING_POINT_LABELS,
             registry=registry,
         )
         self.expected_rejection_ratio = Gauge(
             "mixoe_expected_rejection_ratio",
             "Share of in-distribution images the operating point is calibrated to reject (1 - target).",
-            ["model", "version", "operating_point"],
+            _OPERATING_POINT_LABELS,
             registry=registry,
         )
         self.model_info = Gauge(
@@ -101,12 +104,12 @@ class ServiceMetrics:
         self.request_duration = Histogram(
             "mixoe_request_duration_seconds",
             "HTTP request latency by route template.",
-            ["route", "method", "status"],
+            _REQUEST_LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
         self.requests = Counter(
-            "mixoe_requests_total", "HTTP requests by route template.", ["route", "method", "status"], registry=registry
+            "mixoe_requests_total", "HTTP requests by route template.", _REQUEST_LABELS, registry=registry
         )
         self.queue_wait = Histogram(
             "mixoe_queue_wait_seconds",

@@ -17,7 +17,6 @@ JSON header, in the same encoding; ``tritonclient``'s ``as_numpy`` reads both.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import math
 import struct
@@ -124,7 +123,7 @@ def _read_images(tensor: RequestInput, tail: bytes, max_images: int) -> tuple[li
         raise InvalidInput(ErrorCode.NO_FILES, f"input {IMAGE_INPUT!r} holds no images (shape {tensor.shape})")
     if count > max_images:
         raise PayloadTooLarge(ErrorCode.TOO_MANY_FILES, f"{count} images in one request; the limit is {max_images}")
-    if any(key.startswith("shared_memory") for key in tensor.parameters):
+    if _uses_shared_memory(tensor.parameters):
         raise InvalidInput(ErrorCode.INVALID_TENSOR, "shared-memory tensors are not supported over HTTP here")
     if "binary_data_size" in tensor.parameters:
         size = tensor.parameters["binary_data_size"]
@@ -145,6 +144,10 @@ def _read_images(tensor: RequestInput, tail: bytes, max_images: int) -> tuple[li
             f"input shape {tensor.shape} promises {count} images, the data holds {len(images)}",
         )
     return images, used
+
+
+def _uses_shared_memory(parameters: dict[str, Any]) -> bool:
+    return any(key.startswith("shared_memory") for key in parameters)
 
 
 def _deserialize_bytes(raw: bytes) -> list[bytes]:
@@ -175,7 +178,7 @@ def _from_base64(element: Any, index: int) -> bytes:
         )
     try:
         return base64.b64decode(element, validate=True)
-    except binascii.Error as error:
+    except ValueError as error:  # binascii.Error, or a non-ASCII string
         raise InvalidInput(
             ErrorCode.INVALID_BASE64, f"image[{index}] is not valid base64: {error}", file=f"image[{index}]"
         ) from None
@@ -185,12 +188,10 @@ def _operating_point(parameters: dict[str, Any]) -> float | None:
     value = parameters.get("operating_point")
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             return float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # "high"; an integer too large for a float
             pass
     raise InvalidParameter(
         ErrorCode.INVALID_REQUEST, f"parameter operating_point must be a number such as 0.95, got {value!r}"
@@ -207,7 +208,7 @@ def _requested_outputs(request: InferenceRequest) -> list[tuple[str, bool]]:
             ErrorCode.UNKNOWN_OUTPUT, f"unknown outputs {unknown}; this model has {', '.join(OUTPUTS)}"
         )
     for output in request.outputs:
-        if "classification" in output.parameters or any(k.startswith("shared_memory") for k in output.parameters):
+        if "classification" in output.parameters or _uses_shared_memory(output.parameters):
             raise InvalidParameter(
                 ErrorCode.INVALID_REQUEST,
                 f"output {output.name!r}: classification and shared-memory outputs are not supported",

@@ -36,8 +36,7 @@ def select_bundles(repository: Path, references: Sequence[str]) -> list[tuple[st
         raise BundleError(f"no bundles in model repository {repository}")
     paths = {(name, version): path for name, version, path in available}
     if not references:
-        names = sorted({name for name, _, _ in available})
-        references = names
+        references = sorted({name for name, _, _ in available})
     selected: dict[tuple[str, str], Path] = {}
     for reference in references:
         name, version = parse_reference(reference)
@@ -70,9 +69,9 @@ class LoadedModel:
 
     def operating_point(self, target: float | None) -> OperatingPoint:
         """The operating point for ``target`` (``None``: the bundle's default), or a 422 listing them."""
-        points = self.bundle.manifest.calibration.operating_points
         if target is None:
             return self.bundle.operating_point(None)
+        points = self.bundle.manifest.calibration.operating_points
         for point in points:
             if math.isclose(point.target_id_acceptance, target, rel_tol=0.0, abs_tol=1e-9):
                 return point
@@ -106,28 +105,29 @@ class ModelRegistry:
 
     def versions(self, name: str) -> list[str]:
         """Loaded versions of ``name``; an unknown name is a 404 listing the loaded models."""
-        versions = [version for model_name, version in self._models if model_name == name]
-        if not versions:
-            raise ModelNotFound(ErrorCode.UNKNOWN_MODEL, f"no model named {name!r}; loaded: {self._listing()}")
-        return versions
+        self._check_name(name)
+        return [version for model_name, version in self._models if model_name == name]
 
     def get(self, reference: str | None) -> LoadedModel:
         """Resolve ``"name"``, ``"name:version"`` or ``None`` (the default model)."""
-        if reference is None or reference == "":
+        if not reference:
             return self._default
         name, version = parse_reference(reference)
         return self.get_version(name, version)
 
     def get_version(self, name: str, version: str | None) -> LoadedModel:
         """Resolve a name and an optional version (``None``: the name's default version)."""
-        if name not in self._default_versions:
-            raise ModelNotFound(ErrorCode.UNKNOWN_MODEL, f"no model named {name!r}; loaded: {self._listing()}")
+        self._check_name(name)
         key = (name, version or self._default_versions[name])
         if key not in self._models:
             raise ModelNotFound(
                 ErrorCode.UNKNOWN_MODEL, f"model {name!r} has no loaded version {version!r}; loaded: {self._listing()}"
             )
         return self._models[key]
+
+    def _check_name(self, name: str) -> None:
+        if name not in self._default_versions:
+            raise ModelNotFound(ErrorCode.UNKNOWN_MODEL, f"no model named {name!r}; loaded: {self._listing()}")
 
     def _listing(self) -> str:
         return ", ".join(f"{name}:{version}" for name, version in self._models)

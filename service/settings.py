@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     )
     default_model: str | None = Field(
         None,
-        description="Model used when a request names none; default: the first entry of models, else the first name.",
+        description="Model used when a request names none; default: the first name in models (at that name's "
+        "default version), else the first name in the repository.",
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda when available.")
 
@@ -72,7 +73,7 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     shutdown_timeout_s: float = Field(30.0, gt=0, description="How long SIGTERM waits for queued work.")
 
-    _split_models = field_validator("models", "api_keys", mode="before")(_split_list)
+    _split_lists = field_validator("models", "api_keys", mode="before")(_split_list)
 
     @field_validator("models")
     @classmethod

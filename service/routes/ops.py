@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.deps import get_context
 from service.errors import ErrorBody, ErrorCode, NotReady
 from service.schemas import Liveness, Readiness
 
@@ -17,12 +18,14 @@ async def live() -> Liveness:
     return Liveness(live=True)
 
 
-@router.get("/v2/health/ready", response_model=Readiness, responses={503: {"model": ErrorBody}})
-async def ready(request: Request) -> Readiness:
+@router.get(
+    "/v2/health/ready",
+    response_model=Readiness,
+    responses={503: {"model": ErrorBody}},
+    dependencies=[Depends(get_context)],  # the 503 while starting or shutting down
+)
+async def ready() -> Readiness:
     """Models are loaded and batchers run: send traffic. 503 while starting or shutting down."""
-    context = getattr(request.app.state, "context", None)
-    if context is None or not context.ready:
-        raise NotReady(ErrorCode.NOT_READY, "the service is not ready (models loading or shutting down)")
     return Readiness(ready=True)
 
 

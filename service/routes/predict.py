@@ -10,19 +10,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 
-from service.access import IMAGES_STATE_KEY
+from service.access import record_images
 from service.auth import ProtectedRoute
 from service.deps import ContextDep
-from service.errors import ErrorBody
+from service.errors import ERROR_RESPONSES
 from service.predictor import Upload
 from service.schemas import ClassProbability, ImagePrediction, OODScore, PredictResponse
 
 router = APIRouter(route_class=ProtectedRoute, tags=["predict"])
 
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422, 503)}
-
-
-@router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
+@router.post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES)
 async def predict(
     request: Request,
     context: ContextDep,
@@ -35,7 +32,7 @@ async def predict(
     operating_point: Annotated[float | None, Query(description="Target ID acceptance, e.g. 0.95.")] = None,
 ) -> PredictResponse:
     """Classify each image and accept it (in-distribution) or reject it (OOD score above the threshold)."""
-    setattr(request.state, IMAGES_STATE_KEY, len(files))
+    record_images(request, len(files))
     loaded = context.registry.get(model_form or model)
     limit = context.settings.max_upload_bytes
     # Reading one byte past the limit is enough for the decoder to refuse the file as too large.

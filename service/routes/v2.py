@@ -7,15 +7,19 @@ model version.
 
 from __future__ import annotations
 
+import asyncio
+from functools import partial
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
 from fastapi import APIRouter, Request, Response
 
-from service.access import IMAGES_STATE_KEY
+from service.access import record_images
 from service.auth import ProtectedRoute
+from service.context import ServiceContext
 from service.deps import ContextDep
-from service.errors import ErrorBody, ErrorCode, InvalidInput
+from service.errors import ERROR_RESPONSES, ErrorCode, InvalidInput
+from service.limits import parse_byte_count
 from service.oip import BINARY_EXTENSION, IMAGE_INPUT, OUTPUTS, encode_infer_response, parse_infer_request
 from service.predictor import Upload
 from service.registry import LoadedModel
@@ -34,8 +38,6 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 infer_router = APIRouter(prefix="/v2", route_class=ProtectedRoute, tags=["open inference protocol"])
 
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422, 503)}
-
 
 def _server_version() -> str:
     try:
@@ -49,7 +51,7 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name=SERVER_NAME, version=_server_version(), extensions=[BINARY_EXTENSION])
 
 
-def _metadata(context: ContextDep, name: str, version: str | None) -> ModelMetadata:
+def _metadata(context: ServiceContext, name: str, version: str | None) -> ModelMetadata:
     loaded = context.registry.get_version(name, version)
     manifest = loaded.bundle.manifest
     calibration = manifest.calibration
@@ -75,39 +77,45 @@ def _metadata(context: ContextDep, name: str, version: str | None) -> ModelMetad
     )
 
 
-@router.get("/models/{name}", response_model=ModelMetadata, responses=_ERRORS)
+@router.get("/models/{name}", response_model=ModelMetadata, responses=ERROR_RESPONSES)
 async def model_metadata(context: ContextDep, name: str) -> ModelMetadata:
     return _metadata(context, name, None)
 
 
-@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=_ERRORS)
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERROR_RESPONSES)
 async def model_version_metadata(context: ContextDep, name: str, version: str) -> ModelMetadata:
     return _metadata(context, name, version)
 
 
-@router.get("/models/{name}/ready", response_model=ModelReadiness, responses=_ERRORS)
-async def model_ready(context: ContextDep, name: str) -> ModelReadiness:
-    loaded = context.registry.get_version(name, None)
-    return ModelReadiness(name=name, versions=[loaded.version], ready=loaded.batcher.running)
-
-
-@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReadiness, responses=_ERRORS)
-async def model_version_ready(context: ContextDep, name: str, version: str) -> ModelReadiness:
+def _readiness(context: ServiceContext, name: str, version: str | None) -> ModelReadiness:
     loaded = context.registry.get_version(name, version)
-    return ModelReadiness(name=name, versions=[version], ready=loaded.batcher.running)
+    return ModelReadiness(name=loaded.name, versions=[loaded.version], ready=loaded.batcher.running)
 
 
-async def _infer(request: Request, context: ContextDep, loaded: LoadedModel) -> Response:
+@router.get("/models/{name}/ready", response_model=ModelReadiness, responses=ERROR_RESPONSES)
+async def model_ready(context: ContextDep, name: str) -> ModelReadiness:
+    return _readiness(context, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReadiness, responses=ERROR_RESPONSES)
+async def model_version_ready(context: ContextDep, name: str, version: str) -> ModelReadiness:
+    return _readiness(context, name, version)
+
+
+async def _infer(request: Request, context: ServiceContext, loaded: LoadedModel) -> Response:
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
         raise InvalidInput(ErrorCode.INVALID_REQUEST, f"Content-Encoding {encoding!r} is not supported; send identity")
-    header_length = request.headers.get(HEADER_LENGTH)
-    if header_length is not None and not header_length.isdigit():
-        raise InvalidInput(ErrorCode.INVALID_REQUEST, f"{HEADER_LENGTH} must be a byte count, got {header_length!r}")
-    call = parse_infer_request(
-        await request.body(), int(header_length) if header_length else None, max_images=context.settings.max_files
+    header_text = request.headers.get(HEADER_LENGTH)
+    header_length = None if header_text is None else parse_byte_count(header_text)
+    if header_text is not None and header_length is None:
+        raise InvalidInput(ErrorCode.INVALID_REQUEST, f"{HEADER_LENGTH} must be a byte count, got {header_text!r}")
+    raw = await request.body()
+    # Parsing the JSON and decoding base64 (up to max_request_bytes) is decoding work: off the event loop.
+    call = await asyncio.get_running_loop().run_in_executor(
+        context.decode_pool, partial(parse_infer_request, raw, header_length, max_images=context.settings.max_files)
     )
-    setattr(request.state, IMAGES_STATE_KEY, len(call.images))
+    record_images(request, len(call.images))
     uploads = [Upload(f"image[{index}]", data) for index, data in enumerate(call.images)]
     verdicts = await context.predictor.predict(loaded, uploads, operating_point=call.operating_point, top_k=1)
     point = loaded.operating_point(call.operating_point)
@@ -128,12 +136,12 @@ async def _infer(request: Request, context: ContextDep, loaded: LoadedModel) -> 
     return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)})
 
 
-@infer_router.post("/models/{name}/infer", responses=_ERRORS)
+@infer_router.post("/models/{name}/infer", responses=ERROR_RESPONSES)
 async def infer(request: Request, context: ContextDep, name: str) -> Response:
     """Classify a BYTES tensor of encoded images (JSON base64 or the binary tensor extension)."""
     return await _infer(request, context, context.registry.get_version(name, None))
 
 
-@infer_router.post("/models/{name}/versions/{version}/infer", responses=_ERRORS)
+@infer_router.post("/models/{name}/versions/{version}/infer", responses=ERROR_RESPONSES)
 async def infer_version(request: Request, context: ContextDep, name: str, version: str) -> Response:
     return await _infer(request, context, context.registry.get_version(name, version))
