@@ -126,7 +126,9 @@ def _dispatch(args: argparse.Namespace) -> None:
         values = _given(export__repository=repository, export__name=args.name, export__version=args.version)
         print(export.export(_run_config(args, values)))
     elif args.command == "pipeline":
-        print(pipeline.run_pipeline(_training_config(args, {})))
+        bundle = pipeline.run_pipeline(_training_config(args, {}))
+        if bundle is not None:  # ranks > 0 under torchrun export nothing
+            print(bundle)
     else:  # argparse's required subcommand makes this unreachable; keep the chain total anyway
         raise ValueError(f"unknown command {args.command!r}")
 
