@@ -19,6 +19,7 @@ take the same steps as one. Logged losses are averaged over all ranks' images.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -133,7 +134,13 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     pretrained = None if config.init_checkpoint else config.pretrained
     model = build_network(config.architecture, num_classes, pretrained)
     if config.init_checkpoint is not None:
-        model.load_state_dict(load_best_weights(config.init_checkpoint))
+        try:
+            model.load_state_dict(load_best_weights(config.init_checkpoint))
+        except RuntimeError as error:  # missing/unexpected keys or shape mismatches
+            first = str(error).splitlines()[0]
+            raise ValueError(
+                f"{config.init_checkpoint} does not fit {config.architecture} with {num_classes} classes: {first}"
+            ) from None
     return model
 
 
@@ -224,8 +231,23 @@ def train(config: TrainConfig) -> TrainResult:
         return _train(config, ctx)
 
 
+def config_fingerprint(config: TrainConfig) -> str:
+    """Hash of what determines the trained weights; where the run lives and how it is evaluated,
+    exported or placed on devices and workers may change between a run and its resumption."""
+    relevant = config.model_dump(mode="json", exclude={"output_dir", "evaluation", "export", "device"})
+    relevant["data"].pop("num_workers")
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
 def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
     run_dir = config.output_dir
+    state = load_training_state(run_dir)
+    fingerprint = config_fingerprint(config)
+    if state is not None and state.get("config_sha256") != fingerprint:
+        raise ValueError(
+            f"{run_dir} holds a run started with another configuration; resuming it with this one would "
+            "mix the two: choose a new output_dir (or restore the original config)"
+        )
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
@@ -251,6 +273,12 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
         outlier_loader = _loader(
             pool, batch * method.outliers_per_id_image, ctx, config.seed + 1, workers, shuffle=True
         )
+        if len(outlier_loader) == 0:  # the outlier stream would wait forever for a full batch
+            needed = config.batch_size * method.outliers_per_id_image
+            raise ValueError(
+                f"the outlier pool {config.outliers.root} has {len(pool)} readable images, fewer than one "
+                f"batch of {needed} outliers: add outliers or lower batch_size"
+            )
 
     if config.sync_batchnorm and ctx.is_distributed and ctx.device.type != "cuda":
         raise ValueError(
@@ -269,7 +297,6 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
     )
 
     start_epoch, best_accuracy, best_epoch = 0, -1.0, -1
-    state = load_training_state(run_dir)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -312,6 +339,7 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
                     "epoch": epoch,
                     "best_accuracy": best_accuracy,
                     "best_epoch": best_epoch,
+                    "config_sha256": fingerprint,
                 },
             )
             line = {"epoch": epoch, "method": method.name, "val_accuracy": accuracy, "lr": scheduler.get_last_lr()[0]}

@@ -237,3 +237,29 @@ def test_a_broken_config_file_is_one_clear_line(tmp_path: Path, capsys, text: st
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mixoe: error:")
+
+
+def test_resuming_with_another_configuration_is_refused(baseline_run: Path, data_root: Path) -> None:
+    before = (baseline_run / "config.yaml").read_text()
+    changed = tiny_config(data_root, baseline_run, optimizer={"lr": 0.5})
+    with pytest.raises(ValueError, match="another configuration"):
+        trainer.train(changed)
+    assert (baseline_run / "config.yaml").read_text() == before
+
+
+def test_an_outlier_pool_smaller_than_one_batch_is_an_error_not_a_hang(
+    baseline_run: Path, data_root: Path, tmp_path: Path
+) -> None:
+    make_image_folder(tmp_path / "few", ["o"], per_class=3, seed=9)
+    config = tiny_config(
+        data_root, tmp_path / "run", method={"name": "mixoe"}, epochs=1, init_checkpoint=str(baseline_run),
+        outliers={"root": str(tmp_path / "few")},
+    )
+    with pytest.raises(ValueError, match="fewer than one batch of 8 outliers"):
+        trainer.train(config)
+
+
+def test_an_init_checkpoint_of_another_shape_is_a_clear_error(baseline_run: Path, data_root: Path, tmp_path: Path) -> None:
+    config = tiny_config(data_root, tmp_path / "run", architecture="mobilenet_v2", init_checkpoint=str(baseline_run))
+    with pytest.raises(ValueError, match="does not fit mobilenet_v2 with 4 classes"):
+        trainer.train(config)
