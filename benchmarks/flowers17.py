@@ -19,6 +19,8 @@ acceptance on the validation images, as ``<repository>/flowers17/<version>``. Pr
 (mean ± std over splits) last and writes JSON + Markdown to ``--out``.
 
     python benchmarks/flowers17.py                      # all defaults: 3 splits, GPU if present
+    python benchmarks/flowers17.py --outliers-per-class 12 --coarse-per-class 5 --workers 12 \
+        --repository models/repository                # the README table and default bundle
     python benchmarks/flowers17.py --splits 0 --baseline-epochs 2 --finetune-epochs 1   # smoke run
 """
 
@@ -67,6 +69,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-coarse", type=int, default=None, help="subsample Tiny-ImageNet val (seeded)")
+    parser.add_argument("--outliers-per-class", type=int, default=None,
+                        help="use the first N (sorted) Tiny-ImageNet train images per class as the pool")
+    parser.add_argument("--coarse-per-class", type=int, default=None,
+                        help="use the first N (sorted) Tiny-ImageNet val images per class as coarse OOD")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/flowers17"))
     parser.add_argument("--repository", type=Path, default=None, help="export the default bundle here")
     parser.add_argument("--version", default="1")
@@ -86,6 +92,24 @@ def validation_outlier_split(tiny_train: Path, scratch: Path) -> tuple[list[str]
     return held, folder
 
 
+def first_per_class(split_dir: Path, per_class: int | None, scratch: Path) -> Path:
+    """``split_dir`` itself, or a folder of links to the first ``per_class`` images of each class.
+
+    The README table was measured on such subsets (the GPU machine receives at most 64 MiB); these
+    flags reproduce them from the full copy.
+    """
+    if per_class is None:
+        return split_dir
+    folder = scratch / f"{split_dir.name}_first{per_class}"
+    for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
+        (folder / class_dir.name).mkdir(parents=True, exist_ok=True)
+        for image in sorted(class_dir.iterdir())[:per_class]:
+            link = folder / class_dir.name / image.name
+            if not link.exists():
+                link.symlink_to(image.resolve())
+    return folder
+
+
 def base_config(args: argparse.Namespace, split: int, run_dir: Path, held_out_pool: list[str], val_outliers: Path) -> dict:
     return {
         "architecture": "mobilenet_v2",
@@ -97,13 +121,13 @@ def base_config(args: argparse.Namespace, split: int, run_dir: Path, held_out_po
             "transforms": {"input_size": args.size, "resize": round(args.size * 256 / 224)},
             "num_workers": args.workers,
         },
-        "outliers": {"root": str(args.tiny / "train"), "exclude": held_out_pool},
+        "outliers": {"root": str(args.pool), "exclude": held_out_pool},
         "batch_size": args.batch,
         "seed": split,
         "device": args.device,
         "output_dir": str(run_dir),
         "evaluation": {
-            "ood_sets": {"coarse": str(args.tiny / "val"), "val_outliers": str(val_outliers)},
+            "ood_sets": {"coarse": str(args.coarse), "val_outliers": str(val_outliers)},
             "max_images_per_set": args.max_coarse,
         },
     }
@@ -209,7 +233,9 @@ def markdown(table: list[dict], n_splits: int) -> str:
 def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    held, val_outliers = validation_outlier_split(args.tiny / "train", args.out)
+    args.pool = first_per_class(args.tiny / "train", args.outliers_per_class, args.out)
+    args.coarse = first_per_class(args.tiny / "val", args.coarse_per_class, args.out)
+    held, val_outliers = validation_outlier_split(args.pool, args.out)
     results: list[dict] = []
     betas = None
     for split in args.splits:
