@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from models.conformal import conformal_p_values
+from models.conformal import conformal_p_values, conformal_threshold
 from models.nets import ARCHITECTURES, Classifier, Precision, build_network, deployed_logits
 from models.preprocess import Preprocessing, eval_geometry, normalization, preprocess_batch
 from models.scores import SCORES, get_score
@@ -91,6 +91,16 @@ class OperatingPoint(_Strict):
         if leaks:
             raise ValueError(f"ood_acceptance must lie in [0, 1] for: {', '.join(leaks)}")
         return self
+
+    @classmethod
+    def calibrated(cls, sorted_scores: Sequence[float], target: float, **measured: Any) -> OperatingPoint:
+        """The conformal operating point for ``target`` on ``sorted_scores``; ``measured`` adds
+        ``measured_id_acceptance`` / ``ood_acceptance`` from test data."""
+        found = conformal_threshold(sorted_scores, target)
+        return cls(
+            target_id_acceptance=target, threshold=found.threshold, k=found.k, n_calibration=found.n_calibration,
+            **measured,
+        )
 
 
 class Calibration(_Strict):

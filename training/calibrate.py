@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.bundle import Calibration, OperatingPoint, ScoreSpec, sha256_file
-from models.conformal import conformal_threshold
 from models.nets import Precision
 from models.scores import get_score
 from training.checkpoint import BEST_WEIGHTS, atomic_write
@@ -38,6 +37,11 @@ class CalibrationRecord:
     calibration: Calibration
 
 
+def acceptance(scores: np.ndarray, threshold: float) -> float:
+    """Share of ``scores`` accepted as ID at ``threshold`` (accepted when score <= threshold)."""
+    return float(np.mean(scores <= threshold))
+
+
 def calibrate(config: TrainConfig) -> CalibrationRecord:
     """Compute, save and return the calibration of the run's deployed score."""
     run = run_logits(config)
@@ -48,17 +52,12 @@ def calibrate(config: TrainConfig) -> CalibrationRecord:
     ood_scores = {name: scores_of(logits[name], score.name) for name in run.ood_set_names()}
     points = []
     for target in config.evaluation.calibration_targets:
-        found = conformal_threshold(calibration_scores, target)
-        points.append(
-            OperatingPoint(
-                target_id_acceptance=target,
-                threshold=found.threshold,
-                k=found.k,
-                n_calibration=found.n_calibration,
-                measured_id_acceptance=None if test_scores is None else float(np.mean(test_scores <= found.threshold)),
-                ood_acceptance={name: float(np.mean(s <= found.threshold)) for name, s in ood_scores.items()},
-            )
-        )
+        point = OperatingPoint.calibrated(calibration_scores, target)
+        measured = {
+            "measured_id_acceptance": None if test_scores is None else acceptance(test_scores, point.threshold),
+            "ood_acceptance": {name: acceptance(s, point.threshold) for name, s in ood_scores.items()},
+        }
+        points.append(point.model_copy(update=measured))
     calibration = Calibration(
         scores=calibration_scores.tolist(), operating_points=points, default_target=config.evaluation.default_target
     )

@@ -29,7 +29,7 @@ from models.bundle import (
     save_bundle,
     sha256_file,
 )
-from models.conformal import conformal_p_values, conformal_threshold
+from models.conformal import conformal_p_values
 from models.nets import Classifier, build_network
 from models.preprocess import Preprocessing, preprocess_batch
 from models.scores import get_score
@@ -46,18 +46,7 @@ def _manifest(model: Classifier) -> Manifest:
     """A manifest whose thresholds are calibrated on ``model``'s own energy scores (n=39 supports 0.95)."""
     with torch.inference_mode():
         calibration_scores = np.sort(get_score("energy")(model(_images(39, seed=1))).double().numpy())
-    points = []
-    for target in TARGETS:
-        conformal = conformal_threshold(calibration_scores, target)
-        points.append(
-            OperatingPoint(
-                target_id_acceptance=target,
-                threshold=conformal.threshold,
-                k=conformal.k,
-                n_calibration=conformal.n_calibration,
-                ood_acceptance={"coarse": 0.25},
-            )
-        )
+    points = [OperatingPoint.calibrated(calibration_scores, t, ood_acceptance={"coarse": 0.25}) for t in TARGETS]
     return Manifest(
         name="flowers",
         version="1",

@@ -27,7 +27,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.http import InferInput
 
 from models.bundle import Calibration, Manifest, OperatingPoint, ScoreSpec, save_bundle
-from models.conformal import conformal_threshold
 from models.nets import build_network
 from models.preprocess import Preprocessing, preprocess_batch
 from models.scores import get_score
@@ -96,17 +95,7 @@ def build_tiny_bundle(repository: Path, version: str = "1", seed: int = 0) -> Ti
     t90, t95 = (low + middle) / 2, (middle + high) / 2
     t99 = (t95 + high) / 2
     calibration = _calibration_scores(t90, t95, t99)
-    points = []
-    for target in TARGETS:
-        conformal = conformal_threshold(calibration, target)
-        points.append(
-            OperatingPoint(
-                target_id_acceptance=target,
-                threshold=conformal.threshold,
-                k=conformal.k,
-                n_calibration=conformal.n_calibration,
-            )
-        )
+    points = [OperatingPoint.calibrated(calibration, target) for target in TARGETS]
     assert [point.threshold for point in points] == [t90, t95, t99]
     manifest = Manifest(
         name="tiny",
