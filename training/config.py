@@ -100,11 +100,6 @@ class MethodConfig(_Strict):
             return self.alpha
         return 1.0 if self.mix == "mixup" else 2.0
 
-    @property
-    def outliers_per_id_image(self) -> int:
-        """MixOE pairs one outlier with each ID image; OE-style methods see ``oe_outlier_ratio``."""
-        return {"baseline": 0, "mixoe": 1}.get(self.name, self.oe_outlier_ratio)
-
 
 class EvaluationConfig(_Strict):
     """OOD sets, score functions and operating points for evaluate / calibrate / export.

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
 
 from training.config import DataConfig
 
@@ -342,31 +342,38 @@ class ImageDataset(Dataset):
         return None if image is None else (image, self.samples[index].label)
 
 
-class OutlierPool(ImageDataset):
-    """Every image under ``root`` (recursively), labels ignored: returns image tensors only.
+def outlier_files(root: Path, exclude: Sequence[str] = ()) -> list[Path]:
+    """Every image under ``root`` (recursively) outside the ``exclude`` sub-folders.
 
     ``exclude`` names sub-folders of ``root`` (paths relative to it, e.g. ``"dogs"`` or
     ``"train/dogs"``) to leave out, typically classes that overlap the ID data. A name that is not
-    a sub-folder is an error, since a typo would otherwise silently keep the overlap. Unreadable
-    images are skipped exactly as in :class:`ImageDataset`.
+    a sub-folder is an error, since a typo would otherwise silently keep the overlap.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"outlier folder not found: {root}")
+    excluded = []
+    for name in exclude:
+        folder = root / name
+        if not folder.is_dir():
+            present = sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name))
+            raise ValueError(f"exclude entry {name!r} is not a sub-folder of {root}; its sub-folders: {present}")
+        excluded.append(folder)
+    paths = [p for p in list_images(root) if not any(p.is_relative_to(folder) for folder in excluded)]
+    if not paths:
+        detail = f" outside the excluded {list(exclude)}" if exclude else ""
+        raise ValueError(f"outlier folder {root} holds no images{detail}")
+    return paths
+
+
+class OutlierPool(ImageDataset):
+    """The images of :func:`outlier_files`, labels ignored: returns image tensors only.
+
+    Unreadable images are skipped exactly as in :class:`ImageDataset`.
     """
 
     def __init__(self, root: Path, transform: Transform, exclude: Sequence[str] = ()):
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"outlier folder not found: {root}")
-        excluded = []
-        for name in exclude:
-            folder = root / name
-            if not folder.is_dir():
-                present = sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name))
-                raise ValueError(f"exclude entry {name!r} is not a sub-folder of {root}; its sub-folders: {present}")
-            excluded.append(folder)
-        paths = [p for p in list_images(root) if not any(p.is_relative_to(folder) for folder in excluded)]
-        if not paths:
-            detail = f" outside the excluded {list(exclude)}" if exclude else ""
-            raise ValueError(f"outlier folder {root} holds no images{detail}")
-        super().__init__([Sample(path, -1) for path in paths], transform)
+        super().__init__([Sample(path, -1) for path in outlier_files(root, exclude)], transform)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Tensor | None:  # type: ignore[override]
         return self.transformed(key)
@@ -405,31 +412,6 @@ def collate_skipping_bad(batch: list[Any]) -> Any | None:
     """
     good = [item for item in batch if item is not None]
     return default_collate(good) if good else None
-
-
-def infinite_loader(loader: DataLoader) -> Iterator[Any]:
-    """Yield ``loader``'s batches forever, starting a fresh pass (a new epoch) when one ends.
-
-    Each pass calls ``sampler.set_epoch(epoch)`` when the sampler has it, so a
-    ``DistributedSampler`` reshuffles; batches that are ``None`` (every image unreadable) are
-    passed over. A pass that yields nothing is an error rather than an endless loop.
-    """
-    epoch = 0
-    while True:
-        set_epoch = getattr(loader.sampler, "set_epoch", None)
-        if set_epoch is not None:
-            set_epoch(epoch)
-        yielded = False
-        for batch in loader:
-            if batch is not None:
-                yielded = True
-                yield batch
-        if not yielded:
-            raise RuntimeError(
-                "the data loader produced no batch in a whole pass: the dataset is empty, smaller "
-                "than the batch size with drop_last=True, or has no readable image"
-            )
-        epoch += 1
 
 
 # --------------------------------------------------------------------------- fingerprint

@@ -18,12 +18,18 @@ from models.nets import build_network
 from training.calibrate import load_calibration, require_current_weights
 from training.checkpoint import BEST_INFO, load_best_weights
 from training.config import TrainConfig
-from training.data import fingerprint
+from training.data import Sample, fingerprint, outlier_files
 from training.transforms import preprocessing_of
 from training.evaluate import EVALUATION_JSON
 from training.experiment import load_experiment_data
 from training.report import write_report
 from training.scoring import ID_TEST, run_logits, scores_of
+
+
+def _pool_fingerprint(config: TrainConfig) -> str:
+    """Fingerprint of the outlier pool the method trained against (MixOE's key input)."""
+    files = outlier_files(config.outliers.root, config.outliers.exclude)
+    return fingerprint([Sample(path, -1) for path in files])
 
 
 def export(config: TrainConfig) -> Path:
@@ -63,12 +69,16 @@ def export(config: TrainConfig) -> Path:
             "best_epoch": best["epoch"],
             "best_val_accuracy": best["val_accuracy"],
             "holdout": None if config.data.holdout is None else config.data.holdout.model_dump(),
+            "transforms": config.data.transforms.model_dump(mode="json"),
+            "outliers": None if config.outliers is None else config.outliers.model_dump(mode="json"),
+            "init_checkpoint": None if config.init_checkpoint is None else str(config.init_checkpoint),
             "id_classes_original_indices": data.id_classes,
         },
         data_fingerprints={
             "train": fingerprint(data.train.samples),
             "val": fingerprint(data.val.samples),
             **({"test": fingerprint(data.test.samples)} if data.test is not None else {}),
+            **({"outliers": _pool_fingerprint(config)} if config.outliers is not None else {}),
         },
     )
     run = run_logits(config)

@@ -132,6 +132,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     """Pretrained backbone + fresh head, or (fine-tuning) a previous run's best weights."""
     pretrained = None if config.init_checkpoint else config.pretrained
+    if pretrained is None and config.init_checkpoint is None:
+        log.warning("no pretrained weights configured: %s starts from random initialisation", config.architecture)
     model = build_network(config.architecture, num_classes, pretrained)
     if config.init_checkpoint is not None:
         try:
@@ -199,13 +201,12 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate_accuracy(
-    model: nn.Module, normalize: DeviceNormalize, loader: DataLoader, ctx: DistributedContext
+    model: nn.Module, normalize: DeviceNormalize, loader: DataLoader, ctx: DistributedContext, bf16: bool
 ) -> float:
-    """Top-1 accuracy over the (sharded) loader, summed across ranks."""
+    """Top-1 accuracy over the (sharded) loader, summed across ranks; bf16 autocast as in training."""
     model.eval()
     correct = total = 0
-    cuda = ctx.device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" and bf16 else nullcontext()
     for batch in loader:
         if batch is None:
             continue
@@ -323,7 +324,7 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
             mix_generator, ctx, config, progress,
         )
         ctx.broadcast_buffers(model)
-        accuracy = evaluate_accuracy(model, normalize, val_loader, ctx)
+        accuracy = evaluate_accuracy(model, normalize, val_loader, ctx, config.bf16)
         improved = accuracy > best_accuracy
         if improved:
             best_accuracy, best_epoch = accuracy, epoch

@@ -29,7 +29,6 @@ from training.data import (
     collate_skipping_bad,
     fingerprint,
     holdout_split,
-    infinite_loader,
     load_split,
     ood_samples,
     read_class_folder,
@@ -260,21 +259,6 @@ class _RecordingSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
-
-
-def test_infinite_loader_restarts_and_sets_the_epoch():
-    sampler = _RecordingSampler(3)
-    loader = DataLoader(list(range(3)), batch_size=2, sampler=sampler)
-    stream = infinite_loader(loader)
-    batches = [next(stream).tolist() for _ in range(5)]
-    assert batches == [[0, 1], [2], [0, 1], [2], [0, 1]]
-    assert sampler.epochs == [0, 1, 2]
-
-
-def test_infinite_loader_refuses_to_spin_on_a_loader_without_batches():
-    loader = DataLoader([None, None], batch_size=2, collate_fn=collate_skipping_bad)
-    with pytest.raises(RuntimeError, match="no batch"):
-        next(infinite_loader(loader))
 
 
 # --------------------------------------------------------------------------- transforms

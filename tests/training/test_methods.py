@@ -285,12 +285,12 @@ def test_build_method_maps_every_config_name() -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["baseline", "mixoe", "oe", "energy-oe"])
-def test_built_method_agrees_with_config_on_outlier_count(name: str) -> None:
-    config = MethodConfig(name=name, oe_outlier_ratio=3)
-    method = build_method(config)
+@pytest.mark.parametrize("name, outliers", [("baseline", 0), ("mixoe", 1), ("oe", 3), ("energy-oe", 3)])
+def test_built_method_draws_the_right_number_of_outliers(name: str, outliers: int) -> None:
+    """MixOE pairs one outlier with each ID image; OE-style methods take ``oe_outlier_ratio``."""
+    method = build_method(MethodConfig(name=name, oe_outlier_ratio=3))
     assert method.name == name
-    assert method.outliers_per_id_image == config.outliers_per_id_image
+    assert method.outliers_per_id_image == outliers
 
 
 def test_build_method_rejects_unknown_name_listing_valid_ones() -> None:
