@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One check of the GPU path, end to end, in about five minutes on one H100/H200-class card:
+# One check of the GPU path, end to end, on one H100/H200-class card (aimed at about five minutes):
 #   1. training throughput, reference configuration (ResNet-50, 448 px, batch 32+32, MixOE step):
 #      our data path beside the reference-style one (PIL + normalise in 4 workers, fp32) and the
 #      compute-only ceiling;
