@@ -51,6 +51,12 @@ class DistributedContext:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def all_ranks(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every rank (one tiny all-reduce when distributed)."""
+        if not self.is_distributed:
+            return flag
+        return self.all_reduce_sum([float(flag)])[0] == self.world_size
+
     def broadcast_buffers(self, model: nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm running statistics).
 

@@ -168,14 +168,19 @@ def train_one_epoch(
     start = time.perf_counter()
     ratio = method.outliers_per_id_image
     for batch in tqdm(id_loader, disable=not progress, leave=False, desc="train"):
-        if batch is None:  # every image of this batch was unreadable (counted by the dataset)
+        # Unreadable files (counted by the datasets) can shorten or empty either batch; keep exactly
+        # `ratio` outliers per ID image. Ranks skip a step together or not at all: a rank that
+        # skipped alone would leave the others waiting in DDP's gradient all-reduce.
+        pool = next(outlier_batches) if outlier_batches is not None else None
+        if batch is None:
+            keep = 0
+        else:
+            images, labels = batch
+            keep = len(labels) if pool is None else min(len(labels), len(pool) // ratio)
+        if not ctx.all_ranks(keep > 0):
             continue
-        images, labels = batch
         outliers = None
-        if outlier_batches is not None:
-            # Unreadable files can shorten either batch; keep exactly `ratio` outliers per ID image.
-            pool = next(outlier_batches)
-            keep = min(len(labels), len(pool) // ratio)
+        if pool is not None:
             images, labels, pool = images[:keep], labels[:keep], pool[: keep * ratio]
             outliers = normalize(pool.to(ctx.device, non_blocking=True)).contiguous(memory_format=memory_format)
         x = normalize(images.to(ctx.device, non_blocking=True)).contiguous(memory_format=memory_format)
