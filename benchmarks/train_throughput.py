@@ -27,17 +27,17 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from machine import machine_name
 from models.nets import build_network, resolve_device
+from models.preprocess import normalization
 from training.config import DataConfig, MethodConfig, TransformConfig
 from training.data import ImageDataset, OutlierPool, collate_skipping_bad, load_split
 from training.methods import build_method
-from training.trainer import DeviceNormalize
-from training.transforms import build_train_transform
+from training.transforms import build_train_transform, preprocessing_of
 
 
 def reference_transform(cfg: TransformConfig) -> v2.Compose:
@@ -72,7 +72,7 @@ def time_steps(step: Callable[[], int], warmup: int, steps: int, device: torch.d
 
 
 def make_step(
-    model: nn.Module, batches: Iterator, normalize: nn.Module, device: torch.device, fast: bool
+    model: nn.Module, batches: Iterator, normalize: Callable[[Tensor], Tensor], device: torch.device, fast: bool
 ) -> Callable[[], int]:
     method = build_method(MethodConfig(name="mixoe", mix="mixup"))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
@@ -151,16 +151,16 @@ def main() -> None:
         model.train()
         pin = device.type == "cuda"
         if variant == "compute":
-            batches, normalize, workers = synthetic(args, device, num_classes), DeviceNormalize(cfg.mean, cfg.std), 0
+            batches, normalize, workers = synthetic(args, device, num_classes), normalization(preprocessing_of(cfg)), 0
         elif variant == "ours":
             workers = args.workers
-            batches, normalize = loaders(args, build_train_transform(cfg), workers, pin), DeviceNormalize(cfg.mean, cfg.std)
+            batches, normalize = loaders(args, build_train_transform(cfg), workers, pin), normalization(preprocessing_of(cfg))
         elif variant == "reference":
             workers = args.reference_workers
             batches, normalize = loaders(args, reference_transform(cfg), workers, pin), nn.Identity()
         else:
             raise SystemExit(f"Invalid variant {variant!r}. Only compute, ours and reference are supported.")
-        step = make_step(model, batches, normalize.to(device), device, fast)
+        step = make_step(model, batches, normalize, device, fast)
         rate = time_steps(step, args.warmup, args.steps, device)
         rows.append({"variant": variant, "workers": workers, "precision": "bf16" if fast and device.type == "cuda" else "fp32",
                      "id_images_per_second": rate})

@@ -26,7 +26,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +37,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from models.nets import build_network
+from models.preprocess import normalization
 from training.checkpoint import load_best_weights, load_training_state, save_best, save_training_state, unwrap
 from training.config import TrainConfig, save_config
 from training.data import ImageDataset, OutlierPool, SeededItems, collate_skipping_bad
-from training.transforms import build_eval_geometry, build_train_transform
 from training.distributed import DistributedContext, ShardSampler, distributed_session
 from training.experiment import ExperimentData, load_experiment_data
 from training.methods import Method, build_method
+from training.transforms import build_eval_geometry, build_train_transform, preprocessing_of
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +55,6 @@ class TrainResult:
     best_val_accuracy: float
     best_epoch: int
     epochs_run: int
-
-
-class DeviceNormalize(nn.Module):
-    """uint8 images (B,3,H,W) -> normalised float on the device.
-
-    Loader workers ship uint8 (4x less to copy than float); converting and normalising on the
-    accelerator is free next to the network.
-    """
-
-    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return (images.float() - self.mean) / self.std
 
 
 def _loader(
@@ -149,7 +134,7 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
 def train_one_epoch(
     model: nn.Module,
     method: Method,
-    normalize: DeviceNormalize,
+    normalize: Callable[[Tensor], Tensor],
     id_loader: DataLoader,
     outlier_batches: Iterator[Tensor] | None,
     optimizer: torch.optim.Optimizer,
@@ -206,7 +191,7 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate_accuracy(
-    model: nn.Module, normalize: DeviceNormalize, loader: DataLoader, ctx: DistributedContext, bf16: bool
+    model: nn.Module, normalize: Callable[[Tensor], Tensor], loader: DataLoader, ctx: DistributedContext, bf16: bool
 ) -> float:
     """Top-1 accuracy over the (sharded) loader, summed across ranks; bf16 autocast as in training."""
     model.eval()
@@ -296,7 +281,9 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     cuda = ctx.device.type == "cuda"
     model.to(ctx.device, memory_format=torch.channels_last if cuda and config.channels_last else torch.preserve_format)
-    normalize = DeviceNormalize(transforms.mean, transforms.std).to(ctx.device)
+    # Loader workers ship uint8 (a quarter of the bytes of float); the device converts and
+    # normalises with the very transform evaluation and the service use.
+    normalize = normalization(preprocessing_of(transforms))
     optimizer = build_optimizer(model, config)
     scheduler = cosine_schedule(
         optimizer, config.epochs * len(id_loader), config.optimizer.warmup_steps, config.optimizer.min_lr

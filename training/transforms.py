@@ -6,7 +6,8 @@ the network. Training adds the usual fine-grained augmentation: random-resized c
 flip and optional colour jitter. Both expect a PIL RGB image (the datasets convert on load).
 
 The training transform stops at a uint8 tensor: loader workers then ship a quarter of the bytes,
-and the trainer converts and normalises on the device (:class:`training.trainer.DeviceNormalize`).
+and the trainer converts and normalises on the device with :func:`models.preprocess.normalization`,
+as the service does.
 :func:`build_eval_geometry` is the evaluation transform's uint8 counterpart for that path.
 """
 
