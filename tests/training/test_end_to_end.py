@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from models.bundle import load_bundle
 from tests.helpers.images import make_image_folder
+from tests.helpers.runs import tiny_config
 from training import trainer
 from training.cli import main
-from training.config import TrainConfig
 
 CLASSES = ["amber", "blue", "crimson", "green"]
 
@@ -29,30 +29,6 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_image_folder(root / "outliers", ["o1", "o2"], per_class=12, seed=4)
     make_image_folder(root / "far", ["x"], per_class=10, seed=5)
     return root
-
-
-def tiny_config(data_root: Path, output_dir: Path, **changes) -> TrainConfig:
-    raw = {
-        "architecture": "resnet18",
-        "data": {
-            "root": str(data_root / "id"),
-            "num_workers": 0,
-            "transforms": {"input_size": 32, "resize": 36},
-        },
-        "outliers": {"root": str(data_root / "outliers")},
-        "batch_size": 8,
-        "epochs": 2,
-        "seed": 7,
-        "device": "cpu",
-        "optimizer": {"lr": 0.01},
-        "output_dir": str(output_dir),
-        "baseline": {"epochs": 2, "optimizer": {"lr": 0.01}},
-        "evaluation": {"ood_sets": {"coarse": str(data_root / "far")}, "calibration_targets": [0.8, 0.9]},
-    }
-    raw["evaluation"]["default_target"] = 0.9
-    for key, value in changes.items():
-        raw[key] = value
-    return TrainConfig.model_validate(raw)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
