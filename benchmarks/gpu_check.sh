@@ -5,8 +5,10 @@
 #      compute-only ceiling;
 #   2. a short MixOE fine-tune of Oxford 17 Flowers at 224 px to a bundle (`mixoe pipeline`, under
 #      torchrun when there are several GPUs);
-#   3. the service on that bundle under the serve benchmark, beside the raw batched model rate and
-#      a naive one-image-per-forward server.
+#   3. upload bytes -> model crop: PIL beside torchvision on the CPU and nvjpeg on the GPU (speed,
+#      and the largest pixel difference from the PIL crop the thresholds were calibrated on);
+#   4. the service on that bundle under the serve benchmark, beside the raw batched model rate, the
+#      same server decoding JPEGs on the CPU, and a naive one-image-per-forward server.
 # Prints one table last and writes JSON under $OUT_DIR.
 #
 # For a GPU machine that cannot install packages: on a machine with pip, download the few pure
@@ -40,6 +42,9 @@ launcher=("$PYTHON" -m training)
   --set evaluation.ood_sets.coarse="$TINY/val" --set epochs=3 --set baseline.epochs=3 \
   --set export.repository="$OUT_DIR/repository" --output-dir "$OUT_DIR/run"
 
+"$PYTHON" benchmarks/decode_bench.py --bundle "$OUT_DIR/repository/flowers17-mixoe/1" \
+  --images "$FLOWERS/images" --threads 1 8 --out "$OUT_DIR/decode_bench.json"
+
 "$PYTHON" benchmarks/serve_bench.py --bundle "$OUT_DIR/repository/flowers17-mixoe/1" \
   --images "$FLOWERS/images" --duration 10 --raw-seconds 5 --out "$OUT_DIR/serve_bench.json"
 
@@ -49,6 +54,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 train = json.loads((out / "train_throughput.json").read_text())
 serve = json.loads((out / "serve_bench.json").read_text())
+decode = json.loads((out / "decode_bench.json").read_text())
 evaluation = json.loads((out / "run" / "finetune" / "evaluation.json").read_text())
 rates = {r["variant"]: r["id_images_per_second"] for r in train["rows"]}
 rows = [(f"train {v} (ID img/s)", f"{rate:.1f}") for v, rate in rates.items()]
@@ -58,6 +64,9 @@ msp = evaluation["scores"]["msp"]
 rows += [("flowers17 MixOE ID accuracy", f"{evaluation['id_accuracy']:.3f}"),
          ("flowers17 MixOE fine AUROC (msp)", f"{msp['fine']['auroc']:.3f}"),
          ("flowers17 MixOE coarse AUROC (msp)", f"{msp['coarse']['auroc']:.3f}")]
+for r in decode["rows"]:
+    rows.append((f"decode {r['path']} x{r['threads']} threads (img/s, x pil, max |diff|)",
+                 f"{r['images_per_s']:.0f}, {r['vs_pil']:.2f}, {r['max_abs_diff']}"))
 for r in serve["results"]:
     rows.append((f"serve {r['config']} (img/s, p95 ms, x raw)",
                  f"{r['images_per_s']:.1f}, {r['p95_ms'] or 0:.1f}, {r['vs_raw']:.2f}"))

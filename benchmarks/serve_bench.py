@@ -9,7 +9,9 @@ Three measurements of one bundle on one machine, in one run (compare ratios, not
                ``--clients`` concurrent clients, each uploading real JPEGs to ``POST /predict``
                (``--images-per-request`` per request) as fast as answers come back;
 * ``naive``    the same server with ``max_batch_size=1``: one forward pass per image, which is what a
-               server without batching does.
+               server without batching does;
+* ``batched-cpu-jpeg`` (CUDA only) ``batched`` with ``MIXOE_GPU_JPEG_DECODE=false``: JPEGs decoded and
+               resized on the CPU instead of by nvjpeg on the GPU.
 
 Each server run is bounded by ``--requests`` and ``--duration`` (whichever ends first), after a
 short unmeasured warm-up. Server throughput counts images answered with 200 per second; latency is
@@ -298,8 +300,9 @@ def measure_server(
     max_batch_size: int,
     delay_ms: float,
     bodies: list[bytes],
+    extra_settings: dict[str, str] | None = None,
 ) -> RunResult:
-    settings = {
+    settings = (extra_settings or {}) | {
         "max_batch_size": str(max_batch_size),
         "max_batch_delay_ms": str(delay_ms),
         "queue_size": str(max(1024, 2 * args.clients * args.images_per_request)),
@@ -386,6 +389,9 @@ def main() -> None:
         *raws,
         measure_server("batched", args, bundle_path, device, args.max_batch_size, args.max_batch_delay_ms, bodies),
     ]
+    if device.startswith("cuda"):
+        results.append(measure_server("batched-cpu-jpeg", args, bundle_path, device, args.max_batch_size,
+                                      args.max_batch_delay_ms, bodies, {"gpu_jpeg_decode": "false"}))
     if not args.skip_naive:
         results.append(measure_server("naive", args, bundle_path, device, 1, 0.0, bodies))
     print_table(results, raw.images_per_s)

@@ -240,13 +240,19 @@ class Bundle:
         rgb = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
         return preprocess_batch(rgb, self.manifest.preprocessing)
 
-    def pixels(self, image: Image.Image) -> Tensor:
-        """PIL image (any mode) -> resized, centre-cropped uint8 tensor (3, S, S), not normalised.
+    def pixels(self, image: Image.Image | Tensor) -> Tensor:
+        """Image -> resized, centre-cropped uint8 tensor (3, S, S), not normalised.
 
-        The service batches these and :meth:`predict` normalises on the model's device: a quarter
-        of the bytes to stack and copy, and no float work on the CPU. The result equals
-        :meth:`preprocess` bit for bit, because both apply the same normalisation ops.
+        ``image`` is a PIL image (any mode) or a uint8 RGB tensor (3, H, W) on any device, as a
+        JPEG decoder returns it; the crop stays on that device. The service batches these and
+        :meth:`predict` normalises on the model's device: a quarter of the bytes to stack and
+        copy, and no float work on the CPU. The result equals :meth:`preprocess` bit for bit,
+        because both apply the same ops.
         """
+        if isinstance(image, Tensor):
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(f"expected a uint8 RGB tensor (3, H, W), got {image.dtype} {tuple(image.shape)}")
+            return self._geometry(image)
         return self._geometry(image if image.mode == "RGB" else image.convert("RGB"))
 
     def predict(self, batch: Tensor, operating_point: float | None = None) -> Predictions:

@@ -29,7 +29,15 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, filename: str | None = None) -> Image.Image:
     """Decode ``data`` into an upright 8-bit RGB image; raise :class:`InvalidInput` on any problem."""
-    name = repr(filename) if filename else "the image"
+    return load_image(open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, filename=filename), filename)
+
+
+def open_image(data: bytes, *, max_bytes: int, max_pixels: int, filename: str | None = None) -> Image.Image:
+    """Check the byte count and the header (format, width x height); no pixel is decoded yet.
+
+    Callers that decode the pixels some other way (``service.jpeg``) still get every size check.
+    """
+    name = _name(filename)
     if not data:
         raise InvalidInput(ErrorCode.EMPTY_FILE, f"{name} is empty (0 bytes)", file=filename)
     if len(data) > max_bytes:
@@ -44,8 +52,17 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, filename: str 
             f"{name} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
             file=filename,
         )
-    _load_first_frame(image, name, filename)
+    return image
+
+
+def load_image(image: Image.Image, filename: str | None = None) -> Image.Image:
+    """Decode an :func:`open_image` result: first frame, EXIF orientation applied, 8-bit RGB."""
+    _load_first_frame(image, _name(filename), filename)
     return to_rgb(image)
+
+
+def _name(filename: str | None) -> str:
+    return repr(filename) if filename else "the image"
 
 
 def _open(data: bytes, name: str, filename: str | None) -> Image.Image:

@@ -2,9 +2,10 @@
 
 Cheap checks run first (file count, operating point, top-k), then every file is decoded and
 preprocessed in the decoding thread pool (PIL and torchvision release the GIL; the event loop
-never decodes), then the images join the model's micro-batch queue. A request with one bad file
-fails as a whole with a 4xx naming that file: a client sending a batch gets all verdicts or a
-precise reason, never a partial answer to reconcile.
+never decodes): plain JPEGs by torchvision, on the model's GPU when it has one (``service.jpeg``),
+everything else by PIL. Then the images join the model's micro-batch queue. A request with one
+bad file fails as a whole with a 4xx naming that file: a client sending a batch gets all verdicts
+or a precise reason, never a partial answer to reconcile.
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
+import torch
+from PIL import Image
 from torch import Tensor
 
 from models.bundle import Bundle
-from service.decoding import decode_image
+from service.decoding import load_image, open_image
 from service.errors import ErrorCode, InvalidInput, InvalidParameter, PayloadTooLarge
 from service.inference import ImageJob, ImageVerdict
+from service.jpeg import decode_plain_jpeg, is_plain_jpeg
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel
 from service.settings import Settings
@@ -58,9 +63,9 @@ class Predictor:
         point = model.operating_point(operating_point)
         k = resolve_top_k(top_k, len(model.class_names))
         loop = asyncio.get_running_loop()
+        prepare = partial(prepare_image, bundle=model.bundle, settings=self._settings)
         outcomes = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, self._prepare, model.bundle, upload) for upload in uploads),
-            return_exceptions=True,
+            *(loop.run_in_executor(self._decode_pool, prepare, upload) for upload in uploads), return_exceptions=True
         )
         for outcome in outcomes:  # the first bad file, in upload order
             if isinstance(outcome, BaseException):
@@ -73,26 +78,34 @@ class Predictor:
             )
         return verdicts
 
-    def _prepare(self, bundle: Bundle, upload: Upload) -> Tensor:
-        """Bytes -> the uint8 (3, S, S) crop the model was calibrated on; runs in the decoding pool.
 
-        Normalisation happens batched on the model's device (:meth:`Bundle.predict`)."""
-        max_pixels = self._settings.max_image_pixels
-        image = decode_image(
-            upload.data, max_bytes=self._settings.max_upload_bytes, max_pixels=max_pixels, filename=upload.filename
+def prepare_image(upload: Upload, bundle: Bundle, settings: Settings) -> Tensor:
+    """Bytes -> the uint8 (3, S, S) crop the model was calibrated on; runs in the decoding pool.
+
+    Normalisation happens batched on the model's device (:meth:`Bundle.predict`)."""
+    image = open_image(
+        upload.data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels, filename=upload.filename
+    )
+    _check_resizable(image, bundle.manifest.preprocessing.resize, settings.max_image_pixels, upload.filename)
+    if is_plain_jpeg(image):
+        on_gpu = bundle.device.type == "cuda" and settings.gpu_jpeg_decode
+        pixels = decode_plain_jpeg(upload.data, bundle.device if on_gpu else torch.device("cpu"))
+        if pixels is not None:
+            return bundle.pixels(pixels)
+    return bundle.pixels(load_image(image, upload.filename))
+
+
+def _check_resizable(image: Image.Image, resize: int, max_pixels: int, filename: str) -> None:
+    """Preprocessing scales the shorter side to ``resize``: a 1 x 40000 strip passes the pixel limit
+    but would become a 256 x 10 million intermediate. Bound that size as well."""
+    short, long = sorted(image.size)
+    if resize * math.ceil(long * resize / short) > max_pixels:
+        raise PayloadTooLarge(
+            ErrorCode.TOO_MANY_PIXELS,
+            f"{filename!r} is {image.width}x{image.height}: too elongated to resize its shorter side to "
+            f"{resize} within {max_pixels} pixels",
+            file=filename,
         )
-        # Preprocessing scales the shorter side to `resize`: a 1 x 40000 strip passes the pixel
-        # limit but would become a 256 x 10 million intermediate. Bound that size as well.
-        short, long = sorted(image.size)
-        resize = bundle.manifest.preprocessing.resize
-        if resize * math.ceil(long * resize / short) > max_pixels:
-            raise PayloadTooLarge(
-                ErrorCode.TOO_MANY_PIXELS,
-                f"{upload.filename!r} is {image.width}x{image.height}: too elongated to resize its shorter side to "
-                f"{resize} within {max_pixels} pixels",
-                file=upload.filename,
-            )
-        return bundle.pixels(image)
 
 
 def resolve_top_k(top_k: int | None, num_classes: int) -> int:

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     decode_workers: int = Field(
         default_factory=lambda: min(8, os.cpu_count() or 1), ge=1, description="Threads decoding images."
     )
+    gpu_jpeg_decode: bool = Field(
+        True,
+        description="When the model runs on CUDA, decode plain JPEGs with nvjpeg and resize them on the GPU; "
+        "false: decode on the CPU (libjpeg-turbo, identical to the calibration pipeline).",
+    )
 
     max_upload_bytes: int = Field(20 * _MIB, ge=1, description="Largest accepted image file.")
     max_request_bytes: int = Field(100 * _MIB, ge=1, description="Largest accepted request body.")

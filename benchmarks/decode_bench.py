@@ -1,0 +1,100 @@
+"""Upload bytes -> model crop: PIL beside torchvision's JPEG decoder on the CPU (and nvjpeg on a GPU).
+
+The service turns each upload into the uint8 crop the model was calibrated on in its decoding
+thread pool (``service.predictor.prepare_image``). This times that step alone, on real JPEGs, for
+each decoder path and thread count, in one run (compare the ratios):
+
+* ``pil``          PIL decode -> ``Bundle.pixels`` (the calibration pipeline);
+* ``torchvision``  ``decode_jpeg`` on the CPU (libjpeg-turbo, same pixels as PIL) -> crop;
+* ``nvjpeg``       ``decode_jpeg`` on the GPU, resize and crop on the GPU (CUDA only).
+
+With more threads than one, the speed-up over one thread shows whether the decoder releases the
+GIL. ``max |diff|`` is the largest difference of any crop pixel from the PIL crop (grey levels).
+
+    python benchmarks/decode_bench.py --threads 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from machine import machine_name
+from models.bundle import Bundle, load_bundle
+from models.nets import resolve_device
+from serve_bench import DECODE_LIMITS, DEFAULT_IMAGES, ROOT, default_bundle, load_jpegs
+from service.decoding import decode_image
+from service.predictor import Upload, prepare_image
+from service.settings import Settings
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, help="<repository>/<name>/<version>; default: the embedded model")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder searched for *.jpg / *.jpeg")
+    parser.add_argument("--max-images", type=int, default=400)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--device", default="auto", help="where the model (and nvjpeg) runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "decode_bench.json")
+    return parser.parse_args()
+
+
+def decoders(bundle: Bundle) -> dict[str, Callable[[bytes], torch.Tensor]]:
+    """Each path as bytes -> crop."""
+    def settings(gpu: bool) -> Settings:
+        return Settings(max_upload_bytes=DECODE_LIMITS["max_bytes"], max_image_pixels=DECODE_LIMITS["max_pixels"],
+                        gpu_jpeg_decode=gpu)
+
+    paths = {
+        "pil": lambda data: bundle.pixels(decode_image(data, **DECODE_LIMITS)),
+        "torchvision": lambda data, s=settings(False): prepare_image(Upload("x.jpg", data), bundle, s),
+    }
+    if bundle.device.type == "cuda":
+        paths["nvjpeg"] = lambda data, s=settings(True): prepare_image(Upload("x.jpg", data), bundle, s)
+    return paths
+
+
+def rate(decode: Callable[[bytes], torch.Tensor], jpegs: list[bytes], threads: int, cuda: bool) -> float:
+    """Images per second through ``decode`` with ``threads`` workers (after one warm-up pass)."""
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(decode, jpegs[:threads * 4]))
+        started = time.perf_counter()
+        list(pool.map(decode, jpegs))
+        if cuda:
+            torch.cuda.synchronize()
+        return len(jpegs) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    args = parse_args()
+    device = resolve_device(args.device)
+    bundle = load_bundle((args.bundle or default_bundle()).resolve(), device)
+    jpegs = [data for _, data in load_jpegs(args.images, args.max_images)]
+    paths = decoders(bundle)
+    reference = [paths["pil"](data) for data in jpegs]
+    rows = []
+    for name, decode in paths.items():
+        difference = max(int((decode(data).cpu().int() - ref.int()).abs().max()) for data, ref in zip(jpegs, reference))
+        for threads in args.threads:
+            rows.append({"path": name, "threads": threads, "images_per_s": rate(decode, jpegs, threads, device.type == "cuda"),
+                         "max_abs_diff": difference})
+    base = {row["threads"]: row["images_per_s"] for row in rows if row["path"] == "pil"}
+    print(f"{len(jpegs)} JPEGs from {args.images}; {machine_name(device)}")
+    print(f"{'path':<12} {'threads':>7} {'img/s':>9} {'vs pil':>7} {'max |diff|':>10}")
+    for row in rows:
+        row["vs_pil"] = row["images_per_s"] / base[row["threads"]]
+        print(f"{row['path']:<12} {row['threads']:>7} {row['images_per_s']:>9.1f} {row['vs_pil']:>7.2f} "
+              f"{row['max_abs_diff']:>10}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine_name(device), "device": str(device), "torch": torch.__version__,
+                                    "images": len(jpegs), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

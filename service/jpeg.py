@@ -1,0 +1,52 @@
+"""The fast path for the common upload: a plain JPEG decoded by torchvision, on the model's GPU if any.
+
+PIL (``service.decoding``) is the reference decoder, and the thresholds were calibrated on what it
+produces. torchvision's ``decode_jpeg`` uses the same libjpeg-turbo on the CPU, so for the JPEGs
+taken here its pixels equal PIL's bit for bit, and it skips the PIL image and its copy into a
+tensor (``benchmarks/decode_bench.py`` measures the gain); on a GPU it decodes with nvjpeg and the resize runs there too, so no CPU thread touches the
+pixels; nvjpeg's IDCT and the GPU's float resize may differ from the CPU's by a few grey levels
+(``benchmarks/gpu_check.sh`` measures it).
+
+Only *plain* JPEGs are taken: YCbCr or greyscale (CMYK converts differently in the two libraries)
+and no EXIF rotation (torchvision applies it on the CPU only). Everything else, and any decode
+failure, returns ``None`` and the caller decodes with PIL, which also words the client error
+(truncated, corrupt...). Size limits are checked before either decoder runs (``open_image``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
+
+_EXIF_ORIENTATION = 0x0112
+_PLAIN_MODES = ("RGB", "L")
+
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency here); the
+# functions still ship and are tested below. Say so once, not on every request.
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+    category=DeprecationWarning,
+)
+
+
+def is_plain_jpeg(image: Image.Image) -> bool:
+    """Whether ``image`` (opened, not yet decoded) is a JPEG torchvision decodes exactly as PIL does."""
+    if image.format != "JPEG" or image.mode not in _PLAIN_MODES:
+        return False
+    try:
+        return image.getexif().get(_EXIF_ORIENTATION, 1) == 1
+    except Exception:  # malformed EXIF: let PIL decide what it means
+        return False
+
+
+def decode_plain_jpeg(data: bytes, device: torch.device) -> Tensor | None:
+    """``data`` as a uint8 RGB tensor (3, H, W) on ``device``, or ``None`` if the decoder refused it."""
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None

@@ -1,0 +1,109 @@
+"""The torchvision JPEG path must be invisible: the same crop as PIL, and PIL wherever it is not."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.bundle import Bundle
+from service.decoding import decode_image, open_image
+from service.errors import ErrorCode, InvalidInput
+from service.jpeg import decode_plain_jpeg, is_plain_jpeg
+from service.predictor import Upload, prepare_image
+from service.settings import Settings
+from tests.service.helpers import encode, noise_image, solid
+
+CPU = torch.device("cpu")
+LIMITS = {"max_bytes": 10**7, "max_pixels": 10**7}
+
+
+def photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A smooth gradient with noise: compresses like a photo, unlike pure noise or a flat colour."""
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([255 * x / width, 255 * y / height, 128 + 0 * x], axis=-1)
+    noise = np.random.default_rng(seed).normal(0, 12, base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def rotated_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    return exif.tobytes()
+
+
+PLAIN_JPEGS = {
+    "baseline-420": encode(photo((301, 199)), "JPEG", quality=85),
+    "444": encode(photo((64, 97), 1), "JPEG", quality=95, subsampling=0),
+    "progressive": encode(photo((250, 180), 2), "JPEG", quality=75, progressive=True),
+    "greyscale": encode(photo((90, 70), 3).convert("L"), "JPEG", quality=90),
+    "tiny": encode(noise_image(4, (9, 7)), "JPEG", quality=60),
+    "exif-upright": encode(photo((80, 60), 5), "JPEG", exif=Image.Exif().tobytes()),
+}
+OTHER_FILES = {
+    "exif-rotated": encode(photo((80, 60), 6), "JPEG", exif=rotated_exif()),
+    "cmyk": encode(Image.new("CMYK", (40, 30), (0, 200, 255, 10)), "JPEG"),
+    "png": encode(photo((50, 40), 7), "PNG"),
+    "webp": encode(photo((50, 40), 8), "WEBP", lossless=True),
+}
+
+
+@pytest.mark.parametrize("data", PLAIN_JPEGS.values(), ids=PLAIN_JPEGS.keys())
+def test_plain_jpegs_decode_to_the_same_pixels_as_pil(data: bytes) -> None:
+    assert is_plain_jpeg(open_image(data, **LIMITS))
+    reference = torch.from_numpy(np.array(decode_image(data, **LIMITS))).permute(2, 0, 1)
+    decoded = decode_plain_jpeg(data, CPU)
+    assert decoded is not None and decoded.dtype == torch.uint8
+    assert torch.equal(decoded, reference)
+
+
+@pytest.mark.parametrize("data", OTHER_FILES.values(), ids=OTHER_FILES.keys())
+def test_files_torchvision_would_decode_differently_are_left_to_pil(data: bytes) -> None:
+    assert not is_plain_jpeg(open_image(data, **LIMITS))
+
+
+def test_a_jpeg_the_decoder_refuses_gives_none() -> None:
+    data = PLAIN_JPEGS["baseline-420"]
+    assert is_plain_jpeg(open_image(data[: len(data) // 2], **LIMITS))  # the header is intact
+    assert decode_plain_jpeg(data[: len(data) // 2], CPU) is None
+
+
+@pytest.mark.parametrize("data", [*PLAIN_JPEGS.values(), *OTHER_FILES.values()], ids=[*PLAIN_JPEGS, *OTHER_FILES])
+def test_prepared_crop_equals_the_calibration_pipeline(
+    data: bytes, bundle: Bundle, make_settings: Callable[..., Settings]
+) -> None:
+    """Whatever path an upload takes, the model sees exactly what ``Bundle.preprocess`` produced."""
+    crop = prepare_image(Upload("x.jpg", data), bundle, make_settings())
+    expected = bundle.pixels(decode_image(data, **LIMITS))
+    assert torch.equal(crop, expected)
+
+
+def test_a_truncated_jpeg_still_gets_the_pil_reason(bundle: Bundle, make_settings: Callable[..., Settings]) -> None:
+    data = PLAIN_JPEGS["progressive"]
+    with pytest.raises(InvalidInput) as raised:
+        prepare_image(Upload("cut.jpg", data[: len(data) * 2 // 3]), bundle, make_settings())
+    assert raised.value.code == ErrorCode.TRUNCATED_IMAGE and raised.value.file == "cut.jpg"
+
+
+@pytest.mark.parametrize(("allowed", "expected"), [(True, "cuda"), (False, "cpu")])
+def test_jpegs_decode_on_the_models_gpu_unless_disabled(
+    allowed: bool, expected: str, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    devices: list[torch.device] = []
+
+    def record(data: bytes, device: torch.device) -> torch.Tensor:
+        devices.append(device)
+        return decode_plain_jpeg(data, CPU)  # no GPU here: decode on the CPU, remember where it was sent
+
+    monkeypatch.setattr("service.predictor.decode_plain_jpeg", record)
+    gpu_bundle = SimpleNamespace(
+        device=torch.device("cuda", 0), manifest=SimpleNamespace(preprocessing=SimpleNamespace(resize=32)),
+        pixels=lambda image: image,
+    )
+    prepare_image(Upload("x.jpg", PLAIN_JPEGS["tiny"]), gpu_bundle, make_settings(gpu_jpeg_decode=allowed))
+    assert [device.type for device in devices] == [expected]
