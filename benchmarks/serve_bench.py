@@ -31,11 +31,7 @@ import itertools
 import json
 import multiprocessing
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +43,7 @@ from machine import machine_name
 from models.bundle import BundleError, load_bundle
 from models.nets import resolve_device
 from service.decoding import decode_image
+from service.local import start_local_server
 from service.registry import select_bundles
 from service.settings import EMBEDDED_REPOSITORY
 
@@ -221,58 +218,6 @@ def drive(
     return latencies, sum(outcome[1] for outcome in outcomes), max(outcome[2] for outcome in outcomes)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(
-    bundle_path: Path, device: str, settings: dict[str, str], log: Path
-) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m service`` serving only ``bundle_path``, with ``settings`` as MIXOE_* variables."""
-    port = free_port()
-    environment = (
-        {key: value for key, value in os.environ.items() if not key.startswith("MIXOE_")}
-        | {
-            "MIXOE_MODEL_REPOSITORY": str(bundle_path.parent.parent),
-            "MIXOE_MODELS": f"{bundle_path.parent.name}:{bundle_path.name}",
-            "MIXOE_DEVICE": device,
-            "MIXOE_HOST": "127.0.0.1",
-            "MIXOE_PORT": str(port),
-        }
-        | {f"MIXOE_{key.upper()}": value for key, value in settings.items()}
-    )
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=environment, stdout=sink, stderr=sink
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}; see {log}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    stop_server(process)
-    raise SystemExit(f"server not ready after 300 s; see {log}")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def batch_totals(url: str) -> tuple[float, float]:
     """``(images batched, batches run)`` so far, from the server's ``mixoe_batch_size`` histogram."""
     values = {"mixoe_batch_size_sum": 0.0, "mixoe_batch_size_count": 0.0}
@@ -310,7 +255,13 @@ def measure_server(
     }
     if args.decode_workers:
         settings["decode_workers"] = str(args.decode_workers)
-    process, url = start_server(bundle_path, device, settings, args.out.with_suffix(f".{config}.log"))
+    settings |= {
+        "model_repository": str(bundle_path.parent.parent),
+        "models": f"{bundle_path.parent.name}:{bundle_path.name}",
+        "device": device,
+    }
+    server = start_local_server(settings, args.out.with_suffix(f".{config}.log"), timeout_s=300)
+    url = server.url
     try:
         drive(
             url, bodies, args.clients, args.client_processes, 2 * args.clients, args.duration
@@ -321,7 +272,7 @@ def measure_server(
         )
         images_after, batches_after = batch_totals(url)
     finally:
-        stop_server(process)
+        server.stop(timeout_s=60)
     return RunResult(
         config=config,
         max_batch_size=max_batch_size,

@@ -8,11 +8,7 @@ and keeps its data in a temporary directory.
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from service.local import free_port, start_local_server, stop_process, wait_until_ok
 from tests.deploy.promql import EXPORTED_SERIES, ROOT, RULES_DIR
 from tests.deploy.tools import find_tool
 
@@ -30,36 +27,6 @@ pytestmark = pytest.mark.slow
 
 STARTUP_TIMEOUT_S = 120.0
 QUERY_TIMEOUT_S = 45.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_until(check: Callable[[], bool], what: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{what}: the process exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"{what}: not reached in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
 @dataclass(frozen=True)
@@ -83,29 +50,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
 
 @pytest.fixture(scope="module")
 def service(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MIXOE_")} | {
-        "MIXOE_MODEL_REPOSITORY": str(tiny.repository),
-        "MIXOE_DEVICE": "cpu",
-        "MIXOE_HOST": "127.0.0.1",
-        "MIXOE_PORT": str(port),
-        "MIXOE_DECODE_WORKERS": "2",
-    }
-    log = tmp_path_factory.mktemp("service") / "service.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=output, stderr=output)
-    url = f"http://127.0.0.1:{port}"
+    settings = {"model_repository": str(tiny.repository), "device": "cpu", "decode_workers": "2"}
+    server = start_local_server(settings, tmp_path_factory.mktemp("service") / "service.log", STARTUP_TIMEOUT_S)
     try:
-        _wait_until(
-            lambda: httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200,
-            "service ready",
-            process,
-            log,
-            STARTUP_TIMEOUT_S,
-        )
-        yield url
+        yield server.url
     finally:
-        _stop(process)
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +74,7 @@ def prometheus(service: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         ],
     }
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    port = _free_port()
+    port = free_port()
     log = directory / "prometheus.log"
     command = [
         binary,
@@ -137,12 +87,10 @@ def prometheus(service: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         process = subprocess.Popen(command, cwd=directory, stdout=output, stderr=output)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until(
-            lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200, "Prometheus ready", process, log, 60
-        )
+        wait_until_ok(f"{url}/-/ready", process, log, 60)
         yield url
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 def _query(prometheus: str, expr: str) -> list[dict[str, Any]]:

@@ -8,15 +8,10 @@ every request leaves one JSON log line, and SIGTERM finishes queued work before 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,90 +21,39 @@ from tritonclient.http import InferenceServerClient, InferInput, InferRequestedO
 from tritonclient.utils import InferenceServerException
 
 from models.bundle import Predictions
+from service.local import LocalServer, start_local_server
 from tests.service.helpers import TinyModel, role_files, triton_input
 
-ROOT = Path(__file__).resolve().parents[2]
 ROLES = ("accepted", "borderline", "rejected")
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_lines(self) -> list[dict[str, object]]:
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+def start_server(repository: Path, log: Path, **settings: str) -> LocalServer:
+    return start_local_server(
+        {"model_repository": str(repository), "device": "cpu", "decode_workers": "2"} | settings, log, timeout_s=90
+    )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(repository: Path, log: Path, **settings: str) -> Server:
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("MIXOE_")}
-    port = _free_port()
-    environment |= {
-        "MIXOE_MODEL_REPOSITORY": str(repository),
-        "MIXOE_HOST": "127.0.0.1",
-        "MIXOE_PORT": str(port),
-        "MIXOE_DEVICE": "cpu",
-        "MIXOE_DECODE_WORKERS": "2",
-    } | {f"MIXOE_{key.upper()}": value for key, value in settings.items()}
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=environment, stdout=sink, stderr=sink
-        )
-    server = Server(process, port, log)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{server.url}/v2/health/ready", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    stop_server(server)
-    raise AssertionError(f"server not ready after 90 s:\n{log.read_text()}")
-
-
-def stop_server(server: Server) -> int:
-    """SIGTERM, then SIGKILL if it has not exited within 20 s; returns the exit code."""
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait(timeout=10)
-    return server.process.returncode
+def log_lines(server: LocalServer) -> list[dict[str, object]]:
+    return [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
 
 
 @pytest.fixture(scope="module")
-def server(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     running = start_server(tiny.repository, tmp_path_factory.mktemp("server") / "server.log")
     try:
         yield running
     finally:
-        stop_server(running)
+        running.stop()
 
 
-def _predict(server: Server, tiny: TinyModel, query: str = "") -> list[dict[str, object]]:
+def _predict(server: LocalServer, tiny: TinyModel, query: str = "") -> list[dict[str, object]]:
     response = httpx.post(f"{server.url}/predict{query}", files=role_files(tiny, *ROLES), timeout=30)
     assert response.status_code == 200, response.text
     return response.json()["predictions"]
 
 
 def test_predict_over_tcp_matches_the_bundle(
-    server: Server, tiny: TinyModel, predict_direct: Callable[[Sequence[bytes], float | None], Predictions]
+    server: LocalServer, tiny: TinyModel, predict_direct: Callable[[Sequence[bytes], float | None], Predictions]
 ) -> None:
     predictions = _predict(server, tiny)
     reference = predict_direct([tiny.images[role] for role in ROLES], None)
@@ -121,9 +65,9 @@ def test_predict_over_tcp_matches_the_bundle(
 @pytest.mark.parametrize("operating_point", [None, 0.9])
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_tritonclient_round_trip_matches_predict(
-    server: Server, tiny: TinyModel, binary: bool, operating_point: float | None
+    server: LocalServer, tiny: TinyModel, binary: bool, operating_point: float | None
 ) -> None:
-    client = InferenceServerClient(f"127.0.0.1:{server.port}")
+    client = InferenceServerClient(server.url.removeprefix("http://"))
     try:
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
         assert client.get_model_metadata("tiny")["inputs"][0]["datatype"] == "BYTES"
@@ -147,8 +91,8 @@ def test_tritonclient_round_trip_matches_predict(
     assert result.as_numpy("ood_score") == pytest.approx([p["ood_score"]["value"] for p in expected], abs=1e-5)
 
 
-def test_tritonclient_sees_errors_as_messages(server: Server) -> None:
-    client = InferenceServerClient(f"127.0.0.1:{server.port}")
+def test_tritonclient_sees_errors_as_messages(server: LocalServer) -> None:
+    client = InferenceServerClient(server.url.removeprefix("http://"))
     try:
         tensor = InferInput("image", [1], "BYTES").set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
         with pytest.raises(InferenceServerException) as raised:
@@ -161,9 +105,9 @@ def test_tritonclient_sees_errors_as_messages(server: Server) -> None:
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
 
 
-def test_each_request_logs_one_json_line(server: Server, tiny: TinyModel) -> None:
+def test_each_request_logs_one_json_line(server: LocalServer, tiny: TinyModel) -> None:
     def access_lines() -> list[dict[str, object]]:
-        return [e for e in server.log_lines() if e.get("logger") == "mixoe.access" and e.get("route") == "/predict"]
+        return [e for e in log_lines(server) if e.get("logger") == "mixoe.access" and e.get("route") == "/predict"]
 
     before = len(access_lines())  # earlier tests in this module used the same server
     _predict(server, tiny)
@@ -176,7 +120,7 @@ def test_each_request_logs_one_json_line(server: Server, tiny: TinyModel) -> Non
     entry = entries[-1]
     assert (entry["method"], entry["status"], entry["images"]) == ("POST", 200, 3)
     assert isinstance(entry["duration_s"], float) and entry["duration_s"] > 0
-    assert not [e for e in server.log_lines() if e.get("logger") == "uvicorn.access"]  # uvicorn's own log is off
+    assert not [e for e in log_lines(server) if e.get("logger") == "uvicorn.access"]  # uvicorn's own log is off
 
 
 def test_sigterm_finishes_queued_work(tiny: TinyModel, tmp_path: Path) -> None:
@@ -198,7 +142,7 @@ def test_sigterm_finishes_queued_work(tiny: TinyModel, tmp_path: Path) -> None:
             thread.join(timeout=30)
         # uvicorn re-raises the signal once its graceful shutdown is done: exit status -SIGTERM.
         assert slow.process.wait(timeout=30) in (0, -signal.SIGTERM)
-        messages = [entry["message"] for entry in slow.log_lines()]
+        messages = [entry["message"] for entry in log_lines(slow)]
         assert messages.index("Application shutdown complete.") > max(
             index for index, message in enumerate(messages) if message == "POST /predict 200"
         )
@@ -206,4 +150,4 @@ def test_sigterm_finishes_queued_work(tiny: TinyModel, tmp_path: Path) -> None:
         assert sorted(r.status_code for r in responses) == [200, 200, 200]
         assert {r.json()["predictions"][0]["filename"] for r in responses} == {f"{role}.png" for role in ROLES}
     finally:
-        stop_server(slow)
+        slow.stop()
