@@ -34,9 +34,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from models.conformal import conformal_p_values, conformal_threshold
-from models.nets import ARCHITECTURES, Classifier, Precision, build_network, deployed_logits
+from models.nets import Classifier, Precision, build_network, deployed_logits, get_architecture
 from models.preprocess import Preprocessing, eval_geometry, normalization, preprocess_batch
-from models.scores import SCORES, get_score
+from models.scores import get_score
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
@@ -68,8 +68,7 @@ class ScoreSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known_score(cls, name: str) -> str:
-        if name not in SCORES:
-            raise ValueError(f"unknown OOD score {name!r}; supported: {', '.join(sorted(SCORES))}")
+        get_score(name)  # raises, listing the supported scores
         return name
 
 
@@ -171,8 +170,7 @@ class Manifest(_Strict):
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, name: str) -> str:
-        if name not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {name!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+        get_architecture(name)  # raises, listing the supported architectures
         return name
 
     @model_validator(mode="after")

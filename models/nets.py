@@ -104,7 +104,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise ValueError(f"Invalid device {name!r}. Only auto, cpu, cuda and cuda:N are supported.")
 
 
-def _architecture(name: str) -> _Architecture:
+def get_architecture(name: str) -> _Architecture:
+    """Look an architecture up by name; an unknown name lists the valid ones."""
     try:
         return ARCHITECTURES[name]
     except KeyError:
@@ -120,7 +121,7 @@ def build_network(architecture: str, num_classes: int, pretrained: str | Path | 
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    spec = _architecture(architecture)
+    spec = get_architecture(architecture)
     weights = None
     local_file: Path | None = None
     if pretrained is not None:
