@@ -3,9 +3,9 @@
 PIL (``service.decoding``) is the reference decoder, and the thresholds were calibrated on what it
 produces. torchvision's ``decode_jpeg`` uses the same libjpeg-turbo on the CPU, so for the JPEGs
 taken here its pixels equal PIL's bit for bit, and it skips the PIL image and its copy into a
-tensor (``benchmarks/decode_bench.py`` measures the gain); on a GPU it decodes with nvjpeg and the resize runs there too, so no CPU thread touches the
-pixels; nvjpeg's IDCT and the GPU's float resize may differ from the CPU's by a few grey levels
-(``benchmarks/gpu_check.sh`` measures it).
+tensor (``benchmarks/decode_bench.py`` measures the gain). On a GPU it decodes with nvjpeg and
+the resize runs there too, so no CPU thread touches the pixels; nvjpeg's IDCT and the GPU's float
+resize may differ from the CPU's by a few grey levels (``benchmarks/gpu_check.sh`` measures it).
 
 Only *plain* JPEGs are taken: YCbCr or greyscale (CMYK converts differently in the two libraries)
 and no EXIF rotation (torchvision applies it on the CPU only). Everything else, and any decode
@@ -25,8 +25,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 _EXIF_ORIENTATION = 0x0112
 _PLAIN_MODES = ("RGB", "L")
 
-# torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency here); the
-# functions still ship and are tested below. Say so once, not on every request.
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency here); they
+# still ship, and tests/service/test_jpeg.py pins their output. Do not warn on every request.
 warnings.filterwarnings(
     "ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
     category=DeprecationWarning,
