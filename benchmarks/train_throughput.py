@@ -7,7 +7,10 @@ Variants, all measured in one run on the same machine (compare ratios, not absol
 * ``reference``  the MixOE reference-style path: PIL transforms that normalise to float32 in
                  4 workers, fp32 compute, default memory format;
 * ``compute``    our step on synthetic tensors already on the device: the ceiling the data path
-                 is measured against.
+                 is measured against;
+* ``data``       our data path alone (same workers, batches copied to the device, no model): what
+                 the CPU can feed. Above ``compute``, the CPU does not cap training on this GPU;
+                 below it, a faster GPU would wait for the CPU (decode on the GPU would then pay).
 
 Throughput counts in-distribution images per second (each step also processes one outlier per ID
 image, as MixOE does). Prints a table and writes JSON.
@@ -97,6 +100,16 @@ def make_step(
     return step
 
 
+def delivery(batches: Iterator, device: torch.device) -> Callable[[], int]:
+    """The ``data`` variant's step: take the next ID and outlier batches onto the device, no model."""
+    def step() -> int:
+        (images, labels), outliers = next(batches)
+        images.to(device, non_blocking=True), outliers.to(device, non_blocking=True)
+        return min(len(labels), len(outliers))
+
+    return step
+
+
 def loaders(args, transform, workers: int, pin: bool) -> Iterator:
     data = DataConfig(format="list", root=args.data, classes_file="classes.txt", train="train.txt", val="val.txt")
     train = load_split(data, data.train)
@@ -133,7 +146,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--variants", nargs="+", default=["compute", "ours", "reference"])
+    parser.add_argument("--variants", nargs="+", default=["compute", "ours", "data", "reference"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/train_throughput.json"))
     args = parser.parse_args()
 
@@ -145,25 +158,28 @@ def main() -> None:
     for variant in args.variants:
         torch.manual_seed(0)
         fast = variant != "reference"
-        model = build_network(args.arch, num_classes).to(
-            device, memory_format=torch.channels_last if fast and device.type == "cuda" else torch.preserve_format
-        )
-        model.train()
         pin = device.type == "cuda"
+        normalize: Callable[[Tensor], Tensor] = normalization(preprocessing_of(cfg))
         if variant == "compute":
-            batches, normalize, workers = synthetic(args, device, num_classes), normalization(preprocessing_of(cfg)), 0
-        elif variant == "ours":
-            workers = args.workers
-            batches, normalize = loaders(args, build_train_transform(cfg), workers, pin), normalization(preprocessing_of(cfg))
+            batches, workers = synthetic(args, device, num_classes), 0
+        elif variant in ("ours", "data"):
+            batches, workers = loaders(args, build_train_transform(cfg), args.workers, pin), args.workers
         elif variant == "reference":
             workers = args.reference_workers
             batches, normalize = loaders(args, reference_transform(cfg), workers, pin), nn.Identity()
         else:
-            raise SystemExit(f"Invalid variant {variant!r}. Only compute, ours and reference are supported.")
-        step = make_step(model, batches, normalize, device, fast)
+            raise SystemExit(f"Invalid variant {variant!r}. Only compute, ours, data and reference are supported.")
+        if variant == "data":
+            step, precision = delivery(batches, device), "-"
+        else:
+            model = build_network(args.arch, num_classes).to(
+                device, memory_format=torch.channels_last if fast and device.type == "cuda" else torch.preserve_format
+            )
+            model.train()
+            step = make_step(model, batches, normalize, device, fast)
+            precision = "bf16" if fast and device.type == "cuda" else "fp32"
         rate = time_steps(step, args.warmup, args.steps, device)
-        rows.append({"variant": variant, "workers": workers, "precision": "bf16" if fast and device.type == "cuda" else "fp32",
-                     "id_images_per_second": rate})
+        rows.append({"variant": variant, "workers": workers, "precision": precision, "id_images_per_second": rate})
         print(f"{variant:>10}: {rate:8.1f} ID img/s", flush=True)
 
     compute = next((r["id_images_per_second"] for r in rows if r["variant"] == "compute"), None)
