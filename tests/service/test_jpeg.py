@@ -107,3 +107,43 @@ def test_jpegs_decode_on_the_models_gpu_unless_disabled(
     )
     prepare_image(Upload("x.jpg", PLAIN_JPEGS["tiny"]), gpu_bundle, make_settings(gpu_jpeg_decode=allowed))
     assert [device.type for device in devices] == [expected]
+
+
+def _damaged(data: bytes, rng: np.random.Generator) -> bytes:
+    """``data`` with flipped bytes, cut short, or with a block of garbage spliced in."""
+    damaged = bytearray(data)
+    kind = rng.integers(3)
+    if kind == 0:
+        for _ in range(rng.integers(1, 20)):
+            damaged[rng.integers(200, len(damaged))] = rng.integers(256)
+    elif kind == 1:
+        damaged = damaged[: rng.integers(100, len(damaged))]
+    else:
+        start = rng.integers(300, len(damaged))
+        damaged[start : start + 300] = rng.integers(0, 256, 300, dtype=np.uint8).tobytes()
+    return bytes(damaged)
+
+
+def test_damaged_jpegs_get_the_same_outcome_as_with_pil(
+    bundle: Bundle, make_settings: Callable[..., Settings]
+) -> None:
+    """Hostile bytes: the fast path answers exactly as PIL would, the same crop or the same error code."""
+    rng = np.random.default_rng(0)
+    sources = [PLAIN_JPEGS["baseline-420"], PLAIN_JPEGS["progressive"], encode(photo((400, 300), 9), "JPEG")]
+    settings = make_settings()
+
+    def outcome(prepare: Callable[[], torch.Tensor]) -> tuple[str, torch.Tensor | None]:
+        try:
+            return "ok", prepare()
+        except InvalidInput as error:
+            return error.code, None
+
+    codes = set()
+    for index in range(90):
+        data = _damaged(sources[index % len(sources)], rng)
+        fast, fast_crop = outcome(lambda: prepare_image(Upload("x.jpg", data), bundle, settings))
+        pil, pil_crop = outcome(lambda: bundle.pixels(decode_image(data, **LIMITS)))
+        assert fast == pil
+        assert fast_crop is None or torch.equal(fast_crop, pil_crop)
+        codes.add(fast)
+    assert {"ok", ErrorCode.TRUNCATED_IMAGE, ErrorCode.CORRUPT_IMAGE} <= codes  # every kind of damage was exercised
