@@ -65,8 +65,9 @@ rows += [("flowers17 MixOE ID accuracy", f"{evaluation['id_accuracy']:.3f}"),
          ("flowers17 MixOE fine AUROC (msp)", f"{msp['fine']['auroc']:.3f}"),
          ("flowers17 MixOE coarse AUROC (msp)", f"{msp['coarse']['auroc']:.3f}")]
 for r in decode["rows"]:
-    rows.append((f"decode {r['path']} x{r['threads']} threads (img/s, x pil, max |diff|)",
-                 f"{r['images_per_s']:.0f}, {r['vs_pil']:.2f}, {r['max_abs_diff']}"))
+    rows.append((f"decode {r['path']} x{r['threads']} threads (img/s, x pil, max |diff|, same class, max score change)",
+                 f"{r['images_per_s']:.0f}, {r['vs_pil']:.2f}, {r['max_abs_diff']}, {r['same_class']:.3f}, "
+                 f"{r['max_score_change']:.4f}"))
 for r in serve["results"]:
     rows.append((f"serve {r['config']} (img/s, p95 ms, x raw)",
                  f"{r['images_per_s']:.1f}, {r['p95_ms'] or 0:.1f}, {r['vs_raw']:.2f}"))
