@@ -39,6 +39,14 @@ class ImageVerdict:
     accepted: bool
 
 
+def stack_on(device: torch.device, crops: list[Tensor]) -> Tensor:
+    """Batch (B, 3, S, S) on ``device`` from crops that may live on different devices.
+
+    On a GPU server a JPEG's crop is already on the GPU (nvjpeg) while a PNG's is on the CPU, and
+    one batch can hold both."""
+    return torch.stack([crop.to(device, non_blocking=True) for crop in crops])
+
+
 class ModelRunner:
     """Callable batch function over one loaded bundle; not thread-safe, run it in one thread."""
 
@@ -47,8 +55,7 @@ class ModelRunner:
         self._class_names = bundle.manifest.class_names
 
     def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict]:
-        batch = torch.stack([job.pixels for job in jobs])  # (B, 3, S, S)
-        predictions = self._bundle.predict(batch)
+        predictions = self._bundle.predict(stack_on(self._bundle.device, [job.pixels for job in jobs]))
         k = max(job.top_k for job in jobs)
         top_probabilities, top_indices = predictions.probabilities.topk(k, dim=1)  # (B, k) each
         top_probabilities_rows = top_probabilities.tolist()

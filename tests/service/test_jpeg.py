@@ -13,6 +13,7 @@ from PIL import Image
 from models.bundle import Bundle
 from service.decoding import decode_image, open_image
 from service.errors import ErrorCode, InvalidInput
+from service.inference import stack_on
 from service.jpeg import decode_plain_jpeg, is_plain_jpeg
 from service.predictor import Upload, prepare_image
 from service.settings import Settings
@@ -147,3 +148,11 @@ def test_damaged_jpegs_get_the_same_outcome_as_with_pil(
         assert fast_crop is None or torch.equal(fast_crop, pil_crop)
         codes.add(fast)
     assert {"ok", ErrorCode.TRUNCATED_IMAGE, ErrorCode.CORRUPT_IMAGE} <= codes  # every kind of damage was exercised
+
+
+def test_a_batch_may_mix_crops_from_both_decoders() -> None:
+    """JPEG crops decoded on the GPU and PNG crops decoded by PIL on the CPU share a batch."""
+    target = torch.device("meta")  # stands in for the GPU: a device other than the CPU's
+    crops = [torch.zeros(3, 8, 8, dtype=torch.uint8), torch.zeros(3, 8, 8, dtype=torch.uint8, device=target)]
+    batch = stack_on(target, crops)
+    assert batch.device == target and batch.shape == (2, 3, 8, 8) and batch.dtype == torch.uint8
