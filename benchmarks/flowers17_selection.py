@@ -30,20 +30,19 @@ import yaml
 from PIL import Image
 
 from models.nets import build_network, deployed_logits
+from models.scores import get_score
 from models.preprocess import eval_transform
 from training.checkpoint import load_best_weights
 from training.config import TrainConfig
 from training.experiment import load_experiment_data
 from training.metrics import auroc
-from training.scoring import FINE, ID_TEST, ID_VAL, SetLogits, assessment_sets, run_logits, scores_of
+from training.scoring import FINE, ID_TEST, ID_VAL, assessment_sets, run_logits, scores_of
 from training.transforms import preprocessing_of
+
+from flowers17 import validation_criterion
 
 CRITERIA = ("val_outliers", "mixed", "shuffled")
 TILES = 4
-
-
-def msp(logits: np.ndarray) -> np.ndarray:
-    return scores_of(SetLogits(logits, np.full(len(logits), -1)), "msp")
 
 
 def shuffle_tiles(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -73,14 +72,14 @@ def criteria_of(run_dir: Path) -> dict[str, float]:
     model.eval()
 
     def scored(batch: torch.Tensor) -> np.ndarray:
-        return msp(deployed_logits(model, batch, "fp32").numpy())
+        return get_score("msp")(deployed_logits(model, batch, "fp32")).double().numpy()
 
-    id_val = msp(logits[ID_VAL].logits)
+    id_val = scores_of(logits[ID_VAL], "msp")
     return {
-        "val_outliers": auroc(id_val, msp(logits["val_outliers"].logits)),
+        "val_outliers": validation_criterion(config)[1],  # exactly what flowers17.py selects by
         "mixed": auroc(id_val, scored(0.5 * val + 0.5 * blend)),
         "shuffled": auroc(id_val, scored(torch.stack([shuffle_tiles(image, rng) for image in val]))),
-        "fine_test": auroc(msp(logits[ID_TEST].logits), msp(logits[FINE].logits)),
+        "fine_test": auroc(scores_of(logits[ID_TEST], "msp"), scores_of(logits[FINE], "msp")),
     }
 
 

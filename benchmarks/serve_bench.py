@@ -248,6 +248,9 @@ def measure_server(
     extra_settings: dict[str, str] | None = None,
 ) -> RunResult:
     settings = (extra_settings or {}) | {
+        "model_repository": str(bundle_path.parent.parent),
+        "models": f"{bundle_path.parent.name}:{bundle_path.name}",
+        "device": device,
         "max_batch_size": str(max_batch_size),
         "max_batch_delay_ms": str(delay_ms),
         "queue_size": str(max(1024, 2 * args.clients * args.images_per_request)),
@@ -255,11 +258,6 @@ def measure_server(
     }
     if args.decode_workers:
         settings["decode_workers"] = str(args.decode_workers)
-    settings |= {
-        "model_repository": str(bundle_path.parent.parent),
-        "models": f"{bundle_path.parent.name}:{bundle_path.name}",
-        "device": device,
-    }
     server = start_local_server(settings, args.out.with_suffix(f".{config}.log"), timeout_s=300)
     url = server.url
     try:
@@ -334,7 +332,8 @@ def main() -> None:
     raw = raws[0]  # at max_batch_size: the reference the servers are compared with
     for result in raws:
         print(f"{result.config}: {result.images_per_s:.1f} img/s", flush=True)
-    print(f"decode+preprocess: {decode_ms:.2f} ms/img (1 thread)", flush=True)
+    print(f"PIL decode+preprocess: {decode_ms:.2f} ms/img (1 thread; benchmarks/decode_bench.py times the service's)",
+          flush=True)
     bodies = request_bodies(jpegs, args.images_per_request)
     results = [
         *raws,

@@ -104,7 +104,8 @@ def delivery(batches: Iterator, device: torch.device) -> Callable[[], int]:
     """The ``data`` variant's step: take the next ID and outlier batches onto the device, no model."""
     def step() -> int:
         (images, labels), outliers = next(batches)
-        images.to(device, non_blocking=True), outliers.to(device, non_blocking=True)
+        images.to(device, non_blocking=True)
+        outliers.to(device, non_blocking=True)
         return min(len(labels), len(outliers))
 
     return step
