@@ -10,8 +10,11 @@ from service.context import ServiceContext
 from service.errors import ErrorCode, NotReady
 
 
-def get_context(request: Request) -> ServiceContext:
-    """The running service, or 503 while models load or after shutdown began."""
+async def get_context(request: Request) -> ServiceContext:
+    """The running service, or 503 while models load or after shutdown began.
+
+    ``async`` although it never awaits: FastAPI runs plain ``def`` dependencies in its thread
+    pool, a thread hop per request that the event loop pays for on the hot path."""
     context: ServiceContext | None = getattr(request.app.state, "context", None)
     if context is None or not context.ready:
         raise NotReady(ErrorCode.NOT_READY, "the service is not ready (models loading or shutting down)")
