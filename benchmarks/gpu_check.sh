@@ -7,8 +7,9 @@
 #      torchrun when there are several GPUs);
 #   3. upload bytes -> model crop: PIL beside torchvision on the CPU and nvjpeg on the GPU (speed,
 #      and the largest pixel difference from the PIL crop the thresholds were calibrated on);
-#   4. the service on that bundle under the serve benchmark, beside the raw batched model rate, the
-#      same server decoding JPEGs on the CPU, and a naive one-image-per-forward server.
+#   4. the service on that bundle under the serve benchmark, beside the raw batched model rate: one
+#      server process and four sharing the GPU (MIXOE_WORKERS), four decoding JPEGs on the CPU,
+#      and a naive one-image-per-forward server.
 # Prints one table last and writes JSON under $OUT_DIR.
 #
 # For a GPU machine that cannot install packages: on a machine with pip, download the few pure
@@ -46,7 +47,8 @@ launcher=("$PYTHON" -m training)
   --images "$FLOWERS/images" --threads 1 8 --out "$OUT_DIR/decode_bench.json"
 
 "$PYTHON" benchmarks/serve_bench.py --bundle "$OUT_DIR/repository/flowers17-mixoe/1" \
-  --images "$FLOWERS/images" --duration 10 --raw-seconds 5 --out "$OUT_DIR/serve_bench.json"
+  --images "$FLOWERS/images" --workers 1 4 --clients 64 --duration 10 --raw-seconds 5 \
+  --out "$OUT_DIR/serve_bench.json"
 
 "$PYTHON" - "$OUT_DIR" <<'PY'
 import json, sys

@@ -8,10 +8,13 @@ Three measurements of one bundle on one machine, in one run (compare ratios, not
 * ``batched``  ``python -m service`` on 127.0.0.1 with ``max_batch_size=--max-batch-size``, driven by
                ``--clients`` concurrent clients, each uploading real JPEGs to ``POST /predict``
                (``--images-per-request`` per request) as fast as answers come back;
+               ``batched-Nw`` the same with ``MIXOE_WORKERS=N`` processes sharing the device, for
+               each N > 1 in ``--workers``;
 * ``naive``    the same server with ``max_batch_size=1``: one forward pass per image, which is what a
                server without batching does;
-* ``batched-cpu-jpeg`` (CUDA only) ``batched`` with ``MIXOE_GPU_JPEG_DECODE=false``: JPEGs decoded and
-               resized on the CPU instead of by nvjpeg on the GPU.
+* ``batched-cpu-jpeg`` (CUDA only) ``batched`` (with the most ``--workers``) and
+               ``MIXOE_GPU_JPEG_DECODE=false``: JPEGs decoded and resized on the CPU instead of by
+               nvjpeg on the GPU.
 
 Each server run is bounded by ``--requests`` and ``--duration`` (whichever ends first), after a
 short unmeasured warm-up. Server throughput counts images answered with 200 per second; latency is
@@ -86,13 +89,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--decode-workers", type=int, help="the server's decoding threads; default: the service's own")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1], help="server processes: one batched run per count given"
+    )
     parser.add_argument("--skip-naive", action="store_true", help="only raw and batched")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "serve_bench.json")
     args = parser.parse_args()
-    if args.clients < args.client_processes or args.max_batch_size < 1 or not 1 <= args.images_per_request <= 1000:
+    if (
+        args.clients < args.client_processes
+        or args.max_batch_size < 1
+        or not 1 <= args.images_per_request <= 1000
+        or not all(1 <= workers <= 64 for workers in args.workers)
+    ):
         parser.error(
-            "need --clients >= --client-processes, --max-batch-size >= 1 and 1 <= --images-per-request <= 1000 "
-            "(the service's max_files limit)"
+            "need --clients >= --client-processes, --max-batch-size >= 1, 1 <= --images-per-request <= 1000 "
+            "(the service's max_files limit) and 1 <= --workers <= 64"
         )
     return args
 
@@ -335,13 +346,16 @@ def main() -> None:
     print(f"PIL decode+preprocess: {decode_ms:.2f} ms/img (1 thread; benchmarks/decode_bench.py times the service's)",
           flush=True)
     bodies = request_bodies(jpegs, args.images_per_request)
-    results = [
-        *raws,
-        measure_server("batched", args, bundle_path, device, args.max_batch_size, args.max_batch_delay_ms, bodies),
-    ]
+    results = list(raws)
+    for workers in sorted(set(args.workers)):
+        config = "batched" if workers == 1 else f"batched-{workers}w"
+        results.append(measure_server(config, args, bundle_path, device, args.max_batch_size,
+                                      args.max_batch_delay_ms, bodies, {"workers": str(workers)}))
     if device.startswith("cuda"):
-        results.append(measure_server("batched-cpu-jpeg", args, bundle_path, device, args.max_batch_size,
-                                      args.max_batch_delay_ms, bodies, {"gpu_jpeg_decode": "false"}))
+        most = max(args.workers)
+        results.append(measure_server("batched-cpu-jpeg" + (f"-{most}w" if most > 1 else ""), args, bundle_path,
+                                      device, args.max_batch_size, args.max_batch_delay_ms, bodies,
+                                      {"workers": str(most), "gpu_jpeg_decode": "false"}))
     if not args.skip_naive:
         results.append(measure_server("naive", args, bundle_path, device, 1, 0.0, bodies))
     print_table(results, raw.images_per_s)
@@ -356,6 +370,7 @@ def main() -> None:
         "clients": args.clients,
         "client_processes": args.client_processes,
         "images_per_request": args.images_per_request,
+        "workers": args.workers,
         "max_batch_delay_ms": args.max_batch_delay_ms,
         "decode_preprocess_ms_per_image": decode_ms,
         "results": [asdict(r) | {"vs_raw": r.images_per_s / raw.images_per_s} for r in results],

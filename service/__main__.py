@@ -1,19 +1,29 @@
 """``python -m service`` / ``mixoe-serve``: run the service under uvicorn, configured by ``MIXOE_*``.
 
-One process serves one device (run one container per GPU): concurrency comes from the
-micro-batcher, not from worker processes, which would each hold a copy of the model. On SIGTERM
-uvicorn stops accepting connections and waits for in-flight requests (at most
-``MIXOE_SHUTDOWN_TIMEOUT_S``); the lifespan then drains the batch queues.
+One process serves one device by default (run one container per GPU): concurrency comes from the
+micro-batcher. When one Python process cannot keep a GPU busy (its event loop parses every upload
+and its threads share one interpreter lock), ``MIXOE_WORKERS=N`` starts N processes on the same
+device and port: each holds its own copy of the models and forms its own batches, and the metrics
+of all of them are merged (:mod:`service.metrics`). On SIGTERM uvicorn stops accepting connections
+and waits for in-flight requests (at most ``MIXOE_SHUTDOWN_TIMEOUT_S``); the lifespan then drains
+the batch queues, in every worker.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 
 from service.app import create_app
 from service.logs import configure_logging
+from service.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
 from service.settings import Settings
 
 
@@ -21,8 +31,27 @@ def main() -> None:
     """Serve with settings from ``MIXOE_*`` variables, overridden by flags (``mixoe-serve --help``)."""
     settings = Settings(_cli_parse_args=True, _cli_prog_name="mixoe-serve", _cli_kebab_case=True)
     configure_logging(settings.log_level)
+    if settings.workers == 1:
+        _serve(create_app(settings), settings)
+        return
+    # Workers are fresh interpreters: they read the parsed settings back from the environment,
+    # and prometheus_client must see the shared directory before they import it.
+    os.environ.update(settings.environment())
+    with _metrics_directory() as directory:
+        os.environ[MULTIPROCESS_DIRECTORY_VARIABLE] = str(directory)
+        _serve("service.__main__:worker_app", settings, factory=True, workers=settings.workers)
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process (``MIXOE_WORKERS`` > 1), configured by the parent's variables."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def _serve(app: FastAPI | str, settings: Settings, **options: object) -> None:
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep the JSON handlers configured above
@@ -30,7 +59,26 @@ def main() -> None:
         access_log=False,  # service.access logs each request once, as JSON
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
         server_header=False,
+        **options,
     )
+
+
+@contextmanager
+def _metrics_directory() -> Iterator[Path]:
+    """The directory the workers share their metrics in, emptied first (stale files would count).
+
+    ``PROMETHEUS_MULTIPROC_DIR`` when the deployment sets it (a tmpfs volume, say), else a
+    temporary directory removed at exit."""
+    configured = os.environ.get(MULTIPROCESS_DIRECTORY_VARIABLE)
+    if configured is None:
+        with tempfile.TemporaryDirectory(prefix="mixoe-metrics-") as temporary:
+            yield Path(temporary)
+        return
+    directory = Path(configured)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    yield directory
 
 
 if __name__ == "__main__":

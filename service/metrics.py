@@ -16,14 +16,23 @@ from the loaded bundles (:func:`score_buckets`): every operating point's thresho
 (where ID traffic lands), and a few steps beyond the largest calibration score (where OOD traffic
 lands). With several models, possibly with different score functions, the buckets are the union
 over all of them: one histogram, one bucket layout, so replicas serving the same models aggregate.
+
+With several worker processes (``MIXOE_WORKERS``) every process writes its samples to files in
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, chosen when that variable is
+set) and ``/metrics``, whichever worker answers it, reports the sum over all of them: counters and
+histograms add up, the queue depth is the sum over live workers, and the per-model gauges, which
+every worker sets to the same value, report it once.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from models.bundle import Manifest
 
@@ -34,6 +43,8 @@ _QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
 _INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _OPERATING_POINT_LABELS = ("model", "version", "operating_point")
 _REQUEST_LABELS = ("route", "method", "status")  # the order service.access passes them in
+MULTIPROCESS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+_LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
 
 
 def operating_point_label(target_id_acceptance: float) -> str:
@@ -64,12 +75,50 @@ def batch_size_buckets(max_batch_size: int) -> list[float]:
     return sorted(bounds | {float(max_batch_size)})
 
 
+def multiprocess_directory() -> Path | None:
+    """Where worker processes share their samples, when the service runs several (else ``None``)."""
+    directory = os.environ.get(MULTIPROCESS_DIRECTORY_VARIABLE)
+    return Path(directory) if directory else None
+
+
+def forget_dead_workers(directory: Path) -> None:
+    """Drop the live-gauge files of worker processes that no longer exist.
+
+    A worker that crashed leaves its queue depth behind; the supervisor restarts it under a new
+    pid, and without this the dead one's last value would be summed forever."""
+    for path in directory.iterdir():
+        match = _LIVE_GAUGE_FILE.match(path.name)
+        if match and not _process_exists(int(match.group(1))):
+            multiprocess.mark_process_dead(int(match.group(1)), str(directory))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def _merged_workers_registry(directory: Path) -> CollectorRegistry:
+    forget_dead_workers(directory)
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged, str(directory))
+    return merged
+
+
 class ServiceMetrics:
-    """Every collector the service exports, registered in a fresh :class:`CollectorRegistry`."""
+    """Every collector the service exports, registered in a fresh :class:`CollectorRegistry`.
+
+    ``registry`` is what ``/metrics`` exposes: these collectors themselves, or with several workers
+    a collector that merges every worker's files."""
 
     def __init__(self, ood_score_buckets: Sequence[float], max_batch_size: int):
-        self.registry = CollectorRegistry()
-        registry = self.registry
+        registry = CollectorRegistry()
+        shared = multiprocess_directory()
+        self.registry = registry if shared is None else _merged_workers_registry(shared)
         self.predictions = Counter(
             "mixoe_predictions_total",
             "Images classified, by accept/reject decision (OOD score above threshold = rejected).",
@@ -88,18 +137,21 @@ class ServiceMetrics:
             "Calibrated OOD-score threshold of each operating point.",
             _OPERATING_POINT_LABELS,
             registry=registry,
+            multiprocess_mode="livemax",  # every worker loads the same bundles
         )
         self.expected_rejection_ratio = Gauge(
             "mixoe_expected_rejection_ratio",
             "Share of in-distribution images the operating point is calibrated to reject (1 - target).",
             _OPERATING_POINT_LABELS,
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.model_info = Gauge(
             "mixoe_model_info",
             "Loaded models (value 1), with their architecture, score function and manifest schema.",
             ["model", "version", "architecture", "score", "schema_version"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.request_duration = Histogram(
             "mixoe_request_duration_seconds",
@@ -126,7 +178,12 @@ class ServiceMetrics:
         self.inference = Histogram(
             "mixoe_inference_seconds", "Model time per batch.", buckets=_INFERENCE_BUCKETS, registry=registry
         )
-        self.queue_depth = Gauge("mixoe_queue_depth", "Images waiting in the batching queues.", registry=registry)
+        self.queue_depth = Gauge(
+            "mixoe_queue_depth",
+            "Images waiting in the batching queues.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.bad_inputs = Counter(
             "mixoe_bad_inputs_total", "Requests refused for bad input, by reason code.", ["reason"], registry=registry
         )

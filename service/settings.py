@@ -48,6 +48,13 @@ class Settings(BaseSettings):
         "default version), else the first name in the repository.",
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda when available.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Server processes sharing the device, each with its own copy of the models, batcher and "
+        "event loop; more than one when a single Python process cannot keep a GPU busy.",
+    )
 
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most images per model batch.")
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill up.")
@@ -103,3 +110,21 @@ class Settings(BaseSettings):
     @property
     def max_batch_delay_s(self) -> float:
         return self.max_batch_delay_ms / 1000.0
+
+    def environment(self) -> dict[str, str]:
+        """``MIXOE_*`` variables from which ``Settings()`` reads these same settings back.
+
+        Worker processes are started fresh (``python -m service --workers N``): this is how the
+        values the parent parsed from flags and environment reach them."""
+        values: dict[str, str] = {}
+        for name, value in self:
+            if value is None:
+                continue
+            if isinstance(value, list):
+                text = ",".join(item.get_secret_value() if isinstance(item, SecretStr) else item for item in value)
+            elif isinstance(value, bool):
+                text = str(value).lower()
+            else:
+                text = str(value)
+            values[f"MIXOE_{name.upper()}"] = text
+        return values

@@ -17,7 +17,7 @@ from service.inference import stack_on
 from service.jpeg import decode_plain_jpeg, is_plain_jpeg
 from service.predictor import Upload, prepare_image
 from service.settings import Settings
-from tests.service.helpers import encode, noise_image, solid
+from tests.service.helpers import encode, noise_image
 
 CPU = torch.device("cpu")
 LIMITS = {"max_bytes": 10**7, "max_pixels": 10**7}

@@ -1,11 +1,23 @@
-"""Metric helpers: bucket placement, label text, registry isolation."""
+"""Metric helpers: bucket placement, label text, registry isolation, merging several workers' metrics."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 from prometheus_client import generate_latest
 
 from models.bundle import Bundle
-from service.metrics import ServiceMetrics, batch_size_buckets, operating_point_label, score_buckets
+from service.metrics import (
+    MULTIPROCESS_DIRECTORY_VARIABLE,
+    ServiceMetrics,
+    batch_size_buckets,
+    operating_point_label,
+    score_buckets,
+)
 
 
 def test_score_buckets_hold_every_threshold_exactly(bundle: Bundle) -> None:
@@ -65,3 +77,58 @@ def test_each_instance_has_its_own_registry(bundle: Bundle) -> None:
     assert (
         'mixoe_model_info{architecture="resnet18",model="tiny",schema_version="1",score="msp",version="1"} 1.0' in text
     )
+
+
+_WORKER = """
+import sys
+from service.metrics import ServiceMetrics
+
+metrics = ServiceMetrics([0.5], 8)
+for _ in range(int(sys.argv[1])):
+    metrics.record_prediction("tiny", "1", 0.95, 0.7, accepted=False)
+metrics.threshold.labels("tiny", "1", "0.95").set(0.6)
+metrics.queue_changed(int(sys.argv[2]))
+print("written", flush=True)
+sys.stdin.readline()  # stay alive until the test closes stdin
+"""
+
+
+def _start_workers(directory: Path, *work: tuple[int, int]) -> list[subprocess.Popen[str]]:
+    """One process per ``(predictions, queued images)``, started together; returns once all have written."""
+    environment = os.environ | {MULTIPROCESS_DIRECTORY_VARIABLE: str(directory)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(predictions), str(queued)],
+            env=environment,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for predictions, queued in work
+    ]
+    for worker in workers:
+        assert worker.stdout is not None and worker.stdout.readline() == "written\n"
+    return workers
+
+
+def _finish(worker: subprocess.Popen[str]) -> None:
+    worker.communicate("\n", timeout=30)
+    assert worker.returncode == 0
+
+
+def test_workers_metrics_are_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several worker processes /metrics reports their sum, whichever worker answers it; a worker
+    that exited (a crash, say) keeps its counts but no longer adds to the queue depth."""
+    first, second, exited = _start_workers(tmp_path, (2, 4), (3, 1), (2, 7))
+    _finish(exited)
+    try:
+        monkeypatch.setenv(MULTIPROCESS_DIRECTORY_VARIABLE, str(tmp_path))
+        merged = ServiceMetrics([0.5], 8).registry
+        labels = {"model": "tiny", "version": "1", "operating_point": "0.95"}
+        assert merged.get_sample_value("mixoe_predictions_total", labels | {"decision": "rejected"}) == 7.0
+        assert merged.get_sample_value("mixoe_ood_score_count", {"model": "tiny", "version": "1"}) == 7.0
+        assert merged.get_sample_value("mixoe_threshold", labels) == 0.6  # the same value in each: reported once
+        assert merged.get_sample_value("mixoe_queue_depth", {}) == 5.0
+    finally:
+        _finish(first)
+        _finish(second)

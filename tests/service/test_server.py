@@ -2,7 +2,8 @@
 
 Checks what only a real server shows: the packaged entry point starts, /predict over the network
 matches the bundle, the real ``tritonclient.http`` client round-trips (binary and JSON tensors),
-every request leaves one JSON log line, and SIGTERM finishes queued work before exiting.
+every request leaves one JSON log line, SIGTERM finishes queued work before exiting, and several
+worker processes share one port and one set of metrics.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
@@ -151,3 +154,41 @@ def test_sigterm_finishes_queued_work(tiny: TinyModel, tmp_path: Path) -> None:
         assert {r.json()["predictions"][0]["filename"] for r in responses} == {f"{role}.png" for role in ROLES}
     finally:
         slow.stop()
+
+
+def test_several_workers_serve_one_port_and_report_one_set_of_metrics(tiny: TinyModel, tmp_path: Path) -> None:
+    """``workers=2``: two processes load the model and answer on the same port; /metrics, whichever of
+    them answers it, counts every prediction once; SIGTERM stops both."""
+    served = start_server(tiny.repository, tmp_path / "workers.log", workers="2")
+
+    def started() -> set[object]:
+        return {entry["pid"] for entry in log_lines(served) if entry["message"] == "Application startup complete."}
+
+    try:
+        deadline = time.monotonic() + 60  # ready means one worker is; wait for the other, too
+        while len(started()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(started()) == 2 and served.process.pid not in started()
+        files = role_files(tiny, *ROLES)
+
+        def send(_: int) -> int:
+            with httpx.Client(base_url=served.url, timeout=30) as client:  # a new connection each
+                return client.post("/predict", files=files).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(send, range(24)))
+        assert codes == [200] * 24
+        metrics = {
+            (family.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(httpx.get(f"{served.url}/metrics").text)
+            for sample in family.samples
+        }
+        predictions = sum(value for (name, _), value in metrics.items() if name == "mixoe_predictions")
+        assert predictions == 24 * len(ROLES)
+        assert [value for (name, _), value in metrics.items() if name == "mixoe_model_info"] == [1.0]
+        assert metrics[("mixoe_queue_depth", ())] == 0.0
+    finally:
+        status = served.stop()
+    assert status in (0, -signal.SIGTERM)
+    finished = {entry["pid"] for entry in log_lines(served) if entry["message"] == "Application shutdown complete."}
+    assert finished == started()

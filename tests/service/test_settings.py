@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -46,3 +48,28 @@ def test_lists_come_comma_separated_from_the_environment(monkeypatch: pytest.Mon
 def test_impossible_settings_are_refused(values: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         Settings(**values)
+
+
+def test_environment_reproduces_the_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Worker processes rebuild their settings from ``environment()``: every field must survive."""
+    settings = Settings(
+        model_repository=tmp_path,
+        models=["flowers", "cars:3"],
+        default_model="cars",
+        api_keys=["first-key", "second-key"],
+        workers=3,
+        max_batch_delay_ms=2.5,
+        gpu_jpeg_decode=False,
+        log_level="warning",
+    )
+    for key, value in settings.environment().items():
+        monkeypatch.setenv(key, value)
+    rebuilt = Settings()
+    assert rebuilt.model_dump(exclude={"api_keys"}) == settings.model_dump(exclude={"api_keys"})
+    assert [key.get_secret_value() for key in rebuilt.api_keys] == ["first-key", "second-key"]
+
+
+def test_environment_of_the_defaults_leaves_optional_fields_unset() -> None:
+    environment = Settings().environment()
+    assert "MIXOE_DEFAULT_MODEL" not in environment
+    assert (environment["MIXOE_MODELS"], environment["MIXOE_WORKERS"]) == ("", "1")
