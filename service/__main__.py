@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from service.app import create_app
 from service.logs import configure_logging
@@ -29,7 +30,10 @@ from service.settings import Settings
 
 def main() -> None:
     """Serve with settings from ``MIXOE_*`` variables, overridden by flags (``mixoe-serve --help``)."""
-    settings = Settings(_cli_parse_args=True, _cli_prog_name="mixoe-serve", _cli_kebab_case=True)
+    try:
+        settings = Settings(_cli_parse_args=True, _cli_prog_name="mixoe-serve", _cli_kebab_case=True)
+    except ValidationError as error:
+        raise SystemExit(f"mixoe-serve: invalid settings (flags or MIXOE_* variables):\n{_describe(error)}") from None
     configure_logging(settings.log_level)
     if settings.workers == 1:
         _serve(create_app(settings), settings)
@@ -47,6 +51,21 @@ def worker_app() -> FastAPI:
     settings = Settings()
     configure_logging(settings.log_level)
     return create_app(settings)
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per bad setting, named as its flag: ``--workers: Input should be ... (got '0')``.
+
+    Problems between settings have no single flag and quote none; API keys are never echoed."""
+    lines = []
+    for problem in error.errors():
+        if not problem["loc"]:
+            lines.append(f"  {problem['msg']}")
+            continue
+        name = str(problem["loc"][0])
+        shown = "" if name == "api_keys" else f" (got {problem['input']!r})"
+        lines.append(f"  --{name.replace('_', '-')}: {problem['msg']}{shown}")
+    return "\n".join(lines)
 
 
 def _serve(app: FastAPI | str, settings: Settings, **options: object) -> None:

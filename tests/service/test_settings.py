@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,19 @@ def test_environment_of_the_defaults_leaves_optional_fields_unset() -> None:
     environment = Settings().environment()
     assert "MIXOE_DEFAULT_MODEL" not in environment
     assert (environment["MIXOE_MODELS"], environment["MIXOE_WORKERS"]) == ("", "1")
+
+
+def test_bad_settings_stop_the_server_with_a_message_not_a_traceback() -> None:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MIXOE_")}
+    environment |= {"MIXOE_QUEUE_SIZE": "2", "MIXOE_API_KEYS": "s3cret"}
+    finished = subprocess.run(
+        [sys.executable, "-m", "service", "--workers", "0", "--device", "tpu"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finished.returncode == 1 and "Traceback" not in finished.stderr
+    assert "--workers: Input should be greater than or equal to 1 (got '0')" in finished.stderr
+    assert "--device: String should match pattern" in finished.stderr
+    assert "s3cret" not in finished.stderr
