@@ -19,6 +19,9 @@ Three measurements of one bundle on one machine, in one run (compare ratios, not
 Each server run is bounded by ``--requests`` and ``--duration`` (whichever ends first), after a
 short unmeasured warm-up. Server throughput counts images answered with 200 per second; latency is
 per request, measured by the client. The server's mean batch size comes from its ``/metrics``.
+Where ``/proc`` exists (Linux) two more columns say what limits a server: its CPU time per image
+(every process and thread of it) and how busy its busiest event loop was (a worker's main thread;
+near 100% means that one thread is the bottleneck, and more ``--workers`` should help).
 The device defaults to ``auto`` (CUDA when present), so the same command runs on a GPU node; there,
 use ``--client-processes`` so that the load generator is not the bottleneck.
 
@@ -70,6 +73,44 @@ class RunResult:
     p99_ms: float | None
     mean_batch_size: float | None
     seconds: float
+    cpu_ms_per_image: float | None = None
+    busiest_loop_share: float | None = None
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU seconds a server has used so far: in total, and by each process's main thread (its event loop)."""
+
+    total: float
+    main_threads: dict[int, float]
+
+
+def cpu_use(pid: int) -> CpuUse | None:
+    """The CPU use of process ``pid`` and its descendants; ``None`` without Linux's ``/proc``."""
+    if not Path(f"/proc/{pid}/stat").exists():
+        return None
+    total, main_threads = 0.0, {}
+    for process in [pid, *_descendants(pid)]:
+        try:
+            total += _cpu_seconds(Path(f"/proc/{process}/stat"))
+            main_threads[process] = _cpu_seconds(Path(f"/proc/{process}/task/{process}/stat"))
+        except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
+            continue
+    return CpuUse(total, main_threads)
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+    return [grandchild for child in children for grandchild in [child, *_descendants(child)]]
+
+
+def _cpu_seconds(stat: Path) -> float:
+    """User + system time from a ``/proc`` stat file (fields 14 and 15; the name may hold spaces)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parse_args() -> argparse.Namespace:
@@ -276,27 +317,41 @@ def measure_server(
             url, bodies, args.clients, args.client_processes, 2 * args.clients, args.duration
         )  # warm-up, not measured
         images_before, batches_before = batch_totals(url)
+        cpu_before = cpu_use(server.process.pid)
         latencies, errors, elapsed = drive(
             url, bodies, args.clients, args.client_processes, args.requests, args.duration
         )
+        cpu_after = cpu_use(server.process.pid)
         images_after, batches_after = batch_totals(url)
     finally:
         server.stop(timeout_s=60)
+    images = len(latencies) * args.images_per_request
+    cpu_ms_per_image = busiest_loop_share = None
+    if cpu_before is not None and cpu_after is not None and images:
+        cpu_ms_per_image = 1000 * (cpu_after.total - cpu_before.total) / images
+        busiest_loop_share = max(
+            (seconds - cpu_before.main_threads.get(pid, 0.0)) / elapsed for pid, seconds in cpu_after.main_threads.items()
+        )
     return RunResult(
         config=config,
         max_batch_size=max_batch_size,
         requests=len(latencies) + errors,
         errors=errors,
-        images_per_s=len(latencies) * args.images_per_request / elapsed,
+        images_per_s=images / elapsed,
         p50_ms=percentile(latencies, 50),
         p95_ms=percentile(latencies, 95),
         p99_ms=percentile(latencies, 99),
         mean_batch_size=(images_after - images_before) / max(1.0, batches_after - batches_before),
         seconds=elapsed,
+        cpu_ms_per_image=cpu_ms_per_image,
+        busiest_loop_share=busiest_loop_share,
     )
 
 
-_COLUMNS = ("config", "batch", "requests", "errors", "img/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "vs raw")
+_COLUMNS = (
+    "config", "batch", "requests", "errors", "img/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "cpu ms/img",
+    "loop busy", "vs raw",
+)
 
 
 def print_table(results: list[RunResult], raw_rate: float) -> None:
@@ -314,6 +369,8 @@ def print_table(results: list[RunResult], raw_rate: float) -> None:
             number(r.p95_ms),
             number(r.p99_ms),
             number(r.mean_batch_size),
+            "-" if r.cpu_ms_per_image is None else f"{r.cpu_ms_per_image:.2f}",
+            "-" if r.busiest_loop_share is None else f"{100 * r.busiest_loop_share:.0f}%",
             f"{r.images_per_s / raw_rate:.2f}",
         )
         for r in results
