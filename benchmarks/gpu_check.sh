@@ -67,12 +67,13 @@ rows += [("flowers17 MixOE ID accuracy", f"{evaluation['id_accuracy']:.3f}"),
          ("flowers17 MixOE fine AUROC (msp)", f"{msp['fine']['auroc']:.3f}"),
          ("flowers17 MixOE coarse AUROC (msp)", f"{msp['coarse']['auroc']:.3f}")]
 for r in decode["rows"]:
-    rows.append((f"decode {r['path']} x{r['threads']} threads (img/s, x pil, max |diff|, same class, max score change)",
+    rows.append((f"decode {r['path']} x{r['threads']} threads (img/s, x pil, max abs diff, same class, max score change)",
                  f"{r['images_per_s']:.0f}, {r['vs_pil']:.2f}, {r['max_abs_diff']}, {r['same_class']:.3f}, "
                  f"{r['max_score_change']:.4f}"))
 for r in serve["results"]:
-    rows.append((f"serve {r['config']} (img/s, p95 ms, x raw)",
-                 f"{r['images_per_s']:.1f}, {r['p95_ms'] or 0:.1f}, {r['vs_raw']:.2f}"))
+    rows.append((f"serve {r['config']} (img/s, p95 ms, x raw, CPU ms/img, busiest loop)",
+                 f"{r['images_per_s']:.1f}, {r['p95_ms'] or 0:.1f}, {r['vs_raw']:.2f}, "
+                 f"{r['cpu_ms_per_image'] or 0:.2f}, {100 * (r['busiest_loop_share'] or 0):.0f}%"))
 summary = {"machine": train["machine"], "rows": dict(rows)}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
 print(f"\nGPU check on {train['machine']}\n| measurement | value |\n|---|---|")
