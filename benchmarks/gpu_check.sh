@@ -70,10 +70,12 @@ for r in decode["rows"]:
     rows.append((f"decode {r['path']} x{r['threads']} threads (img/s, x pil, max abs diff, same class, max score change)",
                  f"{r['images_per_s']:.0f}, {r['vs_pil']:.2f}, {r['max_abs_diff']}, {r['same_class']:.3f}, "
                  f"{r['max_score_change']:.4f}"))
+def shown(value, form):
+    return "-" if value is None else form.format(value)
 for r in serve["results"]:
     rows.append((f"serve {r['config']} (img/s, p95 ms, x raw, CPU ms/img, busiest loop)",
-                 f"{r['images_per_s']:.1f}, {r['p95_ms'] or 0:.1f}, {r['vs_raw']:.2f}, "
-                 f"{r['cpu_ms_per_image'] or 0:.2f}, {100 * (r['busiest_loop_share'] or 0):.0f}%"))
+                 f"{r['images_per_s']:.1f}, {shown(r['p95_ms'], '{:.1f}')}, {r['vs_raw']:.2f}, "
+                 f"{shown(r['cpu_ms_per_image'], '{:.2f}')}, {shown(r['busiest_loop_share'], '{:.0%}')}"))
 summary = {"machine": train["machine"], "rows": dict(rows)}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
 print(f"\nGPU check on {train['machine']}\n| measurement | value |\n|---|---|")

@@ -86,8 +86,9 @@ class CpuUse:
 
 
 def cpu_use(pid: int) -> CpuUse | None:
-    """The CPU use of process ``pid`` and its descendants; ``None`` without Linux's ``/proc``."""
-    if not Path(f"/proc/{pid}/stat").exists():
+    """The CPU use of process ``pid`` and its descendants; ``None`` without Linux's ``/proc`` (or
+    its list of children, which some kernels lack)."""
+    if not Path(f"/proc/{pid}/task/{pid}/children").exists():
         return None
     total, main_threads = 0.0, {}
     for process in [pid, *_descendants(pid)]:

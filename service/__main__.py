@@ -15,12 +15,15 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from service.app import create_app
 from service.logs import configure_logging
@@ -35,15 +38,11 @@ def main() -> None:
     except ValidationError as error:
         raise SystemExit(f"mixoe-serve: invalid settings (flags or MIXOE_* variables):\n{_describe(error)}") from None
     configure_logging(settings.log_level)
-    if settings.workers == 1:
-        _serve(create_app(settings), settings)
-        return
-    # Workers are fresh interpreters: they read the parsed settings back from the environment,
-    # and prometheus_client must see the shared directory before they import it.
-    os.environ.update(settings.environment())
-    with _metrics_directory() as directory:
-        os.environ[MULTIPROCESS_DIRECTORY_VARIABLE] = str(directory)
-        _serve("service.__main__:worker_app", settings, factory=True, workers=settings.workers)
+    with _shared_metrics_directory(settings.workers):
+        if settings.workers == 1:
+            uvicorn.run(create_app(settings), **_server_options(settings))  # exits 3 if start-up fails
+        else:
+            _serve_workers(settings)
 
 
 def worker_app() -> FastAPI:
@@ -53,51 +52,84 @@ def worker_app() -> FastAPI:
     return create_app(settings)
 
 
-def _describe(error: ValidationError) -> str:
-    """One line per bad setting, named as its flag: ``--workers: Input should be ... (got '0')``.
+def export_settings(settings: Settings) -> None:
+    """Make this process's ``MIXOE_*`` variables say exactly ``settings``, for worker processes to read.
 
-    Problems between settings have no single flag and quote none; API keys are never echoed."""
-    lines = []
-    for problem in error.errors():
-        if not problem["loc"]:
-            lines.append(f"  {problem['msg']}")
-            continue
-        name = str(problem["loc"][0])
-        shown = "" if name == "api_keys" else f" (got {problem['input']!r})"
-        lines.append(f"  --{name.replace('_', '-')}: {problem['msg']}{shown}")
-    return "\n".join(lines)
+    Variables for settings that are now unset go too: ``--default-model null`` must not leave the
+    workers reading an older ``MIXOE_DEFAULT_MODEL``."""
+    for key in [key for key in os.environ if key.startswith("MIXOE_")]:
+        del os.environ[key]
+    os.environ.update(settings.environment())
 
 
-def _serve(app: FastAPI | str, settings: Settings, **options: object) -> None:
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep the JSON handlers configured above
-        log_level=settings.log_level,
-        access_log=False,  # service.access logs each request once, as JSON
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
-        server_header=False,
-        **options,
+def _serve_workers(settings: Settings) -> None:
+    """uvicorn's supervisor over ``settings.workers`` spawned processes sharing one listening socket.
+
+    ``uvicorn.run`` would return normally when a worker fails to start (a bad bundle, say); here
+    that is exit status 3, as with one process, so restart policies and scripts see the failure."""
+    export_settings(settings)
+    config = uvicorn.Config(
+        "service.__main__:worker_app", factory=True, workers=settings.workers, **_server_options(settings)
     )
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
+        raise SystemExit(STARTUP_FAILURE)
+
+
+def _server_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,  # keep the JSON handlers configured above
+        "log_level": settings.log_level,
+        "access_log": False,  # service.access logs each request once, as JSON
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_timeout_s),
+        "server_header": False,
+    }
 
 
 @contextmanager
-def _metrics_directory() -> Iterator[Path]:
-    """The directory the workers share their metrics in, emptied first (stale files would count).
+def _shared_metrics_directory(workers: int) -> Iterator[None]:
+    """Prepare the directory where worker processes share their metrics, when there is one.
 
-    ``PROMETHEUS_MULTIPROC_DIR`` when the deployment sets it (a tmpfs volume, say), else a
-    temporary directory removed at exit."""
+    ``PROMETHEUS_MULTIPROC_DIR`` when the deployment sets it (a tmpfs volume, say; it then applies
+    to a single process too), else, for several workers, a temporary directory removed at exit.
+    Emptied first: files of an earlier run would be counted. Set before any worker starts, since
+    prometheus_client reads it when imported."""
     configured = os.environ.get(MULTIPROCESS_DIRECTORY_VARIABLE)
-    if configured is None:
-        with tempfile.TemporaryDirectory(prefix="mixoe-metrics-") as temporary:
-            yield Path(temporary)
+    if configured == "":
+        raise SystemExit(
+            f"mixoe-serve: {MULTIPROCESS_DIRECTORY_VARIABLE} is set but empty: unset it or name a directory"
+        )
+    if configured is None and workers == 1:
+        yield
         return
-    directory = Path(configured)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("*.db"):
-        stale.unlink()
-    yield directory
+    with ExitStack() as cleanup:
+        if configured is None:
+            directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mixoe-metrics-")))
+        else:
+            directory = Path(configured)
+            directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob("*.db"):
+                stale.unlink()
+        os.environ[MULTIPROCESS_DIRECTORY_VARIABLE] = str(directory)
+        yield
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per bad setting: ``--workers / MIXOE_WORKERS: Input should be ... (got '0')``.
+
+    A problem between settings (a queue smaller than one request) has no single name."""
+    lines = []
+    for problem in error.errors():
+        if problem["loc"]:
+            name = str(problem["loc"][0])
+            where = f"--{name.replace('_', '-')} / MIXOE_{name.upper()}: "
+            lines.append(f"  {where}{problem['msg']} (got {problem['input']!r})")
+        else:
+            lines.append(f"  {problem['msg']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ processes those callers run beside it (Prometheus).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from service.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,11 +50,17 @@ def free_port() -> int:
 def start_local_server(settings: Mapping[str, str], log: Path, timeout_s: float = 120.0) -> LocalServer:
     """Start the service with ``settings`` (``Settings`` field names, e.g. ``device``) and wait for ready.
 
-    The parent's own ``MIXOE_*`` variables are not inherited, so only ``settings`` apply; host
-    and port are chosen here. stdout and stderr go to ``log``.
+    Ready means every worker has started (``workers`` > 1: one ready worker would take all the
+    traffic while the others load). The parent's own ``MIXOE_*`` and ``PROMETHEUS_MULTIPROC_DIR``
+    variables are not inherited, so only ``settings`` apply; host and port are chosen here. stdout
+    and stderr go to ``log``.
     """
     port = free_port()
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("MIXOE_")}
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("MIXOE_") and key != MULTIPROCESS_DIRECTORY_VARIABLE
+    }
     environment |= {f"MIXOE_{key.upper()}": value for key, value in settings.items()}
     environment |= {"MIXOE_HOST": "127.0.0.1", "MIXOE_PORT": str(port)}
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -59,11 +68,26 @@ def start_local_server(settings: Mapping[str, str], log: Path, timeout_s: float 
         process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=environment, stdout=sink, stderr=sink)
     server = LocalServer(process, f"http://127.0.0.1:{port}", log)
     try:
+        deadline = time.monotonic() + timeout_s
         wait_until_ok(f"{server.url}/v2/health/ready", process, log, timeout_s)
+        workers = int(settings.get("workers", "1"))
+        while len(started_workers(log)) < workers:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise LocalProcessError(f"{len(started_workers(log))} of {workers} workers started:\n{_tail(log)}")
+            time.sleep(0.1)
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def started_workers(log: Path) -> set[int]:
+    """The pids of the server processes whose JSON log lines in ``log`` say they started serving."""
+    started = set()
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"Application startup complete."' in line:
+            started.add(json.loads(line)["pid"])
+    return started
 
 
 def wait_until_ok(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:

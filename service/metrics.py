@@ -32,7 +32,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, multiprocess
+from prometheus_client.registry import Collector
 
 from models.bundle import Manifest
 
@@ -84,8 +85,8 @@ def multiprocess_directory() -> Path | None:
 def forget_dead_workers(directory: Path) -> None:
     """Drop the live-gauge files of worker processes that no longer exist.
 
-    A worker that crashed leaves its queue depth behind; the supervisor restarts it under a new
-    pid, and without this the dead one's last value would be summed forever."""
+    A worker that crashed leaves its last queue depth behind (the supervisor starts a new one
+    under another pid); without this it would be summed forever."""
     for path in directory.iterdir():
         match = _LIVE_GAUGE_FILE.match(path.name)
         if match and not _process_exists(int(match.group(1))):
@@ -97,16 +98,21 @@ def _process_exists(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: it exists
-        return True
+    except PermissionError:  # it exists, as another user's process
+        pass
     return True
 
 
-def _merged_workers_registry(directory: Path) -> CollectorRegistry:
-    forget_dead_workers(directory)
-    merged = CollectorRegistry()
-    multiprocess.MultiProcessCollector(merged, str(directory))
-    return merged
+class _WorkersCollector(Collector):
+    """Every worker's samples merged, after forgetting the workers that died since the last scrape."""
+
+    def __init__(self, directory: Path):
+        self._directory = directory
+        self._merged = multiprocess.MultiProcessCollector(None, str(directory))
+
+    def collect(self) -> Iterable[Metric]:
+        forget_dead_workers(self._directory)
+        return self._merged.collect()
 
 
 class ServiceMetrics:
@@ -118,7 +124,11 @@ class ServiceMetrics:
     def __init__(self, ood_score_buckets: Sequence[float], max_batch_size: int):
         registry = CollectorRegistry()
         shared = multiprocess_directory()
-        self.registry = registry if shared is None else _merged_workers_registry(shared)
+        if shared is None:
+            self.registry = registry
+        else:
+            self.registry = CollectorRegistry()
+            self.registry.register(_WorkersCollector(shared))
         self.predictions = Counter(
             "mixoe_predictions_total",
             "Images classified, by accept/reject decision (OOD score above threshold = rejected).",

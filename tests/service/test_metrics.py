@@ -120,10 +120,11 @@ def test_workers_metrics_are_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     """With several worker processes /metrics reports their sum, whichever worker answers it; a worker
     that exited (a crash, say) keeps its counts but no longer adds to the queue depth."""
     first, second, exited = _start_workers(tmp_path, (2, 4), (3, 1), (2, 7))
-    _finish(exited)
     try:
         monkeypatch.setenv(MULTIPROCESS_DIRECTORY_VARIABLE, str(tmp_path))
         merged = ServiceMetrics([0.5], 8).registry
+        assert merged.get_sample_value("mixoe_queue_depth", {}) == 12.0
+        _finish(exited)  # after the registry was built: each scrape looks again
         labels = {"model": "tiny", "version": "1", "operating_point": "0.95"}
         assert merged.get_sample_value("mixoe_predictions_total", labels | {"decision": "rejected"}) == 7.0
         assert merged.get_sample_value("mixoe_ood_score_count", {"model": "tiny", "version": "1"}) == 7.0

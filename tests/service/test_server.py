@@ -24,7 +24,7 @@ from tritonclient.http import InferenceServerClient, InferInput, InferRequestedO
 from tritonclient.utils import InferenceServerException
 
 from models.bundle import Predictions
-from service.local import LocalServer, start_local_server
+from service.local import LocalProcessError, LocalServer, start_local_server, started_workers
 from tests.service.helpers import TinyModel, role_files, triton_input
 
 ROLES = ("accepted", "borderline", "rejected")
@@ -159,36 +159,43 @@ def test_sigterm_finishes_queued_work(tiny: TinyModel, tmp_path: Path) -> None:
 def test_several_workers_serve_one_port_and_report_one_set_of_metrics(tiny: TinyModel, tmp_path: Path) -> None:
     """``workers=2``: two processes load the model and answer on the same port; /metrics, whichever of
     them answers it, counts every prediction once; SIGTERM stops both."""
-    served = start_server(tiny.repository, tmp_path / "workers.log", workers="2")
-
-    def started() -> set[object]:
-        return {entry["pid"] for entry in log_lines(served) if entry["message"] == "Application startup complete."}
-
+    served = start_server(tiny.repository, tmp_path / "workers.log", workers="2")  # returns once both started
     try:
-        deadline = time.monotonic() + 60  # ready means one worker is; wait for the other, too
-        while len(started()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(started()) == 2 and served.process.pid not in started()
+        workers = started_workers(served.log)
+        assert len(workers) == 2 and served.process.pid not in workers
         files = role_files(tiny, *ROLES)
 
         def send(_: int) -> int:
             with httpx.Client(base_url=served.url, timeout=30) as client:  # a new connection each
                 return client.post("/predict", files=files).status_code
 
+        def serving() -> set[object]:
+            return {entry["pid"] for entry in log_lines(served) if entry["message"] == "POST /predict 200"}
+
+        sent = 0
         with ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(send, range(24)))
-        assert codes == [200] * 24
-        metrics = {
-            (family.name, tuple(sorted(sample.labels.items()))): sample.value
+            while serving() != workers and sent < 400:  # which worker accepts a connection is the kernel's choice
+                assert list(pool.map(send, range(8))) == [200] * 8
+                sent += 8
+        assert serving() == workers
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(httpx.get(f"{served.url}/metrics").text)
             for sample in family.samples
         }
-        predictions = sum(value for (name, _), value in metrics.items() if name == "mixoe_predictions")
-        assert predictions == 24 * len(ROLES)
-        assert [value for (name, _), value in metrics.items() if name == "mixoe_model_info"] == [1.0]
-        assert metrics[("mixoe_queue_depth", ())] == 0.0
+        predictions = sum(value for (name, _), value in samples.items() if name == "mixoe_predictions_total")
+        assert predictions == sent * len(ROLES)
+        assert [value for (name, _), value in samples.items() if name == "mixoe_model_info"] == [1.0]
+        assert samples[("mixoe_queue_depth", ())] == 0.0
     finally:
         status = served.stop()
     assert status in (0, -signal.SIGTERM)
     finished = {entry["pid"] for entry in log_lines(served) if entry["message"] == "Application shutdown complete."}
-    assert finished == started()
+    assert finished == workers
+
+
+def test_a_worker_that_cannot_start_stops_the_server_with_status_3(tmp_path: Path) -> None:
+    """A bad repository fails every worker's start-up; the supervisor must not exit 0 (restart policies
+    and scripts would take that for a clean stop)."""
+    with pytest.raises(LocalProcessError, match="exited with 3"):
+        start_server(tmp_path / "missing", tmp_path / "failing.log", workers="2")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from service.__main__ import export_settings
 from service.settings import EMBEDDED_REPOSITORY, Settings
 
 
@@ -78,17 +79,42 @@ def test_environment_of_the_defaults_leaves_optional_fields_unset() -> None:
     assert (environment["MIXOE_MODELS"], environment["MIXOE_WORKERS"]) == ("", "1")
 
 
-def test_bad_settings_stop_the_server_with_a_message_not_a_traceback() -> None:
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("MIXOE_")}
-    environment |= {"MIXOE_QUEUE_SIZE": "2", "MIXOE_API_KEYS": "s3cret"}
+def test_export_settings_leaves_workers_exactly_these_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # export_settings edits the process environment
+    os.environ |= {"MIXOE_DEFAULT_MODEL": "stale", "MIXOE_MAX_FILES": "3", "OTHER": "kept"}
+    settings = Settings(max_batch_size=8)  # reads the stale variables, then a flag unsets one
+    settings = settings.model_copy(update={"default_model": None})
+    export_settings(settings)
+    assert "MIXOE_DEFAULT_MODEL" not in os.environ and os.environ["OTHER"] == "kept"
+    assert Settings() == settings
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environment", "expected"),
+    [
+        (
+            ["--workers", "0", "--device", "tpu"],
+            {},
+            [
+                "--workers / MIXOE_WORKERS: Input should be greater than or equal to 1 (got '0')",
+                "--device / MIXOE_DEVICE: String should match pattern",
+            ],
+        ),
+        ([], {"MIXOE_QUEUE_SIZE": "2"}, ["queue_size (2) must hold at least one full request (max_files=64)"]),
+        ([], {"PROMETHEUS_MULTIPROC_DIR": ""}, ["PROMETHEUS_MULTIPROC_DIR is set but empty"]),
+    ],
+    ids=["flags", "between-settings", "empty-metrics-directory"],
+)
+def test_bad_settings_stop_the_server_with_a_message_not_a_traceback(
+    arguments: list[str], environment: dict[str, str], expected: list[str]
+) -> None:
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith("MIXOE_")}
     finished = subprocess.run(
-        [sys.executable, "-m", "service", "--workers", "0", "--device", "tpu"],
-        env=environment,
+        [sys.executable, "-m", "service", *arguments],
+        env=inherited | environment,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert finished.returncode == 1 and "Traceback" not in finished.stderr
-    assert "--workers: Input should be greater than or equal to 1 (got '0')" in finished.stderr
-    assert "--device: String should match pattern" in finished.stderr
-    assert "s3cret" not in finished.stderr
+    assert all(line in finished.stderr for line in expected), finished.stderr
