@@ -17,13 +17,29 @@
 # into a folder, copy it over and point WHEELS at it; they are installed into a private folder.
 #
 #   FLOWERS=../shared/data/flowers17 TINY=../shared/data/tinyimagenet200 bash benchmarks/gpu_check.sh
+#
+# QUICK=1 runs every step at toy sizes (ResNet-18 at 64 px, one epoch, seconds of serving): a dry
+# run of this script on any machine, a CPU included, so a GPU session is not spent on a typo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-benchmarks/out/gpu_check}
 FLOWERS=${FLOWERS:-../shared/data/flowers17}
 TINY=${TINY:-../shared/data/tinyimagenet200}
 PYTHON=${PYTHON:-python3}
+rm -rf "$OUT_DIR/run" "$OUT_DIR/repository"  # a fresh fine-tune each time, never a resumed one
 mkdir -p "$OUT_DIR"
+if [ "${QUICK:-0}" = 1 ]; then
+  train_sizes=(--arch resnet18 --size 64 --batch 8 --warmup 1 --steps 3 --workers 2 --reference-workers 2)
+  pipeline_sizes=(--set epochs=1 --set baseline.epochs=1 --set data.transforms.input_size=64
+                  --set data.transforms.resize=73 --set data.num_workers=2)
+  decode_sizes=(--max-images 40 --threads 1 2)
+  serve_sizes=(--max-images 64 --workers 1 2 --clients 8 --duration 3 --raw-seconds 1)
+else
+  train_sizes=(--arch resnet50 --size 448 --batch 32)
+  pipeline_sizes=(--set epochs=3 --set baseline.epochs=3)
+  decode_sizes=(--threads 1 8)
+  serve_sizes=(--workers 1 4 --clients 64 --duration 10 --raw-seconds 5)
+fi
 if [ -n "${WHEELS:-}" ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/mixoe-site "$WHEELS"/*.whl
   export PYTHONPATH=/tmp/mixoe-site${PYTHONPATH:+:$PYTHONPATH}
@@ -33,22 +49,21 @@ GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 WEIGHTS=$("$PYTHON" -c "from models.nets import offline_mobilenet_v2_weights as w; print(w())")
 echo "gpu_check: $GPUS GPU(s); output in $OUT_DIR"
 
-"$PYTHON" benchmarks/train_throughput.py --arch resnet50 --size 448 --batch 32 \
+"$PYTHON" benchmarks/train_throughput.py "${train_sizes[@]}" \
   --data "$FLOWERS" --outliers "$TINY/train" --out "$OUT_DIR/train_throughput.json"
 
 launcher=("$PYTHON" -m training)
 [ "$GPUS" -gt 1 ] && launcher=(torchrun --standalone --nproc_per_node="$GPUS" -m training)
 "${launcher[@]}" pipeline benchmarks/configs/flowers17_mixoe.yaml \
   --set pretrained="$WEIGHTS" --set data.root="$FLOWERS" --set outliers.root="$TINY/train" \
-  --set evaluation.ood_sets.coarse="$TINY/val" --set epochs=3 --set baseline.epochs=3 \
+  --set evaluation.ood_sets.coarse="$TINY/val" "${pipeline_sizes[@]}" \
   --set export.repository="$OUT_DIR/repository" --output-dir "$OUT_DIR/run"
 
 "$PYTHON" benchmarks/decode_bench.py --bundle "$OUT_DIR/repository/flowers17-mixoe/1" \
-  --images "$FLOWERS/images" --threads 1 8 --out "$OUT_DIR/decode_bench.json"
+  --images "$FLOWERS/images" "${decode_sizes[@]}" --out "$OUT_DIR/decode_bench.json"
 
 "$PYTHON" benchmarks/serve_bench.py --bundle "$OUT_DIR/repository/flowers17-mixoe/1" \
-  --images "$FLOWERS/images" --workers 1 4 --clients 64 --duration 10 --raw-seconds 5 \
-  --out "$OUT_DIR/serve_bench.json"
+  --images "$FLOWERS/images" "${serve_sizes[@]}" --out "$OUT_DIR/serve_bench.json"
 
 "$PYTHON" - "$OUT_DIR" <<'PY'
 import json, sys
