@@ -22,7 +22,7 @@
 # run of this script on any machine, a CPU included, so a GPU session is not spent on a typo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${OUT_DIR:-benchmarks/out/gpu_check}
+OUT_DIR=${OUT_DIR:-benchmarks/out/gpu_check$([ "${QUICK:-0}" = 1 ] && echo _quick)}
 FLOWERS=${FLOWERS:-../shared/data/flowers17}
 TINY=${TINY:-../shared/data/tinyimagenet200}
 PYTHON=${PYTHON:-python3}

@@ -57,6 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "flowers17" / "images"
 BOUNDARY = "mixoe-serve-bench"
 DECODE_LIMITS = {"max_bytes": 64 * 1024 * 1024, "max_pixels": 100_000_000}
+# A request unanswered this long counts as an error: a hung server delays a run's end by at most this.
+REQUEST_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -78,26 +80,42 @@ class RunResult:
 
 
 @dataclass(frozen=True)
-class CpuUse:
-    """CPU seconds a server has used so far: in total, and by each process's main thread (its event loop)."""
+class ProcessCpu:
+    """CPU seconds one process has used so far: all its threads, and its main thread (a worker's event loop)."""
 
     total: float
-    main_threads: dict[int, float]
+    main_thread: float
 
 
-def cpu_use(pid: int) -> CpuUse | None:
-    """The CPU use of process ``pid`` and its descendants; ``None`` without Linux's ``/proc`` (or
-    its list of children, which some kernels lack)."""
+def cpu_use(pid: int) -> dict[int, ProcessCpu] | None:
+    """The CPU use of process ``pid`` and each of its descendants; ``None`` without Linux's ``/proc``
+    (or its list of children, which some kernels lack)."""
     if not Path(f"/proc/{pid}/task/{pid}/children").exists():
         return None
-    total, main_threads = 0.0, {}
+    use = {}
     for process in [pid, *_descendants(pid)]:
         try:
-            total += _cpu_seconds(Path(f"/proc/{process}/stat"))
-            main_threads[process] = _cpu_seconds(Path(f"/proc/{process}/task/{process}/stat"))
+            use[process] = ProcessCpu(
+                _cpu_seconds(Path(f"/proc/{process}/stat")), _cpu_seconds(Path(f"/proc/{process}/task/{process}/stat"))
+            )
         except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
             continue
-    return CpuUse(total, main_threads)
+    return use
+
+
+def cpu_columns(
+    before: dict[int, ProcessCpu] | None, after: dict[int, ProcessCpu] | None, images: int, seconds: float
+) -> tuple[float | None, float | None]:
+    """(server CPU ms per image, the busiest event loop's share of the run), over the processes that
+    lived through the whole run; ``(None, None)`` when that cannot be known."""
+    if before is None or after is None or not images:
+        return None, None
+    lived = before.keys() & after.keys()
+    if lived != before.keys() | after.keys():
+        print("note: server processes came or went during the run; CPU counts those that lived through it")
+    total = sum(after[pid].total - before[pid].total for pid in lived)
+    busiest = max(after[pid].main_thread - before[pid].main_thread for pid in lived)
+    return 1000 * total / images, busiest / seconds
 
 
 def _descendants(pid: int) -> list[int]:
@@ -230,27 +248,32 @@ async def _drive(
     deadline = started + seconds
 
     async def client() -> int:
-        """One keep-alive connection; the number of answers other than 200."""
+        """One keep-alive connection (reopened when the server closes it or it breaks); the number
+        of requests answered with anything but 200, or not answered at all."""
         errors = 0
-        reader, writer = await asyncio.open_connection(host, port)
+        connection = None
         try:
             while time.perf_counter() < deadline:
                 index = next(counter)
                 if index >= max_requests:
                     break
                 sent = time.perf_counter()
-                writer.write(requests[index % len(requests)])
-                await writer.drain()
-                status, keep_alive = await read_response(reader)
+                try:
+                    connection = connection or await asyncio.open_connection(host, port)
+                    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                        status, keep_alive = await exchange(*connection, requests[index % len(requests)])
+                except (OSError, EOFError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+                    status, keep_alive = None, False
                 if status == 200:
                     latencies.append(time.perf_counter() - sent)
                 else:
                     errors += 1
-                if not keep_alive:
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(host, port)
+                if not keep_alive and connection is not None:
+                    connection[1].close()
+                    connection = None
         finally:
-            writer.close()
+            if connection is not None:
+                connection[1].close()
         return errors
 
     errors = await asyncio.gather(*(client() for _ in range(clients)))
@@ -264,11 +287,16 @@ def request_head(host: str, content_length: int) -> bytes:
     ).encode()
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """Read one HTTP/1.1 response whole (the service always sends Content-Length); its status, and
-    whether the connection stays open."""
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bool]:
+    """Send one request and read its response whole: its status, and whether the connection stays open.
+
+    The service always sends Content-Length; a response without one is a ``ValueError``."""
+    writer.write(request)
+    await writer.drain()
     head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
     fields = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in head[1:])}
+    if "content-length" not in fields:
+        raise ValueError(f"a response without Content-Length: {head[0]!r}")
     await reader.readexactly(int(fields["content-length"]))
     return int(head[0].split(" ", 2)[1]), fields.get("connection", "").lower() != "close"
 
@@ -357,12 +385,7 @@ def measure_server(
     finally:
         server.stop(timeout_s=60)
     images = len(latencies) * args.images_per_request
-    cpu_ms_per_image = busiest_loop_share = None
-    if cpu_before is not None and cpu_after is not None and images:
-        cpu_ms_per_image = 1000 * (cpu_after.total - cpu_before.total) / images
-        busiest_loop_share = max(
-            (seconds - cpu_before.main_threads.get(pid, 0.0)) / elapsed for pid, seconds in cpu_after.main_threads.items()
-        )
+    cpu_ms_per_image, busiest_loop_share = cpu_columns(cpu_before, cpu_after, images, elapsed)
     return RunResult(
         config=config,
         max_batch_size=max_batch_size,

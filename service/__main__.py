@@ -11,6 +11,7 @@ the batch queues, in every worker.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -46,10 +47,17 @@ def main() -> None:
 
 
 def worker_app() -> FastAPI:
-    """The app of one worker process (``MIXOE_WORKERS`` > 1), configured by the parent's variables."""
-    settings = Settings()
-    configure_logging(settings.log_level)
-    return create_app(settings)
+    """The app of one worker process (``MIXOE_WORKERS`` > 1), configured by the parent's variables.
+
+    A failure here exits with uvicorn's start-up failure status, which stops the supervisor; any
+    other status would make it restart the worker, and fail again, forever."""
+    try:
+        settings = Settings()
+        configure_logging(settings.log_level)
+        return create_app(settings)
+    except Exception:
+        logging.getLogger("mixoe.service").exception("worker %d could not build the app", os.getpid())
+        raise SystemExit(STARTUP_FAILURE) from None
 
 
 def export_settings(settings: Settings) -> None:
@@ -57,7 +65,7 @@ def export_settings(settings: Settings) -> None:
 
     Variables for settings that are now unset go too: ``--default-model null`` must not leave the
     workers reading an older ``MIXOE_DEFAULT_MODEL``."""
-    for key in [key for key in os.environ if key.startswith("MIXOE_")]:
+    for key in [key for key in os.environ if key.upper().startswith("MIXOE_")]:  # names are case-blind
         del os.environ[key]
     os.environ.update(settings.environment())
 
@@ -69,7 +77,11 @@ def _serve_workers(settings: Settings) -> None:
     that is exit status 3, as with one process, so restart policies and scripts see the failure."""
     export_settings(settings)
     config = uvicorn.Config(
-        "service.__main__:worker_app", factory=True, workers=settings.workers, **_server_options(settings)
+        "service.__main__:worker_app",
+        factory=True,
+        workers=settings.workers,
+        timeout_worker_healthcheck=settings.worker_timeout_s,  # uvicorn's 5 s is short for a GPU model
+        **_server_options(settings),
     )
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])
     supervisor.run()

@@ -51,15 +51,19 @@ def start_local_server(settings: Mapping[str, str], log: Path, timeout_s: float 
     """Start the service with ``settings`` (``Settings`` field names, e.g. ``device``) and wait for ready.
 
     Ready means every worker has started (``workers`` > 1: one ready worker would take all the
-    traffic while the others load). The parent's own ``MIXOE_*`` and ``PROMETHEUS_MULTIPROC_DIR``
+    traffic while the others load; their info-level start-up lines in ``log`` tell, so a higher
+    ``log_level`` is refused then). The parent's own ``MIXOE_*`` and ``PROMETHEUS_MULTIPROC_DIR``
     variables are not inherited, so only ``settings`` apply; host and port are chosen here. stdout
     and stderr go to ``log``.
     """
+    workers = int(settings.get("workers", "1"))
+    if workers > 1 and settings.get("log_level", "info") not in ("info", "debug"):
+        raise ValueError("workers are seen starting in their info-level log: log_level must be info or debug")
     port = free_port()
     environment = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith("MIXOE_") and key != MULTIPROCESS_DIRECTORY_VARIABLE
+        if not key.upper().startswith("MIXOE_") and key != MULTIPROCESS_DIRECTORY_VARIABLE
     }
     environment |= {f"MIXOE_{key.upper()}": value for key, value in settings.items()}
     environment |= {"MIXOE_HOST": "127.0.0.1", "MIXOE_PORT": str(port)}
@@ -70,10 +74,12 @@ def start_local_server(settings: Mapping[str, str], log: Path, timeout_s: float 
     try:
         deadline = time.monotonic() + timeout_s
         wait_until_ok(f"{server.url}/v2/health/ready", process, log, timeout_s)
-        workers = int(settings.get("workers", "1"))
-        while len(started_workers(log)) < workers:
+        while workers > 1 and len(started_workers(log)) < workers:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise LocalProcessError(f"{len(started_workers(log))} of {workers} workers started:\n{_tail(log)}")
+                raise LocalProcessError(
+                    f"{len(started_workers(log))} of {workers} workers started (exit status "
+                    f"{process.returncode}):\n{_tail(log)}"
+                )
             time.sleep(0.1)
     except BaseException:
         server.stop()
@@ -86,7 +92,10 @@ def started_workers(log: Path) -> set[int]:
     started = set()
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("{") and '"Application startup complete."' in line:
-            started.add(json.loads(line)["pid"])
+            try:
+                started.add(json.loads(line)["pid"])
+            except json.JSONDecodeError:  # the last line, still being written
+                continue
     return started
 
 

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         description="Server processes sharing the device, each with its own copy of the models, batcher and "
         "event loop; more than one when a single Python process cannot keep a GPU busy.",
     )
+    worker_timeout_s: int = Field(
+        30,
+        ge=1,
+        description="With several workers: one that does not answer the supervisor's ping, or is not serving this "
+        "long after a restart (SIGHUP), is killed and replaced; a worker that died goes unnoticed up to this long.",
+    )
 
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most images per model batch.")
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill up.")

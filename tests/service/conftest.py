@@ -13,20 +13,15 @@ from fastapi.testclient import TestClient
 from models.bundle import Bundle, Predictions, load_bundle
 from service.app import create_app
 from service.decoding import decode_image
-from service.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
 from service.settings import Settings
 from tests.service.helpers import TinyModel, build_tiny_bundle
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_mixoe_environment() -> Iterator[None]:
-    """A developer's MIXOE_* variables must not leak into the settings the tests build, nor a
-    PROMETHEUS_MULTIPROC_DIR into the metrics (the multiprocess tests set their own)."""
-    saved = {
-        key: os.environ.pop(key)
-        for key in list(os.environ)
-        if key.startswith("MIXOE_") or key == MULTIPROCESS_DIRECTORY_VARIABLE
-    }
+    """A developer's MIXOE_* variables (matched case-blind, as settings read them) must not leak
+    into the settings the tests build."""
+    saved = {key: os.environ.pop(key) for key in list(os.environ) if key.upper().startswith("MIXOE_")}
     yield
     os.environ.update(saved)
 

@@ -198,4 +198,4 @@ def test_a_worker_that_cannot_start_stops_the_server_with_status_3(tmp_path: Pat
     """A bad repository fails every worker's start-up; the supervisor must not exit 0 (restart policies
     and scripts would take that for a clean stop)."""
     with pytest.raises(LocalProcessError, match="exited with 3"):
-        start_server(tmp_path / "missing", tmp_path / "failing.log", workers="2")
+        start_server(tmp_path / "missing", tmp_path / "failing.log", workers="2", worker_timeout_s="3")

@@ -81,11 +81,12 @@ def test_environment_of_the_defaults_leaves_optional_fields_unset() -> None:
 
 def test_export_settings_leaves_workers_exactly_these_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "environ", os.environ.copy())  # export_settings edits the process environment
-    os.environ |= {"MIXOE_DEFAULT_MODEL": "stale", "MIXOE_MAX_FILES": "3", "OTHER": "kept"}
+    os.environ |= {"mixoe_default_model": "stale", "MIXOE_MAX_FILES": "3", "OTHER": "kept"}  # names are case-blind
     settings = Settings(max_batch_size=8)  # reads the stale variables, then a flag unsets one
+    assert settings.default_model == "stale"
     settings = settings.model_copy(update={"default_model": None})
     export_settings(settings)
-    assert "MIXOE_DEFAULT_MODEL" not in os.environ and os.environ["OTHER"] == "kept"
+    assert "mixoe_default_model" not in os.environ and os.environ["OTHER"] == "kept"
     assert Settings() == settings
 
 
