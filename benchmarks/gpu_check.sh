@@ -88,9 +88,10 @@ for r in decode["rows"]:
 def shown(value, form):
     return "-" if value is None else form.format(value)
 for r in serve["results"]:
-    rows.append((f"serve {r['config']} (img/s, p95 ms, x raw, CPU ms/img, busiest loop)",
+    rows.append((f"serve {r['config']} (img/s, p95 ms, x raw, CPU ms/img, busiest loop, busiest client)",
                  f"{r['images_per_s']:.1f}, {shown(r['p95_ms'], '{:.1f}')}, {r['vs_raw']:.2f}, "
-                 f"{shown(r['cpu_ms_per_image'], '{:.2f}')}, {shown(r['busiest_loop_share'], '{:.0%}')}"))
+                 f"{shown(r['cpu_ms_per_image'], '{:.2f}')}, {shown(r['busiest_loop_share'], '{:.0%}')}, "
+                 f"{shown(r['busiest_client_share'], '{:.0%}')}"))
 summary = {"machine": train["machine"], "rows": dict(rows)}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
 print(f"\nGPU check on {train['machine']}\n| measurement | value |\n|---|---|")

@@ -21,7 +21,8 @@ short unmeasured warm-up. Server throughput counts images answered with 200 per 
 per request, measured by the client. The server's mean batch size comes from its ``/metrics``.
 Where ``/proc`` exists (Linux) two more columns say what limits a server: its CPU time per image
 (every process and thread of it) and how busy its busiest event loop was (a worker's main thread;
-near 100% means that one thread is the bottleneck, and more ``--workers`` should help).
+near 100% means that one thread is the bottleneck, and more ``--workers`` should help). The
+busiest load-generator process's CPU share says whether the client limited the run instead.
 The device defaults to ``auto`` (CUDA when present), so the same command runs on a GPU node; there,
 use ``--client-processes`` so that the load generator is not the bottleneck.
 
@@ -77,6 +78,7 @@ class RunResult:
     seconds: float
     cpu_ms_per_image: float | None = None
     busiest_loop_share: float | None = None
+    busiest_client_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -236,15 +238,16 @@ def request_bodies(jpegs: list[tuple[str, bytes]], per_request: int) -> list[byt
 
 async def _drive(
     url: str, bodies: list[bytes], clients: int, max_requests: int, seconds: float, start_at: float
-) -> tuple[list[float], int, float]:
-    """``clients`` connections posting back to back; returns (latencies of 200s, errors, elapsed)."""
+) -> tuple[list[float], int, float, float]:
+    """``clients`` connections posting back to back: (latencies of 200s, errors, elapsed, this
+    process's CPU share of that time; near 1, the load generator limits the run)."""
     address = httpx.URL(url)
     host, port = address.host, address.port or 80
     requests = [request_head(f"{host}:{port}", len(body)) + body for body in bodies]
     latencies: list[float] = []
     counter = itertools.count()
     await asyncio.sleep(max(0.0, start_at - time.time()))
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     deadline = started + seconds
 
     async def client() -> int:
@@ -277,7 +280,8 @@ async def _drive(
         return errors
 
     errors = await asyncio.gather(*(client() for _ in range(clients)))
-    return latencies, sum(errors), time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    return latencies, sum(errors), elapsed, (time.process_time() - cpu_started) / elapsed
 
 
 def request_head(host: str, content_length: int) -> bytes:
@@ -301,7 +305,7 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r
     return int(head[0].split(" ", 2)[1]), fields.get("connection", "").lower() != "close"
 
 
-def _drive_process(job: tuple[str, list[bytes], int, int, float, float]) -> tuple[list[float], int, float]:
+def _drive_process(job: tuple[str, list[bytes], int, int, float, float]) -> tuple[list[float], int, float, float]:
     return asyncio.run(_drive(*job))
 
 
@@ -311,8 +315,9 @@ def _ready_check(_: int) -> int:
 
 def drive(
     url: str, bodies: list[bytes], clients: int, processes: int, max_requests: int, seconds: float
-) -> tuple[list[float], int, float]:
-    """Split the clients over ``processes`` load-generator processes that start together."""
+) -> tuple[list[float], int, float, float]:
+    """Split the clients over ``processes`` load-generator processes that start together; the last
+    value is the busiest one's CPU share."""
     if processes == 1:
         return asyncio.run(_drive(url, bodies, clients, max_requests, seconds, time.time()))
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
@@ -326,7 +331,12 @@ def drive(
         ]
         outcomes = pool.map(_drive_process, jobs)
     latencies = [latency for outcome in outcomes for latency in outcome[0]]
-    return latencies, sum(outcome[1] for outcome in outcomes), max(outcome[2] for outcome in outcomes)
+    return (
+        latencies,
+        sum(outcome[1] for outcome in outcomes),
+        max(outcome[2] for outcome in outcomes),
+        max(outcome[3] for outcome in outcomes),
+    )
 
 
 def batch_totals(url: str) -> tuple[float, float]:
@@ -377,7 +387,7 @@ def measure_server(
         )  # warm-up, not measured
         images_before, batches_before = batch_totals(url)
         cpu_before = cpu_use(server.process.pid)
-        latencies, errors, elapsed = drive(
+        latencies, errors, elapsed, busiest_client_share = drive(
             url, bodies, args.clients, args.client_processes, args.requests, args.duration
         )
         cpu_after = cpu_use(server.process.pid)
@@ -399,12 +409,13 @@ def measure_server(
         seconds=elapsed,
         cpu_ms_per_image=cpu_ms_per_image,
         busiest_loop_share=busiest_loop_share,
+        busiest_client_share=busiest_client_share,
     )
 
 
 _COLUMNS = (
     "config", "batch", "requests", "errors", "img/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "cpu ms/img",
-    "loop busy", "vs raw",
+    "loop busy", "client busy", "vs raw",
 )
 
 
@@ -425,6 +436,7 @@ def print_table(results: list[RunResult], raw_rate: float) -> None:
             number(r.mean_batch_size),
             "-" if r.cpu_ms_per_image is None else f"{r.cpu_ms_per_image:.2f}",
             "-" if r.busiest_loop_share is None else f"{100 * r.busiest_loop_share:.0f}%",
+            "-" if r.busiest_client_share is None else f"{100 * r.busiest_client_share:.0f}%",
             f"{r.images_per_s / raw_rate:.2f}",
         )
         for r in results
