@@ -6,7 +6,11 @@ each decoder path and thread count, in one run (compare the ratios):
 
 * ``pil``          PIL decode -> ``Bundle.pixels`` (the calibration pipeline);
 * ``torchvision``  ``decode_jpeg`` on the CPU (libjpeg-turbo, same pixels as PIL) -> crop;
-* ``nvjpeg``       ``decode_jpeg`` on the GPU, resize and crop on the GPU (CUDA only).
+* ``nvjpeg``       ``decode_jpeg`` on the GPU, resize and crop on the GPU (CUDA only);
+* ``*-batched``    one ``decode_jpeg`` call per ``--batch`` images (torchvision on the CPU, nvjpeg on a
+                   GPU, where batches decode in parallel), in the calling thread only, without the
+                   service's header checks: whether the service should gather a request's, or
+                   several requests', JPEGs into one call.
 
 With more threads than one, the speed-up over one thread shows whether the decoder releases the
 GIL. Against the PIL crops the thresholds were calibrated on, each path reports the largest
@@ -26,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from machine import machine_name
 from models.bundle import Bundle, load_bundle
@@ -42,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder searched for *.jpg / *.jpeg")
     parser.add_argument("--max-images", type=int, default=400)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--batch", type=int, default=32, help="images per call on the batched path")
     parser.add_argument("--device", default="auto", help="where the model (and nvjpeg) runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "decode_bench.json")
     return parser.parse_args()
@@ -60,6 +66,23 @@ def decoders(bundle: Bundle) -> dict[str, Callable[[bytes], torch.Tensor]]:
     if bundle.device.type == "cuda":
         paths["nvjpeg"] = lambda data, s=settings(True): prepare_image(Upload("x.jpg", data), bundle, s)
     return paths
+
+
+def decode_batched(bundle: Bundle, jpegs: list[bytes]) -> list[torch.Tensor]:
+    """Crops of ``jpegs`` decoded in one ``decode_jpeg`` call on the model's device (all are plain JPEGs)."""
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+    return [bundle.pixels(image) for image in decode_jpeg(encoded, mode=ImageReadMode.RGB, device=bundle.device)]
+
+
+def batched_rate(bundle: Bundle, jpegs: list[bytes], batch: int, cuda: bool) -> float:
+    """Images per second through :func:`decode_batched`, ``batch`` at a time (after one warm-up call)."""
+    decode_batched(bundle, jpegs[:batch])
+    started = time.perf_counter()
+    for first in range(0, len(jpegs), batch):
+        decode_batched(bundle, jpegs[first : first + batch])
+    if cuda:
+        torch.cuda.synchronize()
+    return len(jpegs) / (time.perf_counter() - started)
 
 
 def rate(decode: Callable[[bytes], torch.Tensor], jpegs: list[bytes], threads: int, cuda: bool) -> float:
@@ -81,25 +104,33 @@ def main() -> None:
     paths = decoders(bundle)
     reference = torch.stack([paths["pil"](data) for data in jpegs])
     expected = bundle.predict(reference)
-    rows = []
-    for name, decode in paths.items():
-        crops = torch.stack([decode(data).to(reference.device) for data in jpegs])
-        predicted = bundle.predict(crops)
-        agreement = {
-            "max_abs_diff": int((crops.int() - reference.int()).abs().max()),
+    cuda = device.type == "cuda"
+
+    def agreement(crops: list[torch.Tensor]) -> dict[str, float]:
+        stacked = torch.stack([crop.to(reference.device) for crop in crops])
+        predicted = bundle.predict(stacked)
+        return {
+            "max_abs_diff": int((stacked.int() - reference.int()).abs().max()),
             "same_class": float((predicted.logits.argmax(1) == expected.logits.argmax(1)).float().mean()),
             "max_score_change": float((predicted.scores - expected.scores).abs().max()),
         }
+
+    rows = []
+    for name, decode in paths.items():
+        agrees = agreement([decode(data) for data in jpegs])
         for threads in args.threads:
-            rows.append({"path": name, "threads": threads,
-                         "images_per_s": rate(decode, jpegs, threads, device.type == "cuda"), **agreement})
+            rows.append({"path": name, "threads": threads, "images_per_s": rate(decode, jpegs, threads, cuda)} | agrees)
+    batched = [crop for first in range(0, len(jpegs), args.batch)
+               for crop in decode_batched(bundle, jpegs[first : first + args.batch])]
+    rows.append({"path": ("nvjpeg" if cuda else "torchvision") + "-batched", "threads": 1,
+                 "images_per_s": batched_rate(bundle, jpegs, args.batch, cuda), **agreement(batched)})
     base = {row["threads"]: row["images_per_s"] for row in rows if row["path"] == "pil"}
     print(f"{len(jpegs)} JPEGs from {args.images}; {machine_name(device)}")
-    print(f"{'path':<12} {'threads':>7} {'img/s':>9} {'vs pil':>7} {'max |diff|':>10} {'same class':>10} "
+    print(f"{'path':<20} {'threads':>7} {'img/s':>9} {'vs pil':>7} {'max |diff|':>10} {'same class':>10} "
           f"{'max score change':>16}")
     for row in rows:
         row["vs_pil"] = row["images_per_s"] / base[row["threads"]]
-        print(f"{row['path']:<12} {row['threads']:>7} {row['images_per_s']:>9.1f} {row['vs_pil']:>7.2f} "
+        print(f"{row['path']:<20} {row['threads']:>7} {row['images_per_s']:>9.1f} {row['vs_pil']:>7.2f} "
               f"{row['max_abs_diff']:>10} {row['same_class']:>10.3f} {row['max_score_change']:>16.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine_name(device), "device": str(device), "torch": torch.__version__,
