@@ -9,6 +9,7 @@ worker processes share one port and one set of metrics.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -192,6 +193,38 @@ def test_several_workers_serve_one_port_and_report_one_set_of_metrics(tiny: Tiny
     assert status in (0, -signal.SIGTERM)
     finished = {entry["pid"] for entry in log_lines(served) if entry["message"] == "Application shutdown complete."}
     assert finished == workers
+
+
+def test_killed_workers_are_replaced_and_counts_never_go_back(tiny: TinyModel, tmp_path: Path) -> None:
+    """Both workers are killed: the supervisor starts two new ones, which serve, and /metrics still
+    counts what the dead ones answered (a counter that fell back would read as a reset)."""
+    served = start_server(tiny.repository, tmp_path / "killed.log", workers="2")
+    try:
+        files = role_files(tiny, "accepted")
+
+        def predict() -> None:
+            assert httpx.post(f"{served.url}/predict", files=files, timeout=60).status_code == 200
+
+        def samples(name: str) -> list[float]:
+            families = text_string_to_metric_families(httpx.get(f"{served.url}/metrics").text)
+            return [sample.value for family in families for sample in family.samples if sample.name == name]
+
+        for _ in range(6):
+            predict()
+        first = started_workers(served.log)
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(started_workers(served.log) - first) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(started_workers(served.log) - first) == 2
+        for _ in range(2):
+            predict()
+        assert samples("mixoe_predictions_total") == [8.0]
+        assert samples("mixoe_model_info") == [1.0] and samples("mixoe_queue_depth") == [0.0]
+    finally:
+        status = served.stop()
+    assert status in (0, -signal.SIGTERM)
 
 
 def test_a_worker_that_cannot_start_stops_the_server_with_status_3(tmp_path: Path) -> None:
