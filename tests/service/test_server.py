@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from models.bundle import Predictions
 from service.local import LocalProcessError, LocalServer, start_local_server, started_workers
-from tests.service.helpers import TinyModel, role_files, triton_input
+from tests.service.helpers import TinyModel, build_tiny_bundle, role_files, triton_input
 
 ROLES = ("accepted", "borderline", "rejected")
 
@@ -222,6 +222,51 @@ def test_killed_workers_are_replaced_and_counts_never_go_back(tiny: TinyModel, t
             predict()
         assert samples("mixoe_predictions_total") == [8.0]
         assert samples("mixoe_model_info") == [1.0] and samples("mixoe_queue_depth") == [0.0]
+    finally:
+        status = served.stop()
+    assert status in (0, -signal.SIGTERM)
+
+
+def test_sighup_rolls_the_workers_onto_a_new_bundle_and_keeps_them_when_it_is_broken(tmp_path: Path) -> None:
+    """With several workers SIGHUP replaces them one at a time, each new one serving before an old
+    one stops: a new bundle version goes live without a refused request. A broken one is refused by
+    the first new worker and the old workers keep serving."""
+    tiny = build_tiny_bundle(tmp_path / "repository")
+    served = start_server(tiny.repository, tmp_path / "rolling.log", workers="2")
+
+    def versions() -> set[object]:
+        answers = []
+        for _ in range(6):
+            with httpx.Client(timeout=60) as client:  # a new connection each: either worker
+                answers.append(client.post(f"{served.url}/predict", files=role_files(tiny, "accepted")))
+        assert [answer.status_code for answer in answers] == [200] * 6
+        return {answer.json()["version"] for answer in answers}
+
+    def finished() -> set[object]:
+        return {entry["pid"] for entry in log_lines(served) if entry["message"] == "Application shutdown complete."}
+
+    try:
+        assert versions() == {"1"}
+        first = started_workers(served.log)
+        build_tiny_bundle(tiny.repository, version="2")
+        served.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 90
+        while not (len(started_workers(served.log) - first) == 2 and finished() >= first):
+            assert time.monotonic() < deadline, "the workers were not replaced"
+            assert versions() <= {"1", "2"}  # answered throughout, by old or new workers
+            time.sleep(0.2)
+        assert versions() == {"2"}
+
+        second = started_workers(served.log) - first
+        broken = build_tiny_bundle(tiny.repository, version="3")
+        (broken.path / "weights.safetensors").write_bytes(b"not the weights the manifest hashed")
+        served.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 90
+        while not any("aborting the restart" in str(entry["message"]) for entry in log_lines(served)):
+            assert time.monotonic() < deadline, "the broken restart was not abandoned"
+            time.sleep(0.2)
+        assert versions() == {"2"}
+        assert not finished() & second  # the workers of version 2 are still the ones serving
     finally:
         status = served.stop()
     assert status in (0, -signal.SIGTERM)
