@@ -6,7 +6,8 @@ and its threads share one interpreter lock), ``MIXOE_WORKERS=N`` starts N proces
 device and port: each holds its own copy of the models and forms its own batches, and the metrics
 of all of them are merged (:mod:`service.metrics`). On SIGTERM uvicorn stops accepting connections
 and waits for in-flight requests (at most ``MIXOE_SHUTDOWN_TIMEOUT_S``); the lifespan then drains
-the batch queues, in every worker.
+the batch queues, in every worker. With several workers, SIGHUP replaces them one at a time (each
+new one serving before an old one stops): how new bundle versions go live without downtime.
 """
 
 from __future__ import annotations
