@@ -8,9 +8,9 @@ each decoder path and thread count, in one run (compare the ratios):
 * ``torchvision``  ``decode_jpeg`` on the CPU (libjpeg-turbo, same pixels as PIL) -> crop;
 * ``nvjpeg``       ``decode_jpeg`` on the GPU, resize and crop on the GPU (CUDA only);
 * ``*-batched``    one ``decode_jpeg`` call per ``--batch`` images (torchvision on the CPU, nvjpeg on a
-                   GPU, where batches decode in parallel), in the calling thread only, without the
-                   service's header checks: whether the service should gather a request's, or
-                   several requests', JPEGs into one call.
+                   GPU, where batches decode in parallel), after the service's per-file header checks,
+                   in the calling thread (no pool): whether the service should gather a request's,
+                   or several requests', JPEGs into one call.
 
 With more threads than one, the speed-up over one thread shows whether the decoder releases the
 GIL. Against the PIL crops the thresholds were calibrated on, each path reports the largest

@@ -30,7 +30,7 @@ from uvicorn.supervisors import Multiprocess
 from service.app import create_app
 from service.logs import configure_logging
 from service.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
-from service.settings import Settings
+from service.settings import Settings, is_setting_variable
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def export_settings(settings: Settings) -> None:
 
     Variables for settings that are now unset go too: ``--default-model null`` must not leave the
     workers reading an older ``MIXOE_DEFAULT_MODEL``."""
-    for key in [key for key in os.environ if key.upper().startswith("MIXOE_")]:  # names are case-blind
+    for key in [key for key in os.environ if is_setting_variable(key)]:
         del os.environ[key]
     os.environ.update(settings.environment())
 

@@ -18,10 +18,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from service.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
+from service.settings import is_setting_variable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +65,7 @@ def start_local_server(settings: Mapping[str, str], log: Path, timeout_s: float 
     environment = {
         key: value
         for key, value in os.environ.items()
-        if not key.upper().startswith("MIXOE_") and key != MULTIPROCESS_DIRECTORY_VARIABLE
+        if not is_setting_variable(key) and key != MULTIPROCESS_DIRECTORY_VARIABLE
     }
     environment |= {f"MIXOE_{key.upper()}": value for key, value in settings.items()}
     environment |= {"MIXOE_HOST": "127.0.0.1", "MIXOE_PORT": str(port)}
@@ -87,16 +89,21 @@ def start_local_server(settings: Mapping[str, str], log: Path, timeout_s: float 
     return server
 
 
-def started_workers(log: Path) -> set[int]:
-    """The pids of the server processes whose JSON log lines in ``log`` say they started serving."""
-    started = set()
+def log_entries(log: Path) -> list[dict[str, Any]]:
+    """The JSON log lines the server has written to ``log`` so far, but a last one still being written."""
+    entries = []
     for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{") and '"Application startup complete."' in line:
+        if line.startswith("{"):
             try:
-                started.add(json.loads(line)["pid"])
-            except json.JSONDecodeError:  # the last line, still being written
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
                 continue
-    return started
+    return entries
+
+
+def started_workers(log: Path) -> set[int]:
+    """The pids of the server processes whose log lines in ``log`` say they started serving."""
+    return {entry["pid"] for entry in log_entries(log) if entry["message"] == "Application startup complete."}
 
 
 def wait_until_ok(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:

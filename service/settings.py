@@ -20,8 +20,15 @@ import models
 EMBEDDED_REPOSITORY = Path(models.__file__).resolve().parent / "repository"
 """The model repository shipped inside the ``models`` package (``models/repository``)."""
 
+_ENV_PREFIX = "MIXOE_"
 _MODEL_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _MIB = 1024 * 1024
+
+
+def is_setting_variable(name: str) -> bool:
+    """Whether environment variable ``name`` sets a ``Settings`` field: pydantic-settings reads
+    ``MIXOE_*`` names case-blind, so ``mixoe_workers`` counts too."""
+    return name.upper().startswith(_ENV_PREFIX)
 
 
 def _split_list(value: object) -> object:
@@ -34,7 +41,7 @@ def _split_list(value: object) -> object:
 class Settings(BaseSettings):
     """How the service loads models, batches work, limits uploads and authenticates callers."""
 
-    model_config = SettingsConfigDict(env_prefix="MIXOE_", protected_namespaces=(), extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=_ENV_PREFIX, protected_namespaces=(), extra="forbid")
 
     model_repository: Path = Field(EMBEDDED_REPOSITORY, description="Directory of <name>/<version>/ bundles.")
     models: Annotated[list[str], NoDecode] = Field(
@@ -132,5 +139,5 @@ class Settings(BaseSettings):
                 text = str(value).lower()
             else:
                 text = str(value)
-            values[f"MIXOE_{name.upper()}"] = text
+            values[f"{_ENV_PREFIX}{name.upper()}"] = text
         return values

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from models.bundle import Bundle, Predictions, load_bundle
 from service.app import create_app
 from service.decoding import decode_image
-from service.settings import Settings
+from service.settings import Settings, is_setting_variable
 from tests.service.helpers import TinyModel, build_tiny_bundle
 
 
@@ -21,7 +21,7 @@ from tests.service.helpers import TinyModel, build_tiny_bundle
 def _no_mixoe_environment() -> Iterator[None]:
     """A developer's MIXOE_* variables (matched case-blind, as settings read them) must not leak
     into the settings the tests build."""
-    saved = {key: os.environ.pop(key) for key in list(os.environ) if key.upper().startswith("MIXOE_")}
+    saved = {key: os.environ.pop(key) for key in list(os.environ) if is_setting_variable(key)}
     yield
     os.environ.update(saved)
 

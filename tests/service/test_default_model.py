@@ -11,13 +11,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from service.settings import EMBEDDED_REPOSITORY, Settings
+from service.settings import EMBEDDED_REPOSITORY, Settings, is_setting_variable
 
 
 def test_an_unconfigured_service_loads_flowers17_version_1_and_answers_predict(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name in [key for key in os.environ if key.startswith("MIXOE_")]:
+    for name in [key for key in os.environ if is_setting_variable(key)]:
         monkeypatch.delenv(name)
     settings = Settings(device="cpu")
     assert settings.model_repository == EMBEDDED_REPOSITORY

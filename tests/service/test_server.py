@@ -8,7 +8,6 @@ worker processes share one port and one set of metrics.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -16,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -25,7 +25,7 @@ from tritonclient.http import InferenceServerClient, InferInput, InferRequestedO
 from tritonclient.utils import InferenceServerException
 
 from models.bundle import Predictions
-from service.local import LocalProcessError, LocalServer, start_local_server, started_workers
+from service.local import LocalProcessError, LocalServer, log_entries, start_local_server, started_workers
 from tests.service.helpers import TinyModel, build_tiny_bundle, role_files, triton_input
 
 ROLES = ("accepted", "borderline", "rejected")
@@ -37,16 +37,8 @@ def start_server(repository: Path, log: Path, **settings: str) -> LocalServer:
     )
 
 
-def log_lines(server: LocalServer) -> list[dict[str, object]]:
-    """The server's JSON log so far, but a last line still being written."""
-    entries = []
-    for line in server.log.read_text().splitlines():
-        if line.startswith("{"):
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return entries
+def log_lines(server: LocalServer) -> list[dict[str, Any]]:
+    return log_entries(server.log)
 
 
 @pytest.fixture(scope="module")

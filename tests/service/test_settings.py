@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.__main__ import export_settings
-from service.settings import EMBEDDED_REPOSITORY, Settings
+from service.settings import EMBEDDED_REPOSITORY, Settings, is_setting_variable
 
 
 def test_defaults_point_at_the_embedded_repository() -> None:
@@ -109,7 +109,7 @@ def test_export_settings_leaves_workers_exactly_these_settings(monkeypatch: pyte
 def test_bad_settings_stop_the_server_with_a_message_not_a_traceback(
     arguments: list[str], environment: dict[str, str], expected: list[str]
 ) -> None:
-    inherited = {key: value for key, value in os.environ.items() if not key.startswith("MIXOE_")}
+    inherited = {key: value for key, value in os.environ.items() if not is_setting_variable(key)}
     finished = subprocess.run(
         [sys.executable, "-m", "service", *arguments],
         env=inherited | environment,
