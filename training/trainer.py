@@ -149,6 +149,9 @@ def train_one_epoch(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and config.bf16 else nullcontext()
     memory_format = torch.channels_last if cuda and config.channels_last else torch.contiguous_format
     totals: dict[str, float] = {}
+    # Summed on the device: reading the loss every step would make the CPU wait for the backward
+    # pass and the optimizer before it could queue the next batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     images_seen = 0
     start = time.perf_counter()
     ratio = method.outliers_per_id_image
@@ -178,9 +181,10 @@ def train_one_epoch(
         scheduler.step()
         batch = len(y)
         images_seen += batch
-        totals["loss"] = totals.get("loss", 0.0) + loss.item() * batch
+        loss_sum += loss.detach() * batch
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value * batch
+    totals = {"loss": loss_sum.item(), **totals}  # waits for the last step, so it is timed
     elapsed = time.perf_counter() - start
     keys = list(totals)  # the method logs the same keys, in the same order, on every rank
     seen, *sums = ctx.all_reduce_sum([float(images_seen)] + [totals[k] for k in keys])
@@ -280,6 +284,9 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
     if config.sync_batchnorm and ctx.is_distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     cuda = ctx.device.type == "cuda"
+    # Every training batch has the same shape (the crop size), so cuDNN's per-shape algorithm
+    # search pays for itself after the first steps.
+    torch.backends.cudnn.benchmark = cuda
     model.to(ctx.device, memory_format=torch.channels_last if cuda and config.channels_last else torch.preserve_format)
     # Loader workers ship uint8 (a quarter of the bytes of float); the device converts and
     # normalises with the very transform evaluation and the service use.
