@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from torchvision.transforms import v2
 
 from machine import machine_name
@@ -118,8 +118,14 @@ def loaders(args, transform, workers: int, pin: bool) -> Iterator:
     pool = OutlierPool(args.outliers, transform)
 
     def loader(dataset):
+        # One epoch longer than the run (a few spare batches stand in for unreadable files): a
+        # small dataset (the GPU check carries 360 ID images) would otherwise cross an epoch
+        # boundary every few steps, where the workers start again with empty queues. The run
+        # measures the steady state of the large datasets users train on.
+        steps = args.warmup + args.steps + 4
+        sampler = RandomSampler(dataset, num_samples=max(len(dataset), steps * args.batch))
         return DataLoader(
-            dataset, batch_size=args.batch, shuffle=True, num_workers=workers, pin_memory=pin, drop_last=True,
+            dataset, batch_size=args.batch, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=True,
             collate_fn=collate_skipping_bad, persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
