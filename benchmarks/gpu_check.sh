@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# One check of the GPU path, end to end, on one H100/H200-class card (aimed at about five minutes):
+# One check of the GPU path, end to end, on one H100/H200-class card (aimed at about seven minutes):
 #   1. training throughput, reference configuration (ResNet-50, 448 px, batch 32+32, MixOE step):
 #      our data path beside the reference-style one (PIL + normalise in 4 workers, fp32) and the
 #      compute-only ceiling;
 #   2. a short MixOE fine-tune of Oxford 17 Flowers at 224 px to a bundle (`mixoe pipeline`, under
 #      torchrun when there are several GPUs);
-#   3. upload bytes -> model crop: PIL beside torchvision on the CPU and nvjpeg on the GPU (speed,
-#      and the largest pixel difference from the PIL crop the thresholds were calibrated on);
-#   4. the service on that bundle under the serve benchmark, beside the raw batched model rate: one
+#   3. the service on that bundle under the serve benchmark, beside the raw batched model rate: one
 #      server process and four sharing the GPU (MIXOE_WORKERS), four decoding JPEGs on the CPU,
-#      and a naive one-image-per-forward server.
+#      and a naive one-image-per-forward server; then four again with eight images per request;
+#   4. upload bytes -> model crop: PIL beside torchvision on the CPU and nvjpeg on the GPU (speed,
+#      and the largest pixel difference from the PIL crop the thresholds were calibrated on).
 # Prints one table last and writes JSON under $OUT_DIR.
 #
 # For a GPU machine that cannot install packages: on a machine with pip, download the few pure
@@ -34,11 +34,13 @@ if [ "${QUICK:-0}" = 1 ]; then
                   --set data.transforms.resize=73 --set data.num_workers=2)
   decode_sizes=(--max-images 40 --threads 1 2)
   serve_sizes=(--max-images 64 --workers 1 2 --clients 8 --duration 3 --raw-seconds 1)
+  serve_multi_sizes=(--max-images 64 --workers 2 --images-per-request 4 --clients 8 --duration 3 --raw-seconds 1)
 else
   train_sizes=(--arch resnet50 --size 448 --batch 32)
   pipeline_sizes=(--set epochs=3 --set baseline.epochs=3)
   decode_sizes=(--threads 1 8)
-  serve_sizes=(--workers 1 4 --clients 64 --duration 10 --raw-seconds 5)
+  serve_sizes=(--workers 1 4 --clients 64 --duration 8 --requests 100000 --raw-seconds 4)
+  serve_multi_sizes=(--workers 4 --images-per-request 8 --clients 32 --duration 8 --requests 20000 --raw-seconds 2)
 fi
 if [ -n "${WHEELS:-}" ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/mixoe-site "$WHEELS"/*.whl
@@ -51,52 +53,89 @@ GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 WEIGHTS=$("$PYTHON" -c "from models.nets import offline_mobilenet_v2_weights as w; print(w())")
 echo "gpu_check: $GPUS GPU(s); output in $OUT_DIR"
 
-"$PYTHON" benchmarks/train_throughput.py "${train_sizes[@]}" \
+# A device session is short and may not come twice: a failed step is reported and the steps that
+# do not need its output still run. Exit status 1 if any step failed.
+failed=()
+step() {  # step NAME COMMAND...
+  local name=$1 started=$SECONDS
+  shift
+  echo "== $name ($(date +%T))"
+  if "$@"; then
+    echo "== $name: done in $((SECONDS - started)) s"
+  else
+    echo "== $name: FAILED (exit $?) after $((SECONDS - started)) s"
+    failed+=("$name")
+  fi
+}
+BUNDLE=$OUT_DIR/repository/flowers17-mixoe/1
+needs_bundle() {
+  [ -d "$BUNDLE" ] || { echo "no bundle at $BUNDLE: the fine-tune step failed"; return 1; }
+  "$@"
+}
+
+step train "$PYTHON" benchmarks/train_throughput.py "${train_sizes[@]}" \
   --data "$FLOWERS" --outliers "$TINY/train" --out "$OUT_DIR/train_throughput.json"
 
 launcher=("$PYTHON" -m training)
 [ "$GPUS" -gt 1 ] && launcher=(torchrun --standalone --nproc_per_node="$GPUS" -m training)
-"${launcher[@]}" pipeline benchmarks/configs/flowers17_mixoe.yaml \
+step fine-tune "${launcher[@]}" pipeline benchmarks/configs/flowers17_mixoe.yaml \
   --set pretrained="$WEIGHTS" --set data.root="$FLOWERS" --set outliers.root="$TINY/train" \
   --set evaluation.ood_sets.coarse="$TINY/val" "${pipeline_sizes[@]}" \
   --set export.repository="$OUT_DIR/repository" --output-dir "$OUT_DIR/run"
 
-"$PYTHON" benchmarks/decode_bench.py --bundle "$OUT_DIR/repository/flowers17-mixoe/1" \
-  --images "$FLOWERS/images" "${decode_sizes[@]}" --out "$OUT_DIR/decode_bench.json"
-
-"$PYTHON" benchmarks/serve_bench.py --bundle "$OUT_DIR/repository/flowers17-mixoe/1" \
+step serve needs_bundle "$PYTHON" benchmarks/serve_bench.py --bundle "$BUNDLE" \
   --images "$FLOWERS/images" "${serve_sizes[@]}" --out "$OUT_DIR/serve_bench.json"
 
-"$PYTHON" - "$OUT_DIR" <<'PY'
+# The same servers with several images per request: what is left of the gap to the raw rate once
+# the per-request cost (HTTP, multipart parsing, one response) is shared.
+step serve-multi needs_bundle "$PYTHON" benchmarks/serve_bench.py --bundle "$BUNDLE" \
+  --images "$FLOWERS/images" "${serve_multi_sizes[@]}" --skip-naive --out "$OUT_DIR/serve_bench_multi.json"
+
+step decode needs_bundle "$PYTHON" benchmarks/decode_bench.py --bundle "$BUNDLE" \
+  --images "$FLOWERS/images" "${decode_sizes[@]}" --out "$OUT_DIR/decode_bench.json"
+
+"$PYTHON" - "$OUT_DIR" "${failed[@]}" <<'PY'
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
-train = json.loads((out / "train_throughput.json").read_text())
-serve = json.loads((out / "serve_bench.json").read_text())
-decode = json.loads((out / "decode_bench.json").read_text())
-evaluation = json.loads((out / "run" / "finetune" / "evaluation.json").read_text())
-rates = {r["variant"]: r["id_images_per_second"] for r in train["rows"]}
-rows = [(f"train {v} (ID img/s)", f"{rate:.1f}") for v, rate in rates.items()]
-if "reference" in rates and "ours" in rates:
-    rows.append(("train ours / reference", f"{rates['ours'] / rates['reference']:.2f}"))
-msp = evaluation["scores"]["msp"]
-rows += [("flowers17 MixOE ID accuracy", f"{evaluation['id_accuracy']:.3f}"),
-         ("flowers17 MixOE fine AUROC (msp)", f"{msp['fine']['auroc']:.3f}"),
-         ("flowers17 MixOE coarse AUROC (msp)", f"{msp['coarse']['auroc']:.3f}")]
-for r in decode["rows"]:
-    rows.append((f"decode {r['path']} x{r['threads']} threads (img/s, x pil, max abs diff, same class, max score change)",
-                 f"{r['images_per_s']:.0f}, {r['vs_pil']:.2f}, {r['max_abs_diff']}, {r['same_class']:.3f}, "
-                 f"{r['max_score_change']:.4f}"))
+out, failed = Path(sys.argv[1]), sys.argv[2:]
+def read(name):
+    path = out / name
+    return json.loads(path.read_text()) if path.exists() else None
 def shown(value, form):
     return "-" if value is None else form.format(value)
-for r in serve["results"]:
-    rows.append((f"serve {r['config']} (img/s, p95 ms, x raw, CPU ms/img, busiest loop, busiest client)",
-                 f"{r['images_per_s']:.1f}, {shown(r['p95_ms'], '{:.1f}')}, {r['vs_raw']:.2f}, "
-                 f"{shown(r['cpu_ms_per_image'], '{:.2f}')}, {shown(r['busiest_loop_share'], '{:.0%}')}, "
-                 f"{shown(r['busiest_client_share'], '{:.0%}')}"))
-summary = {"machine": train["machine"], "rows": dict(rows)}
-(out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
-print(f"\nGPU check on {train['machine']}\n| measurement | value |\n|---|---|")
+rows, machines = [], set()
+if train := read("train_throughput.json"):
+    machines.add(train["machine"])
+    rates = {r["variant"]: r["id_images_per_second"] for r in train["rows"]}
+    rows += [(f"train {v} (ID img/s)", f"{rate:.1f}") for v, rate in rates.items()]
+    if "reference" in rates and "ours" in rates:
+        rows.append(("train ours / reference", f"{rates['ours'] / rates['reference']:.2f}"))
+if evaluation := read("run/finetune/evaluation.json"):
+    msp = evaluation["scores"]["msp"]
+    rows += [("flowers17 MixOE ID accuracy", f"{evaluation['id_accuracy']:.3f}"),
+             ("flowers17 MixOE fine AUROC (msp)", f"{msp['fine']['auroc']:.3f}"),
+             ("flowers17 MixOE coarse AUROC (msp)", f"{msp['coarse']['auroc']:.3f}")]
+for name in ("serve_bench.json", "serve_bench_multi.json"):
+    if serve := read(name):
+        machines.add(serve["machine"])
+        per_request = serve["images_per_request"]
+        for r in serve["results"]:
+            label = r["config"] + (f", {per_request} img/request" if per_request > 1 else "")
+            rows.append((f"serve {label} (img/s, p95 ms, x raw, CPU ms/img, busiest loop, busiest client)",
+                         f"{r['images_per_s']:.1f}, {shown(r['p95_ms'], '{:.1f}')}, {r['vs_raw']:.2f}, "
+                         f"{shown(r['cpu_ms_per_image'], '{:.2f}')}, {shown(r['busiest_loop_share'], '{:.0%}')}, "
+                         f"{shown(r['busiest_client_share'], '{:.0%}')}"))
+if decode := read("decode_bench.json"):
+    for r in decode["rows"]:
+        rows.append((f"decode {r['path']} x{r['threads']} threads (img/s, x pil, max abs diff, same class, max score change)",
+                     f"{r['images_per_s']:.0f}, {r['vs_pil']:.2f}, {r['max_abs_diff']}, {r['same_class']:.3f}, "
+                     f"{r['max_score_change']:.4f}"))
+machine = ", ".join(sorted(machines)) or "unknown"
+(out / "gpu_check.json").write_text(json.dumps({"machine": machine, "failed": failed, "rows": dict(rows)}, indent=2))
+print(f"\nGPU check on {machine}\n| measurement | value |\n|---|---|")
 for name, value in rows:
     print(f"| {name} | {value} |")
+if failed:
+    print(f"\nFAILED steps: {', '.join(failed)} (their output is above)")
 PY
+[ ${#failed[@]} -eq 0 ]
