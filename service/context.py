@@ -20,7 +20,7 @@ import torch
 from models.bundle import Bundle, load_bundle
 from models.nets import resolve_device
 from service.batcher import MicroBatcher
-from service.inference import ImageJob, ImageVerdict, ModelRunner
+from service.inference import ImageJob, ImageVerdict, ModelRunner, batch_shapes
 from service.metrics import ServiceMetrics, score_buckets
 from service.predictor import Predictor
 from service.registry import LoadedModel, ModelRegistry, select_bundles
@@ -78,7 +78,7 @@ async def _start_models(
     loop = asyncio.get_running_loop()
     models = []
     for bundle in bundles:
-        runner = ModelRunner(bundle)
+        runner = ModelRunner(bundle, batch_shapes(settings.max_batch_size) if bundle.device.type == "cuda" else None)
         await loop.run_in_executor(inference_pool, runner.warm_up)
         batcher: MicroBatcher[ImageJob, ImageVerdict] = MicroBatcher(
             runner,

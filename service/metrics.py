@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metr
 from prometheus_client.registry import Collector
 
 from models.bundle import Manifest
+from service.inference import batch_shapes
 
 _CALIBRATION_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 _BEYOND_CALIBRATION = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # multiples of the calibration span above its maximum
@@ -68,12 +69,6 @@ def score_buckets(manifests: Iterable[Manifest]) -> list[float]:
         bounds.update(float(f"{value:.6g}") for value in approximate)
         bounds.update(point.threshold for point in manifest.calibration.operating_points)  # exact, never rounded
     return sorted(bounds)
-
-
-def batch_size_buckets(max_batch_size: int) -> list[float]:
-    """Powers of two up to ``max_batch_size``, and ``max_batch_size`` itself (a full batch)."""
-    bounds = {float(2**i) for i in range(max_batch_size.bit_length()) if 2**i <= max_batch_size}
-    return sorted(bounds | {float(max_batch_size)})
 
 
 def multiprocess_directory() -> Path | None:
@@ -182,7 +177,7 @@ class ServiceMetrics:
         self.batch_size = Histogram(
             "mixoe_batch_size",
             "Images per model batch.",
-            buckets=batch_size_buckets(max_batch_size),
+            buckets=[float(size) for size in batch_shapes(max_batch_size)],  # a GPU model's padded sizes
             registry=registry,
         )
         self.inference = Histogram(

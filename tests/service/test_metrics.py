@@ -14,7 +14,6 @@ from models.bundle import Bundle
 from service.metrics import (
     MULTIPROCESS_DIRECTORY_VARIABLE,
     ServiceMetrics,
-    batch_size_buckets,
     operating_point_label,
     score_buckets,
 )
@@ -42,12 +41,6 @@ def test_score_buckets_of_several_models_are_the_union(bundle: Bundle) -> None:
     other = bundle.manifest.model_copy(update={"calibration": calibration})
     union = score_buckets([bundle.manifest, other])
     assert set(score_buckets([bundle.manifest])) | set(score_buckets([other])) == set(union)
-
-
-def test_batch_size_buckets() -> None:
-    assert batch_size_buckets(32) == [1, 2, 4, 8, 16, 32]
-    assert batch_size_buckets(24) == [1, 2, 4, 8, 16, 24]
-    assert batch_size_buckets(1) == [1]
 
 
 def test_operating_point_labels_read_like_the_targets() -> None:

@@ -1,0 +1,65 @@
+"""The batch function: padded batch shapes give the same verdicts as unpadded ones."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import pytest
+import torch
+from torch import Tensor
+
+from models.bundle import Bundle, Predictions
+from service.inference import ImageJob, ModelRunner, batch_shapes
+
+
+class ShapeRecorder:
+    """The bundle, noting the batch size of every ``predict`` call."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.batch_sizes: list[int] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.bundle, name)
+
+    def predict(self, batch: Tensor, operating_point: float | None = None) -> Predictions:
+        self.batch_sizes.append(len(batch))
+        return self.bundle.predict(batch, operating_point)
+
+
+def test_batch_shapes_are_powers_of_two_and_the_full_batch() -> None:
+    assert batch_shapes(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_shapes(24) == [1, 2, 4, 8, 16, 24]
+    assert batch_shapes(1) == [1]
+
+
+def test_a_padded_batch_answers_exactly_its_own_images(bundle: Bundle) -> None:
+    size = bundle.manifest.preprocessing.input_size
+    points = bundle.manifest.calibration.operating_points
+    generator = torch.Generator().manual_seed(0)
+    jobs = [
+        ImageJob(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator), points[i % len(points)],
+                 top_k=1 + i % 3)
+        for i in range(5)
+    ]
+    padded, plain = ShapeRecorder(bundle), ShapeRecorder(bundle)
+
+    padded_verdicts = ModelRunner(cast(Bundle, padded), batch_shapes(8))(jobs)
+    plain_verdicts = ModelRunner(cast(Bundle, plain))(jobs)
+
+    assert padded.batch_sizes == [8] and plain.batch_sizes == [5]
+    assert len(padded_verdicts) == 5
+    for got, want in zip(padded_verdicts, plain_verdicts, strict=True):
+        assert (got.label, got.accepted, got.threshold, len(got.top_k)) == (
+            want.label, want.accepted, want.threshold, len(want.top_k)
+        )
+        assert got.score == pytest.approx(want.score, rel=1e-5, abs=1e-6)
+        assert [p for _, p in got.top_k] == pytest.approx([p for _, p in want.top_k], rel=1e-5, abs=1e-6)
+
+
+def test_warm_up_runs_every_padded_size_once(bundle: Bundle) -> None:
+    padded, plain = ShapeRecorder(bundle), ShapeRecorder(bundle)
+    ModelRunner(cast(Bundle, padded), batch_shapes(16)).warm_up()
+    ModelRunner(cast(Bundle, plain)).warm_up()
+    assert padded.batch_sizes == [1, 2, 4, 8, 16]
+    assert plain.batch_sizes == [1]
