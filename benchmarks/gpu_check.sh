@@ -7,7 +7,8 @@
 #      torchrun when there are several GPUs);
 #   3. the service on that bundle under the serve benchmark, beside the raw batched model rate: one
 #      server process and four sharing the GPU (MIXOE_WORKERS), four decoding JPEGs on the CPU,
-#      and a naive one-image-per-forward server; then four again with eight images per request;
+#      and a naive one-image-per-forward server; then four again with eight images per request
+#      (and, with MPS=1, four and eight workers under NVIDIA's Multi-Process Service);
 #   4. upload bytes -> model crop: PIL beside torchvision on the CPU and nvjpeg on the GPU (speed,
 #      and the largest pixel difference from the PIL crop the thresholds were calibrated on).
 # Prints one table last and writes JSON under $OUT_DIR.
@@ -91,6 +92,25 @@ step serve needs_bundle "$PYTHON" benchmarks/serve_bench.py --bundle "$BUNDLE" \
 step serve-multi needs_bundle "$PYTHON" benchmarks/serve_bench.py --bundle "$BUNDLE" \
   --images "$FLOWERS/images" "${serve_multi_sizes[@]}" --skip-naive --out "$OUT_DIR/serve_bench_multi.json"
 
+# MPS=1: four and eight workers again under NVIDIA's Multi-Process Service, which lets several
+# processes' kernels run on the GPU together instead of taking turns. An experiment, off by
+# default: whether the machine allows an MPS daemon at all is part of what it finds out.
+with_mps() {
+  local dir rc
+  dir=$(mktemp -d)
+  export CUDA_MPS_PIPE_DIRECTORY=$dir/pipe CUDA_MPS_LOG_DIRECTORY=$dir/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d || return 1
+  "$@" && rc=0 || rc=$?
+  echo quit | nvidia-cuda-mps-control
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  return $rc
+}
+if [ "${MPS:-0}" = 1 ]; then
+  step serve-mps needs_bundle with_mps "$PYTHON" benchmarks/serve_bench.py --bundle "$BUNDLE" \
+    --images "$FLOWERS/images" "${serve_sizes[@]}" --workers 4 8 --skip-naive --out "$OUT_DIR/serve_bench_mps.json"
+fi
+
 step decode needs_bundle "$PYTHON" benchmarks/decode_bench.py --bundle "$BUNDLE" \
   --images "$FLOWERS/images" "${decode_sizes[@]}" --out "$OUT_DIR/decode_bench.json"
 
@@ -115,12 +135,12 @@ if evaluation := read("run/finetune/evaluation.json"):
     rows += [("flowers17 MixOE ID accuracy", f"{evaluation['id_accuracy']:.3f}"),
              ("flowers17 MixOE fine AUROC (msp)", f"{msp['fine']['auroc']:.3f}"),
              ("flowers17 MixOE coarse AUROC (msp)", f"{msp['coarse']['auroc']:.3f}")]
-for name in ("serve_bench.json", "serve_bench_multi.json"):
+for name, tag in (("serve_bench.json", ""), ("serve_bench_multi.json", ""), ("serve_bench_mps.json", ", MPS")):
     if serve := read(name):
         machines.add(serve["machine"])
         per_request = serve["images_per_request"]
         for r in serve["results"]:
-            label = r["config"] + (f", {per_request} img/request" if per_request > 1 else "")
+            label = r["config"] + (f", {per_request} img/request" if per_request > 1 else "") + tag
             rows.append((f"serve {label} (img/s, p95 ms, x raw, CPU ms/img, busiest loop, busiest client)",
                          f"{r['images_per_s']:.1f}, {shown(r['p95_ms'], '{:.1f}')}, {r['vs_raw']:.2f}, "
                          f"{shown(r['cpu_ms_per_image'], '{:.2f}')}, {shown(r['busiest_loop_share'], '{:.0%}')}, "

@@ -32,11 +32,8 @@ use ``--client-processes`` so that the load generator is not the bottleneck.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
-import itertools
 import json
-import multiprocessing
 import os
 import statistics
 import time
@@ -46,6 +43,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from load_generator import LoadGenerator, request_bodies
 from machine import machine_name
 from models.bundle import BundleError, load_bundle
 from models.nets import resolve_device
@@ -56,10 +54,7 @@ from service.settings import EMBEDDED_REPOSITORY
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "flowers17" / "images"
-BOUNDARY = "mixoe-serve-bench"
 DECODE_LIMITS = {"max_bytes": 64 * 1024 * 1024, "max_pixels": 100_000_000}
-# A request unanswered this long counts as an error: a hung server delays a run's end by at most this.
-REQUEST_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -215,130 +210,6 @@ def measure_raw(
     return results, decode_ms
 
 
-def multipart_body(files: list[tuple[str, bytes]]) -> bytes:
-    parts = [
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-        f"Content-Type: image/jpeg\r\n\r\n".encode()
-        + data
-        + b"\r\n"
-        for name, data in files
-    ]
-    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
-
-
-def request_bodies(jpegs: list[tuple[str, bytes]], per_request: int) -> list[bytes]:
-    """Pre-built multipart bodies, so the load generator spends its CPU on sending, not encoding.
-
-    The load generator speaks HTTP/1.1 over asyncio streams itself: httpx's connection pool
-    spent about 9 ms of CPU per request here (it scans every pooled connection for each request),
-    so on a GPU node it, not the server, would have been measured."""
-    cycle = itertools.cycle(jpegs)
-    return [multipart_body([next(cycle) for _ in range(per_request)]) for _ in range(max(1, len(jpegs) // per_request))]
-
-
-async def _drive(
-    url: str, bodies: list[bytes], clients: int, max_requests: int, seconds: float, start_at: float
-) -> tuple[list[float], int, float, float]:
-    """``clients`` connections posting back to back: (latencies of 200s, errors, elapsed, this
-    process's CPU share of that time; near 1, the load generator limits the run)."""
-    address = httpx.URL(url)
-    host, port = address.host, address.port or 80
-    requests = [request_head(f"{host}:{port}", len(body)) + body for body in bodies]
-    latencies: list[float] = []
-    counter = itertools.count()
-    await asyncio.sleep(max(0.0, start_at - time.time()))
-    started, cpu_started = time.perf_counter(), time.process_time()
-    deadline = started + seconds
-
-    async def client() -> int:
-        """One keep-alive connection (reopened when the server closes it or it breaks); the number
-        of requests answered with anything but 200, or not answered at all."""
-        errors = 0
-        connection = None
-        try:
-            while time.perf_counter() < deadline:
-                index = next(counter)
-                if index >= max_requests:
-                    break
-                sent = time.perf_counter()
-                try:
-                    connection = connection or await asyncio.open_connection(host, port)
-                    async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                        status, keep_alive = await exchange(*connection, requests[index % len(requests)])
-                except (OSError, EOFError, asyncio.LimitOverrunError, TimeoutError, ValueError):
-                    status, keep_alive = None, False
-                if status == 200:
-                    latencies.append(time.perf_counter() - sent)
-                else:
-                    errors += 1
-                if not keep_alive and connection is not None:
-                    connection[1].close()
-                    connection = None
-        finally:
-            if connection is not None:
-                connection[1].close()
-        return errors
-
-    errors = await asyncio.gather(*(client() for _ in range(clients)))
-    elapsed = time.perf_counter() - started
-    return latencies, sum(errors), elapsed, (time.process_time() - cpu_started) / elapsed
-
-
-def request_head(host: str, content_length: int) -> bytes:
-    return (
-        f"POST /predict HTTP/1.1\r\nHost: {host}\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {content_length}\r\n\r\n"
-    ).encode()
-
-
-async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bool]:
-    """Send one request and read its response whole: its status, and whether the connection stays open.
-
-    The service always sends Content-Length; a response without one is a ``ValueError``."""
-    writer.write(request)
-    await writer.drain()
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    fields = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in head[1:])}
-    if "content-length" not in fields:
-        raise ValueError(f"a response without Content-Length: {head[0]!r}")
-    await reader.readexactly(int(fields["content-length"]))
-    return int(head[0].split(" ", 2)[1]), fields.get("connection", "").lower() != "close"
-
-
-def _drive_process(job: tuple[str, list[bytes], int, int, float, float]) -> tuple[list[float], int, float, float]:
-    return asyncio.run(_drive(*job))
-
-
-def _ready_check(_: int) -> int:
-    return os.getpid()
-
-
-def drive(
-    url: str, bodies: list[bytes], clients: int, processes: int, max_requests: int, seconds: float
-) -> tuple[list[float], int, float, float]:
-    """Split the clients over ``processes`` load-generator processes that start together; the last
-    value is the busiest one's CPU share."""
-    if processes == 1:
-        return asyncio.run(_drive(url, bodies, clients, max_requests, seconds, time.time()))
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        pool.map(_ready_check, range(processes))  # every worker has started and imported this module
-        start_at = time.time() + 0.5
-        shares = [
-            (clients // processes + (i < clients % processes), max_requests // processes) for i in range(processes)
-        ]
-        jobs = [
-            (url, bodies, share_clients, share_requests, seconds, start_at) for share_clients, share_requests in shares
-        ]
-        outcomes = pool.map(_drive_process, jobs)
-    latencies = [latency for outcome in outcomes for latency in outcome[0]]
-    return (
-        latencies,
-        sum(outcome[1] for outcome in outcomes),
-        max(outcome[2] for outcome in outcomes),
-        max(outcome[3] for outcome in outcomes),
-    )
-
-
 def batch_totals(url: str) -> tuple[float, float]:
     """``(images batched, batches run)`` so far, from the server's ``mixoe_batch_size`` histogram."""
     values = {"mixoe_batch_size_sum": 0.0, "mixoe_batch_size_count": 0.0}
@@ -365,7 +236,7 @@ def measure_server(
     device: str,
     max_batch_size: int,
     delay_ms: float,
-    bodies: list[bytes],
+    load: LoadGenerator,
     extra_settings: dict[str, str] | None = None,
 ) -> RunResult:
     settings = (extra_settings or {}) | {
@@ -382,34 +253,30 @@ def measure_server(
     server = start_local_server(settings, args.out.with_suffix(f".{config}.log"), timeout_s=300)
     url = server.url
     try:
-        drive(
-            url, bodies, args.clients, args.client_processes, 2 * args.clients, args.duration
-        )  # warm-up, not measured
+        load.run(url, args.clients, 2 * args.clients, args.duration)  # warm-up, not measured
         images_before, batches_before = batch_totals(url)
         cpu_before = cpu_use(server.process.pid)
-        latencies, errors, elapsed, busiest_client_share = drive(
-            url, bodies, args.clients, args.client_processes, args.requests, args.duration
-        )
+        measured = load.run(url, args.clients, args.requests, args.duration)
         cpu_after = cpu_use(server.process.pid)
         images_after, batches_after = batch_totals(url)
     finally:
         server.stop(timeout_s=60)
-    images = len(latencies) * args.images_per_request
-    cpu_ms_per_image, busiest_loop_share = cpu_columns(cpu_before, cpu_after, images, elapsed)
+    images = len(measured.latencies) * args.images_per_request
+    cpu_ms_per_image, busiest_loop_share = cpu_columns(cpu_before, cpu_after, images, measured.seconds)
     return RunResult(
         config=config,
         max_batch_size=max_batch_size,
-        requests=len(latencies) + errors,
-        errors=errors,
-        images_per_s=images / elapsed,
-        p50_ms=percentile(latencies, 50),
-        p95_ms=percentile(latencies, 95),
-        p99_ms=percentile(latencies, 99),
+        requests=len(measured.latencies) + measured.errors,
+        errors=measured.errors,
+        images_per_s=images / measured.seconds,
+        p50_ms=percentile(measured.latencies, 50),
+        p95_ms=percentile(measured.latencies, 95),
+        p99_ms=percentile(measured.latencies, 99),
         mean_batch_size=(images_after - images_before) / max(1.0, batches_after - batches_before),
-        seconds=elapsed,
+        seconds=measured.seconds,
         cpu_ms_per_image=cpu_ms_per_image,
         busiest_loop_share=busiest_loop_share,
-        busiest_client_share=busiest_client_share,
+        busiest_client_share=measured.busiest_client_share,
     )
 
 
@@ -468,19 +335,19 @@ def main() -> None:
         print(f"{result.config}: {result.images_per_s:.1f} img/s", flush=True)
     print(f"PIL decode+preprocess: {decode_ms:.2f} ms/img (1 thread; benchmarks/decode_bench.py times the service's)",
           flush=True)
-    bodies = request_bodies(jpegs, args.images_per_request)
     results = list(raws)
-    for workers in sorted(set(args.workers)):
-        config = "batched" if workers == 1 else f"batched-{workers}w"
-        results.append(measure_server(config, args, bundle_path, device, args.max_batch_size,
-                                      args.max_batch_delay_ms, bodies, {"workers": str(workers)}))
-    if device.startswith("cuda"):
-        most = max(args.workers)
-        results.append(measure_server("batched-cpu-jpeg" + (f"-{most}w" if most > 1 else ""), args, bundle_path,
-                                      device, args.max_batch_size, args.max_batch_delay_ms, bodies,
-                                      {"workers": str(most), "gpu_jpeg_decode": "false"}))
-    if not args.skip_naive:
-        results.append(measure_server("naive", args, bundle_path, device, 1, 0.0, bodies))
+    with LoadGenerator(request_bodies(jpegs, args.images_per_request), args.client_processes) as load:
+        for workers in sorted(set(args.workers)):
+            config = "batched" if workers == 1 else f"batched-{workers}w"
+            results.append(measure_server(config, args, bundle_path, device, args.max_batch_size,
+                                          args.max_batch_delay_ms, load, {"workers": str(workers)}))
+        if device.startswith("cuda"):
+            most = max(args.workers)
+            results.append(measure_server("batched-cpu-jpeg" + (f"-{most}w" if most > 1 else ""), args, bundle_path,
+                                          device, args.max_batch_size, args.max_batch_delay_ms, load,
+                                          {"workers": str(most), "gpu_jpeg_decode": "false"}))
+        if not args.skip_naive:
+            results.append(measure_server("naive", args, bundle_path, device, 1, 0.0, load))
     print_table(results, raw.images_per_s)
 
     report = {
