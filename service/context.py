@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch
 from models.bundle import Bundle, load_bundle
 from models.nets import resolve_device
 from service.batcher import MicroBatcher
-from service.inference import ImageJob, ImageVerdict, ModelRunner, batch_shapes
+from service.inference import ImageJob, ImageVerdict, ModelRunner, padded_batch_sizes
 from service.metrics import ServiceMetrics, score_buckets
 from service.predictor import Predictor
 from service.registry import LoadedModel, ModelRegistry, select_bundles
@@ -78,8 +79,10 @@ async def _start_models(
     loop = asyncio.get_running_loop()
     models = []
     for bundle in bundles:
-        runner = ModelRunner(bundle, batch_shapes(settings.max_batch_size) if bundle.device.type == "cuda" else None)
+        runner = ModelRunner(bundle, padded_batch_sizes(settings.max_batch_size) if bundle.device.type == "cuda" else None)
+        started = time.perf_counter()
         await loop.run_in_executor(inference_pool, runner.warm_up)
+        warm_up_s = time.perf_counter() - started
         batcher: MicroBatcher[ImageJob, ImageVerdict] = MicroBatcher(
             runner,
             executor=inference_pool,
@@ -91,7 +94,10 @@ async def _start_models(
             name=f"{bundle.name}:{bundle.version}",
         )
         models.append(LoadedModel(bundle, batcher))
-        logger.info("loaded model %s:%s from %s on %s", bundle.name, bundle.version, bundle.path, bundle.device)
+        logger.info(
+            "loaded model %s:%s from %s on %s (warm-up %.1f s)",
+            bundle.name, bundle.version, bundle.path, bundle.device, warm_up_s,
+        )
     registry = ModelRegistry(models, settings.default_model)
     for model in models:
         metrics.register_model(model.bundle.manifest)

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metr
 from prometheus_client.registry import Collector
 
 from models.bundle import Manifest
-from service.inference import batch_shapes
+from service.inference import padded_batch_sizes
 
 _CALIBRATION_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 _BEYOND_CALIBRATION = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # multiples of the calibration span above its maximum
@@ -177,7 +177,7 @@ class ServiceMetrics:
         self.batch_size = Histogram(
             "mixoe_batch_size",
             "Images per model batch.",
-            buckets=[float(size) for size in batch_shapes(max_batch_size)],  # a GPU model's padded sizes
+            buckets=[float(size) for size in padded_batch_sizes(max_batch_size)],  # a GPU model's padded sizes
             registry=registry,
         )
         self.inference = Histogram(

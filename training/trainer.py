@@ -149,8 +149,9 @@ def train_one_epoch(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and config.bf16 else nullcontext()
     memory_format = torch.channels_last if cuda and config.channels_last else torch.contiguous_format
     totals: dict[str, float] = {}
-    # Summed on the device: reading the loss every step would make the CPU wait for the backward
-    # pass and the optimizer before it could queue the next batch.
+    # Summed on the device: reading it after each step would make the CPU wait for the backward
+    # pass and the optimizer before it could queue the next batch. (The method's logged parts are
+    # read after the forward pass, which leaves the backward pass and the optimizer queued.)
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     images_seen = 0
     start = time.perf_counter()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from models.bundle import Bundle, Predictions
-from service.inference import ImageJob, ModelRunner, batch_shapes
+from service.inference import ImageJob, ModelRunner, padded_batch_sizes
 
 
 class ShapeRecorder:
@@ -27,24 +27,29 @@ class ShapeRecorder:
         return self.bundle.predict(batch, operating_point)
 
 
-def test_batch_shapes_are_powers_of_two_and_the_full_batch() -> None:
-    assert batch_shapes(32) == [1, 2, 4, 8, 16, 32]
-    assert batch_shapes(24) == [1, 2, 4, 8, 16, 24]
-    assert batch_shapes(1) == [1]
+def test_padded_batch_sizes_are_powers_of_two_and_the_full_batch() -> None:
+    assert padded_batch_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert padded_batch_sizes(24) == [1, 2, 4, 8, 16, 24]
+    assert padded_batch_sizes(1) == [1]
+
+
+def random_jobs(bundle: Bundle, count: int) -> list[ImageJob]:
+    """``count`` random images asking for different operating points and top-k sizes."""
+    size = bundle.manifest.preprocessing.input_size
+    points = bundle.manifest.calibration.operating_points
+    generator = torch.Generator().manual_seed(count)
+    return [
+        ImageJob(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator), points[i % len(points)],
+                 top_k=1 + i % 3)
+        for i in range(count)
+    ]
 
 
 def test_a_padded_batch_answers_exactly_its_own_images(bundle: Bundle) -> None:
-    size = bundle.manifest.preprocessing.input_size
-    points = bundle.manifest.calibration.operating_points
-    generator = torch.Generator().manual_seed(0)
-    jobs = [
-        ImageJob(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator), points[i % len(points)],
-                 top_k=1 + i % 3)
-        for i in range(5)
-    ]
+    jobs = random_jobs(bundle, 5)
     padded, plain = ShapeRecorder(bundle), ShapeRecorder(bundle)
 
-    padded_verdicts = ModelRunner(cast(Bundle, padded), batch_shapes(8))(jobs)
+    padded_verdicts = ModelRunner(cast(Bundle, padded), padded_batch_sizes(8))(jobs)
     plain_verdicts = ModelRunner(cast(Bundle, plain))(jobs)
 
     assert padded.batch_sizes == [8] and plain.batch_sizes == [5]
@@ -57,9 +62,15 @@ def test_a_padded_batch_answers_exactly_its_own_images(bundle: Bundle) -> None:
         assert [p for _, p in got.top_k] == pytest.approx([p for _, p in want.top_k], rel=1e-5, abs=1e-6)
 
 
+def test_a_batch_above_every_padded_size_runs_as_it_is(bundle: Bundle) -> None:
+    recorder = ShapeRecorder(bundle)
+    verdicts = ModelRunner(cast(Bundle, recorder), padded_batch_sizes(4))(random_jobs(bundle, 6))
+    assert recorder.batch_sizes == [6] and len(verdicts) == 6
+
+
 def test_warm_up_runs_every_padded_size_once(bundle: Bundle) -> None:
     padded, plain = ShapeRecorder(bundle), ShapeRecorder(bundle)
-    ModelRunner(cast(Bundle, padded), batch_shapes(16)).warm_up()
+    ModelRunner(cast(Bundle, padded), padded_batch_sizes(16)).warm_up()
     ModelRunner(cast(Bundle, plain)).warm_up()
     assert padded.batch_sizes == [1, 2, 4, 8, 16]
     assert plain.batch_sizes == [1]
