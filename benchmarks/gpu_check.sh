@@ -27,14 +27,15 @@ OUT_DIR=${OUT_DIR:-benchmarks/out/gpu_check$([ "${QUICK:-0}" = 1 ] && echo _quic
 FLOWERS=${FLOWERS:-../shared/data/flowers17}
 TINY=${TINY:-../shared/data/tinyimagenet200}
 PYTHON=${PYTHON:-python3}
-rm -rf "$OUT_DIR/run" "$OUT_DIR/repository"  # a fresh fine-tune each time, never a resumed one
+# A fresh fine-tune each time, never a resumed one, and no result of an earlier run in the summary.
+rm -rf "$OUT_DIR/run" "$OUT_DIR/repository" "$OUT_DIR"/*.json
 mkdir -p "$OUT_DIR"
 if [ "${QUICK:-0}" = 1 ]; then
   train_sizes=(--arch resnet18 --size 64 --batch 8 --warmup 1 --steps 3 --workers 2 --reference-workers 2)
   pipeline_sizes=(--set epochs=1 --set baseline.epochs=1 --set data.transforms.input_size=64
                   --set data.transforms.resize=73 --set data.num_workers=2)
   decode_sizes=(--max-images 40 --threads 1 2)
-  serve_sizes=(--max-images 64 --workers 1 2 --clients 8 --duration 3 --raw-seconds 1)
+  serve_sizes=(--max-images 64 --workers 1 2 --clients 8 --client-processes 2 --duration 3 --raw-seconds 1)
   serve_multi_sizes=(--max-images 64 --workers 2 --images-per-request 4 --clients 8 --duration 3 --raw-seconds 1)
 else
   train_sizes=(--arch resnet50 --size 448 --batch 32)
@@ -92,20 +93,18 @@ step serve needs_bundle "$PYTHON" benchmarks/serve_bench.py --bundle "$BUNDLE" \
 step serve-multi needs_bundle "$PYTHON" benchmarks/serve_bench.py --bundle "$BUNDLE" \
   --images "$FLOWERS/images" "${serve_multi_sizes[@]}" --skip-naive --out "$OUT_DIR/serve_bench_multi.json"
 
-# MPS=1: four and eight workers again under NVIDIA's Multi-Process Service, which lets several
-# processes' kernels run on the GPU together instead of taking turns. An experiment, off by
-# default: whether the machine allows an MPS daemon at all is part of what it finds out.
-with_mps() {
-  local dir rc
+# MPS=1: four and eight workers again (and eight decoding JPEGs on the CPU) under NVIDIA's
+# Multi-Process Service, which lets several processes' kernels run on the GPU together instead of
+# taking turns. An experiment, off by default: whether the machine allows an MPS daemon at all is
+# part of what it finds out.
+with_mps() (  # a subshell: the MPS variables stay in it, and the daemon stops however it ends
   dir=$(mktemp -d)
   export CUDA_MPS_PIPE_DIRECTORY=$dir/pipe CUDA_MPS_LOG_DIRECTORY=$dir/log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  nvidia-cuda-mps-control -d || return 1
-  "$@" && rc=0 || rc=$?
-  echo quit | nvidia-cuda-mps-control
-  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-  return $rc
-}
+  nvidia-cuda-mps-control -d || { rm -rf "$dir"; exit 1; }
+  trap 'echo quit | nvidia-cuda-mps-control; rm -rf "$dir"' EXIT
+  "$@"
+)
 if [ "${MPS:-0}" = 1 ]; then
   step serve-mps needs_bundle with_mps "$PYTHON" benchmarks/serve_bench.py --bundle "$BUNDLE" \
     --images "$FLOWERS/images" "${serve_sizes[@]}" --workers 4 8 --skip-naive --out "$OUT_DIR/serve_bench_mps.json"
@@ -114,7 +113,7 @@ fi
 step decode needs_bundle "$PYTHON" benchmarks/decode_bench.py --bundle "$BUNDLE" \
   --images "$FLOWERS/images" "${decode_sizes[@]}" --out "$OUT_DIR/decode_bench.json"
 
-"$PYTHON" - "$OUT_DIR" "${failed[@]}" <<'PY'
+"$PYTHON" - "$OUT_DIR" ${failed[@]+"${failed[@]}"} <<'PY'
 import json, sys
 from pathlib import Path
 out, failed = Path(sys.argv[1]), sys.argv[2:]

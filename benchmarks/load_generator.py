@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import multiprocessing
 import multiprocessing.pool
+import threading
 import time
 from dataclasses import dataclass
 from types import TracebackType
@@ -64,10 +65,12 @@ class LoadGenerator:
 
     def __enter__(self) -> LoadGenerator:
         if self._processes > 1:
-            self._pool = multiprocessing.get_context("spawn").Pool(
-                self._processes, initializer=_keep_bodies, initargs=(self._bodies,)
-            )
-            self._pool.map(_ready, range(self._processes))  # all started, so the first run starts on time
+            context = multiprocessing.get_context("spawn")
+            everyone = context.Barrier(self._processes)
+            self._pool = context.Pool(self._processes, initializer=_keep, initargs=(self._bodies, everyone))
+            # One task per process (each waits for all the others): every process has started, so
+            # the first run starts on time.
+            self._pool.map(_ready, range(self._processes), chunksize=1)
         return self
 
     def __exit__(
@@ -97,16 +100,20 @@ class LoadGenerator:
         )
 
 
-_bodies: list[bytes] = []  # a client process's copy, set once when it starts
+# A client process's copies, set once when it starts.
+_bodies: list[bytes] = []
+_everyone: threading.Barrier | None = None
 
 
-def _keep_bodies(bodies: list[bytes]) -> None:
-    global _bodies
-    _bodies = bodies
+def _keep(bodies: list[bytes], everyone: threading.Barrier) -> None:
+    global _bodies, _everyone
+    _bodies, _everyone = bodies, everyone
 
 
 def _ready(_: int) -> None:
-    """Nothing: returns once the process has started and imported this module."""
+    """Returns once every client process has started (a process blocked here takes no other task)."""
+    assert _everyone is not None
+    _everyone.wait()
 
 
 def _drive_here(job: tuple[str, int, int, float, float]) -> Load:
