@@ -4,7 +4,8 @@ One process serves one device by default (run one container per GPU): concurrenc
 micro-batcher. When one Python process cannot keep a GPU busy (its event loop parses every upload
 and its threads share one interpreter lock), ``MIXOE_WORKERS=N`` starts N processes on the same
 device and port: each holds its own copy of the models and forms its own batches, and the metrics
-of all of them are merged (:mod:`service.metrics`). On SIGTERM uvicorn stops accepting connections
+of all of them are merged (:mod:`service.metrics`). On SIGTERM the server stops accepting
+connections, reads requests on those it accepted for half a second more (:mod:`service.server`),
 and waits for in-flight requests (at most ``MIXOE_SHUTDOWN_TIMEOUT_S``); the lifespan then drains
 the batch queues, in every worker. With several workers, SIGHUP replaces them one at a time (each
 new one serving before an old one stops): how new bundle versions go live without downtime.
@@ -25,11 +26,12 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors import Multiprocess, multiprocess
 
 from service.app import create_app
 from service.logs import configure_logging
 from service.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
+from service.server import DrainingServer, DrainingWorker
 from service.settings import Settings, is_setting_variable
 
 
@@ -42,7 +44,13 @@ def main() -> None:
     configure_logging(settings.log_level)
     with _shared_metrics_directory(settings.workers):
         if settings.workers == 1:
-            uvicorn.run(create_app(settings), **_server_options(settings))  # exits 3 if start-up fails
+            server = DrainingServer(uvicorn.Config(create_app(settings), **_server_options(settings)))
+            try:
+                server.run()
+            except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down
+                pass
+            if not server.started:
+                raise SystemExit(STARTUP_FAILURE)
         else:
             _serve_workers(settings)
 
@@ -84,6 +92,8 @@ def _serve_workers(settings: Settings) -> None:
         timeout_worker_healthcheck=settings.worker_timeout_s,  # uvicorn's 5 s is short for a GPU model
         **_server_options(settings),
     )
+    # The supervisor makes its workers from this module-level name; it offers no other hook.
+    multiprocess.Process = DrainingWorker  # type: ignore[misc]
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])
     supervisor.run()
     if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):

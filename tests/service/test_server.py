@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -226,6 +227,27 @@ def test_killed_workers_are_replaced_and_counts_never_go_back(tiny: TinyModel, t
     finally:
         status = served.stop()
     assert status in (0, -signal.SIGTERM)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_stopping_server_answers_the_connections_it_had_accepted(tiny: TinyModel, tmp_path: Path, workers: str) -> None:
+    """A request that arrives after SIGTERM, on a connection accepted before it, is answered.
+
+    uvicorn alone closes such a connection unanswered as it starts to shut down; with several
+    workers a SIGHUP roll-over retires workers under traffic, and clients saw exactly that."""
+    served = start_server(tiny.repository, tmp_path / "draining.log", workers=workers)
+    address = httpx.URL(served.url)
+    with socket.create_connection((address.host, address.port), timeout=30) as connection:
+        time.sleep(0.3)  # accepted by now
+        served.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while sum(entry["message"].startswith("Draining") for entry in log_lines(served)) < int(workers):
+            assert time.monotonic() < deadline, "the server did not begin to shut down"
+            time.sleep(0.02)
+        connection.sendall(f"GET /v2/health/live HTTP/1.1\r\nHost: {address.host}\r\n\r\n".encode())
+        response = connection.recv(4096)
+    assert response.startswith(b"HTTP/1.1 200"), response
+    assert served.process.wait(timeout=60) in (0, -signal.SIGTERM)
 
 
 def test_sighup_rolls_the_workers_onto_a_new_bundle_and_keeps_them_when_it_is_broken(tmp_path: Path) -> None:
