@@ -79,7 +79,8 @@ async def _start_models(
     loop = asyncio.get_running_loop()
     models = []
     for bundle in bundles:
-        runner = ModelRunner(bundle, padded_batch_sizes(settings.max_batch_size) if bundle.device.type == "cuda" else None)
+        padded_sizes = padded_batch_sizes(settings.max_batch_size) if bundle.device.type == "cuda" else None
+        runner = ModelRunner(bundle, padded_sizes)
         started = time.perf_counter()
         await loop.run_in_executor(inference_pool, runner.warm_up)
         warm_up_s = time.perf_counter() - started
