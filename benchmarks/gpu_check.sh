@@ -140,10 +140,10 @@ for name, tag in (("serve_bench.json", ""), ("serve_bench_multi.json", ""), ("se
         per_request = serve["images_per_request"]
         for r in serve["results"]:
             label = r["config"] + (f", {per_request} img/request" if per_request > 1 else "") + tag
-            rows.append((f"serve {label} (img/s, p95 ms, x raw, CPU ms/img, busiest loop, busiest client)",
+            rows.append((f"serve {label} (img/s, p95 ms, x raw, CPU ms/img, busiest loop, busiest client, GPU busy)",
                          f"{r['images_per_s']:.1f}, {shown(r['p95_ms'], '{:.1f}')}, {r['vs_raw']:.2f}, "
                          f"{shown(r['cpu_ms_per_image'], '{:.2f}')}, {shown(r['busiest_loop_share'], '{:.0%}')}, "
-                         f"{shown(r['busiest_client_share'], '{:.0%}')}"))
+                         f"{shown(r['busiest_client_share'], '{:.0%}')}, {shown(r.get('gpu_busy_share'), '{:.0%}')}"))
 if decode := read("decode_bench.json"):
     for r in decode["rows"]:
         rows.append((f"decode {r['path']} x{r['threads']} threads (img/s, x pil, max abs diff, same class, max score change)",

@@ -22,7 +22,8 @@ per request, measured by the client. The server's mean batch size comes from its
 Where ``/proc`` exists (Linux) two more columns say what limits a server: its CPU time per image
 (every process and thread of it) and how busy its busiest event loop was (a worker's main thread;
 near 100% means that one thread is the bottleneck, and more ``--workers`` should help). The
-busiest load-generator process's CPU share says whether the client limited the run instead.
+busiest load-generator process's CPU share says whether the client limited the run instead, and
+on CUDA with NVML (nvidia-ml-py) a last column says how busy the GPU was.
 The device defaults to ``auto`` (CUDA when present), so the same command runs on a GPU node; there,
 use ``--client-processes`` so that the load generator is not the bottleneck.
 
@@ -36,6 +37,7 @@ import gc
 import json
 import os
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +76,48 @@ class RunResult:
     cpu_ms_per_image: float | None = None
     busiest_loop_share: float | None = None
     busiest_client_share: float | None = None
+    gpu_busy_share: float | None = None
+
+
+class GpuBusy:
+    """The share of time the GPU ran a kernel while the block ran (nvidia-smi's utilisation, read
+    through NVML twice a second); ``share`` is ``None`` off CUDA or without NVML (nvidia-ml-py).
+
+    On the H200 this told a GPU-bound server (4 workers, 56-83%) from a CPU-bound one (1 worker,
+    4-7%) at the same rate, where ``nvidia-smi dmon`` had to be lined up with the logs by hand."""
+
+    def __init__(self, device: str, interval_s: float = 0.5):
+        self._device = torch.device(device)
+        self._interval_s = interval_s
+        self._samples: list[int] | None = None
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> GpuBusy:
+        if self._device.type == "cuda":
+            try:
+                torch.cuda.utilization(self._device)
+            except Exception as error:  # NVML missing or refused: the column stays empty
+                print(f"note: no GPU utilisation ({type(error).__name__}: {error})")
+            else:
+                self._samples = []
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._done.wait(self._interval_s):
+            assert self._samples is not None
+            self._samples.append(torch.cuda.utilization(self._device))
+
+    @property
+    def share(self) -> float | None:
+        return statistics.fmean(self._samples) / 100 if self._samples else None
 
 
 @dataclass(frozen=True)
@@ -256,7 +300,8 @@ def measure_server(
         load.run(url, args.clients, 2 * args.clients, args.duration)  # warm-up, not measured
         images_before, batches_before = batch_totals(url)
         cpu_before = cpu_use(server.process.pid)
-        measured = load.run(url, args.clients, args.requests, args.duration)
+        with GpuBusy(device) as gpu:
+            measured = load.run(url, args.clients, args.requests, args.duration)
         cpu_after = cpu_use(server.process.pid)
         images_after, batches_after = batch_totals(url)
     finally:
@@ -277,12 +322,13 @@ def measure_server(
         cpu_ms_per_image=cpu_ms_per_image,
         busiest_loop_share=busiest_loop_share,
         busiest_client_share=measured.busiest_client_share,
+        gpu_busy_share=gpu.share,
     )
 
 
 _COLUMNS = (
     "config", "batch", "requests", "errors", "img/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "cpu ms/img",
-    "loop busy", "client busy", "vs raw",
+    "loop busy", "client busy", "gpu busy", "vs raw",
 )
 
 
@@ -304,6 +350,7 @@ def print_table(results: list[RunResult], raw_rate: float) -> None:
             "-" if r.cpu_ms_per_image is None else f"{r.cpu_ms_per_image:.2f}",
             "-" if r.busiest_loop_share is None else f"{100 * r.busiest_loop_share:.0f}%",
             "-" if r.busiest_client_share is None else f"{100 * r.busiest_client_share:.0f}%",
+            "-" if r.gpu_busy_share is None else f"{100 * r.gpu_busy_share:.0f}%",
             f"{r.images_per_s / raw_rate:.2f}",
         )
         for r in results
