@@ -81,12 +81,16 @@ def decode_batched(bundle: Bundle, jpegs: list[bytes]) -> list[torch.Tensor]:
     return [bundle.pixels(image) for image in decode_jpeg(encoded, mode=ImageReadMode.RGB, device=bundle.device)]
 
 
+def decode_all_batched(bundle: Bundle, jpegs: list[bytes], batch: int) -> list[torch.Tensor]:
+    """Crops of all ``jpegs`` through :func:`decode_batched`, ``batch`` at a time."""
+    return [crop for first in range(0, len(jpegs), batch) for crop in decode_batched(bundle, jpegs[first : first + batch])]
+
+
 def batched_rate(bundle: Bundle, jpegs: list[bytes], batch: int, cuda: bool) -> float:
-    """Images per second through :func:`decode_batched`, ``batch`` at a time (after one warm-up call)."""
+    """Images per second through :func:`decode_all_batched` (after one warm-up call)."""
     decode_batched(bundle, jpegs[:batch])
     started = time.perf_counter()
-    for first in range(0, len(jpegs), batch):
-        decode_batched(bundle, jpegs[first : first + batch])
+    decode_all_batched(bundle, jpegs, batch)
     if cuda:
         torch.cuda.synchronize()
     return len(jpegs) / (time.perf_counter() - started)
@@ -128,8 +132,7 @@ def main() -> None:
         for threads in args.threads:
             rows.append({"path": name, "threads": threads, "images_per_s": rate(decode, jpegs, threads, cuda)} | agrees)
     try:
-        batched = [crop for first in range(0, len(jpegs), args.batch)
-                   for crop in decode_batched(bundle, jpegs[first : first + args.batch])]
+        batched = decode_all_batched(bundle, jpegs, args.batch)
         rows.append({"path": ("nvjpeg" if cuda else "torchvision") + "-batched", "threads": 1,
                      "images_per_s": batched_rate(bundle, jpegs, args.batch, cuda)} | agreement(batched))
     except (RuntimeError, ValueError) as error:  # a report without this row beats no report
