@@ -9,7 +9,9 @@ Three measurements of one bundle on one machine, in one run (compare ratios, not
                ``--clients`` concurrent clients, each uploading real JPEGs to ``POST /predict``
                (``--images-per-request`` per request) as fast as answers come back;
                ``batched-Nw`` the same with ``MIXOE_WORKERS=N`` processes sharing the device, for
-               each N > 1 in ``--workers``;
+               each N > 1 in ``--workers``; ``batched-Nw-mp`` (``--model-process``) the same with
+               ``MIXOE_MODEL_PROCESS=true``: one process holds the model and runs the batches of
+               all N workers together (the mean batch is then the model process's);
 * ``naive``    the same server with ``max_batch_size=1``: one forward pass per image, which is what a
                server without batching does;
 * ``batched-cpu-jpeg`` (CUDA only) ``batched`` (with the most ``--workers``) and
@@ -20,8 +22,9 @@ Each server run is bounded by ``--requests`` and ``--duration`` (whichever ends 
 short unmeasured warm-up. Server throughput counts images answered with 200 per second; latency is
 per request, measured by the client. The server's mean batch size comes from its ``/metrics``.
 Where ``/proc`` exists (Linux) two more columns say what limits a server: its CPU time per image
-(every process and thread of it) and how busy its busiest event loop was (a worker's main thread;
-near 100% means that one thread is the bottleneck, and more ``--workers`` should help). The
+(every process and thread of it) and how busy its busiest main thread was (a worker's event loop,
+or the model process's inference loop; near 100% means that one thread is the bottleneck: more
+``--workers`` help with an event loop). The
 busiest load-generator process's CPU share says whether the client limited the run instead, and
 on CUDA with NVML (nvidia-ml-py) a last column says how busy the GPU was.
 The device defaults to ``auto`` (CUDA when present), so the same command runs on a GPU node; there,
@@ -193,6 +196,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[1], help="server processes: one batched run per count given"
     )
+    parser.add_argument(
+        "--model-process", action="store_true", help="also run each --workers count with MIXOE_MODEL_PROCESS=true"
+    )
     parser.add_argument("--skip-naive", action="store_true", help="only raw and batched")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "serve_bench.json")
     args = parser.parse_args()
@@ -254,14 +260,14 @@ def measure_raw(
     return results, decode_ms
 
 
-def batch_totals(url: str) -> tuple[float, float]:
-    """``(images batched, batches run)`` so far, from the server's ``mixoe_batch_size`` histogram."""
-    values = {"mixoe_batch_size_sum": 0.0, "mixoe_batch_size_count": 0.0}
+def batch_totals(url: str, histogram: str) -> tuple[float, float]:
+    """``(images batched, batches run)`` so far, from the server's batch-size ``histogram``."""
+    values = {f"{histogram}_sum": 0.0, f"{histogram}_count": 0.0}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         name, _, value = line.partition(" ")
         if name in values:
             values[name] = float(value)
-    return values["mixoe_batch_size_sum"], values["mixoe_batch_size_count"]
+    return values[f"{histogram}_sum"], values[f"{histogram}_count"]
 
 
 def percentile(values: list[float], q: int) -> float | None:
@@ -294,16 +300,18 @@ def measure_server(
     }
     if args.decode_workers:
         settings["decode_workers"] = str(args.decode_workers)
+    # The batches the device runs: the model process merges the workers' batches.
+    histogram = "mixoe_model_process_batch_size" if settings.get("model_process") == "true" else "mixoe_batch_size"
     server = start_local_server(settings, args.out.with_suffix(f".{config}.log"), timeout_s=300)
     url = server.url
     try:
         load.run(url, args.clients, 2 * args.clients, args.duration)  # warm-up, not measured
-        images_before, batches_before = batch_totals(url)
+        images_before, batches_before = batch_totals(url, histogram)
         cpu_before = cpu_use(server.process.pid)
         with GpuBusy(device) as gpu:
             measured = load.run(url, args.clients, args.requests, args.duration)
         cpu_after = cpu_use(server.process.pid)
-        images_after, batches_after = batch_totals(url)
+        images_after, batches_after = batch_totals(url, histogram)
     finally:
         server.stop(timeout_s=60)
     images = len(measured.latencies) * args.images_per_request
@@ -388,6 +396,10 @@ def main() -> None:
             config = "batched" if workers == 1 else f"batched-{workers}w"
             results.append(measure_server(config, args, bundle_path, device, args.max_batch_size,
                                           args.max_batch_delay_ms, load, {"workers": str(workers)}))
+            if args.model_process:
+                results.append(measure_server(f"batched-{workers}w-mp", args, bundle_path, device,
+                                              args.max_batch_size, args.max_batch_delay_ms, load,
+                                              {"workers": str(workers), "model_process": "true"}))
         if device.startswith("cuda"):
             most = max(args.workers)
             results.append(measure_server("batched-cpu-jpeg" + (f"-{most}w" if most > 1 else ""), args, bundle_path,
@@ -408,6 +420,7 @@ def main() -> None:
         "client_processes": args.client_processes,
         "images_per_request": args.images_per_request,
         "workers": args.workers,
+        "model_process": args.model_process,
         "max_batch_delay_ms": args.max_batch_delay_ms,
         "decode_preprocess_ms_per_image": decode_ms,
         "results": [asdict(r) | {"vs_raw": r.images_per_s / raw.images_per_s} for r in results],

@@ -4,7 +4,9 @@ One process serves one device by default (run one container per GPU): concurrenc
 micro-batcher. When one Python process cannot keep a GPU busy (its event loop parses every upload
 and its threads share one interpreter lock), ``MIXOE_WORKERS=N`` starts N processes on the same
 device and port: each holds its own copy of the models and forms its own batches, and the metrics
-of all of them are merged (:mod:`service.metrics`). On SIGTERM the server stops accepting
+of all of them are merged (:mod:`service.metrics`). With ``MIXOE_MODEL_PROCESS=true`` one more
+process holds the models on the device instead and runs the batches of all workers together
+(:mod:`service.model_process`). On SIGTERM the server stops accepting
 connections, reads requests on those it accepted for half a second more (:mod:`service.server`),
 and waits for in-flight requests (at most ``MIXOE_SHUTDOWN_TIMEOUT_S``); the lifespan then drains
 the batch queues, in every worker. With several workers, SIGHUP replaces them one at a time (each
@@ -31,6 +33,7 @@ from uvicorn.supervisors import Multiprocess, multiprocess
 from service.app import create_app
 from service.logs import configure_logging
 from service.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
+from service.model_process import ModelProcess
 from service.server import DrainingServer, DrainingWorker
 from service.settings import Settings, is_setting_variable
 
@@ -42,7 +45,7 @@ def main() -> None:
     except ValidationError as error:
         raise SystemExit(f"mixoe-serve: invalid settings (flags or MIXOE_* variables):\n{_describe(error)}") from None
     configure_logging(settings.log_level)
-    with _shared_metrics_directory(settings.workers):
+    with _shared_metrics_directory(settings.workers > 1 or settings.model_process), _model_process(settings) as model_process:
         if settings.workers == 1:
             server = DrainingServer(uvicorn.Config(create_app(settings), **_server_options(settings)))
             try:
@@ -53,6 +56,8 @@ def main() -> None:
                 raise SystemExit(STARTUP_FAILURE)
         else:
             _serve_workers(settings)
+    if model_process is not None and model_process.died:
+        raise SystemExit("mixoe-serve: the model process died, so the service stopped (see the log above)")
 
 
 def worker_app() -> FastAPI:
@@ -113,11 +118,30 @@ def _server_options(settings: Settings) -> dict[str, Any]:
 
 
 @contextmanager
-def _shared_metrics_directory(workers: int) -> Iterator[None]:
-    """Prepare the directory where worker processes share their metrics, when there is one.
+def _model_process(settings: Settings) -> Iterator[ModelProcess | None]:
+    """The model process (``MIXOE_MODEL_PROCESS``), running before any worker starts; else ``None``."""
+    if not settings.model_process:
+        yield None
+        return
+    model_process = ModelProcess(settings)
+    try:
+        model_process.start()
+    except RuntimeError as error:
+        logging.getLogger("mixoe.service").error("%s", error)
+        raise SystemExit(STARTUP_FAILURE) from None
+    try:
+        yield model_process
+    finally:
+        model_process.stop()
+
+
+@contextmanager
+def _shared_metrics_directory(shared: bool) -> Iterator[None]:
+    """Prepare the directory where the service's processes share their metrics, when there is one.
 
     ``PROMETHEUS_MULTIPROC_DIR`` when the deployment sets it (a tmpfs volume, say; it then applies
-    to a single process too), else, for several workers, a temporary directory removed at exit.
+    to a single process too), else, for several processes (workers, or a worker and the model
+    process), a temporary directory removed at exit.
     Emptied first: files of an earlier run would be counted. Set before any worker starts, since
     prometheus_client reads it when imported."""
     configured = os.environ.get(MULTIPROCESS_DIRECTORY_VARIABLE)
@@ -125,7 +149,7 @@ def _shared_metrics_directory(workers: int) -> Iterator[None]:
         raise SystemExit(
             f"mixoe-serve: {MULTIPROCESS_DIRECTORY_VARIABLE} is set but empty: unset it or name a directory"
         )
-    if configured is None and workers == 1:
+    if configured is None and not shared:
         yield
         return
     with ExitStack() as cleanup:

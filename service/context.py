@@ -5,7 +5,9 @@ process before it reports ready), warms each model up once, then starts the batc
 marks the service not ready, lets each batcher finish its queue, then joins the threads.
 
 All models share ONE inference thread: a GPU runs one batch at a time anyway, and a single
-thread keeps CUDA streams and CPU thread pools from contending. Decoding has its own pool.
+thread keeps CUDA streams and CPU thread pools from contending. Decoding has its own pool. With
+``MIXOE_MODEL_PROCESS`` that thread hands each batch to the model process instead
+(:mod:`service.model_process`), and the models here stay on the CPU for preprocessing and metadata.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from models.nets import resolve_device
 from service.batcher import MicroBatcher
 from service.inference import ImageJob, ImageVerdict, ModelRunner, padded_batch_sizes
 from service.metrics import ServiceMetrics, score_buckets
+from service.model_process import HostedModelRunner, ModelProcessClient
 from service.predictor import Predictor
 from service.registry import LoadedModel, ModelRegistry, select_bundles
 from service.settings import Settings
@@ -38,13 +41,17 @@ class ServiceContext:
     predictor: Predictor
     inference_pool: ThreadPoolExecutor
     decode_pool: ThreadPoolExecutor
+    model_process: ModelProcessClient | None = None
     ready: bool = False
 
     @classmethod
     async def start(cls, settings: Settings) -> ServiceContext:
-        device = resolve_device(settings.device)
-        if device.type == "cuda":
-            # The GPU runs the model; CPU threads only decode and resize, each in its own decode
+        # With a model process, this process only checks, decodes and batches: on the CPU, where
+        # its bundle copies serve preprocessing and metadata.
+        model_process = ModelProcessClient.from_environment() if settings.model_process else None
+        device = torch.device("cpu") if model_process else resolve_device(settings.device)
+        if device.type == "cuda" or model_process:
+            # The model runs elsewhere; CPU threads only decode and resize, each in its own decode
             # worker. One intra-op thread per worker avoids oversubscribing the cores.
             torch.set_num_threads(1)
         selected = select_bundles(settings.model_repository, settings.models)
@@ -53,13 +60,15 @@ class ServiceContext:
         inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixoe-inference")
         decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="mixoe-decode")
         try:
-            registry = await _start_models(bundles, settings, metrics, inference_pool)
+            registry = await _start_models(bundles, settings, metrics, inference_pool, model_process)
         except BaseException:
             inference_pool.shutdown(wait=False, cancel_futures=True)
             decode_pool.shutdown(wait=False, cancel_futures=True)
+            if model_process is not None:
+                model_process.close()
             raise
         predictor = Predictor(settings, metrics, decode_pool)
-        return cls(settings, registry, metrics, predictor, inference_pool, decode_pool, ready=True)
+        return cls(settings, registry, metrics, predictor, inference_pool, decode_pool, model_process, ready=True)
 
     async def stop(self) -> None:
         """Stop intake, finish queued work (bounded by ``shutdown_timeout_s``), release the threads."""
@@ -70,17 +79,27 @@ class ServiceContext:
         # Joining the threads waits for a batch or a decode still running: never on the event loop.
         await asyncio.to_thread(self.inference_pool.shutdown, wait=True)
         await asyncio.to_thread(self.decode_pool.shutdown, wait=True)
+        if self.model_process is not None:
+            self.model_process.close()  # the model process releases what no other worker uses
 
 
 async def _start_models(
-    bundles: list[Bundle], settings: Settings, metrics: ServiceMetrics, inference_pool: ThreadPoolExecutor
+    bundles: list[Bundle],
+    settings: Settings,
+    metrics: ServiceMetrics,
+    inference_pool: ThreadPoolExecutor,
+    model_process: ModelProcessClient | None,
 ) -> ModelRegistry:
     """Warm each model up in the inference thread, give it a running batcher, publish its metrics."""
     loop = asyncio.get_running_loop()
     models = []
     for bundle in bundles:
-        padded_sizes = padded_batch_sizes(settings.max_batch_size) if bundle.device.type == "cuda" else None
-        runner = ModelRunner(bundle, padded_sizes)
+        runner: ModelRunner | HostedModelRunner
+        if model_process is not None:
+            runner = HostedModelRunner(model_process, bundle)
+        else:
+            padded_sizes = padded_batch_sizes(settings.max_batch_size) if bundle.device.type == "cuda" else None
+            runner = ModelRunner(bundle, padded_sizes)
         started = time.perf_counter()
         await loop.run_in_executor(inference_pool, runner.warm_up)
         warm_up_s = time.perf_counter() - started
@@ -97,7 +116,8 @@ async def _start_models(
         models.append(LoadedModel(bundle, batcher))
         logger.info(
             "loaded model %s:%s from %s on %s (warm-up %.1f s)",
-            bundle.name, bundle.version, bundle.path, bundle.device, warm_up_s,
+            bundle.name, bundle.version, bundle.path, "the model process" if model_process else bundle.device,
+            warm_up_s,
         )
     registry = ModelRegistry(models, settings.default_model)
     for model in models:

@@ -7,6 +7,7 @@ when ``score <= threshold``; scores are higher for more OOD inputs, see ``models
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,22 +73,36 @@ class ModelRunner:
         self._class_names = bundle.manifest.class_names
         self._padded_sizes = sorted(padded_sizes or [])
 
+    @property
+    def bundle(self) -> Bundle:
+        return self._bundle
+
     def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict]:
-        batch = self._padded(stack_on(self._bundle.device, [job.pixels for job in jobs]))
-        predictions = self._bundle.predict(batch)
-        k = max(job.top_k for job in jobs)
-        top_probabilities, top_indices = predictions.probabilities[: len(jobs)].topk(k, dim=1)  # (B, k) each
+        return self.run(
+            stack_on(self._bundle.device, [job.pixels for job in jobs]),
+            [job.operating_point for job in jobs],
+            [job.top_k for job in jobs],
+        )
+
+    def run(self, pixels: Tensor, points: Sequence[OperatingPoint], top_ks: Sequence[int]) -> list[ImageVerdict]:
+        """Verdicts for a stacked uint8 batch (B, 3, S, S) on any device, row ``i`` judged at
+        ``points[i]`` with ``top_ks[i]`` classes (the model process hands batches over stacked)."""
+        rows = len(pixels)
+        if not len(points) == len(top_ks) == rows:
+            raise ValueError(f"{rows} images but {len(points)} operating points and {len(top_ks)} top-k sizes")
+        predictions = self._bundle.predict(self._padded(pixels.to(self._bundle.device, non_blocking=True)))
+        k = max(top_ks)
+        top_probabilities, top_indices = predictions.probabilities[:rows].topk(k, dim=1)  # (B, k) each
         top_probabilities_rows = top_probabilities.tolist()
         top_indices_rows = top_indices.tolist()
-        scores = predictions.scores[: len(jobs)].double().tolist()
-        p_values = predictions.p_values[: len(jobs)].tolist()
+        scores = predictions.scores[:rows].double().tolist()
+        p_values = predictions.p_values[:rows].tolist()
         verdicts = []
-        for row, job in enumerate(jobs):
-            point = job.operating_point
+        for row, (point, top_k) in enumerate(zip(points, top_ks, strict=True)):
             ranked = [
                 (self._class_names[index], probability)
                 for index, probability in zip(
-                    top_indices_rows[row][: job.top_k], top_probabilities_rows[row][: job.top_k], strict=True
+                    top_indices_rows[row][:top_k], top_probabilities_rows[row][:top_k], strict=True
                 )
             ]
             verdicts.append(

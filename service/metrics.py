@@ -110,6 +110,25 @@ class _WorkersCollector(Collector):
         return self._merged.collect()
 
 
+def _batch_size_buckets(max_batch_size: int) -> list[float]:
+    return [float(size) for size in padded_batch_sizes(max_batch_size)]  # the sizes a GPU model runs at
+
+
+def model_process_batch_size(max_batch_size: int) -> Histogram:
+    """The model process's metric (``MIXOE_MODEL_PROCESS``): images per batch it runs, each batch
+    merged from the batches of every worker (``mixoe_batch_size`` counts those, per worker).
+
+    In no registry: the model process serves no ``/metrics``; its samples reach the workers'
+    ``/metrics`` through the multiprocess directory, which ``mixoe-serve`` always sets up when it
+    starts a model process."""
+    return Histogram(
+        "mixoe_model_process_batch_size",
+        "Images per batch the model process runs, merged across workers.",
+        buckets=_batch_size_buckets(max_batch_size),
+        registry=None,
+    )
+
+
 class ServiceMetrics:
     """Every collector the service exports, registered in a fresh :class:`CollectorRegistry`.
 
@@ -177,7 +196,7 @@ class ServiceMetrics:
         self.batch_size = Histogram(
             "mixoe_batch_size",
             "Images per model batch.",
-            buckets=[float(size) for size in padded_batch_sizes(max_batch_size)],  # a GPU model's padded sizes
+            buckets=_batch_size_buckets(max_batch_size),
             registry=registry,
         )
         self.inference = Histogram(

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
         description="Server processes sharing the device, each with its own copy of the models, batcher and "
         "event loop; more than one when a single Python process cannot keep a GPU busy.",
     )
+    model_process: bool = Field(
+        False,
+        description="Hold the models in one more process, which runs the batches of every worker together: one "
+        "copy of the weights on the device and larger batches. Workers then check, decode and batch on the CPU. "
+        "Meant for several workers on one GPU.",
+    )
     worker_timeout_s: int = Field(
         30,
         ge=1,

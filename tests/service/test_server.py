@@ -250,12 +250,16 @@ def test_a_stopping_server_answers_the_connections_it_had_accepted(tiny: TinyMod
     assert served.process.wait(timeout=60) in (0, -signal.SIGTERM)
 
 
-def test_sighup_rolls_the_workers_onto_a_new_bundle_and_keeps_them_when_it_is_broken(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model_process", ["false", "true"])
+def test_sighup_rolls_the_workers_onto_a_new_bundle_and_keeps_them_when_it_is_broken(
+    tmp_path: Path, model_process: str
+) -> None:
     """With several workers SIGHUP replaces them one at a time, each new one serving before an old
     one stops: a new bundle version goes live without a refused request. A broken one is refused by
-    the first new worker and the old workers keep serving."""
+    the first new worker and the old workers keep serving. With a model process, it loads the new
+    version for the new workers and releases the old one once no worker uses it."""
     tiny = build_tiny_bundle(tmp_path / "repository")
-    served = start_server(tiny.repository, tmp_path / "rolling.log", workers="2")
+    served = start_server(tiny.repository, tmp_path / "rolling.log", workers="2", model_process=model_process)
 
     def versions() -> set[object]:
         answers = []
@@ -299,6 +303,9 @@ def test_sighup_rolls_the_workers_onto_a_new_bundle_and_keeps_them_when_it_is_br
             time.sleep(0.2)
         assert versions() == {"2"}
         assert not finished() & second  # the workers of version 2 are still the ones serving
+        if model_process == "true":
+            released = [entry["message"] for entry in log_lines(served) if "released" in str(entry["message"])]
+            assert released == [f"model process released {tiny.path}: no worker uses it any more"]
     finally:
         status = served.stop()
     assert status in (0, -signal.SIGTERM)

@@ -1,0 +1,181 @@
+"""``MIXOE_MODEL_PROCESS``: one process holds the models and merges the batches of every worker.
+
+The host's loop is driven step by step in this process (deterministic: which runs merge depends
+only on what is queued), then the real thing: ``mixoe-serve`` with two workers and a model
+process answers as the bundle does, and stops when the model process dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, Histogram
+
+from models.bundle import Bundle
+from service.decoding import decode_image
+from service.errors import NotReady
+from service.inference import ImageJob, ModelRunner
+from service.local import log_entries, start_local_server
+from service.model_process import ADDRESS_VARIABLE, KEY_VARIABLE, ModelHost, ModelProcessClient, Task
+from tests.service.helpers import TinyModel, build_tiny_bundle, role_files, sample_value
+
+ROLES = ("accepted", "borderline", "rejected")
+
+
+class Inbox:
+    """Stands in for a worker's connection: keeps what the host sends it."""
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[str, Any]] = []
+
+    def send(self, reply: tuple[str, Any]) -> None:
+        self.replies.append(reply)
+
+
+def crops(bundle: Bundle, tiny: TinyModel, roles: tuple[str, ...]) -> np.ndarray:
+    images = [decode_image(tiny.images[role], max_bytes=10**8, max_pixels=10**8) for role in roles]
+    return torch.stack([bundle.pixels(image) for image in images]).numpy()
+
+
+def run(path: Path, pixels: np.ndarray, target: float = 0.95, top_k: int = 2) -> tuple[Any, ...]:
+    return ("run", str(path), pixels, [target] * len(pixels), [top_k] * len(pixels))
+
+
+def host_with_batches(max_batch_size: int) -> tuple[ModelHost, Histogram]:
+    batches = Histogram("batch_size", "images per batch", buckets=[1, 2, 4, 8], registry=CollectorRegistry())
+    return ModelHost(torch.device("cpu"), max_batch_size, batches), batches
+
+
+def loaded_by(host: ModelHost, path: Path, *inboxes: Inbox) -> None:
+    for inbox in inboxes:
+        host.submit(Task(inbox, ("load", str(path))))
+        host.step()
+        assert inbox.replies.pop() == ("ok", None)
+
+
+def batch_count(batches: Histogram) -> float:
+    return next(s.value for m in batches.collect() for s in m.samples if s.name.endswith("_count"))
+
+
+def test_runs_waiting_together_merge_into_one_batch_with_the_in_process_verdicts(
+    tiny: TinyModel, bundle: Bundle
+) -> None:
+    host, batches = host_with_batches(max_batch_size=8)
+    first, second = Inbox(), Inbox()
+    loaded_by(host, tiny.path, first, second)
+    host.submit(Task(first, run(tiny.path, crops(bundle, tiny, ROLES[:2]))))
+    host.submit(Task(second, run(tiny.path, crops(bundle, tiny, ROLES[2:]), target=0.9, top_k=1)))
+    host.step()  # one step answers both
+    assert batch_count(batches) == 1
+    [(status, verdicts)] = first.replies
+    [(other_status, other_verdicts)] = second.replies
+    assert status == other_status == "ok" and len(verdicts) == 2 and len(other_verdicts) == 1
+    # Each worker's rows are judged at its own operating point and top-k, as in its own process.
+    reference = ModelRunner(bundle)
+    expected = reference(
+        [ImageJob(torch.from_numpy(row), bundle.operating_point(0.95), 2) for row in crops(bundle, tiny, ROLES[:2])]
+    ) + reference(
+        [ImageJob(torch.from_numpy(row), bundle.operating_point(0.9), 1) for row in crops(bundle, tiny, ROLES[2:])]
+    )
+    for got, want in zip(verdicts + other_verdicts, expected, strict=True):
+        assert (got.label, got.accepted, got.threshold, len(got.top_k)) == (
+            want.label, want.accepted, want.threshold, len(want.top_k)
+        )
+        assert got.score == pytest.approx(want.score, abs=1e-5)
+    assert [verdict.accepted for verdict in verdicts + other_verdicts] == [True, True, False]
+
+
+def test_a_run_that_would_overflow_the_batch_or_needs_another_model_goes_next(
+    tiny: TinyModel, bundle: Bundle, tmp_path: Path
+) -> None:
+    other = build_tiny_bundle(tmp_path / "repository", version="2", seed=1)
+    host, batches = host_with_batches(max_batch_size=4)
+    first, second, third = Inbox(), Inbox(), Inbox()
+    loaded_by(host, tiny.path, first, second)
+    loaded_by(host, other.path, third)
+    host.submit(Task(first, run(tiny.path, crops(bundle, tiny, ROLES))))  # 3 images
+    host.submit(Task(second, run(tiny.path, crops(bundle, tiny, ROLES[:2]))))  # 3 + 2 > 4
+    host.submit(Task(third, run(other.path, crops(bundle, tiny, ROLES[:1]))))
+    host.step()
+    assert [len(first.replies), len(second.replies), len(third.replies)] == [1, 0, 0]
+    host.step()
+    assert [len(second.replies), len(third.replies)] == [1, 0]  # another model: not merged
+    host.step()
+    assert len(third.replies) == 1
+    assert batch_count(batches) == 3
+
+
+def test_a_model_is_released_when_the_last_worker_that_loaded_it_disconnects(tiny: TinyModel) -> None:
+    host, _ = host_with_batches(max_batch_size=4)
+    first, second = Inbox(), Inbox()
+    loaded_by(host, tiny.path, first, second)
+    host.submit(Task(first, ("release",)))
+    host.step()
+    assert host.loaded == [str(tiny.path)]
+    host.submit(Task(second, ("release",)))
+    host.step()
+    assert host.loaded == []
+
+
+def test_a_run_for_a_model_nobody_loaded_or_a_broken_bundle_is_an_error_answer(
+    tiny: TinyModel, bundle: Bundle, tmp_path: Path
+) -> None:
+    host, _ = host_with_batches(max_batch_size=4)
+    inbox = Inbox()
+    host.submit(Task(inbox, run(tiny.path, crops(bundle, tiny, ROLES[:1]))))
+    host.step()
+    broken = build_tiny_bundle(tmp_path / "repository")
+    (broken.path / "weights.safetensors").write_bytes(b"not the weights the manifest hashed")
+    host.submit(Task(inbox, ("load", str(broken.path))))
+    host.step()
+    [(status, message), (load_status, load_message)] = inbox.replies
+    assert status == "error" and "not loaded" in message
+    assert load_status == "error" and "weights.safetensors" in load_message
+    assert host.loaded == []
+
+
+def test_a_worker_without_a_model_process_is_told_how_to_get_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ADDRESS_VARIABLE, raising=False)
+    monkeypatch.delenv(KEY_VARIABLE, raising=False)
+    with pytest.raises(RuntimeError, match="mixoe-serve starts it"):
+        ModelProcessClient.from_environment()
+
+
+def test_a_model_process_that_does_not_answer_is_a_503_not_a_500(tmp_path: Path) -> None:
+    client = ModelProcessClient(str(tmp_path / "no-socket-here"), b"key")
+    with pytest.raises(NotReady, match="not answering"):
+        client.call(("load", "anything"))
+
+
+def test_two_workers_share_one_model_process_and_the_service_stops_when_it_dies(
+    tiny: TinyModel, tmp_path: Path
+) -> None:
+    log = tmp_path / "model-process.log"
+    served = start_local_server(
+        {"model_repository": str(tiny.repository), "device": "cpu", "decode_workers": "2", "workers": "2",
+         "model_process": "true"},
+        log,
+        timeout_s=90,
+    )
+    try:
+        response = httpx.post(f"{served.url}/predict", files=role_files(tiny, *ROLES), timeout=30)
+        assert response.status_code == 200, response.text
+        assert [p["accepted"] for p in response.json()["predictions"]] == [True, True, False]
+        metrics = httpx.get(f"{served.url}/metrics", timeout=10).text
+        assert sample_value(metrics, "mixoe_model_process_batch_size_sum") == len(ROLES)
+        [model_process] = {e["pid"] for e in log_entries(log) if e["logger"] == "mixoe.model_process"}
+        loads = [e for e in log_entries(log) if e["message"].startswith("model process loaded")]
+        assert len(loads) == 1  # both workers use the one copy
+        os.kill(model_process, signal.SIGKILL)
+        served.process.wait(timeout=60)
+    finally:
+        status = served.stop()
+    assert status == 1
+    assert any("the model process" in e["message"] and "exited" in e["message"] for e in log_entries(log))
