@@ -6,9 +6,11 @@
 #   2. a short MixOE fine-tune of Oxford 17 Flowers at 224 px to a bundle (`mixoe pipeline`, under
 #      torchrun when there are several GPUs);
 #   3. the service on that bundle under the serve benchmark, beside the raw batched model rate: one
-#      server process and four sharing the GPU (MIXOE_WORKERS), four decoding JPEGs on the CPU,
-#      and a naive one-image-per-forward server; then four again with eight images per request
-#      (and, with MPS=1, four and eight workers under NVIDIA's Multi-Process Service);
+#      server process and four sharing the GPU (MIXOE_WORKERS), four and eight with one model
+#      process for all (MIXOE_MODEL_PROCESS), four decoding JPEGs on the CPU, and a naive
+#      one-image-per-forward server; then four (and four with a model process) again with eight
+#      images per request (and, with MPS=1, four and eight workers under NVIDIA's Multi-Process
+#      Service);
 #   4. upload bytes -> model crop: PIL beside torchvision on the CPU and nvjpeg on the GPU (speed,
 #      and the largest pixel difference from the PIL crop the thresholds were calibrated on).
 # Prints one table last and writes JSON under $OUT_DIR.
@@ -21,6 +23,9 @@
 #
 # QUICK=1 runs every step at toy sizes (ResNet-18 at 64 px, one epoch, seconds of serving): a dry
 # run of this script on any machine, a CPU included, so a GPU session is not spent on a typo.
+# ONLY="serve decode" runs only the steps named (train, fine-tune, serve, serve-multi, serve-mps,
+# decode); without fine-tune, the later steps use the embedded default model (MobileNetV2 on
+# Flowers-17), so a short second device call can measure the service alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-benchmarks/out/gpu_check$([ "${QUICK:-0}" = 1 ] && echo _quick)}
@@ -35,14 +40,17 @@ if [ "${QUICK:-0}" = 1 ]; then
   pipeline_sizes=(--set epochs=1 --set baseline.epochs=1 --set data.transforms.input_size=64
                   --set data.transforms.resize=73 --set data.num_workers=2)
   decode_sizes=(--max-images 40 --threads 1 2)
-  serve_sizes=(--max-images 64 --workers 1 2 --clients 8 --client-processes 2 --duration 3 --raw-seconds 1)
-  serve_multi_sizes=(--max-images 64 --workers 2 --images-per-request 4 --clients 8 --duration 3 --raw-seconds 1)
+  serve_sizes=(--max-images 64 --workers 1 2 --model-process 2 --clients 8 --client-processes 2 --duration 3
+               --raw-seconds 1)
+  serve_multi_sizes=(--max-images 64 --workers 2 --model-process 2 --images-per-request 4 --clients 8 --duration 3
+                     --raw-seconds 1)
 else
   train_sizes=(--arch resnet50 --size 448 --batch 32)
   pipeline_sizes=(--set epochs=3 --set baseline.epochs=3)
   decode_sizes=(--threads 1 8)
-  serve_sizes=(--workers 1 4 --clients 64 --duration 8 --requests 100000 --raw-seconds 4)
-  serve_multi_sizes=(--workers 4 --images-per-request 8 --clients 32 --duration 8 --requests 20000 --raw-seconds 2)
+  serve_sizes=(--workers 1 4 --model-process 4 8 --clients 64 --duration 8 --requests 100000 --raw-seconds 4)
+  serve_multi_sizes=(--workers 4 --model-process 4 --images-per-request 8 --clients 32 --duration 8 --requests 20000
+                     --raw-seconds 2)
 fi
 if [ -n "${WHEELS:-}" ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/mixoe-site "$WHEELS"/*.whl
@@ -58,9 +66,11 @@ echo "gpu_check: $GPUS GPU(s); output in $OUT_DIR"
 # A device session is short and may not come twice: a failed step is reported and the steps that
 # do not need its output still run. Exit status 1 if any step failed.
 failed=()
+wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 step() {  # step NAME COMMAND...
   local name=$1 started=$SECONDS
   shift
+  wanted "$name" || return 0
   echo "== $name ($(date +%T))"
   if "$@"; then
     echo "== $name: done in $((SECONDS - started)) s"
@@ -70,6 +80,7 @@ step() {  # step NAME COMMAND...
   fi
 }
 BUNDLE=$OUT_DIR/repository/flowers17-mixoe/1
+wanted fine-tune || BUNDLE=models/repository/flowers17/1
 needs_bundle() {
   [ -d "$BUNDLE" ] || { echo "no bundle at $BUNDLE: the fine-tune step failed"; return 1; }
   "$@"
@@ -107,7 +118,8 @@ with_mps() (  # a subshell: the MPS variables stay in it, and the daemon stops h
 )
 if [ "${MPS:-0}" = 1 ]; then
   step serve-mps needs_bundle with_mps "$PYTHON" benchmarks/serve_bench.py --bundle "$BUNDLE" \
-    --images "$FLOWERS/images" "${serve_sizes[@]}" --workers 4 8 --skip-naive --out "$OUT_DIR/serve_bench_mps.json"
+    --images "$FLOWERS/images" "${serve_sizes[@]}" --workers 4 8 --model-process --skip-naive \
+    --out "$OUT_DIR/serve_bench_mps.json"
 fi
 
 step decode needs_bundle "$PYTHON" benchmarks/decode_bench.py --bundle "$BUNDLE" \
@@ -145,6 +157,7 @@ for name, tag in (("serve_bench.json", ""), ("serve_bench_multi.json", ""), ("se
                          f"{shown(r['cpu_ms_per_image'], '{:.2f}')}, {shown(r['busiest_loop_share'], '{:.0%}')}, "
                          f"{shown(r['busiest_client_share'], '{:.0%}')}, {shown(r.get('gpu_busy_share'), '{:.0%}')}"))
 if decode := read("decode_bench.json"):
+    machines.add(decode["machine"])
     for r in decode["rows"]:
         rows.append((f"decode {r['path']} x{r['threads']} threads (img/s, x pil, max abs diff, same class, max score change)",
                      f"{r['images_per_s']:.0f}, {r['vs_pil']:.2f}, {r['max_abs_diff']}, {r['same_class']:.3f}, "

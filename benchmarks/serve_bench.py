@@ -9,9 +9,9 @@ Three measurements of one bundle on one machine, in one run (compare ratios, not
                ``--clients`` concurrent clients, each uploading real JPEGs to ``POST /predict``
                (``--images-per-request`` per request) as fast as answers come back;
                ``batched-Nw`` the same with ``MIXOE_WORKERS=N`` processes sharing the device, for
-               each N > 1 in ``--workers``; ``batched-Nw-mp`` (``--model-process``) the same with
-               ``MIXOE_MODEL_PROCESS=true``: one process holds the model and runs the batches of
-               all N workers together (the mean batch is then the model process's);
+               each N > 1 in ``--workers``; ``batched-Nw-mp`` for each N in ``--model-process``,
+               with ``MIXOE_MODEL_PROCESS=true``: one process holds the model and runs the
+               batches of all N workers together (the mean batch is then the model process's);
 * ``naive``    the same server with ``max_batch_size=1``: one forward pass per image, which is what a
                server without batching does;
 * ``batched-cpu-jpeg`` (CUDA only) ``batched`` (with the most ``--workers``) and
@@ -197,7 +197,8 @@ def parse_args() -> argparse.Namespace:
         "--workers", type=int, nargs="+", default=[1], help="server processes: one batched run per count given"
     )
     parser.add_argument(
-        "--model-process", action="store_true", help="also run each --workers count with MIXOE_MODEL_PROCESS=true"
+        "--model-process", type=int, nargs="*", default=[], metavar="WORKERS",
+        help="worker counts to run (again) with MIXOE_MODEL_PROCESS=true: one process holds the model for all",
     )
     parser.add_argument("--skip-naive", action="store_true", help="only raw and batched")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "serve_bench.json")
@@ -206,7 +207,7 @@ def parse_args() -> argparse.Namespace:
         args.clients < args.client_processes
         or args.max_batch_size < 1
         or not 1 <= args.images_per_request <= 1000
-        or not all(1 <= workers <= 64 for workers in args.workers)
+        or not all(1 <= workers <= 64 for workers in [*args.workers, *args.model_process])
     ):
         parser.error(
             "need --clients >= --client-processes, --max-batch-size >= 1, 1 <= --images-per-request <= 1000 "
@@ -396,10 +397,10 @@ def main() -> None:
             config = "batched" if workers == 1 else f"batched-{workers}w"
             results.append(measure_server(config, args, bundle_path, device, args.max_batch_size,
                                           args.max_batch_delay_ms, load, {"workers": str(workers)}))
-            if args.model_process:
-                results.append(measure_server(f"batched-{workers}w-mp", args, bundle_path, device,
-                                              args.max_batch_size, args.max_batch_delay_ms, load,
-                                              {"workers": str(workers), "model_process": "true"}))
+        for workers in sorted(set(args.model_process)):
+            results.append(measure_server(f"batched-{workers}w-mp", args, bundle_path, device, args.max_batch_size,
+                                          args.max_batch_delay_ms, load,
+                                          {"workers": str(workers), "model_process": "true"}))
         if device.startswith("cuda"):
             most = max(args.workers)
             results.append(measure_server("batched-cpu-jpeg" + (f"-{most}w" if most > 1 else ""), args, bundle_path,
