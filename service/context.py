@@ -103,7 +103,7 @@ async def _start_models(
         started = time.perf_counter()
         await loop.run_in_executor(inference_pool, runner.warm_up)
         warm_up_s = time.perf_counter() - started
-        batcher: MicroBatcher[ImageJob, ImageVerdict] = MicroBatcher(
+        batcher: MicroBatcher[ImageJob, ImageVerdict | None] = MicroBatcher(
             runner,
             executor=inference_pool,
             observer=metrics,
@@ -113,7 +113,8 @@ async def _start_models(
             retry_after_s=settings.retry_after_s,
             name=f"{bundle.name}:{bundle.version}",
         )
-        models.append(LoadedModel(bundle, batcher))
+        sends_jpeg = isinstance(runner, HostedModelRunner) and runner.decodes_jpeg
+        models.append(LoadedModel(bundle, batcher, sends_jpeg))
         logger.info(
             "loaded model %s:%s from %s on %s (warm-up %.1f s)",
             bundle.name, bundle.version, bundle.path, "the model process" if model_process else bundle.device,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -18,9 +19,12 @@ from models.bundle import Bundle, OperatingPoint
 
 @dataclass(frozen=True)
 class ImageJob:
-    """One resized, centre-cropped uint8 image (3, S, S) and what its request asked for."""
+    """One image and what its request asked for.
 
-    pixels: Tensor
+    ``pixels`` is the resized, centre-cropped uint8 image (3, S, S); or, when the model process
+    decodes JPEGs on its GPU, a plain JPEG's bytes, still to decode there (``service.model_process``)."""
+
+    pixels: Tensor | bytes
     operating_point: OperatingPoint
     top_k: int
 
@@ -78,8 +82,11 @@ class ModelRunner:
         return self._bundle
 
     def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict]:
+        crops = [job.pixels for job in jobs]
+        if not all(isinstance(crop, Tensor) for crop in crops):
+            raise TypeError("an in-process model takes decoded crops; JPEG bytes are for the model process")
         return self.run(
-            stack_on(self._bundle.device, [job.pixels for job in jobs]),
+            stack_on(self._bundle.device, cast(list[Tensor], crops)),
             [job.operating_point for job in jobs],
             [job.top_k for job in jobs],
         )

@@ -16,6 +16,7 @@ failure, returns ``None`` and the caller decodes with PIL, which also words the 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -45,8 +46,23 @@ def is_plain_jpeg(image: Image.Image) -> bool:
 
 def decode_plain_jpeg(data: bytes, device: torch.device) -> Tensor | None:
     """``data`` as a uint8 RGB tensor (3, H, W) on ``device``, or ``None`` if the decoder refused it."""
-    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg(_encoded(data), mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         return None
+
+
+def decode_plain_jpegs(datas: Sequence[bytes], device: torch.device) -> list[Tensor | None]:
+    """Several plain JPEGs in one decoder call (on a GPU, nvjpeg's batched decode), each as
+    :func:`decode_plain_jpeg` gives it. If the decoder refuses the batch, the images are decoded one
+    by one, so that one bad file costs only its own ``None``."""
+    if not datas:
+        return []
+    try:
+        return list(decode_jpeg([_encoded(data) for data in datas], mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        return [decode_plain_jpeg(data, device) for data in datas]
+
+
+def _encoded(data: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)

@@ -3,8 +3,8 @@
 With ``MIXOE_WORKERS=N`` each worker otherwise holds its own copy of every model and sends the
 device its own small batches. On an H200, four such workers kept the GPU 56-83 % busy at 0.35 of
 the raw model rate: four CUDA contexts took turns with batches of a few images each. With
-``MIXOE_MODEL_PROCESS=true`` the workers keep HTTP, input checks, decoding and micro-batching (all
-on the CPU) and hand each batch of uint8 crops to this process over a Unix socket; it merges what
+``MIXOE_MODEL_PROCESS=true`` the workers keep HTTP, input checks, decoding and micro-batching (on
+the CPU) and hand each batch of images to this process over a Unix socket; it merges what
 arrives from all of them into batches of up to ``max_batch_size`` images, runs them with the same
 :class:`~service.inference.ModelRunner` (so verdicts are the in-process ones), and answers each
 worker with its share.
@@ -12,10 +12,17 @@ worker with its share.
 Protocol: pickled tuples over :mod:`multiprocessing.connection`, one call at a time per
 connection (a worker's single inference thread owns its connection):
 
-* ``("load", path)`` -> ``("ok", None)``: load and warm up the bundle unless it is loaded already;
-* ``("run", path, pixels, targets, top_ks)`` -> ``("ok", verdicts)``: ``pixels`` a uint8 array
-  (B, 3, S, S), row ``i`` judged at operating point ``targets[i]`` with ``top_ks[i]`` classes;
+* ``("load", path)`` -> ``("ok", decodes_jpeg)``: load and warm up the bundle unless it is loaded
+  already; ``decodes_jpeg`` says whether to send plain JPEGs undecoded (see below);
+* ``("run", path, images, targets, top_ks)`` -> ``("ok", verdicts)``: image ``i`` judged at
+  operating point ``targets[i]`` with ``top_ks[i]`` classes; each image a uint8 crop (3, S, S)
+  as a numpy array, or a plain JPEG's bytes; a verdict is ``None`` where the JPEG decoder refused
+  the file (the worker then lets PIL, the reference decoder, decide: see ``service.predictor``);
 * any failure -> ``("error", message)``.
+
+On a GPU (and ``MIXOE_GPU_JPEG_DECODE``, the default) workers send plain JPEGs undecoded: this
+process decodes each batch's JPEGs in one nvjpeg call and resizes them on the GPU, so the workers'
+CPUs only parse requests and check headers.
 
 A bundle stays loaded while a connected worker has loaded it; when the last such worker
 disconnects (a SIGHUP roll-over to new versions retires the old workers) it is released.
@@ -42,16 +49,18 @@ from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 from prometheus_client import Histogram
+from torch import Tensor
 
 from models.bundle import Bundle, load_bundle
 from models.nets import resolve_device
 from service.errors import ErrorCode, NotReady
-from service.inference import ImageJob, ImageVerdict, ModelRunner, padded_batch_sizes
+from service.inference import ImageJob, ImageVerdict, ModelRunner, padded_batch_sizes, stack_on
+from service.jpeg import decode_plain_jpegs
 from service.logs import configure_logging
 from service.metrics import model_process_batch_size
 from service.settings import Settings
@@ -95,10 +104,17 @@ class ModelHost:
     Every task goes through one queue and one thread (:meth:`serve_forever`), so the device sees
     one batch at a time, as it does in a single-process server."""
 
-    def __init__(self, device: torch.device, max_batch_size: int, batch_sizes: Histogram | None = None):
+    def __init__(
+        self,
+        device: torch.device,
+        max_batch_size: int,
+        batch_sizes: Histogram | None = None,
+        decodes_jpeg: bool = False,
+    ):
         self._device = device
         self._max_batch_size = max_batch_size
         self._batch_sizes = batch_sizes
+        self._decodes_jpeg = decodes_jpeg
         self._tasks: queue.Queue[Task] = queue.Queue()
         self._deferred: deque[Task] = deque()  # taken from the queue but not part of the last batch
         self._runners: dict[str, ModelRunner] = {}
@@ -151,23 +167,42 @@ class ModelHost:
             runner = self._runners.get(batch[0].path)
             if runner is None:
                 raise RuntimeError(f"bundle {batch[0].path} is not loaded (send a load request first)")
-            pixels = torch.from_numpy(np.concatenate([task.message[2] for task in batch]))
+            crops = self._crops(runner.bundle, [image for task in batch for image in task.message[2]])
             points = [runner.bundle.operating_point(target) for task in batch for target in task.message[3]]
             top_ks = [top_k for task in batch for top_k in task.message[4]]
-            verdicts = runner.run(pixels, points, top_ks)
+            rows = [row for row, crop in enumerate(crops) if crop is not None]
+            verdicts: list[ImageVerdict | None] = [None] * len(crops)
+            if rows:
+                decided = runner.run(
+                    stack_on(self._device, [cast(Tensor, crops[row]) for row in rows]),
+                    [points[row] for row in rows],
+                    [top_ks[row] for row in rows],
+                )
+                for row, verdict in zip(rows, decided, strict=True):
+                    verdicts[row] = verdict
         except Exception as error:
             logger.exception("batch of %d requests failed", len(batch))
             for task in batch:
                 _send(task.origin, ("error", f"{type(error).__name__}: {error}"))
             return
-        if self._batch_sizes is not None:
-            self._batch_sizes.observe(len(verdicts))
+        if self._batch_sizes is not None and rows:
+            self._batch_sizes.observe(len(rows))
         start = 0
         for task in batch:
             _send(task.origin, ("ok", verdicts[start : start + task.images]))
             start += task.images
 
-    def _load(self, origin: Replies, path: str) -> None:
+    def _crops(self, bundle: Bundle, images: list[np.ndarray | bytes]) -> list[Tensor | None]:
+        """Each image as the model's uint8 crop: arrays as they came, JPEGs decoded here in one
+        call and resized on the device; ``None`` for a JPEG the decoder refused."""
+        crops: list[Tensor | None] = [None if isinstance(image, bytes) else torch.from_numpy(image) for image in images]
+        jpeg_rows = [row for row, image in enumerate(images) if isinstance(image, bytes)]
+        decoded = decode_plain_jpegs([cast(bytes, images[row]) for row in jpeg_rows], self._device)
+        for row, pixels in zip(jpeg_rows, decoded, strict=True):
+            crops[row] = None if pixels is None else bundle.pixels(pixels)
+        return crops
+
+    def _load(self, origin: Replies, path: str) -> bool:
         if path not in self._runners:
             started = time.perf_counter()
             bundle = load_bundle(Path(path), self._device)
@@ -180,6 +215,7 @@ class ModelHost:
                 bundle.name, bundle.version, path, self._device, time.perf_counter() - started,
             )
         self._users.setdefault(path, set()).add(origin)
+        return self._decodes_jpeg
 
     def _release(self, origin: Replies) -> None:
         for path in [path for path, users in self._users.items() if origin in users]:
@@ -210,20 +246,23 @@ def _send(origin: Replies, reply: tuple[str, Any]) -> None:
 
 
 class HostedModelRunner:
-    """What a worker runs in place of :class:`ModelRunner`: the same calls, carried out by the model process."""
+    """What a worker runs in place of :class:`ModelRunner`: the same calls, carried out by the model process.
+
+    A verdict is ``None`` for a JPEG the model process could not decode (see the module docstring)."""
 
     def __init__(self, client: ModelProcessClient, bundle: Bundle):
         self._client = client
         self._path = str(bundle.path.resolve())
+        self.decodes_jpeg = False  # known once warm_up has asked the model process
 
-    def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict]:
-        pixels = torch.stack([job.pixels for job in jobs]).numpy()
+    def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict | None]:
+        images = [job.pixels if isinstance(job.pixels, bytes) else job.pixels.numpy() for job in jobs]
         targets = [job.operating_point.target_id_acceptance for job in jobs]
-        return self._client.call(("run", self._path, pixels, targets, [job.top_k for job in jobs]))
+        return self._client.call(("run", self._path, images, targets, [job.top_k for job in jobs]))
 
     def warm_up(self) -> None:
         """Have the model process load (and warm up) this bundle, unless another worker did."""
-        self._client.call(("load", self._path))
+        self.decodes_jpeg = self._client.call(("load", self._path))
 
 
 class ModelProcessClient:
@@ -267,6 +306,7 @@ class ModelProcessClient:
 class _ProcessConfig:
     device: str
     max_batch_size: int
+    gpu_jpeg_decode: bool
     log_level: str
 
 
@@ -279,7 +319,9 @@ class ModelProcess:
     :attr:`died` says so, for ``mixoe-serve`` to exit with a failure status."""
 
     def __init__(self, settings: Settings):
-        self._config = _ProcessConfig(settings.device, settings.max_batch_size, settings.log_level)
+        self._config = _ProcessConfig(
+            settings.device, settings.max_batch_size, settings.gpu_jpeg_decode, settings.log_level
+        )
         self._directory: tempfile.TemporaryDirectory[str] | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._stopping = threading.Event()
@@ -355,7 +397,12 @@ def _serve(config: _ProcessConfig, address: str, key: bytes, ready: Connection) 
     configure_logging(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     device = resolve_device(config.device)
-    host = ModelHost(device, config.max_batch_size, model_process_batch_size(config.max_batch_size))
+    host = ModelHost(
+        device,
+        config.max_batch_size,
+        model_process_batch_size(config.max_batch_size),
+        decodes_jpeg=device.type == "cuda" and config.gpu_jpeg_decode,
+    )
     listener = Listener(address, family="AF_UNIX", authkey=key)
     logger.info("model process listening on %s, device %s", address, device)
     ready.send(os.getpid())

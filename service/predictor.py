@@ -3,7 +3,8 @@
 Cheap checks run first (file count, operating point, top-k), then every file is decoded and
 preprocessed in the decoding thread pool (PIL and torchvision release the GIL; the event loop
 never decodes): plain JPEGs by torchvision, on the model's GPU when it has one (``service.jpeg``),
-everything else by PIL. Then the images join the model's micro-batch queue. A request with one
+everything else by PIL. With a model process on a GPU, plain JPEGs pass the checks only and go to
+it undecoded; the few its decoder refuses come back and PIL decides. Then the images join the model's micro-batch queue. A request with one
 bad file fails as a whole with a 4xx naming that file: a client sending a batch gets all verdicts
 or a precise reason, never a partial answer to reconcile.
 """
@@ -62,32 +63,50 @@ class Predictor:
             )
         point = model.operating_point(operating_point)
         k = resolve_top_k(top_k, len(model.class_names))
-        loop = asyncio.get_running_loop()
-        prepare = partial(prepare_image, bundle=model.bundle, settings=self._settings)
-        outcomes = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, prepare, upload) for upload in uploads), return_exceptions=True
-        )
-        for outcome in outcomes:  # the first bad file, in upload order
-            if isinstance(outcome, BaseException):
-                raise outcome
-        jobs = [ImageJob(cast(Tensor, pixels), point, k) for pixels in outcomes]
-        verdicts = await model.batcher.submit(jobs)
-        for verdict in verdicts:
+        images = await self._prepare(model, uploads, send_jpeg=model.sends_jpeg)
+        verdicts = await model.batcher.submit([ImageJob(image, point, k) for image in images])
+        refused = [row for row, verdict in enumerate(verdicts) if verdict is None]
+        if refused:
+            # The model process's JPEG decoder refused these files: PIL, the reference decoder,
+            # decides instead, and words the client error if there is one.
+            crops = await self._prepare(model, [uploads[row] for row in refused], send_jpeg=False)
+            again = await model.batcher.submit([ImageJob(crop, point, k) for crop in crops])
+            for row, verdict in zip(refused, again, strict=True):
+                verdicts[row] = verdict
+        decided = cast(list[ImageVerdict], verdicts)
+        for verdict in decided:
             self._metrics.record_prediction(
                 model.name, model.version, verdict.target_id_acceptance, verdict.score, verdict.accepted
             )
-        return verdicts
+        return decided
+
+    async def _prepare(self, model: LoadedModel, uploads: Sequence[Upload], *, send_jpeg: bool) -> list[Tensor | bytes]:
+        """Every upload through :func:`prepare_image` in the decoding pool; the first bad file, in
+        upload order, fails the request."""
+        loop = asyncio.get_running_loop()
+        prepare = partial(prepare_image, bundle=model.bundle, settings=self._settings, send_jpeg=send_jpeg)
+        outcomes = await asyncio.gather(
+            *(loop.run_in_executor(self._decode_pool, prepare, upload) for upload in uploads), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return cast(list[Tensor | bytes], outcomes)
 
 
-def prepare_image(upload: Upload, bundle: Bundle, settings: Settings) -> Tensor:
+def prepare_image(upload: Upload, bundle: Bundle, settings: Settings, send_jpeg: bool = False) -> Tensor | bytes:
     """Bytes -> the uint8 (3, S, S) crop the model was calibrated on; runs in the decoding pool.
 
-    Normalisation happens batched on the model's device (:meth:`Bundle.predict`)."""
+    Normalisation happens batched on the model's device (:meth:`Bundle.predict`). With
+    ``send_jpeg`` a plain JPEG passes every check here and stays undecoded, for the model
+    process's GPU (``service.model_process``)."""
     image = open_image(
         upload.data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels, filename=upload.filename
     )
     _check_resizable(image, bundle.manifest.preprocessing.resize, settings.max_image_pixels, upload.filename)
     if is_plain_jpeg(image):
+        if send_jpeg:
+            return upload.data
         on_gpu = bundle.device.type == "cuda" and settings.gpu_jpeg_decode
         pixels = decode_plain_jpeg(upload.data, bundle.device if on_gpu else torch.device("cpu"))
         if pixels is not None:

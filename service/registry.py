@@ -50,10 +50,14 @@ def select_bundles(repository: Path, references: Sequence[str]) -> list[tuple[st
 
 @dataclass
 class LoadedModel:
-    """A bundle in memory and the batcher feeding it."""
+    """A bundle in memory and the batcher feeding it.
+
+    ``sends_jpeg``: plain JPEGs go to the model process undecoded, for its GPU to decode; a verdict
+    is then ``None`` where that decoder refused the file (``service.model_process``)."""
 
     bundle: Bundle
-    batcher: MicroBatcher[ImageJob, ImageVerdict]
+    batcher: MicroBatcher[ImageJob, ImageVerdict | None]
+    sends_jpeg: bool = False
 
     @property
     def name(self) -> str:

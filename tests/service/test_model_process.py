@@ -7,8 +7,12 @@ process answers as the bundle does, and stops when the model process dies.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +23,16 @@ import torch
 from prometheus_client import CollectorRegistry, Histogram
 
 from models.bundle import Bundle
+from service.batcher import MicroBatcher
 from service.decoding import decode_image
-from service.errors import NotReady
-from service.inference import ImageJob, ModelRunner
+from service.errors import ErrorCode, InvalidInput, NotReady
+from service.inference import ImageJob, ImageVerdict, ModelRunner
 from service.local import log_entries, start_local_server
+from service.metrics import ServiceMetrics, score_buckets
 from service.model_process import ADDRESS_VARIABLE, KEY_VARIABLE, ModelHost, ModelProcessClient, Task
+from service.predictor import Predictor, Upload
+from service.registry import LoadedModel
+from service.settings import Settings
 from tests.service.helpers import TinyModel, build_tiny_bundle, role_files, sample_value
 
 ROLES = ("accepted", "borderline", "rejected")
@@ -39,29 +48,45 @@ class Inbox:
         self.replies.append(reply)
 
 
-def crops(bundle: Bundle, tiny: TinyModel, roles: tuple[str, ...]) -> np.ndarray:
+def crops(bundle: Bundle, tiny: TinyModel, roles: tuple[str, ...]) -> list[np.ndarray]:
+    """The reference images' crops, as a worker sends them."""
     images = [decode_image(tiny.images[role], max_bytes=10**8, max_pixels=10**8) for role in roles]
-    return torch.stack([bundle.pixels(image) for image in images]).numpy()
+    return [bundle.pixels(image).numpy() for image in images]
 
 
-def run(path: Path, pixels: np.ndarray, target: float = 0.95, top_k: int = 2) -> tuple[Any, ...]:
-    return ("run", str(path), pixels, [target] * len(pixels), [top_k] * len(pixels))
+def jpeg(tiny: TinyModel, role: str) -> bytes:
+    """A reference image as a plain JPEG (they are PNGs)."""
+    encoded = io.BytesIO()
+    decode_image(tiny.images[role], max_bytes=10**8, max_pixels=10**8).save(encoded, "JPEG", quality=95)
+    return encoded.getvalue()
 
 
-def host_with_batches(max_batch_size: int) -> tuple[ModelHost, Histogram]:
+def run(path: Path, images: list[Any], target: float = 0.95, top_k: int = 2) -> tuple[Any, ...]:
+    return ("run", str(path), images, [target] * len(images), [top_k] * len(images))
+
+
+def host_with_batches(max_batch_size: int, decodes_jpeg: bool = False) -> tuple[ModelHost, Histogram]:
     batches = Histogram("batch_size", "images per batch", buckets=[1, 2, 4, 8], registry=CollectorRegistry())
-    return ModelHost(torch.device("cpu"), max_batch_size, batches), batches
+    return ModelHost(torch.device("cpu"), max_batch_size, batches, decodes_jpeg), batches
 
 
-def loaded_by(host: ModelHost, path: Path, *inboxes: Inbox) -> None:
+def loaded_by(host: ModelHost, path: Path, *inboxes: Inbox, decodes_jpeg: bool = False) -> None:
     for inbox in inboxes:
         host.submit(Task(inbox, ("load", str(path))))
         host.step()
-        assert inbox.replies.pop() == ("ok", None)
+        assert inbox.replies.pop() == ("ok", decodes_jpeg)
 
 
-def batch_count(batches: Histogram) -> float:
-    return next(s.value for m in batches.collect() for s in m.samples if s.name.endswith("_count"))
+def batch_total(batches: Histogram, suffix: str = "_count") -> float:
+    return next(s.value for m in batches.collect() for s in m.samples if s.name.endswith(suffix))
+
+
+def assert_same_verdict(got: ImageVerdict, want: ImageVerdict) -> None:
+    """Equal but for float noise: a batch's composition changes the CPU kernels' rounding."""
+    assert (got.label, got.accepted, got.threshold, [label for label, _ in got.top_k]) == (
+        want.label, want.accepted, want.threshold, [label for label, _ in want.top_k]
+    )
+    assert got.score == pytest.approx(want.score, abs=1e-5)
 
 
 def test_runs_waiting_together_merge_into_one_batch_with_the_in_process_verdicts(
@@ -73,22 +98,19 @@ def test_runs_waiting_together_merge_into_one_batch_with_the_in_process_verdicts
     host.submit(Task(first, run(tiny.path, crops(bundle, tiny, ROLES[:2]))))
     host.submit(Task(second, run(tiny.path, crops(bundle, tiny, ROLES[2:]), target=0.9, top_k=1)))
     host.step()  # one step answers both
-    assert batch_count(batches) == 1
+    assert batch_total(batches) == 1
     [(status, verdicts)] = first.replies
     [(other_status, other_verdicts)] = second.replies
     assert status == other_status == "ok" and len(verdicts) == 2 and len(other_verdicts) == 1
     # Each worker's rows are judged at its own operating point and top-k, as in its own process.
     reference = ModelRunner(bundle)
     expected = reference(
-        [ImageJob(torch.from_numpy(row), bundle.operating_point(0.95), 2) for row in crops(bundle, tiny, ROLES[:2])]
+        [ImageJob(torch.from_numpy(crop), bundle.operating_point(0.95), 2) for crop in crops(bundle, tiny, ROLES[:2])]
     ) + reference(
-        [ImageJob(torch.from_numpy(row), bundle.operating_point(0.9), 1) for row in crops(bundle, tiny, ROLES[2:])]
+        [ImageJob(torch.from_numpy(crop), bundle.operating_point(0.9), 1) for crop in crops(bundle, tiny, ROLES[2:])]
     )
     for got, want in zip(verdicts + other_verdicts, expected, strict=True):
-        assert (got.label, got.accepted, got.threshold, len(got.top_k)) == (
-            want.label, want.accepted, want.threshold, len(want.top_k)
-        )
-        assert got.score == pytest.approx(want.score, abs=1e-5)
+        assert_same_verdict(got, want)
     assert [verdict.accepted for verdict in verdicts + other_verdicts] == [True, True, False]
 
 
@@ -109,7 +131,81 @@ def test_a_run_that_would_overflow_the_batch_or_needs_another_model_goes_next(
     assert [len(second.replies), len(third.replies)] == [1, 0]  # another model: not merged
     host.step()
     assert len(third.replies) == 1
-    assert batch_count(batches) == 3
+    assert batch_total(batches) == 3
+
+
+def test_jpegs_are_decoded_in_the_model_process_and_one_its_decoder_refuses_comes_back_as_none(
+    tiny: TinyModel, bundle: Bundle
+) -> None:
+    host, batches = host_with_batches(max_batch_size=8, decodes_jpeg=True)
+    inbox = Inbox()
+    loaded_by(host, tiny.path, inbox, decodes_jpeg=True)  # the worker learns to send JPEGs undecoded
+    truncated = jpeg(tiny, "rejected")[:300]
+    host.submit(Task(inbox, run(tiny.path, [jpeg(tiny, "accepted"), *crops(bundle, tiny, ("borderline",)), truncated])))
+    host.step()
+    [(status, (decoded, cropped, refused))] = inbox.replies
+    assert status == "ok" and refused is None
+    assert batch_total(batches, "_sum") == 2  # the refused file never reached the model
+    # On the CPU torchvision decodes a plain JPEG exactly as PIL does: the same verdict as the crop
+    # a worker would have made of it.
+    pil_crop = bundle.pixels(decode_image(jpeg(tiny, "accepted"), max_bytes=10**8, max_pixels=10**8))
+    point = bundle.operating_point(0.95)
+    [reference, reference_cropped] = ModelRunner(bundle)(
+        [ImageJob(pil_crop, point, 2), ImageJob(torch.from_numpy(crops(bundle, tiny, ("borderline",))[0]), point, 2)]
+    )
+    assert_same_verdict(decoded, reference)
+    assert_same_verdict(cropped, reference_cropped)
+    assert decoded.accepted and cropped.accepted
+
+
+class RefusingModelProcess:
+    """A worker's runner whose model process refuses every JPEG it is sent (and runs the crops)."""
+
+    def __init__(self, bundle: Bundle):
+        self._runner = ModelRunner(bundle)
+        self.refused = 0
+
+    def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict | None]:
+        self.refused += sum(isinstance(job.pixels, bytes) for job in jobs)
+        crops = [job for job in jobs if not isinstance(job.pixels, bytes)]
+        decided = iter(self._runner(crops) if crops else [])
+        return [None if isinstance(job.pixels, bytes) else next(decided) for job in jobs]
+
+
+def test_a_worker_lets_pil_decide_on_a_jpeg_the_model_process_refused(
+    tiny: TinyModel, bundle: Bundle, make_settings: Callable[..., Settings]
+) -> None:
+    """A JPEG the GPU decoder refused gets PIL's verdict: decoded and classified as any other image
+    when PIL reads it, and the client error naming the file when PIL cannot either."""
+    runner = RefusingModelProcess(bundle)
+    settings = make_settings()
+    metrics = ServiceMetrics(score_buckets([bundle.manifest]), 8)
+
+    async def predict(uploads: list[Upload]) -> list[ImageVerdict]:
+        with ThreadPoolExecutor(1) as inference, ThreadPoolExecutor(2) as decoding:
+            batcher: MicroBatcher[ImageJob, ImageVerdict | None] = MicroBatcher(
+                runner, executor=inference, observer=metrics, max_batch_size=8, max_delay_s=0.001,
+                queue_size=64, retry_after_s=1,
+            )
+            await batcher.start()
+            try:
+                model = LoadedModel(bundle, batcher, sends_jpeg=True)
+                return await Predictor(settings, metrics, decoding).predict(
+                    model, uploads, operating_point=None, top_k=None
+                )
+            finally:
+                await batcher.stop()
+
+    verdicts = asyncio.run(
+        predict([Upload("accepted.jpg", jpeg(tiny, "accepted")), Upload("rejected.png", tiny.images["rejected"])])
+    )
+    assert runner.refused == 1
+    pil_crop = bundle.pixels(decode_image(jpeg(tiny, "accepted"), max_bytes=10**8, max_pixels=10**8))
+    assert_same_verdict(verdicts[0], ModelRunner(bundle)([ImageJob(pil_crop, bundle.operating_point(None), 3)])[0])
+    assert [verdict.accepted for verdict in verdicts] == [True, False]
+    with pytest.raises(InvalidInput) as refused:
+        asyncio.run(predict([Upload("cut.jpg", jpeg(tiny, "accepted")[:300])]))
+    assert (refused.value.code, refused.value.file) == (ErrorCode.TRUNCATED_IMAGE, "cut.jpg")
 
 
 def test_a_model_is_released_when_the_last_worker_that_loaded_it_disconnects(tiny: TinyModel) -> None:
