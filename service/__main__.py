@@ -45,8 +45,11 @@ def main() -> None:
     except ValidationError as error:
         raise SystemExit(f"mixoe-serve: invalid settings (flags or MIXOE_* variables):\n{_describe(error)}") from None
     configure_logging(settings.log_level)
-    with _shared_metrics_directory(settings.workers > 1 or settings.model_process), _model_process(settings) as model_process:
-        if settings.workers == 1:
+    # A model process is a second process to supervise, and its metrics are shared through files:
+    # the supervisor's path even for one worker.
+    single = settings.workers == 1 and not settings.model_process
+    with _shared_metrics_directory(not single), _model_process(settings) as model_process:
+        if single:
             server = DrainingServer(uvicorn.Config(create_app(settings), **_server_options(settings)))
             try:
                 server.run()

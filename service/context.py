@@ -62,10 +62,10 @@ class ServiceContext:
         try:
             registry = await _start_models(bundles, settings, metrics, inference_pool, model_process)
         except BaseException:
-            inference_pool.shutdown(wait=False, cancel_futures=True)
-            decode_pool.shutdown(wait=False, cancel_futures=True)
             if model_process is not None:
-                model_process.close()
+                inference_pool.submit(model_process.close)  # after a warm-up that may still use it
+            inference_pool.shutdown(wait=False)
+            decode_pool.shutdown(wait=False, cancel_futures=True)
             raise
         predictor = Predictor(settings, metrics, decode_pool)
         return cls(settings, registry, metrics, predictor, inference_pool, decode_pool, model_process, ready=True)

@@ -11,6 +11,8 @@ import asyncio
 import io
 import os
 import signal
+import socket
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,14 +24,16 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, Histogram
 
-from models.bundle import Bundle
+import service.model_host
+from models.bundle import Bundle, load_bundle
 from service.batcher import MicroBatcher
 from service.decoding import decode_image
 from service.errors import ErrorCode, InvalidInput, NotReady
 from service.inference import ImageJob, ImageVerdict, ModelRunner
-from service.local import log_entries, start_local_server
+from service.local import LocalServer, log_entries, start_local_server
 from service.metrics import ServiceMetrics, score_buckets
-from service.model_process import ADDRESS_VARIABLE, KEY_VARIABLE, ModelHost, ModelProcessClient, Task
+from service.model_host import ModelHost, ModelKey, Task, model_key
+from service.model_process import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcess, ModelProcessClient
 from service.predictor import Predictor, Upload
 from service.registry import LoadedModel
 from service.settings import Settings
@@ -61,8 +65,8 @@ def jpeg(tiny: TinyModel, role: str) -> bytes:
     return encoded.getvalue()
 
 
-def run(path: Path, images: list[Any], target: float = 0.95, top_k: int = 2) -> tuple[Any, ...]:
-    return ("run", str(path), images, [target] * len(images), [top_k] * len(images))
+def run(model: ModelKey, images: list[Any], target: float = 0.95, top_k: int = 2) -> tuple[Any, ...]:
+    return ("run", model, images, [target] * len(images), [top_k] * len(images))
 
 
 def host_with_batches(max_batch_size: int, decodes_jpeg: bool = False) -> tuple[ModelHost, Histogram]:
@@ -70,10 +74,17 @@ def host_with_batches(max_batch_size: int, decodes_jpeg: bool = False) -> tuple[
     return ModelHost(torch.device("cpu"), max_batch_size, batches, decodes_jpeg), batches
 
 
-def loaded_by(host: ModelHost, path: Path, *inboxes: Inbox, decodes_jpeg: bool = False) -> None:
-    for inbox in inboxes:
-        host.submit(Task(inbox, ("load", str(path))))
+def load(host: ModelHost, model: ModelKey, inbox: Inbox) -> None:
+    answered = len(inbox.replies)
+    host.submit(Task(inbox, ("load", model)))
+    host.step()
+    if len(inbox.replies) == answered:  # a first load runs in a thread of its own; its end is a task too
         host.step()
+
+
+def loaded_by(host: ModelHost, model: ModelKey, *inboxes: Inbox, decodes_jpeg: bool = False) -> None:
+    for inbox in inboxes:
+        load(host, model, inbox)
         assert inbox.replies.pop() == ("ok", decodes_jpeg)
 
 
@@ -94,9 +105,9 @@ def test_runs_waiting_together_merge_into_one_batch_with_the_in_process_verdicts
 ) -> None:
     host, batches = host_with_batches(max_batch_size=8)
     first, second = Inbox(), Inbox()
-    loaded_by(host, tiny.path, first, second)
-    host.submit(Task(first, run(tiny.path, crops(bundle, tiny, ROLES[:2]))))
-    host.submit(Task(second, run(tiny.path, crops(bundle, tiny, ROLES[2:]), target=0.9, top_k=1)))
+    loaded_by(host, model_key(bundle), first, second)
+    host.submit(Task(first, run(model_key(bundle), crops(bundle, tiny, ROLES[:2]))))
+    host.submit(Task(second, run(model_key(bundle), crops(bundle, tiny, ROLES[2:]), target=0.9, top_k=1)))
     host.step()  # one step answers both
     assert batch_total(batches) == 1
     [(status, verdicts)] = first.replies
@@ -120,11 +131,11 @@ def test_a_run_that_would_overflow_the_batch_or_needs_another_model_goes_next(
     other = build_tiny_bundle(tmp_path / "repository", version="2", seed=1)
     host, batches = host_with_batches(max_batch_size=4)
     first, second, third = Inbox(), Inbox(), Inbox()
-    loaded_by(host, tiny.path, first, second)
-    loaded_by(host, other.path, third)
-    host.submit(Task(first, run(tiny.path, crops(bundle, tiny, ROLES))))  # 3 images
-    host.submit(Task(second, run(tiny.path, crops(bundle, tiny, ROLES[:2]))))  # 3 + 2 > 4
-    host.submit(Task(third, run(other.path, crops(bundle, tiny, ROLES[:1]))))
+    loaded_by(host, model_key(bundle), first, second)
+    loaded_by(host, model_key(load_bundle(other.path)), third)
+    host.submit(Task(first, run(model_key(bundle), crops(bundle, tiny, ROLES))))  # 3 images
+    host.submit(Task(second, run(model_key(bundle), crops(bundle, tiny, ROLES[:2]))))  # 3 + 2 > 4
+    host.submit(Task(third, run(model_key(load_bundle(other.path)), crops(bundle, tiny, ROLES[:1]))))
     host.step()
     assert [len(first.replies), len(second.replies), len(third.replies)] == [1, 0, 0]
     host.step()
@@ -139,9 +150,9 @@ def test_jpegs_are_decoded_in_the_model_process_and_one_its_decoder_refuses_come
 ) -> None:
     host, batches = host_with_batches(max_batch_size=8, decodes_jpeg=True)
     inbox = Inbox()
-    loaded_by(host, tiny.path, inbox, decodes_jpeg=True)  # the worker learns to send JPEGs undecoded
+    loaded_by(host, model_key(bundle), inbox, decodes_jpeg=True)  # the worker learns to send JPEGs undecoded
     truncated = jpeg(tiny, "rejected")[:300]
-    host.submit(Task(inbox, run(tiny.path, [jpeg(tiny, "accepted"), *crops(bundle, tiny, ("borderline",)), truncated])))
+    host.submit(Task(inbox, run(model_key(bundle), [jpeg(tiny, "accepted"), *crops(bundle, tiny, ("borderline",)), truncated])))
     host.step()
     [(status, (decoded, cropped, refused))] = inbox.replies
     assert status == "ok" and refused is None
@@ -208,13 +219,39 @@ def test_a_worker_lets_pil_decide_on_a_jpeg_the_model_process_refused(
     assert (refused.value.code, refused.value.file) == (ErrorCode.TRUNCATED_IMAGE, "cut.jpg")
 
 
-def test_a_model_is_released_when_the_last_worker_that_loaded_it_disconnects(tiny: TinyModel) -> None:
+def test_a_model_still_loading_holds_up_no_run_of_another(
+    tiny: TinyModel, bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGHUP roll-over's new workers load the new version while the old workers go on serving."""
+    other = build_tiny_bundle(tmp_path / "repository", version="2")
+    host, _ = host_with_batches(max_batch_size=4)
+    serving, rolling = Inbox(), Inbox()
+    loaded_by(host, model_key(bundle), serving)
+    release_load = threading.Event()
+    real_load = service.model_host.load_bundle
+
+    def slow_load(path: Path, device: torch.device) -> Bundle:
+        assert release_load.wait(30)
+        return real_load(path, device)
+
+    monkeypatch.setattr(service.model_host, "load_bundle", slow_load)
+    host.submit(Task(rolling, ("load", model_key(load_bundle(other.path)))))
+    host.step()  # the load starts, in its own thread
+    host.submit(Task(serving, run(model_key(bundle), crops(bundle, tiny, ROLES))))
+    host.step()
+    assert [status for status, _ in serving.replies] == ["ok"] and rolling.replies == []
+    release_load.set()
+    host.step()
+    assert rolling.replies == [("ok", False)]
+
+
+def test_a_model_is_released_when_the_last_worker_that_loaded_it_disconnects(tiny: TinyModel, bundle: Bundle) -> None:
     host, _ = host_with_batches(max_batch_size=4)
     first, second = Inbox(), Inbox()
-    loaded_by(host, tiny.path, first, second)
+    loaded_by(host, model_key(bundle), first, second)
     host.submit(Task(first, ("release",)))
     host.step()
-    assert host.loaded == [str(tiny.path)]
+    assert host.loaded == [model_key(bundle)]
     host.submit(Task(second, ("release",)))
     host.step()
     assert host.loaded == []
@@ -225,15 +262,18 @@ def test_a_run_for_a_model_nobody_loaded_or_a_broken_bundle_is_an_error_answer(
 ) -> None:
     host, _ = host_with_batches(max_batch_size=4)
     inbox = Inbox()
-    host.submit(Task(inbox, run(tiny.path, crops(bundle, tiny, ROLES[:1]))))
+    host.submit(Task(inbox, run(model_key(bundle), crops(bundle, tiny, ROLES[:1]))))
     host.step()
     broken = build_tiny_bundle(tmp_path / "repository")
+    broken_key = model_key(load_bundle(broken.path))
     (broken.path / "weights.safetensors").write_bytes(b"not the weights the manifest hashed")
-    host.submit(Task(inbox, ("load", str(broken.path))))
-    host.step()
-    [(status, message), (load_status, load_message)] = inbox.replies
+    load(host, broken_key, inbox)
+    republished = (str(tiny.path), "0" * 64)  # the path the worker loaded, but another manifest now
+    load(host, republished, inbox)
+    [(status, message), (load_status, load_message), (changed_status, changed_message)] = inbox.replies
     assert status == "error" and "not loaded" in message
     assert load_status == "error" and "weights.safetensors" in load_message
+    assert changed_status == "error" and "changed on disk" in changed_message
     assert host.loaded == []
 
 
@@ -250,28 +290,74 @@ def test_a_model_process_that_does_not_answer_is_a_503_not_a_500(tmp_path: Path)
         client.call(("load", "anything"))
 
 
-def test_two_workers_share_one_model_process_and_the_service_stops_when_it_dies(
-    tiny: TinyModel, tmp_path: Path
+def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
+    tiny: TinyModel, bundle: Bundle, make_settings: Callable[..., Settings]
 ) -> None:
-    log = tmp_path / "model-process.log"
-    served = start_local_server(
-        {"model_repository": str(tiny.repository), "device": "cpu", "decode_workers": "2", "workers": "2",
+    model_process = ModelProcess(make_settings())
+    model_process.start()
+    try:
+        address = os.environ[ADDRESS_VARIABLE]
+        with pytest.raises(NotReady):
+            ModelProcessClient(address, b"not the key").load(model_key(bundle))
+        with socket.socket(socket.AF_UNIX) as dropped:  # connects, then leaves mid-handshake
+            dropped.connect(address)
+        client = ModelProcessClient.from_environment()
+        assert client.load(model_key(bundle)) is False
+        verdicts = client.call(run(model_key(bundle), crops(bundle, tiny, ROLES)))
+        assert [verdict.accepted for verdict in verdicts] == [True, True, False]
+        client.close()
+    finally:
+        model_process.stop()
+    assert ADDRESS_VARIABLE not in os.environ and not model_process.died
+
+
+def start_with_model_process(tiny: TinyModel, log: Path, workers: str) -> LocalServer:
+    return start_local_server(
+        {"model_repository": str(tiny.repository), "device": "cpu", "decode_workers": "2", "workers": workers,
          "model_process": "true"},
         log,
         timeout_s=90,
     )
+
+
+def model_process_pid(log: Path) -> int:
+    [pid] = {entry["pid"] for entry in log_entries(log) if entry["logger"] == "mixoe.model_process"}
+    return pid
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_workers_share_one_model_process_which_outlives_a_group_sigterm_and_stops_with_them(
+    tiny: TinyModel, tmp_path: Path, workers: str
+) -> None:
+    log = tmp_path / "model-process.log"
+    served = start_with_model_process(tiny, log, workers)
     try:
-        response = httpx.post(f"{served.url}/predict", files=role_files(tiny, *ROLES), timeout=30)
-        assert response.status_code == 200, response.text
-        assert [p["accepted"] for p in response.json()["predictions"]] == [True, True, False]
+        pid = model_process_pid(log)
+        # What a SIGTERM to the whole process group does to it: nothing (the workers drain through it).
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(2 * int(workers)):  # a new connection each: every worker, likely
+            response = httpx.post(f"{served.url}/predict", files=role_files(tiny, *ROLES), timeout=30)
+            assert response.status_code == 200, response.text
+            assert [p["accepted"] for p in response.json()["predictions"]] == [True, True, False]
         metrics = httpx.get(f"{served.url}/metrics", timeout=10).text
-        assert sample_value(metrics, "mixoe_model_process_batch_size_sum") == len(ROLES)
-        [model_process] = {e["pid"] for e in log_entries(log) if e["logger"] == "mixoe.model_process"}
-        loads = [e for e in log_entries(log) if e["message"].startswith("model process loaded")]
-        assert len(loads) == 1  # both workers use the one copy
-        os.kill(model_process, signal.SIGKILL)
+        assert sample_value(metrics, "mixoe_model_process_batch_size_sum") == 2 * int(workers) * len(ROLES)
+        assert sample_value(metrics, "mixoe_requests_total", {"route": "/predict", "status": "200"}) == 2 * int(workers)
+        loads = [e for e in log_entries(log) if str(e["message"]).startswith("model process loaded")]
+        assert len(loads) == 1  # one copy, whatever the number of workers
+    finally:
+        status = served.stop()
+    assert status == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_the_service_stops_with_status_1_when_the_model_process_dies(tiny: TinyModel, tmp_path: Path) -> None:
+    log = tmp_path / "model-process.log"
+    served = start_with_model_process(tiny, log, "2")
+    try:
+        os.kill(model_process_pid(log), signal.SIGKILL)
         served.process.wait(timeout=60)
     finally:
         status = served.stop()
     assert status == 1
-    assert any("the model process" in e["message"] and "exited" in e["message"] for e in log_entries(log))
+    assert any("the model process" in e["message"] and "status -9" in e["message"] for e in log_entries(log))

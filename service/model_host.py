@@ -1,0 +1,267 @@
+"""The model process's loop: load bundles for the workers, merge their runs into batches, answer.
+
+Tasks (messages from workers, see :mod:`service.model_process` for the protocol) go through one
+queue and one thread, so the device sees one batch at a time, as in a single-process server. A
+run takes along the runs queued behind it for the same model, up to ``max_batch_size`` images:
+that merging is the point of the model process.
+
+Loading a bundle (hash check, weights, a warm-up at every padded batch size: about 10 s on a GPU)
+happens in a thread of its own, so that a SIGHUP roll-over's new workers asking for a new version
+do not stall the batches of the workers still serving the old one.
+
+A model is keyed by its bundle's path *and* a digest of its manifest: a version republished in
+place under the same path is another model, never the old one in the new one's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import numpy as np
+import torch
+from prometheus_client import Histogram
+from torch import Tensor
+
+from models.bundle import Bundle, BundleError, load_bundle
+from service.inference import ImageVerdict, ModelRunner, padded_batch_sizes, stack_on
+from service.jpeg import decode_plain_jpegs
+
+logger = logging.getLogger("mixoe.model_process")
+
+ModelKey = tuple[str, str]
+"""``(bundle path, manifest digest)``: which model a worker means (:func:`model_key`)."""
+
+
+def model_key(bundle: Bundle) -> ModelKey:
+    """The key under which the model process holds ``bundle``."""
+    digest = hashlib.sha256(bundle.manifest.model_dump_json().encode()).hexdigest()
+    return str(bundle.path.resolve()), digest
+
+
+class Replies(Protocol):
+    """Where a task's answer goes: a worker's connection (anything with ``send``, in tests)."""
+
+    def send(self, obj: Any) -> None: ...
+
+
+class _Nobody:
+    """The origin of the loop's own tasks (a finished load), which answer no one."""
+
+    def send(self, obj: Any) -> None:
+        raise AssertionError(f"an internal task has no one to answer: {obj!r}")
+
+
+_NOBODY = _Nobody()
+
+
+@dataclass(frozen=True)
+class Task:
+    """One message from a worker; ``("release",)`` once that worker has disconnected; or the
+    loop's own ``("loaded", key, runner)`` / ``("load_failed", key, message)``."""
+
+    origin: Replies
+    message: tuple[Any, ...]
+
+    @property
+    def kind(self) -> str:
+        return self.message[0]
+
+    @property
+    def key(self) -> ModelKey:
+        return cast(ModelKey, tuple(self.message[1]))
+
+    @property
+    def images(self) -> int:
+        return len(self.message[2]) if self.kind == "run" else 0
+
+
+def error_reply(error: BaseException) -> tuple[str, str]:
+    return "error", f"{type(error).__name__}: {error}"
+
+
+class ModelHost:
+    """Loads bundles on request, merges runs into batches, answers each worker its share."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        max_batch_size: int,
+        batch_sizes: Histogram | None = None,
+        decodes_jpeg: bool = False,
+    ):
+        self._device = device
+        self._max_batch_size = max_batch_size
+        self._batch_sizes = batch_sizes
+        self._decodes_jpeg = decodes_jpeg
+        self._tasks: queue.Queue[Task] = queue.Queue()
+        self._next: Task | None = None  # taken from the queue, but it did not join the last batch
+        self._runners: dict[ModelKey, ModelRunner] = {}
+        self._users: dict[ModelKey, set[Replies]] = {}
+        self._loading: dict[ModelKey, list[Replies]] = {}  # workers waiting for a load in progress
+        self._handlers: dict[str, Callable[[Task], None]] = {
+            "run": lambda task: self._run(self._gather(task)),
+            "load": self._load,
+            "loaded": self._loaded,
+            "load_failed": self._load_failed,
+            "release": lambda task: self._release(task.origin),
+        }
+
+    def submit(self, task: Task) -> None:
+        self._tasks.put(task)
+
+    @property
+    def loaded(self) -> list[ModelKey]:
+        return list(self._runners)
+
+    def serve_forever(self) -> None:
+        while True:
+            try:
+                self.step()
+            except Exception:  # a bug in one task must not take every worker's model away
+                logger.exception("model process task failed")
+
+    def step(self) -> None:
+        """Take the next task (waiting for one) and carry it out."""
+        if self._next is not None:
+            task, self._next = self._next, None
+        else:
+            task = self._tasks.get()
+        handler = self._handlers.get(task.kind)
+        if handler is None:
+            _send(task.origin, ("error", f"unknown request {task.kind!r}"))
+        else:
+            handler(task)
+
+    def _gather(self, first: Task) -> list[Task]:
+        """``first`` and the runs already queued behind it for the same model, up to
+        ``max_batch_size`` images in all. It stops at the first task that does not join, which
+        goes next: no task overtakes another."""
+        batch = [first]
+        images = first.images
+        while images < self._max_batch_size:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task.kind == "run" and task.key == first.key and images + task.images <= self._max_batch_size:
+                batch.append(task)
+                images += task.images
+            else:
+                self._next = task
+                break
+        return batch
+
+    def _run(self, batch: list[Task]) -> None:
+        try:
+            runner = self._runners.get(batch[0].key)
+            if runner is None:
+                raise RuntimeError(f"model {batch[0].key[0]} is not loaded (send a load request first)")
+            crops = self._crops(runner.bundle, [image for task in batch for image in task.message[2]])
+            points = [runner.bundle.operating_point(target) for task in batch for target in task.message[3]]
+            top_ks = [top_k for task in batch for top_k in task.message[4]]
+            rows = [row for row, crop in enumerate(crops) if crop is not None]
+            verdicts: list[ImageVerdict | None] = [None] * len(crops)
+            if rows:
+                decided = runner.run(
+                    stack_on(self._device, [cast(Tensor, crops[row]) for row in rows]),
+                    [points[row] for row in rows],
+                    [top_ks[row] for row in rows],
+                )
+                for row, verdict in zip(rows, decided, strict=True):
+                    verdicts[row] = verdict
+        except Exception as error:
+            logger.exception("batch of %d requests failed", len(batch))
+            for task in batch:
+                _send(task.origin, error_reply(error))
+            return
+        if self._batch_sizes is not None and rows:
+            self._batch_sizes.observe(len(rows))
+        start = 0
+        for task in batch:
+            _send(task.origin, ("ok", verdicts[start : start + task.images]))
+            start += task.images
+
+    def _crops(self, bundle: Bundle, images: list[np.ndarray | bytes]) -> list[Tensor | None]:
+        """Each image as the model's uint8 crop: arrays as they came, JPEGs decoded here in one
+        call and resized on the device; ``None`` for a JPEG the decoder refused."""
+        crops: list[Tensor | None] = [None if isinstance(image, bytes) else torch.from_numpy(image) for image in images]
+        jpeg_rows = [row for row, image in enumerate(images) if isinstance(image, bytes)]
+        decoded = decode_plain_jpegs([cast(bytes, images[row]) for row in jpeg_rows], self._device)
+        for row, pixels in zip(jpeg_rows, decoded, strict=True):
+            crops[row] = None if pixels is None else bundle.pixels(pixels)
+        return crops
+
+    def _load(self, task: Task) -> None:
+        key = task.key
+        if key in self._runners:
+            self._users[key].add(task.origin)
+            _send(task.origin, ("ok", self._decodes_jpeg))
+        elif key in self._loading:
+            self._loading[key].append(task.origin)
+        else:
+            self._loading[key] = [task.origin]
+            threading.Thread(target=self._load_in_background, args=(key,), name="mixoe-load", daemon=True).start()
+
+    def _load_in_background(self, key: ModelKey) -> None:
+        path, digest = key
+        try:
+            started = time.perf_counter()
+            bundle = load_bundle(Path(path), self._device)
+            if model_key(bundle)[1] != digest:
+                raise BundleError(f"bundle {path} changed on disk after the worker loaded it; restart that worker")
+            padded = padded_batch_sizes(self._max_batch_size) if self._device.type == "cuda" else None
+            runner = ModelRunner(bundle, padded)
+            runner.warm_up()
+        except Exception as error:
+            logger.exception("model process could not load %s", path)
+            self.submit(Task(_NOBODY, ("load_failed", key, error_reply(error)[1])))
+            return
+        logger.info(
+            "model process loaded %s:%s from %s on %s (warm-up %.1f s)",
+            bundle.name, bundle.version, path, self._device, time.perf_counter() - started,
+        )
+        self.submit(Task(_NOBODY, ("loaded", key, runner)))
+
+    def _loaded(self, task: Task) -> None:
+        key, waiting = task.key, self._loading.pop(task.key)
+        self._runners[key] = task.message[2]
+        self._users[key] = set(waiting)
+        for origin in waiting:
+            _send(origin, ("ok", self._decodes_jpeg))
+        if not waiting:  # every worker that asked has gone meanwhile
+            self._forget(key)
+
+    def _load_failed(self, task: Task) -> None:
+        for origin in self._loading.pop(task.key):
+            _send(origin, ("error", task.message[2]))
+
+    def _release(self, origin: Replies) -> None:
+        for waiting in self._loading.values():
+            if origin in waiting:
+                waiting.remove(origin)
+        for key in [key for key, users in self._users.items() if origin in users]:
+            self._users[key].discard(origin)
+            if not self._users[key]:
+                self._forget(key)
+
+    def _forget(self, key: ModelKey) -> None:
+        del self._users[key], self._runners[key]
+        logger.info("model process released %s: no worker uses it any more", key[0])
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _send(origin: Replies, reply: tuple[str, Any]) -> None:
+    """Answer a worker; one that has gone away meanwhile is released when its reader sees it."""
+    try:
+        origin.send(reply)
+    except OSError:
+        pass
