@@ -9,7 +9,7 @@ process holds the models on the device instead and runs the batches of all worke
 (:mod:`service.model_process`). On SIGTERM the server stops accepting
 connections, reads requests on those it accepted for half a second more (:mod:`service.server`),
 and waits for in-flight requests (at most ``MIXOE_SHUTDOWN_TIMEOUT_S``); the lifespan then drains
-the batch queues, in every worker. With several workers, SIGHUP replaces them one at a time (each
+the batch queues, in every worker. Under the supervisor, SIGHUP replaces them one at a time (each
 new one serving before an old one stops): how new bundle versions go live without downtime.
 """
 
@@ -49,22 +49,31 @@ def main() -> None:
     # the supervisor's path even for one worker.
     single = settings.workers == 1 and not settings.model_process
     with _shared_metrics_directory(not single), _model_process(settings) as model_process:
-        if single:
-            server = DrainingServer(uvicorn.Config(create_app(settings), **_server_options(settings)))
-            try:
-                server.run()
-            except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down
-                pass
-            if not server.started:
-                raise SystemExit(STARTUP_FAILURE)
-        else:
-            _serve_workers(settings)
+        try:
+            if single:
+                server = DrainingServer(uvicorn.Config(create_app(settings), **_server_options(settings)))
+                try:
+                    server.run()
+                except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down
+                    pass
+                if not server.started:
+                    raise SystemExit(STARTUP_FAILURE)
+            else:
+                _serve_workers(settings)
+        except SystemExit:
+            _exit_if_died(model_process)  # a dead model process also fails the workers' start-ups
+            raise
+        _exit_if_died(model_process)
+
+
+def _exit_if_died(model_process: ModelProcess | None) -> None:
     if model_process is not None and model_process.died:
         raise SystemExit("mixoe-serve: the model process died, so the service stopped (see the log above)")
 
 
 def worker_app() -> FastAPI:
-    """The app of one worker process (``MIXOE_WORKERS`` > 1), configured by the parent's variables.
+    """The app of one worker process under the supervisor (``MIXOE_WORKERS`` > 1 or ``MIXOE_MODEL_PROCESS``),
+    configured by the parent's variables.
 
     A failure here exits with uvicorn's start-up failure status, which stops the supervisor; any
     other status would make it restart the worker, and fail again, forever."""

@@ -23,7 +23,7 @@ import torch
 from models.bundle import Bundle, load_bundle
 from models.nets import resolve_device
 from service.batcher import MicroBatcher
-from service.inference import ImageJob, ImageVerdict, ModelRunner, padded_batch_sizes
+from service.inference import ImageJob, ImageVerdict, ModelRunner
 from service.metrics import ServiceMetrics, score_buckets
 from service.model_process import HostedModelRunner, ModelProcessClient
 from service.predictor import Predictor
@@ -98,8 +98,7 @@ async def _start_models(
         if model_process is not None:
             runner = HostedModelRunner(model_process, bundle)
         else:
-            padded_sizes = padded_batch_sizes(settings.max_batch_size) if bundle.device.type == "cuda" else None
-            runner = ModelRunner(bundle, padded_sizes)
+            runner = ModelRunner.for_device(bundle, settings.max_batch_size)
         started = time.perf_counter()
         await loop.run_in_executor(inference_pool, runner.warm_up)
         warm_up_s = time.perf_counter() - started

@@ -77,6 +77,11 @@ class ModelRunner:
         self._class_names = bundle.manifest.class_names
         self._padded_sizes = sorted(padded_sizes or [])
 
+    @classmethod
+    def for_device(cls, bundle: Bundle, max_batch_size: int) -> ModelRunner:
+        """The runner for ``bundle`` on its device: padded batches on a GPU, as they come elsewhere."""
+        return cls(bundle, padded_batch_sizes(max_batch_size) if bundle.device.type == "cuda" else None)
+
     @property
     def bundle(self) -> Bundle:
         return self._bundle

@@ -1,13 +1,15 @@
 """The model process's loop: load bundles for the workers, merge their runs into batches, answer.
 
 Tasks (messages from workers, see :mod:`service.model_process` for the protocol) go through one
-queue and one thread, so the device sees one batch at a time, as in a single-process server. A
-run takes along the runs queued behind it for the same model, up to ``max_batch_size`` images:
-that merging is the point of the model process.
+queue and one thread, so batches run one at a time, as in a single-process server. A run takes
+along the runs queued behind it for the same model, up to ``max_batch_size`` images: that merging
+is the point of the model process. The loop thread alone touches its state and its connections
+(it also closes them), so no lock is needed.
 
 Loading a bundle (hash check, weights, a warm-up at every padded batch size: about 10 s on a GPU)
-happens in a thread of its own, so that a SIGHUP roll-over's new workers asking for a new version
-do not stall the batches of the workers still serving the old one.
+happens in a thread of its own, whose warm-up batches share the device with the serving ones, so
+that a SIGHUP roll-over's new workers asking for a new version do not stall the batches of the
+workers still serving the old one.
 
 A model is keyed by its bundle's path *and* a digest of its manifest: a version republished in
 place under the same path is another model, never the old one in the new one's name.
@@ -31,7 +33,7 @@ from prometheus_client import Histogram
 from torch import Tensor
 
 from models.bundle import Bundle, BundleError, load_bundle
-from service.inference import ImageVerdict, ModelRunner, padded_batch_sizes, stack_on
+from service.inference import ImageVerdict, ModelRunner, stack_on
 from service.jpeg import decode_plain_jpegs
 
 logger = logging.getLogger("mixoe.model_process")
@@ -47,9 +49,11 @@ def model_key(bundle: Bundle) -> ModelKey:
 
 
 class Replies(Protocol):
-    """Where a task's answer goes: a worker's connection (anything with ``send``, in tests)."""
+    """Where a task's answer goes: a worker's connection (anything with ``send`` and ``close``, in tests)."""
 
     def send(self, obj: Any) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class _Nobody:
@@ -57,6 +61,9 @@ class _Nobody:
 
     def send(self, obj: Any) -> None:
         raise AssertionError(f"an internal task has no one to answer: {obj!r}")
+
+    def close(self) -> None:
+        pass
 
 
 _NOBODY = _Nobody()
@@ -123,10 +130,7 @@ class ModelHost:
 
     def serve_forever(self) -> None:
         while True:
-            try:
-                self.step()
-            except Exception:  # a bug in one task must not take every worker's model away
-                logger.exception("model process task failed")
+            self.step()
 
     def step(self) -> None:
         """Take the next task (waiting for one) and carry it out."""
@@ -134,11 +138,12 @@ class ModelHost:
             task, self._next = self._next, None
         else:
             task = self._tasks.get()
-        handler = self._handlers.get(task.kind)
-        if handler is None:
-            _send(task.origin, ("error", f"unknown request {task.kind!r}"))
-        else:
-            handler(task)
+        try:
+            self._handlers[task.kind](task)
+        except Exception as error:
+            logger.exception("model process task %r failed", task.kind)
+            if task.origin is not _NOBODY:
+                _send(task.origin, error_reply(error))
 
     def _gather(self, first: Task) -> list[Task]:
         """``first`` and the runs already queued behind it for the same model, up to
@@ -196,7 +201,7 @@ class ModelHost:
         jpeg_rows = [row for row, image in enumerate(images) if isinstance(image, bytes)]
         decoded = decode_plain_jpegs([cast(bytes, images[row]) for row in jpeg_rows], self._device)
         for row, pixels in zip(jpeg_rows, decoded, strict=True):
-            crops[row] = None if pixels is None else bundle.pixels(pixels)
+            crops[row] = None if pixels is None else _crop(bundle, pixels)
         return crops
 
     def _load(self, task: Task) -> None:
@@ -207,8 +212,9 @@ class ModelHost:
         elif key in self._loading:
             self._loading[key].append(task.origin)
         else:
-            self._loading[key] = [task.origin]
-            threading.Thread(target=self._load_in_background, args=(key,), name="mixoe-load", daemon=True).start()
+            loader = threading.Thread(target=self._load_in_background, args=(key,), name="mixoe-load", daemon=True)
+            loader.start()
+            self._loading[key] = [task.origin]  # the loader's answer is a task: this loop runs it later
 
     def _load_in_background(self, key: ModelKey) -> None:
         path, digest = key
@@ -217,8 +223,7 @@ class ModelHost:
             bundle = load_bundle(Path(path), self._device)
             if model_key(bundle)[1] != digest:
                 raise BundleError(f"bundle {path} changed on disk after the worker loaded it; restart that worker")
-            padded = padded_batch_sizes(self._max_batch_size) if self._device.type == "cuda" else None
-            runner = ModelRunner(bundle, padded)
+            runner = ModelRunner.for_device(bundle, self._max_batch_size)
             runner.warm_up()
         except Exception as error:
             logger.exception("model process could not load %s", path)
@@ -244,6 +249,9 @@ class ModelHost:
             _send(origin, ("error", task.message[2]))
 
     def _release(self, origin: Replies) -> None:
+        """``origin`` has disconnected (its release comes after all its tasks): close it here, where
+        it is written to, and drop it as a user."""
+        origin.close()
         for waiting in self._loading.values():
             if origin in waiting:
                 waiting.remove(origin)
@@ -265,3 +273,13 @@ def _send(origin: Replies, reply: tuple[str, Any]) -> None:
         origin.send(reply)
     except OSError:
         pass
+
+
+def _crop(bundle: Bundle, pixels: Tensor) -> Tensor | None:
+    """A decoded JPEG as the model's crop; ``None`` if that fails, so that one odd file fails its
+    own request (the worker retries it on the CPU) and not a batch of every worker's."""
+    try:
+        return bundle.pixels(pixels)
+    except Exception:
+        logger.exception("model process could not crop a decoded JPEG of shape %s", tuple(pixels.shape))
+        return None

@@ -3,8 +3,9 @@
 With ``MIXOE_WORKERS=N`` each worker otherwise holds its own copy of every model and sends the
 device its own small batches. On an H200, four such workers kept the GPU 56-83 % busy at 0.35 of
 the raw model rate: four CUDA contexts took turns with batches of a few images each. With
-``MIXOE_MODEL_PROCESS=true`` the workers keep HTTP, input checks, decoding and micro-batching (on
-the CPU) and hand each batch of images to this process over a Unix socket; it merges what
+``MIXOE_MODEL_PROCESS=true`` the workers keep HTTP, input checks, micro-batching and (but for
+plain JPEGs on a GPU, see below) decoding, on the CPU, and hand each batch of images to this
+process over a Unix socket; it merges what
 arrives from all of them into batches of up to ``max_batch_size`` images, runs them with the same
 :class:`~service.inference.ModelRunner` (so verdicts are the in-process ones), and answers each
 worker with its share (:mod:`service.model_host` is its loop).
@@ -39,10 +40,10 @@ status 1, so that a supervisor restarts the whole.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import secrets
 import signal
@@ -50,6 +51,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,7 @@ KEY_VARIABLE = "_MIXOE_MODEL_PROCESS_KEY"
 _START_TIMEOUT_S = 120.0
 _HANDSHAKE_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
+_REQUEST_LENGTHS = {("load",): 2, ("run",): 5}  # what a worker may send, and its length
 
 
 class HostedModelRunner:
@@ -135,8 +138,12 @@ class ModelProcessClient:
             connection = Client(self._address, family="AF_UNIX", authkey=self._key)
         except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
             raise NotReady(ErrorCode.NOT_READY, f"the model process is not answering ({error!r})") from None
-        for model in self._loaded:
-            self._exchange(connection, ("load", model))
+        try:
+            for model in self._loaded:
+                self._exchange(connection, ("load", model))
+        except BaseException:
+            connection.close()
+            raise
         return connection
 
     def _exchange(self, connection: Connection, message: tuple[Any, ...]) -> Any:
@@ -165,6 +172,7 @@ class ModelProcess:
         self._directory: tempfile.TemporaryDirectory[str] | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._control: Connection | None = None
+        self._finalizer: multiprocessing.util.Finalize | None = None
         self._stopping = threading.Event()
         self.died = False
 
@@ -181,7 +189,9 @@ class ModelProcess:
         )
         self._process.start()
         control_there.close()  # from now on only the child holds that end: closing ours tells it to exit
-        atexit.register(self.stop)  # before multiprocessing's own exit handler joins the child
+        # At interpreter exit multiprocessing joins its children, and this one would wait for its
+        # control pipe to close: a finaliser with a priority runs before that join.
+        self._finalizer = multiprocessing.util.Finalize(self, self.stop, exitpriority=100)
         if not self._control.poll(_START_TIMEOUT_S):
             self.stop()
             raise RuntimeError(f"the model process did not start within {_START_TIMEOUT_S:.0f} s")
@@ -209,7 +219,8 @@ class ModelProcess:
                 self._process.join()
         if self._directory is not None:
             self._directory.cleanup()
-        atexit.unregister(self.stop)
+        if self._finalizer is not None:
+            self._finalizer.cancel()
 
     def _watch(self) -> None:
         assert self._process is not None
@@ -238,7 +249,7 @@ def _serve(settings: Settings, address: str, key: bytes, control: Connection) ->
         model_process_batch_size(settings.max_batch_size),
         decodes_jpeg=device.type == "cuda" and settings.gpu_jpeg_decode,
     )
-    listener = Listener(address, family="AF_UNIX")  # authenticated per connection, in its own thread
+    listener = Listener(address, family="AF_UNIX", backlog=64)  # authenticated per connection, in its own thread
     logger.info("model process listening on %s, device %s", address, device)
     control.send(os.getpid())
     threading.Thread(target=_exit_when_closed, args=(control,), name="mixoe-control", daemon=True).start()
@@ -259,8 +270,9 @@ def _accept(listener: Listener, key: bytes, host: ModelHost) -> None:
     while True:
         try:
             connection = listener.accept()
-        except OSError as error:
+        except OSError as error:  # out of file descriptors, say: try again shortly
             logger.warning("model process could not accept a connection: %r", error)
+            time.sleep(0.1)
             continue
         threading.Thread(target=_receive, args=(connection, key, host), name="mixoe-receive", daemon=True).start()
 
@@ -273,7 +285,9 @@ def _receive(connection: Connection, key: bytes, host: ModelHost) -> None:
     try:
         with socket.socket(fileno=os.dup(connection.fileno())) as raw:
             # A receive timeout on the socket itself (settimeout would make the shared file
-            # description non-blocking): a stalled read fails with an OSError.
+            # description non-blocking, and so may creating this object: undone at once): a
+            # stalled read fails with an OSError.
+            raw.setblocking(True)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(_HANDSHAKE_TIMEOUT_S), 0))
             multiprocessing.connection.deliver_challenge(connection, key)
             multiprocessing.connection.answer_challenge(connection, key)
@@ -285,13 +299,12 @@ def _receive(connection: Connection, key: bytes, host: ModelHost) -> None:
     try:
         while True:
             message = connection.recv()
-            if not (isinstance(message, tuple) and message and isinstance(message[0], str)):
+            if not (isinstance(message, tuple) and _REQUEST_LENGTHS.get(message[:1]) == len(message)):
                 raise ValueError(f"not a request: {message!r:.80}")
             host.submit(Task(connection, message))
     except (EOFError, OSError):
         pass
     except Exception:
         logger.exception("model process dropped a worker's connection")
-    host.submit(Task(connection, ("release",)))
-    connection.close()
+    host.submit(Task(connection, ("release",)))  # the loop closes the connection: it writes to it
 

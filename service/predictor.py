@@ -4,9 +4,10 @@ Cheap checks run first (file count, operating point, top-k), then every file is 
 preprocessed in the decoding thread pool (PIL and torchvision release the GIL; the event loop
 never decodes): plain JPEGs by torchvision, on the model's GPU when it has one (``service.jpeg``),
 everything else by PIL. With a model process on a GPU, plain JPEGs pass the checks only and go to
-it undecoded; the few its decoder refuses come back and PIL decides. Then the images join the model's micro-batch queue. A request with one
-bad file fails as a whole with a 4xx naming that file: a client sending a batch gets all verdicts
-or a precise reason, never a partial answer to reconcile.
+it undecoded; the few its decoder refuses come back and are decoded here. Then the images join the
+model's micro-batch queue. A request with one bad file fails as a whole with a 4xx naming that
+file: a client sending a batch gets all verdicts or a precise reason, never a partial answer to
+reconcile.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ class Predictor:
         verdicts = await model.batcher.submit([ImageJob(image, point, k) for image in images])
         refused = [row for row, verdict in enumerate(verdicts) if verdict is None]
         if refused:
-            # The model process's JPEG decoder refused these files: PIL, the reference decoder,
-            # decides instead, and words the client error if there is one.
+            # The model process's JPEG decoder refused these files: they are decoded here as without
+            # a model process (PIL, the reference decoder, words the client error if there is one).
             crops = await self._prepare(model, [uploads[row] for row in refused], send_jpeg=False)
             again = await model.batcher.submit([ImageJob(crop, point, k) for crop in crops])
             for row, verdict in zip(refused, again, strict=True):

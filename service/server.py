@@ -1,5 +1,5 @@
 """The uvicorn server the service runs on, and the worker process that runs it under uvicorn's
-supervisor (``MIXOE_WORKERS`` > 1).
+supervisor (``MIXOE_WORKERS`` > 1, or a model process).
 
 Its own module, not ``service.__main__``: worker processes are spawned, and a spawned process can
 import the class it runs from a module, never from a package's ``__main__``.

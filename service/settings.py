@@ -65,14 +65,16 @@ class Settings(BaseSettings):
     model_process: bool = Field(
         False,
         description="Hold the models in one more process, which runs the batches of every worker together: one "
-        "copy of the weights on the device and larger batches. Workers then check, decode and batch on the CPU. "
+        "copy of the weights on the device and larger batches. Workers then check and batch on the CPU, and decode "
+        "there too, but for plain JPEGs when the model process runs on a GPU. "
         "Meant for several workers on one GPU.",
     )
     worker_timeout_s: int = Field(
         30,
         ge=1,
-        description="With several workers: one that does not answer the supervisor's ping, or is not serving this "
-        "long after a restart (SIGHUP), is killed and replaced; a worker that died goes unnoticed up to this long.",
+        description="Under the supervisor (several workers, or a model process): a worker that does not answer "
+        "the supervisor's ping, or is not serving this long after a restart (SIGHUP), is killed and replaced; a "
+        "worker that died goes unnoticed up to this long.",
     )
 
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most images per model batch.")

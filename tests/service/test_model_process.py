@@ -47,9 +47,14 @@ class Inbox:
 
     def __init__(self) -> None:
         self.replies: list[tuple[str, Any]] = []
+        self.closed = False
 
     def send(self, reply: tuple[str, Any]) -> None:
+        assert not self.closed, "answered after its release"
         self.replies.append(reply)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def crops(bundle: Bundle, tiny: TinyModel, roles: tuple[str, ...]) -> list[np.ndarray]:
@@ -245,6 +250,40 @@ def test_a_model_still_loading_holds_up_no_run_of_another(
     assert rolling.replies == [("ok", False)]
 
 
+def test_workers_waiting_on_one_load_get_one_copy_and_one_that_left_meanwhile_gets_nothing(
+    tiny: TinyModel, bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, _ = host_with_batches(max_batch_size=4)
+    first, second, third = Inbox(), Inbox(), Inbox()
+    loads = []
+    real_load = service.model_host.load_bundle
+
+    def counted_load(path: Path, device: torch.device) -> Bundle:
+        loads.append(path)
+        return real_load(path, device)
+
+    monkeypatch.setattr(service.model_host, "load_bundle", counted_load)
+    for inbox in (first, second, third):
+        host.submit(Task(inbox, ("load", model_key(bundle))))
+        host.step()
+    host.submit(Task(second, ("release",)))
+    host.step()
+    host.step()  # the load's end
+    assert loads == [tiny.path] and second.closed and second.replies == []
+    assert first.replies == third.replies == [("ok", False)]
+    for inbox in (first, third):
+        host.submit(Task(inbox, ("release",)))
+        host.step()
+    assert host.loaded == []
+    # Everyone gone before the load ends: the model is dropped as soon as it is loaded.
+    host.submit(Task(first, ("load", model_key(bundle))))
+    host.step()
+    host.submit(Task(first, ("release",)))
+    host.step()
+    host.step()
+    assert host.loaded == [] and len(loads) == 2
+
+
 def test_a_model_is_released_when_the_last_worker_that_loaded_it_disconnects(tiny: TinyModel, bundle: Bundle) -> None:
     host, _ = host_with_batches(max_batch_size=4)
     first, second = Inbox(), Inbox()
@@ -301,6 +340,8 @@ def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
             ModelProcessClient(address, b"not the key").load(model_key(bundle))
         with socket.socket(socket.AF_UNIX) as dropped:  # connects, then leaves mid-handshake
             dropped.connect(address)
+        with pytest.raises(NotReady):  # not a request a worker sends: the connection is dropped
+            ModelProcessClient.from_environment().call(("loaded", model_key(bundle), None))
         client = ModelProcessClient.from_environment()
         assert client.load(model_key(bundle)) is False
         verdicts = client.call(run(model_key(bundle), crops(bundle, tiny, ROLES)))
