@@ -157,7 +157,8 @@ def test_jpegs_are_decoded_in_the_model_process_and_one_its_decoder_refuses_come
     inbox = Inbox()
     loaded_by(host, model_key(bundle), inbox, decodes_jpeg=True)  # the worker learns to send JPEGs undecoded
     truncated = jpeg(tiny, "rejected")[:300]
-    host.submit(Task(inbox, run(model_key(bundle), [jpeg(tiny, "accepted"), *crops(bundle, tiny, ("borderline",)), truncated])))
+    images = [jpeg(tiny, "accepted"), *crops(bundle, tiny, ("borderline",)), truncated]
+    host.submit(Task(inbox, run(model_key(bundle), images)))
     host.step()
     [(status, (decoded, cropped, refused))] = inbox.replies
     assert status == "ok" and refused is None
