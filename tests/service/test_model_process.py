@@ -343,11 +343,13 @@ def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
             dropped.connect(address)
         with pytest.raises(NotReady):  # not a request a worker sends: the connection is dropped
             ModelProcessClient.from_environment().call(("loaded", model_key(bundle), None))
-        client = ModelProcessClient.from_environment()
-        assert client.load(model_key(bundle)) is False
-        verdicts = client.call(run(model_key(bundle), crops(bundle, tiny, ROLES)))
-        assert [verdict.accepted for verdict in verdicts] == [True, True, False]
-        client.close()
+        with socket.socket(socket.AF_UNIX) as stalled:  # connects and says nothing: holds up no one else
+            stalled.connect(address)
+            client = ModelProcessClient.from_environment()
+            assert client.load(model_key(bundle)) is False
+            verdicts = client.call(run(model_key(bundle), crops(bundle, tiny, ROLES)))
+            assert [verdict.accepted for verdict in verdicts] == [True, True, False]
+            client.close()
     finally:
         model_process.stop()
     assert ADDRESS_VARIABLE not in os.environ and not model_process.died
