@@ -60,7 +60,10 @@ def stack_on(device: torch.device, crops: list[Tensor]) -> Tensor:
     """Batch (B, 3, S, S) on ``device`` from crops that may live on different devices.
 
     On a GPU server a JPEG's crop is already on the GPU (nvjpeg) while a PNG's is on the CPU, and
-    one batch can hold both."""
+    one batch can hold both. A batch wholly on the CPU (CPU decoding, or crops a worker handed to
+    the model process) is stacked there and copied over once, not one small copy per image."""
+    if all(crop.device.type == "cpu" for crop in crops):
+        return torch.stack(crops).to(device, non_blocking=True)
     return torch.stack([crop.to(device, non_blocking=True) for crop in crops])
 
 

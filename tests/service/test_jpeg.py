@@ -156,3 +156,5 @@ def test_a_batch_may_mix_crops_from_both_decoders() -> None:
     crops = [torch.zeros(3, 8, 8, dtype=torch.uint8), torch.zeros(3, 8, 8, dtype=torch.uint8, device=target)]
     batch = stack_on(target, crops)
     assert batch.device == target and batch.shape == (2, 3, 8, 8) and batch.dtype == torch.uint8
+    from_cpu = stack_on(target, crops[:1] * 3)  # a batch wholly on the CPU: stacked there, copied once
+    assert from_cpu.device == target and from_cpu.shape == (3, 3, 8, 8) and from_cpu.dtype == torch.uint8
