@@ -14,9 +14,9 @@ Three measurements of one bundle on one machine, in one run (compare ratios, not
                batches of all N workers together (the mean batch is then the model process's);
 * ``naive``    the same server with ``max_batch_size=1``: one forward pass per image, which is what a
                server without batching does;
-* ``batched-cpu-jpeg`` (CUDA only) ``batched`` (with the most ``--workers``) and
-               ``MIXOE_GPU_JPEG_DECODE=false``: JPEGs decoded and resized on the CPU instead of by
-               nvjpeg on the GPU.
+* ``batched-cpu-jpeg`` (CUDA only) the run with the most ``--model-process`` workers (or, without
+               any, the most ``--workers``) again with ``MIXOE_GPU_JPEG_DECODE=false``: JPEGs
+               decoded and resized on the CPU (by the workers) instead of by nvjpeg on the GPU.
 
 Each server run is bounded by ``--requests`` and ``--duration`` (whichever ends first), after a
 short unmeasured warm-up. Server throughput counts images answered with 200 per second; latency is
@@ -402,10 +402,15 @@ def main() -> None:
                                           args.max_batch_delay_ms, load,
                                           {"workers": str(workers), "model_process": "true"}))
         if device.startswith("cuda"):
-            most = max(args.workers)
-            results.append(measure_server("batched-cpu-jpeg" + (f"-{most}w" if most > 1 else ""), args, bundle_path,
-                                          device, args.max_batch_size, args.max_batch_delay_ms, load,
-                                          {"workers": str(most), "gpu_jpeg_decode": "false"}))
+            # The CPU-decoding twin of the run with the most workers: with a model process if any
+            # ran (where the choice is nvjpeg in one process or the CPUs of all workers).
+            most = max(args.model_process or args.workers)
+            name = "batched-cpu-jpeg" + (f"-{most}w" if most > 1 else "") + ("-mp" if args.model_process else "")
+            extra = {"workers": str(most), "gpu_jpeg_decode": "false"} | (
+                {"model_process": "true"} if args.model_process else {}
+            )
+            results.append(measure_server(name, args, bundle_path, device, args.max_batch_size,
+                                          args.max_batch_delay_ms, load, extra))
         if not args.skip_naive:
             results.append(measure_server("naive", args, bundle_path, device, 1, 0.0, load))
     print_table(results, raw.images_per_s)
