@@ -91,7 +91,11 @@ class Task:
 
 
 def error_reply(error: BaseException) -> tuple[str, str]:
-    return "error", f"{type(error).__name__}: {error}"
+    return "error", _error_text(error)
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 class ModelHost:
@@ -227,7 +231,7 @@ class ModelHost:
             runner.warm_up()
         except Exception as error:
             logger.exception("model process could not load %s", path)
-            self.submit(Task(_NOBODY, ("load_failed", key, error_reply(error)[1])))
+            self.submit(Task(_NOBODY, ("load_failed", key, _error_text(error))))
             return
         logger.info(
             "model process loaded %s:%s from %s on %s (warm-up %.1f s)",

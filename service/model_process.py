@@ -137,7 +137,7 @@ class ModelProcessClient:
         try:
             connection = Client(self._address, family="AF_UNIX", authkey=self._key)
         except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
-            raise NotReady(ErrorCode.NOT_READY, f"the model process is not answering ({error!r})") from None
+            raise _not_answering(error) from None
         try:
             for model in self._loaded:
                 self._exchange(connection, ("load", model))
@@ -154,10 +154,15 @@ class ModelProcessClient:
             connection.close()
             if connection is self._connection:
                 self._connection = None
-            raise NotReady(ErrorCode.NOT_READY, f"the model process is not answering ({error!r})") from None
+            raise _not_answering(error) from None
         if status != "ok":
             raise RuntimeError(f"model process: {value}")
         return value
+
+
+def _not_answering(error: BaseException) -> NotReady:
+    """A 503: the client retries, by which time a restarted service may answer."""
+    return NotReady(ErrorCode.NOT_READY, f"the model process is not answering ({error!r})")
 
 
 class ModelProcess:
