@@ -141,9 +141,18 @@ class ModelRunner:
             return batch
         return torch.cat([batch, batch.new_zeros((size - len(batch), *batch.shape[1:]))])
 
-    def warm_up(self) -> None:
-        """Throw-away batches, one of each padded size (or of one image), so that no request pays
-        for lazy initialisation or a first shape."""
+    @property
+    def warm_up_sizes(self) -> list[int]:
+        """The batch sizes :meth:`warm_up` runs: each padded size, or one image."""
+        return self._padded_sizes or [1]
+
+    def warm_up(self, sizes: Sequence[int] | None = None) -> None:
+        """Throw-away batches of ``sizes`` (default :attr:`warm_up_sizes`), so that no request pays
+        for lazy initialisation or a first shape.
+
+        Run it in the thread that will serve: PyTorch caches cuDNN's execution plans per thread,
+        so after a warm-up in another thread the serving thread built each plan again on its
+        first batch of each size (2 to 3 s per size for MobileNetV2 on an H200, measured)."""
         size = self._bundle.manifest.preprocessing.input_size
-        for rows in self._padded_sizes or [1]:
+        for rows in self.warm_up_sizes if sizes is None else sizes:
             self._bundle.predict(torch.zeros(rows, 3, size, size, dtype=torch.uint8))

@@ -6,10 +6,13 @@ along the runs queued behind it for the same model, up to ``max_batch_size`` ima
 is the point of the model process. The loop thread alone touches its state and its connections
 (it also closes them), so no lock is needed.
 
-Loading a bundle (hash check, weights, a warm-up at every padded batch size: about 10 s on a GPU)
-happens in a thread of its own, whose warm-up batches share the device with the serving ones, so
-that a SIGHUP roll-over's new workers asking for a new version do not stall the batches of the
-workers still serving the old one.
+Loading a bundle (hash check, weights) happens in a thread of its own, so that a SIGHUP
+roll-over's new workers asking for a new version do not stall the batches of the workers still
+serving the old one. Its warm-up (one throw-away batch per padded batch size, about 2 s each on a
+GPU) must run in this loop's thread, which serves it: PyTorch caches cuDNN's plans per thread, and
+an H200 run with the warm-up in the loading thread stalled serving for 2 to 3 s at each batch
+size's first use. So each warm-up batch is a task of its own, queued behind the runs already
+waiting: another model's runs wait for one warm-up batch at most, not for all of them.
 
 A model is keyed by its bundle's path *and* a digest of its manifest: a version republished in
 place under the same path is another model, never the old one in the new one's name.
@@ -23,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -72,7 +75,7 @@ _NOBODY = _Nobody()
 @dataclass(frozen=True)
 class Task:
     """One message from a worker; ``("release",)`` once that worker has disconnected; or the
-    loop's own ``("loaded", key, runner)`` / ``("load_failed", key, message)``."""
+    loop's own ``("loaded", key, runner)`` / ``("load_failed", key, message)`` / ``("warm", key)``."""
 
     origin: Replies
     message: tuple[Any, ...]
@@ -117,10 +120,12 @@ class ModelHost:
         self._runners: dict[ModelKey, ModelRunner] = {}
         self._users: dict[ModelKey, set[Replies]] = {}
         self._loading: dict[ModelKey, list[Replies]] = {}  # workers waiting for a load in progress
+        self._warming: dict[ModelKey, _WarmingUp] = {}  # loaded, not yet warm: still in _loading
         self._handlers: dict[str, Callable[[Task], None]] = {
             "run": lambda task: self._run(self._gather(task)),
             "load": self._load,
             "loaded": self._loaded,
+            "warm": self._warm,
             "load_failed": self._load_failed,
             "release": lambda task: self._release(task.origin),
         }
@@ -223,34 +228,61 @@ class ModelHost:
     def _load_in_background(self, key: ModelKey) -> None:
         path, digest = key
         try:
-            started = time.perf_counter()
             bundle = load_bundle(Path(path), self._device)
             if model_key(bundle)[1] != digest:
                 raise BundleError(f"bundle {path} changed on disk after the worker loaded it; restart that worker")
             runner = ModelRunner.for_device(bundle, self._max_batch_size)
-            runner.warm_up()
         except Exception as error:
             logger.exception("model process could not load %s", path)
             self.submit(Task(_NOBODY, ("load_failed", key, _error_text(error))))
             return
-        logger.info(
-            "model process loaded %s:%s from %s on %s (warm-up %.1f s)",
-            bundle.name, bundle.version, path, self._device, time.perf_counter() - started,
-        )
         self.submit(Task(_NOBODY, ("loaded", key, runner)))
 
     def _loaded(self, task: Task) -> None:
-        key, waiting = task.key, self._loading.pop(task.key)
-        self._runners[key] = task.message[2]
+        runner = cast(ModelRunner, task.message[2])
+        self._warming[task.key] = _WarmingUp(runner, list(runner.warm_up_sizes))
+        self.submit(Task(_NOBODY, ("warm", task.key)))
+
+    def _warm(self, task: Task) -> None:
+        """One warm-up batch of a model just loaded; the next is queued behind the runs waiting."""
+        key, warming = task.key, self._warming[task.key]
+        if not self._loading[key]:  # every worker that asked has gone meanwhile
+            self._discard_load(key)
+            return
+        try:
+            warming.runner.warm_up(warming.sizes[:1])
+        except Exception as error:
+            logger.exception("model process could not warm up %s", key[0])
+            self._fail_load(key, _error_text(error))
+            return
+        del warming.sizes[0]
+        if warming.sizes:
+            self.submit(task)
+            return
+        bundle = warming.runner.bundle
+        logger.info(
+            "model process loaded %s:%s from %s on %s (warm-up %.1f s)",
+            bundle.name, bundle.version, key[0], self._device, time.perf_counter() - warming.started,
+        )
+        del self._warming[key]
+        waiting = self._loading.pop(key)
+        self._runners[key] = warming.runner
         self._users[key] = set(waiting)
         for origin in waiting:
             _send(origin, ("ok", self._decodes_jpeg))
-        if not waiting:  # every worker that asked has gone meanwhile
-            self._forget(key)
 
     def _load_failed(self, task: Task) -> None:
-        for origin in self._loading.pop(task.key):
-            _send(origin, ("error", task.message[2]))
+        self._fail_load(task.key, task.message[2])
+
+    def _fail_load(self, key: ModelKey, message: str) -> None:
+        for origin in self._discard_load(key):
+            _send(origin, ("error", message))
+
+    def _discard_load(self, key: ModelKey) -> list[Replies]:
+        """Give up ``key``'s load, freeing what it holds: the workers that were waiting for it."""
+        if self._warming.pop(key, None) is not None and self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        return self._loading.pop(key)
 
     def _release(self, origin: Replies) -> None:
         """``origin`` has disconnected (its release comes after all its tasks): close it here, where
@@ -269,6 +301,15 @@ class ModelHost:
         logger.info("model process released %s: no worker uses it any more", key[0])
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@dataclass
+class _WarmingUp:
+    """A model loaded but not yet warm: its runner and the batch sizes still to run."""
+
+    runner: ModelRunner
+    sizes: list[int]
+    started: float = field(default_factory=time.perf_counter)
 
 
 def _send(origin: Replies, reply: tuple[str, Any]) -> None:

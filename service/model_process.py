@@ -56,6 +56,8 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from models.bundle import Bundle
 from models.nets import resolve_device
 from service.errors import ErrorCode, NotReady
@@ -248,6 +250,9 @@ def _serve(settings: Settings, address: str, key: bytes, control: Connection) ->
     for name in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(name, signal.SIG_IGN)  # see the module docstring: the control pipe stops us
     device = resolve_device(settings.device)
+    if device.type == "cuda":
+        # This process's CPU work is stacking crops and feeding the GPU: the cores are the workers'.
+        torch.set_num_threads(1)
     host = ModelHost(
         device,
         settings.max_batch_size,

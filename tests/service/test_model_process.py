@@ -80,11 +80,15 @@ def host_with_batches(max_batch_size: int, decodes_jpeg: bool = False) -> tuple[
 
 
 def load(host: ModelHost, model: ModelKey, inbox: Inbox) -> None:
+    """Ask for ``model`` and run the host's tasks until it answers: a first load runs in a thread
+    of its own, whose end is a task, and each warm-up batch is one more."""
     answered = len(inbox.replies)
     host.submit(Task(inbox, ("load", model)))
-    host.step()
-    if len(inbox.replies) == answered:  # a first load runs in a thread of its own; its end is a task too
+    for _ in range(10):
         host.step()
+        if len(inbox.replies) > answered:
+            return
+    raise AssertionError(f"no answer to a load after 10 tasks: {inbox.replies}")
 
 
 def loaded_by(host: ModelHost, model: ModelKey, *inboxes: Inbox, decodes_jpeg: bool = False) -> None:
@@ -241,14 +245,40 @@ def test_a_model_still_loading_holds_up_no_run_of_another(
         return real_load(path, device)
 
     monkeypatch.setattr(service.model_host, "load_bundle", slow_load)
+    # Three warm-up batch sizes, as a GPU model would have (on a CPU there is one).
+    monkeypatch.setattr(ModelRunner, "for_device", lambda bundle, max_batch_size: ModelRunner(bundle, [1, 2, 4]))
     host.submit(Task(rolling, ("load", model_key(load_bundle(other.path)))))
     host.step()  # the load starts, in its own thread
     host.submit(Task(serving, run(model_key(bundle), crops(bundle, tiny, ROLES))))
     host.step()
     assert [status for status, _ in serving.replies] == ["ok"] and rolling.replies == []
     release_load.set()
+    host.step()  # loaded: its warm-up is queued
+    host.submit(Task(serving, run(model_key(bundle), crops(bundle, tiny, ROLES))))
+    host.step()  # the first warm-up batch; the next one queues behind the run waiting meanwhile
+    host.step()
+    assert [status for status, _ in serving.replies] == ["ok", "ok"] and rolling.replies == []
+    host.step()
     host.step()
     assert rolling.replies == [("ok", False)]
+
+
+def test_the_warm_up_runs_in_the_thread_that_serves(
+    bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyTorch caches cuDNN's plans per thread: warmed up in the loading thread, a GPU model built
+    each plan again at its first batch of each size while serving (2-3 s stalls on an H200)."""
+    warmed_in = []
+    real_warm_up = ModelRunner.warm_up
+
+    def recorded_warm_up(runner: ModelRunner, sizes: list[int] | None = None) -> None:
+        warmed_in.append(threading.current_thread())
+        real_warm_up(runner, sizes)
+
+    monkeypatch.setattr(ModelRunner, "warm_up", recorded_warm_up)
+    host, _ = host_with_batches(max_batch_size=4)
+    loaded_by(host, model_key(bundle), Inbox())
+    assert warmed_in == [threading.current_thread()]
 
 
 def test_workers_waiting_on_one_load_get_one_copy_and_one_that_left_meanwhile_gets_nothing(
@@ -270,6 +300,7 @@ def test_workers_waiting_on_one_load_get_one_copy_and_one_that_left_meanwhile_ge
     host.submit(Task(second, ("release",)))
     host.step()
     host.step()  # the load's end
+    host.step()  # its warm-up (one batch size on a CPU)
     assert loads == [tiny.path] and second.closed and second.replies == []
     assert first.replies == third.replies == [("ok", False)]
     for inbox in (first, third):
@@ -281,8 +312,12 @@ def test_workers_waiting_on_one_load_get_one_copy_and_one_that_left_meanwhile_ge
     host.step()
     host.submit(Task(first, ("release",)))
     host.step()
-    host.step()
+    host.step()  # the load's end
+    host.step()  # its warm-up, given up: nobody is waiting
     assert host.loaded == [] and len(loads) == 2
+    again = Inbox()
+    load(host, model_key(bundle), again)  # loaded afresh, not stuck behind the load given up
+    assert again.replies == [("ok", False)] and len(loads) == 3
 
 
 def test_a_model_is_released_when_the_last_worker_that_loaded_it_disconnects(tiny: TinyModel, bundle: Bundle) -> None:
