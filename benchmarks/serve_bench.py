@@ -374,6 +374,51 @@ def print_table(results: list[RunResult], raw_rate: float) -> None:
         )
 
 
+def server_runs(args: argparse.Namespace, device: str) -> list[tuple[str, int, float, dict[str, str]]]:
+    """The server runs asked for, in order: ``(config, max batch size, max delay ms, settings)``."""
+    batched = (args.max_batch_size, args.max_batch_delay_ms)
+    runs = [("batched" if n == 1 else f"batched-{n}w", *batched, {"workers": str(n)}) for n in sorted(set(args.workers))]
+    runs += [
+        (f"batched-{n}w-mp", *batched, {"workers": str(n), "model_process": "true"})
+        for n in sorted(set(args.model_process))
+    ]
+    if device.startswith("cuda"):
+        # The CPU-decoding twin of the run with the most workers: with a model process if any
+        # ran (where the choice is nvjpeg in one process or the CPUs of all workers).
+        most = max(args.model_process or args.workers)
+        name = "batched-cpu-jpeg" + (f"-{most}w" if most > 1 else "") + ("-mp" if args.model_process else "")
+        settings = {"workers": str(most), "gpu_jpeg_decode": "false"}
+        runs.append((name, *batched, settings | ({"model_process": "true"} if args.model_process else {})))
+    if not args.skip_naive:
+        runs.append(("naive", 1, 0.0, {}))
+    return runs
+
+
+def write_report(
+    args: argparse.Namespace, bundle_path: Path, device: str, jpegs: int, decode_ms: float, results: list[RunResult]
+) -> None:
+    """The JSON report; ``results[0]`` is the raw rate at the largest batch, which the others are compared with."""
+    raw_rate = results[0].images_per_s
+    report = {
+        "bundle": str(bundle_path),
+        "device": device,
+        "machine": machine_name(device),
+        "torch": torch.__version__,
+        "images": str(args.images),
+        "jpegs": jpegs,
+        "clients": args.clients,
+        "client_processes": args.client_processes,
+        "images_per_request": args.images_per_request,
+        "workers": args.workers,
+        "model_process": args.model_process,
+        "max_batch_delay_ms": args.max_batch_delay_ms,
+        "decode_preprocess_ms_per_image": decode_ms,
+        "results": [asdict(r) | {"vs_raw": r.images_per_s / raw_rate} for r in results],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     args = parse_args()
     bundle_path = (args.bundle or default_bundle()).resolve()
@@ -392,47 +437,16 @@ def main() -> None:
     print(f"PIL decode+preprocess: {decode_ms:.2f} ms/img (1 thread; benchmarks/decode_bench.py times the service's)",
           flush=True)
     results = list(raws)
+    # Each run's line, and the JSON so far, as soon as it ends: a benchmark cut short by a device
+    # session's time limit still leaves the runs it finished.
     with LoadGenerator(request_bodies(jpegs, args.images_per_request), args.client_processes) as load:
-        for workers in sorted(set(args.workers)):
-            config = "batched" if workers == 1 else f"batched-{workers}w"
-            results.append(measure_server(config, args, bundle_path, device, args.max_batch_size,
-                                          args.max_batch_delay_ms, load, {"workers": str(workers)}))
-        for workers in sorted(set(args.model_process)):
-            results.append(measure_server(f"batched-{workers}w-mp", args, bundle_path, device, args.max_batch_size,
-                                          args.max_batch_delay_ms, load,
-                                          {"workers": str(workers), "model_process": "true"}))
-        if device.startswith("cuda"):
-            # The CPU-decoding twin of the run with the most workers: with a model process if any
-            # ran (where the choice is nvjpeg in one process or the CPUs of all workers).
-            most = max(args.model_process or args.workers)
-            name = "batched-cpu-jpeg" + (f"-{most}w" if most > 1 else "") + ("-mp" if args.model_process else "")
-            extra = {"workers": str(most), "gpu_jpeg_decode": "false"} | (
-                {"model_process": "true"} if args.model_process else {}
-            )
-            results.append(measure_server(name, args, bundle_path, device, args.max_batch_size,
-                                          args.max_batch_delay_ms, load, extra))
-        if not args.skip_naive:
-            results.append(measure_server("naive", args, bundle_path, device, 1, 0.0, load))
+        for config, max_batch_size, delay_ms, settings in server_runs(args, device):
+            result = measure_server(config, args, bundle_path, device, max_batch_size, delay_ms, load, settings)
+            results.append(result)
+            print(f"{config}: {result.images_per_s:.1f} img/s ({result.images_per_s / raw.images_per_s:.2f} x raw)",
+                  flush=True)
+            write_report(args, bundle_path, device, len(jpegs), decode_ms, results)
     print_table(results, raw.images_per_s)
-
-    report = {
-        "bundle": str(bundle_path),
-        "device": device,
-        "machine": machine_name(device),
-        "torch": torch.__version__,
-        "images": str(args.images),
-        "jpegs": len(jpegs),
-        "clients": args.clients,
-        "client_processes": args.client_processes,
-        "images_per_request": args.images_per_request,
-        "workers": args.workers,
-        "model_process": args.model_process,
-        "max_batch_delay_ms": args.max_batch_delay_ms,
-        "decode_preprocess_ms_per_image": decode_ms,
-        "results": [asdict(r) | {"vs_raw": r.images_per_s / raw.images_per_s} for r in results],
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
