@@ -31,7 +31,7 @@ from PIL import Image
 
 from models.nets import build_network, deployed_logits
 from models.scores import get_score
-from models.preprocess import eval_transform
+from models.preprocess import EvalTransform
 from training.checkpoint import load_best_weights
 from training.config import TrainConfig
 from training.experiment import load_experiment_data
@@ -61,7 +61,7 @@ def criteria_of(run_dir: Path) -> dict[str, float]:
     config = TrainConfig.model_validate({**raw, "device": "cpu"})
     logits = run_logits(config).sets
     sets = assessment_sets(config)
-    transform = eval_transform(preprocessing_of(config.data.transforms))
+    transform = EvalTransform(preprocessing_of(config.data.transforms))
     rng = np.random.default_rng(0)
     val = torch.stack([transform(Image.open(s.path).convert("RGB")) for s in sets[ID_VAL]])
     outliers = sets["val_outliers"]

@@ -36,7 +36,7 @@ from torchvision.transforms import v2
 
 from machine import machine_name
 from models.nets import build_network, resolve_device
-from models.preprocess import normalization
+from models.preprocess import Normalization
 from training.config import DataConfig, MethodConfig, TransformConfig
 from training.data import ImageDataset, OutlierPool, collate_skipping_bad, load_split
 from training.methods import build_method
@@ -166,7 +166,7 @@ def main() -> None:
         torch.manual_seed(0)
         fast = variant != "reference"
         pin = device.type == "cuda"
-        normalize: Callable[[Tensor], Tensor] = normalization(preprocessing_of(cfg))
+        normalize: Callable[[Tensor], Tensor] = Normalization(preprocessing_of(cfg))
         if variant == "compute":
             batches, workers = synthetic(args, device, num_classes), 0
         elif variant in ("ours", "data"):

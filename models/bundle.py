@@ -35,7 +35,7 @@ from torch import Tensor
 
 from models.conformal import conformal_p_values, conformal_threshold
 from models.nets import Classifier, Precision, build_network, deployed_logits, get_architecture
-from models.preprocess import Preprocessing, eval_geometry, normalization, preprocess_batch
+from models.preprocess import EvalGeometry, Normalization, Preprocessing, preprocess_batch
 from models.scores import get_score
 
 SCHEMA_VERSION = 1
@@ -208,8 +208,8 @@ class Bundle:
         memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         self.model = model.to(device=device, memory_format=memory_format).eval()
         self._score = get_score(manifest.score.name)
-        self._geometry = eval_geometry(manifest.preprocessing)
-        self._normalize = normalization(manifest.preprocessing)
+        self._geometry = EvalGeometry(manifest.preprocessing)
+        self._normalize = Normalization(manifest.preprocessing)
         self._calibration_scores = np.asarray(manifest.calibration.scores, dtype=np.float64)
 
     @property

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 from torch import Tensor
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,33 +39,64 @@ class Preprocessing(BaseModel):
         return self
 
 
-def eval_geometry(preprocessing: Preprocessing) -> v2.Compose:
-    """PIL RGB image -> uint8 tensor (3, input_size, input_size): resize shorter side, centre crop."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(preprocessing.resize, antialias=True),
-            v2.CenterCrop(preprocessing.input_size),
-        ]
-    )
+class EvalGeometry:
+    """RGB image -> uint8 tensor (3, input_size, input_size): resize shorter side, centre crop.
+
+    The image is a PIL image or a uint8 RGB tensor (3, H, W) on any device (a JPEG decoder's
+    output); either way the resize runs on the tensor, so both give the same pixels. This is
+    ``v2.Compose([ToImage(), Resize(resize, antialias=True), CenterCrop(input_size)])`` calling
+    torchvision's tensor kernels directly: the same ops without the Compose's per-call dispatch,
+    which costs more than the resize itself on a GPU, where the service crops every decoded JPEG.
+    A class, not a closure, so that data loader workers can pickle it.
+    """
+
+    def __init__(self, preprocessing: Preprocessing):
+        self._resize = [preprocessing.resize]
+        self._crop = [preprocessing.input_size]
+
+    def __call__(self, image: Image.Image | Tensor) -> Tensor:
+        pixels = F.pil_to_tensor(image) if isinstance(image, Image.Image) else image
+        return F.center_crop_image(F.resize_image(pixels, self._resize, antialias=True), self._crop)
 
 
-def normalization(preprocessing: Preprocessing) -> v2.Compose:
-    """uint8 image tensor -> float, scaled to [0, 1] and normalised with the bundle's mean/std."""
-    return v2.Compose(
-        [
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(preprocessing.mean), list(preprocessing.std)),
-        ]
-    )
+class Normalization:
+    """uint8 image tensor (..., 3, H, W) -> float32, scaled to [0, 1] and normalised with mean/std.
+
+    The arithmetic of torchvision's ``ToDtype(float32, scale=True)`` then ``Normalize``, op for
+    op, so the result is the same bit for bit; but mean and std are made once per device, where
+    torchvision copies them from Python lists on every call: a host-to-device copy per batch that
+    also makes the pass impossible to record as a CUDA graph (``models.graphs``).
+    """
+
+    def __init__(self, preprocessing: Preprocessing):
+        self._mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(preprocessing.std, dtype=torch.float32).view(3, 1, 1)
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, image: Tensor) -> Tensor:
+        if image.dtype != torch.uint8:
+            raise TypeError(f"expected a uint8 image tensor, got {image.dtype}")
+        mean, std = self._constants(image.device)
+        return image.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+
+    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._on_device:
+            self._on_device[device] = (self._mean.to(device), self._std.to(device))
+        return self._on_device[device]
 
 
-def eval_transform(preprocessing: Preprocessing) -> v2.Compose:
-    """PIL RGB image -> normalised float tensor (3, input_size, input_size)."""
-    return v2.Compose([eval_geometry(preprocessing), normalization(preprocessing)])
+class EvalTransform:
+    """RGB image -> normalised float tensor (3, input_size, input_size): geometry, then normalisation."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        self._geometry = EvalGeometry(preprocessing)
+        self._normalize = Normalization(preprocessing)
+
+    def __call__(self, image: Image.Image | Tensor) -> Tensor:
+        return self._normalize(self._geometry(image))
 
 
 def preprocess_batch(images: Sequence[Image.Image], preprocessing: Preprocessing) -> Tensor:
     """Stack RGB PIL images into one normalised batch (B, 3, S, S)."""
-    transform = eval_transform(preprocessing)
+    transform = EvalTransform(preprocessing)
     return torch.stack([transform(image) for image in images])

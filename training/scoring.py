@@ -4,7 +4,7 @@ Evaluation, calibration and export all need the same forward passes (ID validati
 OOD set). They share :func:`run_logits`, which caches the arrays in ``<run>/logits.npz`` keyed by
 everything they depend on (weights, preprocessing, precision, the images of every set), so a later
 stage never recomputes them and a changed input never reuses stale ones. Images go through
-:func:`models.preprocess.eval_transform` and :func:`models.nets.deployed_logits`, exactly as in
+:class:`models.preprocess.EvalTransform` and :func:`models.nets.deployed_logits`, exactly as in
 the service, at the precision the bundle will record.
 """
 
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from models.bundle import sha256_file
 from models.nets import Precision, build_network, default_precision, deployed_logits, resolve_device
-from models.preprocess import Preprocessing, eval_transform
+from models.preprocess import EvalTransform, Preprocessing
 from models.scores import SCORES
 from training.checkpoint import BEST_WEIGHTS, atomic_write, load_best_weights
 from training.config import TrainConfig
@@ -65,7 +65,7 @@ def collect_logits(
     model: torch.nn.Module, samples: list[Sample], preprocessing: Preprocessing, device: torch.device,
     precision: Precision, batch_size: int, workers: int,
 ) -> SetLogits:
-    dataset = ImageDataset(samples, eval_transform(preprocessing))
+    dataset = ImageDataset(samples, EvalTransform(preprocessing))
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_bad,
         pin_memory=device.type == "cuda",

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from models.nets import build_network
-from models.preprocess import normalization
+from models.preprocess import Normalization
 from training.checkpoint import load_best_weights, load_training_state, save_best, save_training_state, unwrap
 from training.config import TrainConfig, save_config
 from training.data import ImageDataset, OutlierPool, SeededItems, collate_skipping_bad
@@ -291,7 +291,7 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
     model.to(ctx.device, memory_format=torch.channels_last if cuda and config.channels_last else torch.preserve_format)
     # Loader workers ship uint8 (a quarter of the bytes of float); the device converts and
     # normalises with the very transform evaluation and the service use.
-    normalize = normalization(preprocessing_of(transforms))
+    normalize = Normalization(preprocessing_of(transforms))
     optimizer = build_optimizer(model, config)
     scheduler = cosine_schedule(
         optimizer, config.epochs * len(id_loader), config.optimizer.warmup_steps, config.optimizer.min_lr

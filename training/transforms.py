@@ -1,12 +1,12 @@
 """Training and evaluation image transforms built from :class:`TransformConfig`.
 
-Evaluation (and therefore calibration) goes through :func:`models.preprocess.eval_transform`, the
+Evaluation (and therefore calibration) goes through :class:`models.preprocess.EvalTransform`, the
 very function the service uses, so a threshold calibrated here holds for what the service feeds
 the network. Training adds the usual fine-grained augmentation: random-resized crop, horizontal
 flip and optional colour jitter. Both expect a PIL RGB image (the datasets convert on load).
 
 The training transform stops at a uint8 tensor: loader workers then ship a quarter of the bytes,
-and the trainer converts and normalises on the device with :func:`models.preprocess.normalization`,
+and the trainer converts and normalises on the device with :class:`models.preprocess.Normalization`,
 as the service does.
 :func:`build_eval_geometry` is the evaluation transform's uint8 counterpart for that path.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torchvision.transforms import v2
 
-from models.preprocess import Preprocessing, eval_geometry, eval_transform
+from models.preprocess import EvalGeometry, EvalTransform, Preprocessing
 from training.config import TransformConfig
 
 
@@ -24,14 +24,14 @@ def preprocessing_of(cfg: TransformConfig) -> Preprocessing:
     return Preprocessing(input_size=cfg.input_size, resize=cfg.resize, mean=cfg.mean, std=cfg.std)
 
 
-def build_eval_transform(cfg: TransformConfig) -> v2.Compose:
+def build_eval_transform(cfg: TransformConfig) -> EvalTransform:
     """Resize + centre crop + normalise, identical to serving."""
-    return eval_transform(preprocessing_of(cfg))
+    return EvalTransform(preprocessing_of(cfg))
 
 
-def build_eval_geometry(cfg: TransformConfig) -> v2.Compose:
+def build_eval_geometry(cfg: TransformConfig) -> EvalGeometry:
     """Resize + centre crop to a uint8 tensor; normalisation happens on the device."""
-    return eval_geometry(preprocessing_of(cfg))
+    return EvalGeometry(preprocessing_of(cfg))
 
 
 def build_train_transform(cfg: TransformConfig) -> v2.Compose:

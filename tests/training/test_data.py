@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import v2
 
-from models.preprocess import eval_transform
+from models.preprocess import EvalTransform
 from tests.helpers.images import (
     make_image_folder,
     make_list_dataset,
@@ -278,7 +278,7 @@ def test_eval_transform_is_the_serving_one():
     image = Image.new("RGB", (40, 32), (10, 220, 90))
     config = TransformConfig(input_size=16, resize=20, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert preprocessing_of(config).resize == 20
-    assert torch.equal(build_eval_transform(config)(image), eval_transform(preprocessing_of(config))(image))
+    assert torch.equal(build_eval_transform(config)(image), EvalTransform(preprocessing_of(config))(image))
 
 
 def test_switched_off_augmentations_are_left_out():
