@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from models.conformal import conformal_p_values, conformal_threshold
-from models.nets import Classifier, Precision, build_network, deployed_logits, get_architecture
+from models.graphs import GraphedForward
+from models.nets import Classifier, Precision, build_network, device_logits, get_architecture
 from models.preprocess import EvalGeometry, Normalization, Preprocessing, preprocess_batch
 from models.scores import get_score
 
@@ -211,6 +212,7 @@ class Bundle:
         self._geometry = EvalGeometry(manifest.preprocessing)
         self._normalize = Normalization(manifest.preprocessing)
         self._calibration_scores = np.asarray(manifest.calibration.scores, dtype=np.float64)
+        self._graphs: GraphedForward | None = None
 
     @property
     def name(self) -> str:
@@ -253,9 +255,29 @@ class Bundle:
             return self._geometry(image)
         return self._geometry(image if image.mode == "RGB" else image.convert("RGB"))
 
+    def capture_graph(self, batch_size: int) -> None:
+        """Record the forward pass of uint8 batches of ``batch_size`` as a CUDA graph (CUDA only),
+        which :meth:`predict` then replays for such batches (see ``models.graphs``)."""
+        if self._graphs is None:
+            self._graphs = GraphedForward(self._device_logits, self.device)
+        size = self.manifest.preprocessing.input_size
+        self._graphs.capture(torch.zeros(batch_size, 3, size, size, dtype=torch.uint8, device=self.device))
+
+    @property
+    def graphed_batch_sizes(self) -> list[int]:
+        return sorted(shape[0] for shape in self._graphs.shapes) if self._graphs is not None else []
+
     def predict(self, batch: Tensor, operating_point: float | None = None) -> Predictions:
         """Classify a batch (B, 3, S, S), normalised float or uint8 :meth:`pixels`; accept or reject each."""
         point = self.operating_point(operating_point)
+        return self.finish(self.start(batch), point)
+
+    def start(self, batch: Tensor) -> PendingLogits:
+        """Launch :meth:`predict`'s forward pass without waiting for it; :meth:`finish` judges it.
+
+        On a GPU the logits come back to the CPU asynchronously, so the caller can prepare its
+        next batch while the GPU runs this one (the model process does). A uint8 batch whose
+        shape was recorded (:meth:`capture_graph`) is replayed from its CUDA graph."""
         size = self.manifest.preprocessing.input_size
         if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size) or not (
             batch.is_floating_point() or batch.dtype == torch.uint8
@@ -263,20 +285,60 @@ class Bundle:
             raise ValueError(
                 f"expected a float or uint8 batch of shape (B, 3, {size}, {size}), got {batch.dtype} {tuple(batch.shape)}"
             )
-        if batch.dtype == torch.uint8:
-            batch = self._normalize(batch.to(self.device, non_blocking=True))
-        logits = deployed_logits(self.model, batch, self.manifest.precision)
-        with torch.inference_mode():
-            scores = self._score(logits, self.manifest.score.temperature)
-            p_values = torch.from_numpy(conformal_p_values(scores.numpy(), self._calibration_scores))
-            return Predictions(
-                logits=logits,
-                probabilities=logits.softmax(dim=1),
-                scores=scores,
-                p_values=p_values,
-                accepted=scores.double() <= point.threshold,
-                operating_point=point,
-            )
+        if batch.dtype != torch.uint8:
+            return PendingLogits.of(device_logits(self.model, batch, self.manifest.precision))
+        pixels = batch.to(self.device, non_blocking=True)
+        replayed = self._graphs(pixels) if self._graphs is not None else None
+        # A replay's output is overwritten by the next replay: copied out here, before any other.
+        return PendingLogits.of(self._device_logits(pixels) if replayed is None else replayed)
+
+    @torch.inference_mode()
+    def finish(self, pending: PendingLogits, point: OperatingPoint | None = None) -> Predictions:
+        """The predictions of a batch :meth:`start` launched, judged at ``point`` (default: the bundle's)."""
+        point = self.operating_point() if point is None else point
+        logits = pending.wait()
+        scores = self._score(logits, self.manifest.score.temperature)
+        p_values = torch.from_numpy(conformal_p_values(scores.numpy(), self._calibration_scores))
+        return Predictions(
+            logits=logits,
+            probabilities=logits.softmax(dim=1),
+            scores=scores,
+            p_values=p_values,
+            accepted=scores.double() <= point.threshold,
+            operating_point=point,
+        )
+
+    @torch.inference_mode()
+    def _device_logits(self, pixels: Tensor) -> Tensor:
+        return device_logits(self.model, self._normalize(pixels), self.manifest.precision)
+
+
+class PendingLogits:
+    """A batch's float32 logits on their way to CPU memory: :meth:`wait` for them.
+
+    From a GPU they are copied into pinned memory without blocking, behind the forward pass on
+    the same stream, and an event marks their arrival; elsewhere they are there already."""
+
+    def __init__(self, logits: Tensor, arrived: torch.cuda.Event | None = None):
+        self._logits = logits
+        self._arrived = arrived
+
+    @classmethod
+    @torch.inference_mode()
+    def of(cls, logits: Tensor) -> PendingLogits:
+        """Start copying ``logits`` (on any device) to the CPU."""
+        if logits.device.type != "cuda":
+            return cls(logits)
+        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+        host.copy_(logits, non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record()
+        return cls(host, arrived)
+
+    def wait(self) -> Tensor:
+        if self._arrived is not None:
+            self._arrived.synchronize()
+        return self._logits
 
 
 def sha256_file(path: Path) -> str:

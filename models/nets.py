@@ -81,11 +81,21 @@ def deployed_logits(model: nn.Module, batch: Tensor, precision: Precision) -> Te
     records the precision its thresholds were calibrated at and always runs at it, whatever the
     device: bf16 and fp32 scores differ by more than the gaps between calibration scores.
     """
+    return device_logits(model, batch, precision).cpu()
+
+
+@torch.inference_mode()
+def device_logits(model: nn.Module, batch: Tensor, precision: Precision) -> Tensor:
+    """:func:`deployed_logits` left on the model's device, without a synchronisation.
+
+    Autocast's cache of cast weights is off: a forward pass casts each weight once anyway, and a
+    cache filled while recording a CUDA graph (``models.graphs``) would outlive its memory.
+    """
     device = next(model.parameters()).device
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False):
         inputs = batch.to(device=device, memory_format=memory_format, non_blocking=True)
-        return model(inputs).float().cpu()
+        return model(inputs).float()
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

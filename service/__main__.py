@@ -3,10 +3,11 @@
 One process serves one device by default (run one container per GPU): concurrency comes from the
 micro-batcher. When one Python process cannot keep a GPU busy (its event loop parses every upload
 and its threads share one interpreter lock), ``MIXOE_WORKERS=N`` starts N processes on the same
-device and port: each holds its own copy of the models and forms its own batches, and the metrics
-of all of them are merged (:mod:`service.metrics`). With ``MIXOE_MODEL_PROCESS=true`` one more
-process holds the models on the device instead and runs the batches of all workers together
-(:mod:`service.model_process`). On SIGTERM the server stops accepting
+device and port, and the metrics of all of them are merged (:mod:`service.metrics`). On a CUDA
+device (or with ``MIXOE_MODEL_PROCESS=true``) one more process then holds the models and runs the
+batches of all workers together (:mod:`service.model_process`); with
+``MIXOE_MODEL_PROCESS=false`` each worker holds its own copy of the models and forms its own
+batches. On SIGTERM the server stops accepting
 connections, reads requests on those it accepted for half a second more (:mod:`service.server`),
 and waits for in-flight requests (at most ``MIXOE_SHUTDOWN_TIMEOUT_S``); the lifespan then drains
 the batch queues, in every worker. Under the supervisor, SIGHUP replaces them one at a time (each
@@ -47,7 +48,7 @@ def main() -> None:
     configure_logging(settings.log_level)
     # A model process is a second process to supervise, and its metrics are shared through files:
     # the supervisor's path even for one worker.
-    single = settings.workers == 1 and not settings.model_process
+    single = settings.workers == 1 and not settings.uses_model_process
     with _shared_metrics_directory(not single), _model_process(settings) as model_process:
         try:
             if single:
@@ -132,7 +133,7 @@ def _server_options(settings: Settings) -> dict[str, Any]:
 @contextmanager
 def _model_process(settings: Settings) -> Iterator[ModelProcess | None]:
     """The model process (``MIXOE_MODEL_PROCESS``), running before any worker starts; else ``None``."""
-    if not settings.model_process:
+    if not settings.uses_model_process:
         yield None
         return
     model_process = ModelProcess(settings)

@@ -48,7 +48,7 @@ class ServiceContext:
     async def start(cls, settings: Settings) -> ServiceContext:
         # With a model process, this process only checks, decodes and batches: on the CPU, where
         # its bundle copies serve preprocessing and metadata.
-        model_process = ModelProcessClient.from_environment() if settings.model_process else None
+        model_process = ModelProcessClient.from_environment() if settings.uses_model_process else None
         device = torch.device("cpu") if model_process else resolve_device(settings.device)
         if device.type == "cuda" or model_process:
             # The model runs elsewhere; CPU threads only decode and resize, each in its own decode
@@ -98,7 +98,7 @@ async def _start_models(
         if model_process is not None:
             runner = HostedModelRunner(model_process, bundle)
         else:
-            runner = ModelRunner.for_device(bundle, settings.max_batch_size)
+            runner = ModelRunner.for_device(bundle, settings.max_batch_size, settings.cuda_graphs)
         started = time.perf_counter()
         await loop.run_in_executor(inference_pool, runner.warm_up)
         warm_up_s = time.perf_counter() - started

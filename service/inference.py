@@ -7,6 +7,7 @@ when ``score <= threshold``; scores are higher for more OOD inputs, see ``models
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -14,7 +15,9 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from models.bundle import Bundle, OperatingPoint
+from models.bundle import Bundle, OperatingPoint, PendingLogits
+
+logger = logging.getLogger("mixoe.inference")
 
 
 @dataclass(frozen=True)
@@ -73,17 +76,23 @@ class ModelRunner:
     With ``padded_sizes`` (see :func:`padded_batch_sizes`), each batch is padded with blank images
     to the smallest of those sizes that holds it (a larger batch runs as it is), and the padding's
     rows are dropped from the answer; without, the model runs at whatever size the batcher formed
-    (right on a CPU, where a new shape costs little and padding would cost compute)."""
+    (right on a CPU, where a new shape costs little and padding would cost compute). With
+    ``cuda_graphs`` as well, :meth:`warm_up` records the forward pass at each padded size as a
+    CUDA graph, which every batch then replays (``models.graphs``)."""
 
-    def __init__(self, bundle: Bundle, padded_sizes: list[int] | None = None):
+    def __init__(self, bundle: Bundle, padded_sizes: list[int] | None = None, cuda_graphs: bool = False):
         self._bundle = bundle
         self._class_names = bundle.manifest.class_names
         self._padded_sizes = sorted(padded_sizes or [])
+        self._cuda_graphs = cuda_graphs and bool(self._padded_sizes)
 
     @classmethod
-    def for_device(cls, bundle: Bundle, max_batch_size: int) -> ModelRunner:
-        """The runner for ``bundle`` on its device: padded batches on a GPU, as they come elsewhere."""
-        return cls(bundle, padded_batch_sizes(max_batch_size) if bundle.device.type == "cuda" else None)
+    def for_device(cls, bundle: Bundle, max_batch_size: int, cuda_graphs: bool = True) -> ModelRunner:
+        """The runner for ``bundle`` on its device: padded batches on a GPU (replayed from CUDA
+        graphs unless ``cuda_graphs`` is false), as they come elsewhere."""
+        if bundle.device.type != "cuda":
+            return cls(bundle)
+        return cls(bundle, padded_batch_sizes(max_batch_size), cuda_graphs)
 
     @property
     def bundle(self) -> Bundle:
@@ -102,10 +111,20 @@ class ModelRunner:
     def run(self, pixels: Tensor, points: Sequence[OperatingPoint], top_ks: Sequence[int]) -> list[ImageVerdict]:
         """Verdicts for a stacked uint8 batch (B, 3, S, S) on any device, row ``i`` judged at
         ``points[i]`` with ``top_ks[i]`` classes (the model process hands batches over stacked)."""
-        rows = len(pixels)
-        if not len(points) == len(top_ks) == rows:
-            raise ValueError(f"{rows} images but {len(points)} operating points and {len(top_ks)} top-k sizes")
-        predictions = self._bundle.predict(self._padded(pixels.to(self._bundle.device, non_blocking=True)))
+        if not len(points) == len(top_ks) == len(pixels):
+            raise ValueError(f"{len(pixels)} images but {len(points)} operating points and {len(top_ks)} top-k sizes")
+        return self.judge(self.start(pixels), points, top_ks)
+
+    def start(self, pixels: Tensor) -> PendingLogits:
+        """Launch the model on a stacked uint8 batch without waiting for it (``Bundle.start``);
+        :meth:`judge` gives its verdicts. The padding's rows come last."""
+        return self._bundle.start(self._padded(pixels.to(self._bundle.device, non_blocking=True)))
+
+    def judge(self, pending: PendingLogits, points: Sequence[OperatingPoint], top_ks: Sequence[int]) -> list[ImageVerdict]:
+        """The verdicts of the batch :meth:`start` launched, row ``i`` judged at ``points[i]`` with
+        ``top_ks[i]`` classes: one per image given to :meth:`start` (the padding has none)."""
+        predictions = self._bundle.finish(pending)
+        rows = len(points)
         k = max(top_ks)
         top_probabilities, top_indices = predictions.probabilities[:rows].topk(k, dim=1)  # (B, k) each
         top_probabilities_rows = top_probabilities.tolist()
@@ -155,4 +174,16 @@ class ModelRunner:
         first batch of each size (2 to 3 s per size for MobileNetV2 on an H200, measured)."""
         size = self._bundle.manifest.preprocessing.input_size
         for rows in self.warm_up_sizes if sizes is None else sizes:
+            if self._cuda_graphs:
+                self._capture_graph(rows)
             self._bundle.predict(torch.zeros(rows, 3, size, size, dtype=torch.uint8))
+
+    def _capture_graph(self, rows: int) -> None:
+        """Record batches of ``rows`` as a CUDA graph; if the GPU refuses, they run eagerly."""
+        try:
+            self._bundle.capture_graph(rows)
+        except RuntimeError:
+            logger.warning(
+                "could not record %s:%s at batch size %d as a CUDA graph; it runs eagerly",
+                self._bundle.name, self._bundle.version, rows, exc_info=True,
+            )

@@ -3,8 +3,10 @@
 Tasks (messages from workers, see :mod:`service.model_process` for the protocol) go through one
 queue and one thread, so batches run one at a time, as in a single-process server. A run takes
 along the runs queued behind it for the same model, up to ``max_batch_size`` images: that merging
-is the point of the model process. The loop thread alone touches its state and its connections
-(it also closes them), so no lock is needed.
+is the point of the model process. While runs keep coming, one batch is in flight: the loop
+launches batch n+1 before it waits for batch n's logits, so the GPU computes while the loop
+decodes and crops. The loop thread alone touches its state and its connections (it also closes
+them), so no lock is needed.
 
 Loading a bundle (hash check, weights) happens in a thread of its own, so that a SIGHUP
 roll-over's new workers asking for a new version do not stall the batches of the workers still
@@ -35,7 +37,7 @@ import torch
 from prometheus_client import Histogram
 from torch import Tensor
 
-from models.bundle import Bundle, BundleError, load_bundle
+from models.bundle import Bundle, BundleError, OperatingPoint, PendingLogits, load_bundle
 from service.inference import ImageVerdict, ModelRunner, stack_on
 from service.jpeg import decode_plain_jpegs
 
@@ -110,13 +112,16 @@ class ModelHost:
         max_batch_size: int,
         batch_sizes: Histogram | None = None,
         decodes_jpeg: bool = False,
+        cuda_graphs: bool = True,
     ):
         self._device = device
+        self._cuda_graphs = cuda_graphs
         self._max_batch_size = max_batch_size
         self._batch_sizes = batch_sizes
         self._decodes_jpeg = decodes_jpeg
         self._tasks: queue.Queue[Task] = queue.Queue()
         self._next: Task | None = None  # taken from the queue, but it did not join the last batch
+        self._in_flight: _InFlight | None = None  # launched on the device, not yet answered
         self._runners: dict[ModelKey, ModelRunner] = {}
         self._users: dict[ModelKey, set[Replies]] = {}
         self._loading: dict[ModelKey, list[Replies]] = {}  # workers waiting for a load in progress
@@ -174,6 +179,27 @@ class ModelHost:
         return batch
 
     def _run(self, batch: list[Task]) -> None:
+        """Launch ``batch`` on the device, then answer the batch launched before it, if any.
+
+        On a GPU the loop thus prepares batch n+1 (decoding, cropping, stacking) while the GPU
+        runs batch n. A batch stays in flight only while another run is next in line, so an idle
+        host answers at once."""
+        launched = self._launch(batch)
+        self._answer_in_flight()
+        self._in_flight = launched
+        if self._next is None:
+            self._next = self._poll()
+        if self._next is None or self._next.kind != "run":
+            self._answer_in_flight()
+
+    def _poll(self) -> Task | None:
+        try:
+            return self._tasks.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _launch(self, batch: list[Task]) -> _InFlight | None:
+        """Start ``batch``'s forward pass; ``None`` (each worker told why) if that fails."""
         try:
             runner = self._runners.get(batch[0].key)
             if runner is None:
@@ -182,24 +208,30 @@ class ModelHost:
             points = [runner.bundle.operating_point(target) for task in batch for target in task.message[3]]
             top_ks = [top_k for task in batch for top_k in task.message[4]]
             rows = [row for row, crop in enumerate(crops) if crop is not None]
-            verdicts: list[ImageVerdict | None] = [None] * len(crops)
-            if rows:
-                decided = runner.run(
-                    stack_on(self._device, [cast(Tensor, crops[row]) for row in rows]),
-                    [points[row] for row in rows],
-                    [top_ks[row] for row in rows],
-                )
-                for row, verdict in zip(rows, decided, strict=True):
-                    verdicts[row] = verdict
+            pending = runner.start(stack_on(self._device, [cast(Tensor, crops[row]) for row in rows])) if rows else None
         except Exception as error:
-            logger.exception("batch of %d requests failed", len(batch))
-            for task in batch:
-                _send(task.origin, error_reply(error))
+            _fail_batch(batch, error)
+            return None
+        return _InFlight(batch, runner, pending, rows, [points[row] for row in rows], [top_ks[row] for row in rows])
+
+    def _answer_in_flight(self) -> None:
+        """Wait for the batch in flight, if any, and answer each of its workers its share."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
             return
-        if self._batch_sizes is not None and rows:
-            self._batch_sizes.observe(len(rows))
+        verdicts: list[ImageVerdict | None] = [None] * sum(task.images for task in flight.batch)
+        if flight.pending is not None:
+            try:
+                decided = flight.runner.judge(flight.pending, flight.points, flight.top_ks)
+            except Exception as error:
+                _fail_batch(flight.batch, error)
+                return
+            for row, verdict in zip(flight.rows, decided, strict=True):
+                verdicts[row] = verdict
+            if self._batch_sizes is not None:
+                self._batch_sizes.observe(len(flight.rows))
         start = 0
-        for task in batch:
+        for task in flight.batch:
             _send(task.origin, ("ok", verdicts[start : start + task.images]))
             start += task.images
 
@@ -231,7 +263,7 @@ class ModelHost:
             bundle = load_bundle(Path(path), self._device)
             if model_key(bundle)[1] != digest:
                 raise BundleError(f"bundle {path} changed on disk after the worker loaded it; restart that worker")
-            runner = ModelRunner.for_device(bundle, self._max_batch_size)
+            runner = ModelRunner.for_device(bundle, self._max_batch_size, self._cuda_graphs)
         except Exception as error:
             logger.exception("model process could not load %s", path)
             self.submit(Task(_NOBODY, ("load_failed", key, _error_text(error))))
@@ -303,6 +335,20 @@ class ModelHost:
             torch.cuda.empty_cache()
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    """A batch launched on the device: its runs, and what judging it needs. ``rows`` are the
+    images the decoder took, with their operating points and top-k sizes; ``pending`` is
+    ``None`` when it took none."""
+
+    batch: list[Task]
+    runner: ModelRunner
+    pending: PendingLogits | None
+    rows: list[int]
+    points: list[OperatingPoint]
+    top_ks: list[int]
+
+
 @dataclass
 class _WarmingUp:
     """A model loaded but not yet warm: its runner and the batch sizes still to run."""
@@ -310,6 +356,12 @@ class _WarmingUp:
     runner: ModelRunner
     sizes: list[int]
     started: float = field(default_factory=time.perf_counter)
+
+
+def _fail_batch(batch: list[Task], error: Exception) -> None:
+    logger.exception("batch of %d requests failed", len(batch), exc_info=error)
+    for task in batch:
+        _send(task.origin, error_reply(error))
 
 
 def _send(origin: Replies, reply: tuple[str, Any]) -> None:

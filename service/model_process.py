@@ -22,7 +22,7 @@ connection (a worker's single inference thread owns its connection):
   the file (the worker then lets PIL, the reference decoder, decide: see ``service.predictor``);
 * any failure -> ``("error", message)``.
 
-On a GPU (and ``MIXOE_GPU_JPEG_DECODE``, the default) workers send plain JPEGs undecoded: this
+On a GPU with ``MIXOE_GPU_JPEG_DECODE=true`` workers send plain JPEGs undecoded: this
 process decodes each batch's JPEGs in one nvjpeg call and resizes them on the GPU, so the workers'
 CPUs only parse requests and check headers.
 
@@ -258,6 +258,7 @@ def _serve(settings: Settings, address: str, key: bytes, control: Connection) ->
         settings.max_batch_size,
         model_process_batch_size(settings.max_batch_size),
         decodes_jpeg=device.type == "cuda" and settings.gpu_jpeg_decode,
+        cuda_graphs=settings.cuda_graphs,
     )
     listener = Listener(address, family="AF_UNIX", backlog=64)  # authenticated per connection, in its own thread
     logger.info("model process listening on %s, device %s", address, device)

@@ -334,3 +334,20 @@ def test_uint8_pixels_predict_exactly_like_the_normalised_batch(saved: tuple[Pat
     from_uint8 = bundle.predict(torch.stack([bundle.pixels(image) for image in images]))
     assert torch.equal(from_float.logits, from_uint8.logits)
     assert torch.equal(from_float.accepted, from_uint8.accepted)
+
+
+def test_a_batch_started_now_and_finished_later_gets_predicts_answer(
+    saved: tuple[Path, Classifier, Manifest],
+) -> None:
+    bundle = load_bundle(saved[0])
+    pixels = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pending = bundle.start(pixels)
+    bundle.start(torch.zeros_like(pixels))  # another batch launched meanwhile changes nothing
+    finished, predicted = bundle.finish(pending), bundle.predict(pixels)
+    assert torch.equal(finished.logits, predicted.logits) and torch.equal(finished.accepted, predicted.accepted)
+    assert finished.operating_point == bundle.operating_point()
+
+
+def test_cuda_graphs_need_a_cuda_device(saved: tuple[Path, Classifier, Manifest]) -> None:
+    with pytest.raises(ValueError, match="CUDA"):
+        load_bundle(saved[0]).capture_graph(2)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from models.bundle import Bundle, Predictions
+from models.bundle import Bundle, PendingLogits, Predictions
 from service.inference import ImageJob, ModelRunner, padded_batch_sizes
 
 
 class ShapeRecorder:
-    """The bundle, noting the batch size of every ``predict`` call."""
+    """The bundle, noting the batch size of every ``predict`` and ``start`` call."""
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
@@ -25,6 +25,10 @@ class ShapeRecorder:
     def predict(self, batch: Tensor, operating_point: float | None = None) -> Predictions:
         self.batch_sizes.append(len(batch))
         return self.bundle.predict(batch, operating_point)
+
+    def start(self, batch: Tensor) -> PendingLogits:
+        self.batch_sizes.append(len(batch))
+        return self.bundle.start(batch)
 
 
 def test_padded_batch_sizes_are_powers_of_two_and_the_full_batch() -> None:
@@ -74,3 +78,30 @@ def test_warm_up_runs_every_padded_size_once(bundle: Bundle) -> None:
     ModelRunner(cast(Bundle, plain)).warm_up()
     assert padded.batch_sizes == [1, 2, 4, 8, 16]
     assert plain.batch_sizes == [1]
+
+
+def test_warm_up_records_a_cuda_graph_per_padded_size_and_runs_each(bundle: Bundle) -> None:
+    recorded: list[int] = []
+    recorder = ShapeRecorder(bundle)
+    recorder.capture_graph = recorded.append  # type: ignore[attr-defined]  # no GPU here: note the sizes
+    ModelRunner(cast(Bundle, recorder), padded_batch_sizes(4), cuda_graphs=True).warm_up()
+    assert recorded == [1, 2, 4] and recorder.batch_sizes == [1, 2, 4]
+
+
+def test_a_size_the_gpu_refuses_to_record_runs_eagerly(bundle: Bundle, caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(rows: int) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    recorder = ShapeRecorder(bundle)
+    recorder.capture_graph = refuse  # type: ignore[attr-defined]
+    runner = ModelRunner(cast(Bundle, recorder), padded_batch_sizes(2), cuda_graphs=True)
+    runner.warm_up()
+    assert recorder.batch_sizes == [1, 2]
+    assert sum("runs eagerly" in record.getMessage() for record in caplog.records) == 2
+    assert len(runner(random_jobs(bundle, 2))) == 2
+
+
+def test_a_cpu_runner_neither_pads_nor_records_graphs(bundle: Bundle) -> None:
+    runner = ModelRunner.for_device(bundle, 32, cuda_graphs=True)
+    runner.warm_up()
+    assert runner.warm_up_sizes == [1] and bundle.graphed_batch_sizes == []

@@ -145,13 +145,40 @@ def test_a_run_that_would_overflow_the_batch_or_needs_another_model_goes_next(
     host.submit(Task(first, run(model_key(bundle), crops(bundle, tiny, ROLES))))  # 3 images
     host.submit(Task(second, run(model_key(bundle), crops(bundle, tiny, ROLES[:2]))))  # 3 + 2 > 4
     host.submit(Task(third, run(model_key(load_bundle(other.path)), crops(bundle, tiny, ROLES[:1]))))
+    # While runs keep coming, a batch is answered once the next one has been launched.
+    host.step()
+    assert [len(first.replies), len(second.replies), len(third.replies)] == [0, 0, 0]
     host.step()
     assert [len(first.replies), len(second.replies), len(third.replies)] == [1, 0, 0]
-    host.step()
-    assert [len(second.replies), len(third.replies)] == [1, 0]  # another model: not merged
-    host.step()
-    assert len(third.replies) == 1
+    host.step()  # another model's run, not merged; and the last: answered at once
+    assert [len(first.replies), len(second.replies), len(third.replies)] == [1, 1, 1]
     assert batch_total(batches) == 3
+
+
+def test_a_batch_in_flight_that_fails_fails_only_its_own_runs(
+    tiny: TinyModel, bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, _ = host_with_batches(max_batch_size=3)
+    first, second = Inbox(), Inbox()
+    loaded_by(host, model_key(bundle), first, second)
+    real_judge = ModelRunner.judge
+    judged = []
+
+    def judge_failing_first(runner: ModelRunner, *args: Any) -> list[ImageVerdict]:
+        judged.append(len(judged))
+        if len(judged) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_judge(runner, *args)
+
+    monkeypatch.setattr(ModelRunner, "judge", judge_failing_first)
+    host.submit(Task(first, run(model_key(bundle), crops(bundle, tiny, ROLES))))  # a full batch
+    host.submit(Task(second, run(model_key(bundle), crops(bundle, tiny, ROLES[:1]))))
+    host.step()  # the first batch in flight, the second next in line
+    assert first.replies == [] and second.replies == []
+    host.step()  # the second launched, the first failing as it is judged; nothing next: the second answered
+    assert first.replies == [("error", "RuntimeError: CUDA error: an illegal memory access was encountered")]
+    [(status, verdicts)] = second.replies
+    assert status == "ok" and len(verdicts) == 1
 
 
 def test_jpegs_are_decoded_in_the_model_process_and_one_its_decoder_refuses_comes_back_as_none(
@@ -246,7 +273,7 @@ def test_a_model_still_loading_holds_up_no_run_of_another(
 
     monkeypatch.setattr(service.model_host, "load_bundle", slow_load)
     # Three warm-up batch sizes, as a GPU model would have (on a CPU there is one).
-    monkeypatch.setattr(ModelRunner, "for_device", lambda bundle, max_batch_size: ModelRunner(bundle, [1, 2, 4]))
+    monkeypatch.setattr(ModelRunner, "for_device", lambda bundle, max_batch_size, cuda_graphs: ModelRunner(bundle, [1, 2, 4]))
     host.submit(Task(rolling, ("load", model_key(load_bundle(other.path)))))
     host.step()  # the load starts, in its own thread
     host.submit(Task(serving, run(model_key(bundle), crops(bundle, tiny, ROLES))))

@@ -54,6 +54,23 @@ def test_impossible_settings_are_refused(values: dict[str, object]) -> None:
         Settings(**values)
 
 
+@pytest.mark.parametrize(
+    ("workers", "device", "model_process", "expected"),
+    [
+        (4, "cuda", "auto", True),  # several workers on a GPU: one model process for all
+        (4, "cuda:1", "auto", True),
+        (1, "cuda", "auto", False),  # one worker: nothing to merge
+        (4, "cpu", "auto", False),  # on a CPU a model process was slower (benchmarks/RESULTS.md)
+        (4, "cuda", False, False),
+        (1, "cpu", True, True),
+    ],
+)
+def test_a_model_process_serves_several_workers_on_a_gpu_unless_told_otherwise(
+    workers: int, device: str, model_process: object, expected: bool
+) -> None:
+    assert Settings(workers=workers, device=device, model_process=model_process).uses_model_process is expected
+
+
 def test_environment_reproduces_the_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Worker processes rebuild their settings from ``environment()``: every field must survive."""
     settings = Settings(
@@ -63,7 +80,8 @@ def test_environment_reproduces_the_settings(monkeypatch: pytest.MonkeyPatch, tm
         api_keys=["first-key", "second-key"],
         workers=3,
         max_batch_delay_ms=2.5,
-        gpu_jpeg_decode=False,
+        gpu_jpeg_decode=True,
+        cuda_graphs=False,
         log_level="warning",
     )
     for key, value in settings.environment().items():
