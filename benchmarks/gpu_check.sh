@@ -7,8 +7,9 @@
 #      torchrun when there are several GPUs);
 #   3. the service on that bundle under the serve benchmark, beside the raw batched model rate: one
 #      server process and four sharing the GPU (MIXOE_WORKERS), four and eight with one model
-#      process for all (MIXOE_MODEL_PROCESS), eight with a model process but the JPEGs decoded
-#      by the workers' CPUs instead of nvjpeg, and a naive one-image-per-forward server; then four (and four with a model process) again with eight
+#      process for all (MIXOE_MODEL_PROCESS), eight with a model process and the JPEGs decoded
+#      by nvjpeg instead of the workers' CPUs, and a naive one-image-per-forward server; then four
+#      (and four with a model process) again with eight
 #      images per request (and, with MPS=1, four and eight workers under NVIDIA's Multi-Process
 #      Service);
 #   4. upload bytes -> model crop: PIL beside torchvision on the CPU and nvjpeg on the GPU (speed,

@@ -14,9 +14,9 @@ Three measurements of one bundle on one machine, in one run (compare ratios, not
                batches of all N workers together (the mean batch is then the model process's);
 * ``naive``    the same server with ``max_batch_size=1``: one forward pass per image, which is what a
                server without batching does;
-* ``batched-cpu-jpeg`` (CUDA only) the run with the most ``--model-process`` workers (or, without
-               any, the most ``--workers``) again with ``MIXOE_GPU_JPEG_DECODE=false``: JPEGs
-               decoded and resized on the CPU (by the workers) instead of by nvjpeg on the GPU.
+* ``batched-nvjpeg`` (CUDA only) the run with the most ``--model-process`` workers (or, without
+               any, the most ``--workers``) again with ``MIXOE_GPU_JPEG_DECODE=true``: JPEGs
+               decoded and resized by nvjpeg on the GPU instead of on the CPU (by the workers).
 
 Each server run is bounded by ``--requests`` and ``--duration`` (whichever ends first), after a
 short unmeasured warm-up. Server throughput counts images answered with 200 per second; latency is
@@ -47,10 +47,11 @@ from pathlib import Path
 
 import httpx
 import torch
+from torch import Tensor
 
 from load_generator import LoadGenerator, request_bodies
 from machine import machine_name
-from models.bundle import BundleError, load_bundle
+from models.bundle import Bundle, BundleError, load_bundle
 from models.nets import resolve_device
 from service.decoding import decode_image
 from service.local import start_local_server
@@ -231,34 +232,59 @@ def load_jpegs(folder: Path, limit: int) -> list[tuple[str, bytes]]:
     return [(path.name, path.read_bytes()) for path in files]
 
 
+@dataclass(frozen=True)
+class RawRates:
+    """The model's own rates: eager at each batch size (largest first), and replayed from a CUDA
+    graph at the largest, with how far the graph's logits are from the eager pass's."""
+
+    eager: list[RunResult]
+    graphs: RunResult | None
+    graph_logit_difference: float | None
+    decode_ms: float
+
+
 def measure_raw(
     bundle_path: Path, jpegs: list[tuple[str, bytes]], batch_sizes: list[int], device: str, seconds: float
-) -> tuple[list[RunResult], float]:
-    """The model's own rate on real preprocessed images, per batch size; and decode+preprocess ms per image."""
+) -> RawRates:
+    """The model's own rate on real preprocessed images, per batch size; and decode+preprocess ms per image.
+
+    Eager: ``bundle.predict`` on normalised float batches in CPU memory, the reference all along.
+    On CUDA also the fastest the model goes: uint8 crops already on the GPU, the forward pass
+    replayed from a CUDA graph, as the service runs it."""
     bundle = load_bundle(bundle_path, device)
     started = time.perf_counter()
-    sample = jpegs[: max(max(batch_sizes), min(len(jpegs), 200))]
-    tensors = [bundle.preprocess([decode_image(data, **DECODE_LIMITS)]) for _, data in sample]
-    decode_ms = 1000 * (time.perf_counter() - started) / len(sample)
-    results = []
+    images = [decode_image(data, **DECODE_LIMITS) for _, data in jpegs[: max(max(batch_sizes), min(len(jpegs), 200))]]
+    tensors = [bundle.preprocess([image]) for image in images]
+    decode_ms = 1000 * (time.perf_counter() - started) / len(images)
+    eager = []
     for batch_size in batch_sizes:
         batch = torch.cat([tensors[i % len(tensors)] for i in range(batch_size)])
-        for _ in range(3):
-            bundle.predict(batch)  # warm-up: lazy init, cuDNN algorithm choice
-        batches, started = 0, time.perf_counter()
-        while batches < 3 or time.perf_counter() - started < seconds:
-            bundle.predict(batch)  # returns CPU tensors: includes the device sync and copy back
-            batches += 1
-        elapsed = time.perf_counter() - started
-        rate = batches * batch_size / elapsed
-        results.append(
-            RunResult(f"raw@{batch_size}", batch_size, batches, 0, rate, None, None, None, float(batch_size), elapsed)
-        )
+        eager.append(time_predict(f"raw@{batch_size}", bundle, batch, seconds))
+    graphs, difference = None, None
+    if bundle.device.type == "cuda":
+        size = batch_sizes[0]
+        pixels = torch.stack([bundle.pixels(images[i % len(images)]) for i in range(size)]).to(bundle.device)
+        eager_logits = bundle.predict(pixels).logits
+        bundle.capture_graph(size)
+        difference = (bundle.predict(pixels).logits - eager_logits).abs().max().item()
+        graphs = time_predict(f"raw@{size}-graphs", bundle, pixels, seconds)
     del bundle, tensors
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return results, decode_ms
+    return RawRates(eager, graphs, difference, decode_ms)
+
+
+def time_predict(config: str, bundle: Bundle, batch: Tensor, seconds: float) -> RunResult:
+    for _ in range(3):
+        bundle.predict(batch)  # warm-up: lazy init, cuDNN algorithm choice
+    batches, started = 0, time.perf_counter()
+    while batches < 3 or time.perf_counter() - started < seconds:
+        bundle.predict(batch)  # returns CPU tensors: includes the device sync and copy back
+        batches += 1
+    elapsed = time.perf_counter() - started
+    rows = len(batch)
+    return RunResult(config, rows, batches, 0, batches * rows / elapsed, None, None, None, float(rows), elapsed)
 
 
 def batch_totals(url: str, histogram: str) -> tuple[float, float]:
@@ -337,13 +363,13 @@ def measure_server(
 
 _COLUMNS = (
     "config", "batch", "requests", "errors", "img/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "cpu ms/img",
-    "loop busy", "client busy", "gpu busy", "vs raw",
+    "loop busy", "client busy", "gpu busy", "vs raw", "vs graphs",
 )
 
 
-def print_table(results: list[RunResult], raw_rate: float) -> None:
-    def number(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1f}"
+def print_table(results: list[RunResult], references: Baselines) -> None:
+    def number(value: float | None, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
 
     rows = [
         (
@@ -360,7 +386,7 @@ def print_table(results: list[RunResult], raw_rate: float) -> None:
             "-" if r.busiest_loop_share is None else f"{100 * r.busiest_loop_share:.0f}%",
             "-" if r.busiest_client_share is None else f"{100 * r.busiest_client_share:.0f}%",
             "-" if r.gpu_busy_share is None else f"{100 * r.gpu_busy_share:.0f}%",
-            f"{r.images_per_s / raw_rate:.2f}",
+            *(number(ratio, 2) for ratio in references.ratios(r).values()),
         )
         for r in results
     ]
@@ -383,22 +409,47 @@ def server_runs(args: argparse.Namespace, device: str) -> list[tuple[str, int, f
         for n in sorted(set(args.model_process))
     ]
     if device.startswith("cuda"):
-        # The CPU-decoding twin of the run with the most workers: with a model process if any
-        # ran (where the choice is nvjpeg in one process or the CPUs of all workers).
+        # The nvjpeg twin of the run with the most workers: with a model process if any ran
+        # (where the choice is nvjpeg in one process or the CPUs of all workers).
         most = max(args.model_process or args.workers)
-        name = "batched-cpu-jpeg" + (f"-{most}w" if most > 1 else "") + ("-mp" if args.model_process else "")
-        settings = {"workers": str(most), "gpu_jpeg_decode": "false"}
+        name = "batched-nvjpeg" + (f"-{most}w" if most > 1 else "") + ("-mp" if args.model_process else "")
+        settings = {"workers": str(most), "gpu_jpeg_decode": "true"}
         runs.append((name, *batched, settings | ({"model_process": "true"} if args.model_process else {})))
     if not args.skip_naive:
         runs.append(("naive", 1, 0.0, {}))
     return runs
 
 
+@dataclass(frozen=True)
+class Baselines:
+    """The raw rates a server is compared with: eager ``raw@M`` (the reference) and, on CUDA,
+    ``raw@M-graphs``, the fastest the model goes."""
+
+    eager: float
+    graphs: float | None
+
+    def ratios(self, result: RunResult) -> dict[str, float | None]:
+        return {
+            "vs_raw": result.images_per_s / self.eager,
+            "vs_raw_graphs": result.images_per_s / self.graphs if self.graphs else None,
+        }
+
+    def describe(self, result: RunResult) -> str:
+        ratios = self.ratios(result)
+        graphs = "" if ratios["vs_raw_graphs"] is None else f", {ratios['vs_raw_graphs']:.2f} x raw-graphs"
+        return f"{ratios['vs_raw']:.2f} x raw{graphs}"
+
+
 def write_report(
-    args: argparse.Namespace, bundle_path: Path, device: str, jpegs: int, decode_ms: float, results: list[RunResult]
+    args: argparse.Namespace,
+    bundle_path: Path,
+    device: str,
+    jpegs: int,
+    raw: RawRates,
+    references: Baselines,
+    results: list[RunResult],
 ) -> None:
-    """The JSON report; ``results[0]`` is the raw rate at the largest batch, which the others are compared with."""
-    raw_rate = results[0].images_per_s
+    """The JSON report: every result with its ratios to the raw rates."""
     report = {
         "bundle": str(bundle_path),
         "device": device,
@@ -412,8 +463,9 @@ def write_report(
         "workers": args.workers,
         "model_process": args.model_process,
         "max_batch_delay_ms": args.max_batch_delay_ms,
-        "decode_preprocess_ms_per_image": decode_ms,
-        "results": [asdict(r) | {"vs_raw": r.images_per_s / raw_rate} for r in results],
+        "decode_preprocess_ms_per_image": raw.decode_ms,
+        "graph_vs_eager_max_logit_difference": raw.graph_logit_difference,
+        "results": [asdict(r) | references.ratios(r) for r in results],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -428,25 +480,24 @@ def main() -> None:
         f"bundle {bundle_path} on {device} ({machine_name(device)}); {len(jpegs)} JPEGs from {args.images}", flush=True
     )
 
-    raws, decode_ms = measure_raw(
-        bundle_path, jpegs, sorted({args.max_batch_size, 1}, reverse=True), device, args.raw_seconds
-    )
-    raw = raws[0]  # at max_batch_size: the reference the servers are compared with
-    for result in raws:
+    raw = measure_raw(bundle_path, jpegs, sorted({args.max_batch_size, 1}, reverse=True), device, args.raw_seconds)
+    references = Baselines(raw.eager[0].images_per_s, raw.graphs.images_per_s if raw.graphs else None)
+    results = raw.eager + ([raw.graphs] if raw.graphs else [])
+    for result in results:
         print(f"{result.config}: {result.images_per_s:.1f} img/s", flush=True)
-    print(f"PIL decode+preprocess: {decode_ms:.2f} ms/img (1 thread; benchmarks/decode_bench.py times the service's)",
+    if raw.graph_logit_difference is not None:
+        print(f"CUDA graph vs eager logits: largest difference {raw.graph_logit_difference:.3g}", flush=True)
+    print(f"PIL decode+preprocess: {raw.decode_ms:.2f} ms/img (1 thread; benchmarks/decode_bench.py times the service's)",
           flush=True)
-    results = list(raws)
     # Each run's line, and the JSON so far, as soon as it ends: a benchmark cut short by a device
     # session's time limit still leaves the runs it finished.
     with LoadGenerator(request_bodies(jpegs, args.images_per_request), args.client_processes) as load:
         for config, max_batch_size, delay_ms, settings in server_runs(args, device):
             result = measure_server(config, args, bundle_path, device, max_batch_size, delay_ms, load, settings)
             results.append(result)
-            print(f"{config}: {result.images_per_s:.1f} img/s ({result.images_per_s / raw.images_per_s:.2f} x raw)",
-                  flush=True)
-            write_report(args, bundle_path, device, len(jpegs), decode_ms, results)
-    print_table(results, raw.images_per_s)
+            print(f"{config}: {result.images_per_s:.1f} img/s ({references.describe(result)})", flush=True)
+            write_report(args, bundle_path, device, len(jpegs), raw, references, results)
+    print_table(results, references)
     print(f"wrote {args.out}")
 
 
