@@ -23,7 +23,7 @@ import torch
 from models.bundle import Bundle, load_bundle
 from models.nets import resolve_device
 from service.batcher import MicroBatcher
-from service.inference import ImageJob, ImageVerdict, ModelRunner
+from service.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
 from service.metrics import ServiceMetrics, score_buckets
 from service.model_process import HostedModelRunner, ModelProcessClient
 from service.predictor import Predictor
@@ -115,9 +115,9 @@ async def _start_models(
         sends_jpeg = isinstance(runner, HostedModelRunner) and runner.decodes_jpeg
         models.append(LoadedModel(bundle, batcher, sends_jpeg))
         logger.info(
-            "loaded model %s:%s from %s on %s (warm-up %.1f s)",
+            "loaded model %s:%s from %s on %s (warm-up %.1f s%s)",
             bundle.name, bundle.version, bundle.path, "the model process" if model_process else bundle.device,
-            warm_up_s,
+            warm_up_s, graphs_note(bundle),
         )
     registry = ModelRegistry(models, settings.default_model)
     for model in models:

@@ -59,14 +59,29 @@ def padded_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes | {max_batch_size})
 
 
+def graphs_note(bundle: Bundle) -> str:
+    """``", CUDA graphs for batch sizes 1, 2, 4"`` for a model's log line; empty where none was
+    recorded (a CPU, ``MIXOE_CUDA_GRAPHS=false``, or a worker whose models live in the model process)."""
+    sizes = bundle.graphed_batch_sizes
+    return f", CUDA graphs for batch sizes {', '.join(map(str, sizes))}" if sizes else ""
+
+
 def stack_on(device: torch.device, crops: list[Tensor]) -> Tensor:
     """Batch (B, 3, S, S) on ``device`` from crops that may live on different devices.
 
     On a GPU server a JPEG's crop is already on the GPU (nvjpeg) while a PNG's is on the CPU, and
     one batch can hold both. A batch wholly on the CPU (CPU decoding, or crops a worker handed to
-    the model process) is stacked there and copied over once, not one small copy per image."""
+    the model process) is stacked there and copied over once, not one small copy per image.
+
+    For a GPU it is stacked straight into pinned memory: a copy from pageable memory makes the CPU
+    wait until every kernel already queued on the stream has run, which would undo the model
+    process's pipeline (launching batch n+1 while batch n computes). PyTorch's pinned-memory
+    cache keeps the buffer until its copy has completed."""
     if all(crop.device.type == "cpu" for crop in crops):
-        return torch.stack(crops).to(device, non_blocking=True)
+        if device.type != "cuda":
+            return torch.stack(crops).to(device)
+        staged = torch.empty((len(crops), *crops[0].shape), dtype=crops[0].dtype, pin_memory=True)
+        return torch.stack(crops, out=staged).to(device, non_blocking=True)
     return torch.stack([crop.to(device, non_blocking=True) for crop in crops])
 
 

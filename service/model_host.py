@@ -38,7 +38,7 @@ from prometheus_client import Histogram
 from torch import Tensor
 
 from models.bundle import Bundle, BundleError, OperatingPoint, PendingLogits, load_bundle
-from service.inference import ImageVerdict, ModelRunner, stack_on
+from service.inference import ImageVerdict, ModelRunner, graphs_note, stack_on
 from service.jpeg import decode_plain_jpegs
 
 logger = logging.getLogger("mixoe.model_process")
@@ -293,8 +293,9 @@ class ModelHost:
             return
         bundle = warming.runner.bundle
         logger.info(
-            "model process loaded %s:%s from %s on %s (warm-up %.1f s)",
+            "model process loaded %s:%s from %s on %s (warm-up %.1f s%s)",
             bundle.name, bundle.version, key[0], self._device, time.perf_counter() - warming.started,
+            graphs_note(bundle),
         )
         del self._warming[key]
         waiting = self._loading.pop(key)

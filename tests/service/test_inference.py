@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import cast
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 
 from models.bundle import Bundle, PendingLogits, Predictions
-from service.inference import ImageJob, ModelRunner, padded_batch_sizes
+from service.inference import ImageJob, ModelRunner, graphs_note, padded_batch_sizes
 
 
 class ShapeRecorder:
@@ -105,3 +106,9 @@ def test_a_cpu_runner_neither_pads_nor_records_graphs(bundle: Bundle) -> None:
     runner = ModelRunner.for_device(bundle, 32, cuda_graphs=True)
     runner.warm_up()
     assert runner.warm_up_sizes == [1] and bundle.graphed_batch_sizes == []
+
+
+def test_the_log_line_names_the_recorded_graphs_and_only_those(bundle: Bundle) -> None:
+    recorded = SimpleNamespace(graphed_batch_sizes=[1, 2, 4])
+    assert graphs_note(cast(Bundle, recorded)) == ", CUDA graphs for batch sizes 1, 2, 4"
+    assert graphs_note(bundle) == ""
