@@ -403,7 +403,12 @@ def print_table(results: list[RunResult], references: Baselines) -> None:
 def server_runs(args: argparse.Namespace, device: str) -> list[tuple[str, int, float, dict[str, str]]]:
     """The server runs asked for, in order: ``(config, max batch size, max delay ms, settings)``."""
     batched = (args.max_batch_size, args.max_batch_delay_ms)
-    runs = [("batched" if n == 1 else f"batched-{n}w", *batched, {"workers": str(n)}) for n in sorted(set(args.workers))]
+    # Explicit either way: the service's own default (auto) would give several workers on a GPU a
+    # model process, and "batched-Nw" is the run without one.
+    runs = [
+        ("batched" if n == 1 else f"batched-{n}w", *batched, {"workers": str(n), "model_process": "false"})
+        for n in sorted(set(args.workers))
+    ]
     runs += [
         (f"batched-{n}w-mp", *batched, {"workers": str(n), "model_process": "true"})
         for n in sorted(set(args.model_process))
@@ -413,10 +418,10 @@ def server_runs(args: argparse.Namespace, device: str) -> list[tuple[str, int, f
         # (where the choice is nvjpeg in one process or the CPUs of all workers).
         most = max(args.model_process or args.workers)
         name = "batched-nvjpeg" + (f"-{most}w" if most > 1 else "") + ("-mp" if args.model_process else "")
-        settings = {"workers": str(most), "gpu_jpeg_decode": "true"}
-        runs.append((name, *batched, settings | ({"model_process": "true"} if args.model_process else {})))
+        settings = {"workers": str(most), "gpu_jpeg_decode": "true", "model_process": str(bool(args.model_process)).lower()}
+        runs.append((name, *batched, settings))
     if not args.skip_naive:
-        runs.append(("naive", 1, 0.0, {}))
+        runs.append(("naive", 1, 0.0, {"model_process": "false"}))
     return runs
 
 
