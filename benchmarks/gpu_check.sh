@@ -24,6 +24,8 @@
 #
 # QUICK=1 runs every step at toy sizes (ResNet-18 at 64 px, one epoch, seconds of serving): a dry
 # run of this script on any machine, a CPU included, so a GPU session is not spent on a typo.
+# PY_SPY=/path/to/py-spy (a static binary, e.g. from the py-spy wheel) samples the model process
+# during the serve runs and prints where its time went.
 # ONLY="serve decode" runs only the steps named (train, fine-tune, serve, serve-multi, serve-mps,
 # decode); without fine-tune, the later steps use the embedded default model (MobileNetV2 on
 # Flowers-17), so a short second device call can measure the service alone.
@@ -58,6 +60,7 @@ if [ -n "${WHEELS:-}" ]; then
   export PYTHONPATH=/tmp/mixoe-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+[ -z "${PY_SPY:-}" ] || serve_sizes+=(--py-spy "$PY_SPY")
 # Fail now, not after minutes of training, if a package the later steps import is missing.
 "$PYTHON" -c "import service.app, service.__main__, training.cli, httpx, uvicorn"
 GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")

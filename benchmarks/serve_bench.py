@@ -36,10 +36,12 @@ use ``--client-processes`` so that the load generator is not the bottleneck.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import statistics
+import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -81,6 +83,7 @@ class RunResult:
     busiest_loop_share: float | None = None
     busiest_client_share: float | None = None
     gpu_busy_share: float | None = None
+    model_process_profile: list[tuple[str, float]] | None = None  # (function, share of samples), --py-spy
 
 
 class GpuBusy:
@@ -130,6 +133,64 @@ class ProcessCpu:
 
     total: float
     main_thread: float
+
+
+class ModelProcessSampler:
+    """Samples the model process with py-spy while the block runs; :meth:`profile` says where its
+    time went: each function with the share of samples on which it was on the stack (its own time
+    and its callees'), the largest first. Idle threads are not sampled, so the shares are of the
+    time the process's threads were busy. Does nothing without a py-spy binary."""
+
+    def __init__(self, py_spy: Path | None, server_log: Path, seconds: float, top: int = 25):
+        self._py_spy = py_spy
+        self._log = server_log
+        self._seconds = max(1, int(seconds))
+        self._top = top
+        self._samples = server_log.with_suffix(".model_process.txt")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ModelProcessSampler:
+        pid = self._model_process_pid()
+        if self._py_spy is not None and pid is not None:
+            command = [str(self._py_spy), "record", "--nonblocking", "--rate", "200", "--duration", str(self._seconds),
+                       "--format", "raw", "--output", str(self._samples), "--pid", str(pid)]
+            self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=self._seconds + 30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+
+    def profile(self) -> list[tuple[str, float]] | None:
+        if self._process is None or not self._samples.exists():
+            return None
+        on_stack: dict[str, int] = {}
+        total = 0
+        for line in self._samples.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            total += int(count)
+            for function in {_function(frame) for frame in stack.split(";")[1:]}:  # the first is the thread
+                on_stack[function] = on_stack.get(function, 0) + int(count)
+        ranked = sorted(on_stack.items(), key=lambda item: -item[1])[: self._top]
+        return [(function, samples / total) for function, samples in ranked] if total else None
+
+    def _model_process_pid(self) -> int | None:
+        """From the model process's own "listening" log line (JSON, with its pid)."""
+        for line in self._log.read_text(errors="replace").splitlines():
+            if "model process listening" in line:
+                return int(json.loads(line)["pid"])
+        return None
+
+
+def _function(frame: str) -> str:
+    """``ModelHost.step (service/model_host.py:151)`` -> ``ModelHost.step (model_host.py)``."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({Path(where.rsplit(':', 1)[0]).name})" if where else name
 
 
 def cpu_use(pid: int) -> dict[int, ProcessCpu] | None:
@@ -202,6 +263,11 @@ def parse_args() -> argparse.Namespace:
         help="worker counts to run (again) with MIXOE_MODEL_PROCESS=true: one process holds the model for all",
     )
     parser.add_argument("--skip-naive", action="store_true", help="only raw and batched")
+    parser.add_argument(
+        "--py-spy", type=Path, metavar="PATH",
+        help="a py-spy binary: sample the model process during each measured model-process run and report "
+        "where its time went (the functions on the most samples)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "serve_bench.json")
     args = parser.parse_args()
     if (
@@ -335,7 +401,8 @@ def measure_server(
         load.run(url, args.clients, 2 * args.clients, args.duration)  # warm-up, not measured
         images_before, batches_before = batch_totals(url, histogram)
         cpu_before = cpu_use(server.process.pid)
-        with GpuBusy(device) as gpu:
+        sampler = ModelProcessSampler(args.py_spy, server.log, args.duration) if histogram != "mixoe_batch_size" else None
+        with GpuBusy(device) as gpu, sampler or contextlib.nullcontext():
             measured = load.run(url, args.clients, args.requests, args.duration)
         cpu_after = cpu_use(server.process.pid)
         images_after, batches_after = batch_totals(url, histogram)
@@ -358,6 +425,7 @@ def measure_server(
         busiest_loop_share=busiest_loop_share,
         busiest_client_share=measured.busiest_client_share,
         gpu_busy_share=gpu.share,
+        model_process_profile=sampler.profile() if sampler else None,
     )
 
 
@@ -501,6 +569,8 @@ def main() -> None:
             result = measure_server(config, args, bundle_path, device, max_batch_size, delay_ms, load, settings)
             results.append(result)
             print(f"{config}: {result.images_per_s:.1f} img/s ({references.describe(result)})", flush=True)
+            for function, share in result.model_process_profile or []:
+                print(f"    {100 * share:5.1f}%  {function}", flush=True)
             write_report(args, bundle_path, device, len(jpegs), raw, references, results)
     print_table(results, references)
     print(f"wrote {args.out}")
