@@ -401,7 +401,8 @@ def measure_server(
         load.run(url, args.clients, 2 * args.clients, args.duration)  # warm-up, not measured
         images_before, batches_before = batch_totals(url, histogram)
         cpu_before = cpu_use(server.process.pid)
-        sampler = ModelProcessSampler(args.py_spy, server.log, args.duration) if histogram != "mixoe_batch_size" else None
+        merged = histogram != "mixoe_batch_size"  # a model process ran
+        sampler = ModelProcessSampler(args.py_spy, server.log, args.duration) if merged else None
         with GpuBusy(device) as gpu, sampler or contextlib.nullcontext():
             measured = load.run(url, args.clients, args.requests, args.duration)
         cpu_after = cpu_use(server.process.pid)
@@ -486,7 +487,8 @@ def server_runs(args: argparse.Namespace, device: str) -> list[tuple[str, int, f
         # (where the choice is nvjpeg in one process or the CPUs of all workers).
         most = max(args.model_process or args.workers)
         name = "batched-nvjpeg" + (f"-{most}w" if most > 1 else "") + ("-mp" if args.model_process else "")
-        settings = {"workers": str(most), "gpu_jpeg_decode": "true", "model_process": str(bool(args.model_process)).lower()}
+        with_model_process = str(bool(args.model_process)).lower()
+        settings = {"workers": str(most), "gpu_jpeg_decode": "true", "model_process": with_model_process}
         runs.append((name, *batched, settings))
     if not args.skip_naive:
         runs.append(("naive", 1, 0.0, {"model_process": "false"}))
@@ -560,7 +562,7 @@ def main() -> None:
         print(f"{result.config}: {result.images_per_s:.1f} img/s", flush=True)
     if raw.graph_logit_difference is not None:
         print(f"CUDA graph vs eager logits: largest difference {raw.graph_logit_difference:.3g}", flush=True)
-    print(f"PIL decode+preprocess: {raw.decode_ms:.2f} ms/img (1 thread; benchmarks/decode_bench.py times the service's)",
+    print(f"PIL decode+preprocess: {raw.decode_ms:.2f} ms/img (1 thread; decode_bench.py times the service's)",
           flush=True)
     # Each run's line, and the JSON so far, as soon as it ends: a benchmark cut short by a device
     # session's time limit still leaves the runs it finished.

@@ -135,7 +135,9 @@ class ModelRunner:
         :meth:`judge` gives its verdicts. The padding's rows come last."""
         return self._bundle.start(self._padded(pixels.to(self._bundle.device, non_blocking=True)))
 
-    def judge(self, pending: PendingLogits, points: Sequence[OperatingPoint], top_ks: Sequence[int]) -> list[ImageVerdict]:
+    def judge(
+        self, pending: PendingLogits, points: Sequence[OperatingPoint], top_ks: Sequence[int]
+    ) -> list[ImageVerdict]:
         """The verdicts of the batch :meth:`start` launched, row ``i`` judged at ``points[i]`` with
         ``top_ks[i]`` classes: one per image given to :meth:`start` (the padding has none)."""
         predictions = self._bundle.finish(pending)

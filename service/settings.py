@@ -60,15 +60,15 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="Server processes sharing the device, each with its own copy of the models, batcher and "
-        "event loop; more than one when a single Python process cannot keep a GPU busy.",
+        description="Server processes sharing the device, each with its own batcher and event loop (and, without "
+        "a model process, its own copy of the models); more than one when one Python process cannot keep a GPU busy.",
     )
     model_process: Literal["auto"] | bool = Field(
         "auto",
         description="Hold the models in one more process, which runs the batches of every worker together: one "
         "copy of the weights on the device and larger batches. Workers then check, batch and decode on the CPU. "
-        "auto: on when several workers share a CUDA device (on an H200, 8 workers served 2.6x the images per "
-        "second with it than with a model each; see benchmarks/RESULTS.md).",
+        "auto: on when several workers share a CUDA device (on an H200, 8 workers served 2.6 times as many images per "
+        "second with it as with a model each; see benchmarks/RESULTS.md).",
     )
     worker_timeout_s: int = Field(
         30,

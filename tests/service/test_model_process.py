@@ -273,7 +273,9 @@ def test_a_model_still_loading_holds_up_no_run_of_another(
 
     monkeypatch.setattr(service.model_host, "load_bundle", slow_load)
     # Three warm-up batch sizes, as a GPU model would have (on a CPU there is one).
-    monkeypatch.setattr(ModelRunner, "for_device", lambda bundle, max_batch_size, cuda_graphs: ModelRunner(bundle, [1, 2, 4]))
+    monkeypatch.setattr(
+        ModelRunner, "for_device", lambda bundle, max_batch_size, cuda_graphs: ModelRunner(bundle, [1, 2, 4])
+    )
     host.submit(Task(rolling, ("load", model_key(load_bundle(other.path)))))
     host.step()  # the load starts, in its own thread
     host.submit(Task(serving, run(model_key(bundle), crops(bundle, tiny, ROLES))))
