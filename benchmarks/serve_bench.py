@@ -394,14 +394,14 @@ def measure_server(
     if args.decode_workers:
         settings["decode_workers"] = str(args.decode_workers)
     # The batches the device runs: the model process merges the workers' batches.
-    histogram = "mixoe_model_process_batch_size" if settings.get("model_process") == "true" else "mixoe_batch_size"
+    merged = settings.get("model_process") == "true"
+    histogram = "mixoe_model_process_batch_size" if merged else "mixoe_batch_size"
     server = start_local_server(settings, args.out.with_suffix(f".{config}.log"), timeout_s=300)
     url = server.url
     try:
         load.run(url, args.clients, 2 * args.clients, args.duration)  # warm-up, not measured
         images_before, batches_before = batch_totals(url, histogram)
         cpu_before = cpu_use(server.process.pid)
-        merged = histogram != "mixoe_batch_size"  # a model process ran
         sampler = ModelProcessSampler(args.py_spy, server.log, args.duration) if merged else None
         with GpuBusy(device) as gpu, sampler or contextlib.nullcontext():
             measured = load.run(url, args.clients, args.requests, args.duration)

@@ -166,9 +166,8 @@ class ModelHost:
         batch = [first]
         images = first.images
         while images < self._max_batch_size:
-            try:
-                task = self._tasks.get_nowait()
-            except queue.Empty:
+            task = self._poll()
+            if task is None:
                 break
             if task.kind == "run" and task.key == first.key and images + task.images <= self._max_batch_size:
                 batch.append(task)
@@ -193,6 +192,7 @@ class ModelHost:
             self._answer_in_flight()
 
     def _poll(self) -> Task | None:
+        """The next task queued, without waiting for one."""
         try:
             return self._tasks.get_nowait()
         except queue.Empty:
