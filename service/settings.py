@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     queue_size: int = Field(1024, ge=1, description="Images waiting per model before requests get 503.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 answers.")
     decode_workers: int = Field(
-        default_factory=lambda: min(8, os.cpu_count() or 1), ge=1, description="Threads decoding images."
+        default_factory=lambda: min(8, os.cpu_count() or 1),
+        ge=1,
+        description="Threads decoding images (default: the CPU count, at most 8).",
     )
     gpu_jpeg_decode: bool = Field(
         False,
@@ -110,7 +112,9 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Listen address; containers set 0.0.0.0.")
     port: int = Field(8000, ge=0, le=65535, description="Listen port (0: any free port).")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Least severe log level written (JSON lines on stderr)."
+    )
     shutdown_timeout_s: float = Field(30.0, gt=0, description="How long SIGTERM waits for queued work.")
 
     _split_lists = field_validator("models", "api_keys", mode="before")(_split_list)
