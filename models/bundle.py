@@ -4,7 +4,9 @@ A bundle lives at ``<repository>/<name>/<version>/`` and holds ``weights.safeten
 pickle: loading one runs code), ``manifest.json`` (this module's :class:`Manifest`) and optionally
 ``report.md`` and plots. Training writes it with :func:`save_bundle`; the service reads it with
 :func:`load_bundle`, which checks the schema version, the manifest, the weights' sha256 and the
-state-dict keys before returning anything, so a bundle either loads whole or not at all.
+state-dict keys before returning anything, so a bundle either loads whole or not at all; and, as
+:mod:`models.trust` says, that the bundle stays inside its folder, names it, and (when asked) is
+signed by a trusted key or matches a pinned digest.
 
 Scores follow :mod:`models.scores` (higher = more OOD): an input is accepted when its score is at
 most the operating point's conformal threshold, and its p-value comes from the same calibration
@@ -19,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -38,6 +40,7 @@ from models.graphs import GraphedForward
 from models.nets import Classifier, Precision, build_network, device_logits, get_architecture
 from models.preprocess import EvalGeometry, Normalization, Preprocessing, preprocess_batch
 from models.scores import get_score
+from models.trust import SIGNATURE_FILE, BundleTrust, TrustError, check_contained, check_identity
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
@@ -352,12 +355,14 @@ def save_bundle(
     model: torch.nn.Module,
     manifest: Manifest,
     extra_files: Mapping[str, Path] | None = None,
+    signer: Callable[[bytes], bytes] | None = None,
 ) -> Path:
     """Write a bundle to ``directory`` (``<repository>/<name>/<version>``) atomically; return it.
 
     Everything goes into a hidden temporary sibling first and is moved into place with one
     ``os.replace``, so readers never see a half-written bundle. ``extra_files`` maps file names in
-    the bundle (``report.md``, plots) to the files to copy. The state dict is checked against
+    the bundle (``report.md``, plots) to the files to copy. ``signer`` (an Ed25519 private key's
+    ``sign``) turns the manifest's bytes into ``manifest.sig`` (:mod:`models.trust`). The state dict is checked against
     ``build_network(architecture, num_classes)`` first: a bundle that cannot load is never written.
     """
     directory = Path(directory)
@@ -369,7 +374,7 @@ def save_bundle(
         raise BundleError(f"bundle {manifest.name}/{manifest.version} already exists at {directory}")
     extras = dict(extra_files or {})
     for file_name, source in extras.items():
-        if file_name in (WEIGHTS_FILE, MANIFEST_FILE) or Path(file_name).name != file_name or file_name.startswith("."):
+        if file_name in (WEIGHTS_FILE, MANIFEST_FILE, SIGNATURE_FILE) or Path(file_name).name != file_name or file_name.startswith("."):
             raise BundleError(f"extra file name {file_name!r} for {directory} must be a plain, non-reserved file name")
         if not Path(source).is_file():
             raise BundleError(f"extra file {source} for {directory} does not exist")
@@ -381,7 +386,10 @@ def save_bundle(
     try:
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         final = manifest.model_copy(update={"weights_sha256": sha256_file(staging / WEIGHTS_FILE)})
-        (staging / MANIFEST_FILE).write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        manifest_bytes = (final.model_dump_json(indent=2) + "\n").encode("utf-8")
+        (staging / MANIFEST_FILE).write_bytes(manifest_bytes)
+        if signer is not None:
+            (staging / SIGNATURE_FILE).write_bytes(signer(manifest_bytes))
         for file_name, source in extras.items():
             shutil.copyfile(source, staging / file_name)
         # mkdtemp creates 0700 and safetensors writes 0600; a bundle is meant to be read by the
@@ -398,17 +406,23 @@ def save_bundle(
     return directory
 
 
-def load_bundle(path: Path, device: str | torch.device = "cpu") -> Bundle:
+def load_bundle(path: Path, device: str | torch.device = "cpu", trust: BundleTrust | None = None) -> Bundle:
     """Load and verify the bundle at ``path``; any problem raises :class:`BundleError`.
 
-    Checks, in order: the directory, ``manifest.json`` (present, JSON, known schema version,
-    valid), ``weights.safetensors`` (present, sha256 as recorded), then the state dict against the
+    Checks, in order: the directory (no entry resolving outside it), ``manifest.json`` (present,
+    signed or pinned as ``trust`` asks, JSON, known schema version, valid, naming its folders),
+    ``weights.safetensors`` (present, sha256 as recorded), then the state dict against the
     architecture and class count. Nothing is returned unless every check passes.
     """
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"bundle directory not found: {path}")
-    manifest = _read_manifest(path)
+    try:
+        check_contained(path)
+        manifest = _read_manifest(path, trust or BundleTrust())
+        check_identity(path, manifest.name, manifest.version)
+    except TrustError as error:
+        raise BundleError(str(error)) from None
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{WEIGHTS_FILE} missing in bundle {path}")
@@ -429,12 +443,15 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> Bundle:
     return Bundle(path, manifest, model, torch.device(device))
 
 
-def _read_manifest(path: Path) -> Manifest:
+def _read_manifest(path: Path, trust: BundleTrust) -> Manifest:
+    """The manifest, parsed from the very bytes ``trust`` verified."""
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise BundleError(f"{MANIFEST_FILE} missing in bundle {path}")
+    data = manifest_path.read_bytes()
+    trust.verify(path, data)
     try:
-        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+        raw = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{manifest_path} is not valid JSON: {error}") from None
     if not isinstance(raw, dict):

@@ -11,6 +11,7 @@ from service.access import AccessMiddleware
 from service.context import ServiceContext
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
+from service.openapi import complete_openapi
 from service.routes import ops, predict, v2
 from service.settings import Settings
 
@@ -42,4 +43,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(v2.infer_router)
     app.include_router(ops.router)
+    complete_openapi(app, api_keys=bool(settings.api_keys))
     return app

@@ -46,8 +46,22 @@ def check_api_key(headers: Headers, keys: Sequence[SecretStr]) -> None:
         raise Unauthorized(ErrorCode.UNAUTHORIZED, "invalid API key")
 
 
+API_KEY_SCHEMES: dict[str, dict[str, str]] = {
+    "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "BearerKey": {"type": "http", "scheme": "bearer", "description": "The same API key as a Bearer token."},
+}
+"""The OpenAPI security schemes of the two ways to present a key (``service.openapi`` publishes them)."""
+
+
 class ProtectedRoute(APIRoute):
-    """An APIRoute that checks the API key (``app.state.settings.api_keys``) before anything else."""
+    """An APIRoute that checks the API key (``app.state.settings.api_keys``) before anything else.
+
+    Its OpenAPI operation names :data:`API_KEY_SCHEMES` (either one will do);
+    ``service.openapi.complete_openapi`` drops that again when no keys are configured."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.openapi_extra = (self.openapi_extra or {}) | {"security": [{name: []} for name in API_KEY_SCHEMES]}
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -1,7 +1,7 @@
 """Everything a running app owns (models, batchers, thread pools, metrics), started and stopped together.
 
-Start-up loads every selected bundle (hash-checked by ``models.bundle``; any failure stops the
-process before it reports ready), warms each model up once, then starts the batchers. Shutdown
+Start-up loads every selected bundle (hash-checked by ``models.bundle``, and signature-checked
+or digest-pinned as the settings ask; any failure stops the process before it reports ready), warms each model up once, then starts the batchers. Shutdown
 marks the service not ready, lets each batcher finish its queue, then joins the threads.
 
 All models share ONE inference thread: a GPU runs one batch at a time anyway, and a single
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from models.bundle import Bundle, load_bundle
+from models.trust import BundleTrust, load_public_keys
 from models.nets import resolve_device
 from service.batcher import MicroBatcher
 from service.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
@@ -55,7 +56,11 @@ class ServiceContext:
             # worker. One intra-op thread per worker avoids oversubscribing the cores.
             torch.set_num_threads(1)
         selected = select_bundles(settings.model_repository, settings.models)
-        bundles = [await asyncio.to_thread(load_bundle, path, device) for _, _, path in selected]
+        keys, pins = load_public_keys(settings.trusted_keys), settings.pinned_digests
+        bundles = [
+            await asyncio.to_thread(load_bundle, path, device, BundleTrust(keys, pins.get((name, version))))
+            for name, version, path in selected
+        ]
         metrics = ServiceMetrics(score_buckets(bundle.manifest for bundle in bundles), settings.max_batch_size)
         inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixoe-inference")
         decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="mixoe-decode")

@@ -110,10 +110,14 @@ _STATUS: dict[type[ServiceError], int] = {
     NotReady: 503,
 }
 
-ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422, 503)
-}
-"""The error answers of the prediction and model routes, for their OpenAPI ``responses``."""
+def _documented(*statuses: int) -> dict[int | str, dict[str, object]]:
+    return {status: {"model": ErrorBody} for status in statuses}
+
+
+ERROR_RESPONSES = _documented(400, 401, 404, 413, 422, 503)
+"""The error answers of the prediction routes, for their OpenAPI ``responses``."""
+LOOKUP_RESPONSES = _documented(404, 503)
+"""The error answers of the model metadata and readiness routes: an unknown model, or not ready."""
 
 _HTTP_CODES: dict[int, ErrorCode] = {
     400: ErrorCode.BAD_REQUEST,

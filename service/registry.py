@@ -17,6 +17,7 @@ from models.bundle import Bundle, BundleError, OperatingPoint, find_bundles, lat
 from service.batcher import MicroBatcher
 from service.errors import ErrorCode, InvalidParameter, ModelNotFound
 from service.inference import ImageJob, ImageVerdict
+from service.settings import split_pin
 
 
 def parse_reference(reference: str) -> tuple[str, str | None]:
@@ -27,6 +28,7 @@ def parse_reference(reference: str) -> tuple[str, str | None]:
 
 def select_bundles(repository: Path, references: Sequence[str]) -> list[tuple[str, str, Path]]:
     """``(name, version, path)`` of the bundles to load; empty ``references`` = every name's latest.
+    A reference's pin (``@sha256:...``) plays no part here: ``load_bundle`` checks it.
 
     Raises :class:`BundleError` naming what is available when a reference matches nothing: a
     service that cannot load what it was told to load must not start.
@@ -39,7 +41,7 @@ def select_bundles(repository: Path, references: Sequence[str]) -> list[tuple[st
         references = sorted({name for name, _, _ in available})
     selected: dict[tuple[str, str], Path] = {}
     for reference in references:
-        name, version = parse_reference(reference)
+        name, version = parse_reference(split_pin(reference)[0])
         version = version or latest_version(repository, name)
         if (name, version) not in paths:
             listing = ", ".join(f"{n}:{v}" for n, v, _ in available)

@@ -17,12 +17,14 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import models
+from models.trust import load_public_keys
 
 EMBEDDED_REPOSITORY = Path(models.__file__).resolve().parent / "repository"
 """The model repository shipped inside the ``models`` package (``models/repository``)."""
 
 _ENV_PREFIX = "MIXOE_"
-_MODEL_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_MODEL_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*(@sha256:[0-9a-f]{64})?)?$")
+_PIN = "@sha256:"
 _MIB = 1024 * 1024
 
 
@@ -30,6 +32,12 @@ def is_setting_variable(name: str) -> bool:
     """Whether environment variable ``name`` sets a ``Settings`` field: pydantic-settings reads
     ``MIXOE_*`` names case-blind, so ``mixoe_workers`` counts too."""
     return name.upper().startswith(_ENV_PREFIX)
+
+
+def split_pin(reference: str) -> tuple[str, str | None]:
+    """``"name:version@sha256:<hex>" -> ("name:version", "<hex>")``; an unpinned reference has ``None``."""
+    bare, _, digest = reference.partition(_PIN)
+    return bare, digest or None
 
 
 def _split_list(value: object) -> object:
@@ -48,7 +56,13 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description='Bundles to load, "name" (its latest version) or "name:version"; empty: every '
-        "bundle's latest version.",
+        'bundle\'s latest version. "name:version@sha256:<hex>" pins the sha256 of that bundle\'s manifest.json: '
+        "any other manifest (and so any other weights) is refused at load (docs/security.md).",
+    )
+    trusted_keys: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Ed25519 public key files (PEM or 32 raw bytes); when set, every bundle must carry a "
+        "manifest.sig by one of them (mixoe export --sign) or it is refused at load (docs/security.md).",
     )
     default_model: str | None = Field(
         None,
@@ -117,21 +131,35 @@ class Settings(BaseSettings):
     )
     shutdown_timeout_s: float = Field(30.0, gt=0, description="How long SIGTERM waits for queued work.")
 
-    _split_lists = field_validator("models", "api_keys", mode="before")(_split_list)
+    _split_lists = field_validator("models", "api_keys", "trusted_keys", mode="before")(_split_list)
 
     @field_validator("models")
     @classmethod
     def _references(cls, references: list[str]) -> list[str]:
         bad = [reference for reference in references if not _MODEL_REFERENCE.match(reference)]
         if bad:
-            raise ValueError(f'model references must look like "name" or "name:version", got {bad}')
+            raise ValueError(
+                f'model references must look like "name", "name:version" or "name:version@sha256:<64 hex digits>", '
+                f"got {bad}"
+            )
         return references
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _readable_keys(cls, paths: list[Path]) -> list[Path]:
+        load_public_keys(paths)  # a bad key stops the start, naming the file
+        return paths
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
         if self.queue_size < self.max_files:
             raise ValueError(
                 f"queue_size ({self.queue_size}) must hold at least one full request (max_files={self.max_files})"
+            )
+        pinned = [reference for reference in self.models if split_pin(reference)[1]]
+        if pinned and len(pinned) < len(self.models) and not self.trusted_keys:
+            raise ValueError(
+                f"models pins {pinned} but not every entry: pin them all, or set trusted_keys to verify the others"
             )
         if self.max_request_bytes < self.max_upload_bytes:
             raise ValueError(
@@ -148,6 +176,17 @@ class Settings(BaseSettings):
         return self.workers > 1 and on_cuda
 
     @property
+    def pinned_digests(self) -> dict[tuple[str, str], str]:
+        """``(name, version) -> manifest sha256`` for each pinned entry of ``models``."""
+        pins = {}
+        for reference in self.models:
+            bare, digest = split_pin(reference)
+            if digest is not None:
+                name, _, version = bare.partition(":")
+                pins[(name, version)] = digest
+        return pins
+
+    @property
     def max_batch_delay_s(self) -> float:
         return self.max_batch_delay_ms / 1000.0
 
@@ -161,7 +200,7 @@ class Settings(BaseSettings):
             if value is None:
                 continue
             if isinstance(value, list):
-                text = ",".join(item.get_secret_value() if isinstance(item, SecretStr) else item for item in value)
+                text = ",".join(item.get_secret_value() if isinstance(item, SecretStr) else str(item) for item in value)
             elif isinstance(value, bool):
                 text = str(value).lower()
             else:

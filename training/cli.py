@@ -1,4 +1,4 @@
-"""``mixoe`` command line: train, finetune, evaluate, calibrate, export, pipeline.
+"""``mixoe`` command line: train, finetune, evaluate, calibrate, export, pipeline, keygen.
 
 Training commands take a YAML or TOML config plus ``--set key.sub=value`` overrides; later
 commands take a run directory and read the config saved there. User mistakes (bad config, missing
@@ -18,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from models.bundle import BundleError
+from models.trust import generate_key, load_private_key
 from training import calibrate, evaluate, export, pipeline, trainer
 from training.config import TrainConfig, load_config
 from training.methods import METHOD_NAMES
@@ -67,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--repository", type=Path)
     export.add_argument("--name")
     export.add_argument("--version")
+    export.add_argument(
+        "--sign", type=Path, metavar="KEY",
+        help="Ed25519 private key (PEM or 32 raw bytes) to sign the bundle's manifest with (manifest.sig)",
+    )
+
+    keygen = commands.add_parser("keygen", help="new Ed25519 key pair for signing bundles (KEY and KEY.pub)")
+    keygen.add_argument("key", type=Path, help="private key file to create (mode 0600); KEY.pub gets the public key")
 
     pipeline = commands.add_parser("pipeline", help="baseline, fine-tune, calibrate, evaluate, export")
     _config_arguments(pipeline)
@@ -124,7 +132,10 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "export":
         repository = str(args.repository) if args.repository else None
         values = _given(export__repository=repository, export__name=args.name, export__version=args.version)
-        print(export.export(_run_config(args, values)))
+        signer = load_private_key(args.sign).sign if args.sign else None  # a bad key fails before any work
+        print(export.export(_run_config(args, values), signer))
+    elif args.command == "keygen":
+        print(generate_key(args.key))
     elif args.command == "pipeline":
         bundle = pipeline.run_pipeline(_training_config(args, {}))
         if bundle is not None:  # ranks > 0 under torchrun export nothing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,8 +33,9 @@ def _pool_fingerprint(config: TrainConfig) -> str:
     return fingerprint([Sample(path, -1) for path in files])
 
 
-def export(config: TrainConfig) -> Path:
-    """Write the run's bundle and return its directory."""
+def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) -> Path:
+    """Write the run's bundle and return its directory; ``signer`` (an Ed25519 private key's
+    ``sign``) also writes its ``manifest.sig`` (see ``models.trust``)."""
     run_dir = config.output_dir
     evaluation_path = run_dir / EVALUATION_JSON
     if not evaluation_path.is_file():
@@ -108,4 +110,4 @@ def export(config: TrainConfig) -> Path:
         )
         extra = {path.name: path for path in report_dir.iterdir()}
         target = Path(export_config.repository) / export_config.name / export_config.version
-        return save_bundle(target, model, manifest, extra_files=extra)
+        return save_bundle(target, model, manifest, extra_files=extra, signer=signer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from pydantic.json_schema import SkipJsonSchema
 
 from service.access import record_images
 from service.auth import ProtectedRoute
@@ -23,13 +24,22 @@ router = APIRouter(route_class=ProtectedRoute, tags=["predict"])
 async def predict(
     request: Request,
     context: ContextDep,
-    files: Annotated[list[UploadFile], File(description="One or more image files (JPEG, PNG, GIF, BMP, TIFF, WebP).")],
-    model_form: Annotated[str | None, Form(alias="model")] = None,
-    top_k_form: Annotated[int | None, Form(alias="top_k")] = None,
-    operating_point_form: Annotated[float | None, Form(alias="operating_point")] = None,
-    model: Annotated[str | None, Query(description='"name" or "name:version"; default: the default model.')] = None,
-    top_k: Annotated[int | None, Query(description="How many classes to list (1..K); default min(5, K).")] = None,
-    operating_point: Annotated[float | None, Query(description="Target ID acceptance, e.g. 0.95.")] = None,
+    files: Annotated[
+        list[UploadFile], File(min_length=1, description="One or more image files (JPEG, PNG, GIF, BMP, TIFF, WebP).")
+    ],
+    # Optional, not nullable: a form or query value is text, and the text "null" is no number.
+    model_form: Annotated[str | SkipJsonSchema[None], Form(alias="model")] = None,
+    top_k_form: Annotated[int | SkipJsonSchema[None], Form(alias="top_k")] = None,
+    operating_point_form: Annotated[float | SkipJsonSchema[None], Form(alias="operating_point")] = None,
+    model: Annotated[
+        str | SkipJsonSchema[None], Query(description='"name" or "name:version"; default: the default model.')
+    ] = None,
+    top_k: Annotated[
+        int | SkipJsonSchema[None], Query(description="How many classes to list (1..K); default min(5, K).")
+    ] = None,
+    operating_point: Annotated[
+        float | SkipJsonSchema[None], Query(description="Target ID acceptance, e.g. 0.95.")
+    ] = None,
 ) -> PredictResponse:
     """Classify each image and accept it (in-distribution) or reject it (OOD score above the threshold)."""
     record_images(request, len(files))

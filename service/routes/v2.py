@@ -18,8 +18,9 @@ from service.access import record_images
 from service.auth import ProtectedRoute
 from service.context import ServiceContext
 from service.deps import ContextDep
-from service.errors import ERROR_RESPONSES, ErrorCode, InvalidInput
+from service.errors import ERROR_RESPONSES, LOOKUP_RESPONSES, ErrorCode, InvalidInput
 from service.limits import parse_byte_count
+from service.openapi import INFER_OK_RESPONSE, infer_openapi
 from service.oip import BINARY_EXTENSION, IMAGE_INPUT, OUTPUTS, encode_infer_response, parse_infer_request
 from service.predictor import Upload
 from service.registry import LoadedModel
@@ -77,12 +78,12 @@ def _metadata(context: ServiceContext, name: str, version: str | None) -> ModelM
     )
 
 
-@router.get("/models/{name}", response_model=ModelMetadata, responses=ERROR_RESPONSES)
+@router.get("/models/{name}", response_model=ModelMetadata, responses=LOOKUP_RESPONSES)
 async def model_metadata(context: ContextDep, name: str) -> ModelMetadata:
     return _metadata(context, name, None)
 
 
-@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERROR_RESPONSES)
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=LOOKUP_RESPONSES)
 async def model_version_metadata(context: ContextDep, name: str, version: str) -> ModelMetadata:
     return _metadata(context, name, version)
 
@@ -92,12 +93,12 @@ def _readiness(context: ServiceContext, name: str, version: str | None) -> Model
     return ModelReadiness(name=loaded.name, versions=[loaded.version], ready=loaded.batcher.running)
 
 
-@router.get("/models/{name}/ready", response_model=ModelReadiness, responses=ERROR_RESPONSES)
+@router.get("/models/{name}/ready", response_model=ModelReadiness, responses=LOOKUP_RESPONSES)
 async def model_ready(context: ContextDep, name: str) -> ModelReadiness:
     return _readiness(context, name, None)
 
 
-@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReadiness, responses=ERROR_RESPONSES)
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReadiness, responses=LOOKUP_RESPONSES)
 async def model_version_ready(context: ContextDep, name: str, version: str) -> ModelReadiness:
     return _readiness(context, name, version)
 
@@ -136,12 +137,18 @@ async def _infer(request: Request, context: ServiceContext, loaded: LoadedModel)
     return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)})
 
 
-@infer_router.post("/models/{name}/infer", responses=ERROR_RESPONSES)
+@infer_router.post(
+    "/models/{name}/infer", responses=INFER_OK_RESPONSE | ERROR_RESPONSES, openapi_extra=infer_openapi(HEADER_LENGTH)
+)
 async def infer(request: Request, context: ContextDep, name: str) -> Response:
     """Classify a BYTES tensor of encoded images (JSON base64 or the binary tensor extension)."""
     return await _infer(request, context, context.registry.get_version(name, None))
 
 
-@infer_router.post("/models/{name}/versions/{version}/infer", responses=ERROR_RESPONSES)
+@infer_router.post(
+    "/models/{name}/versions/{version}/infer",
+    responses=INFER_OK_RESPONSE | ERROR_RESPONSES,
+    openapi_extra=infer_openapi(HEADER_LENGTH),
+)
 async def infer_version(request: Request, context: ContextDep, name: str, version: str) -> Response:
     return await _infer(request, context, context.registry.get_version(name, version))
