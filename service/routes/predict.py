@@ -14,6 +14,7 @@ from service.access import record_images
 from service.auth import ProtectedRoute
 from service.deps import ContextDep
 from service.errors import ERROR_RESPONSES
+from service.limits import INT64_MAX, INT64_MIN
 from service.predictor import Upload
 from service.schemas import ClassProbability, ImagePrediction, OODScore, PredictResponse
 
@@ -25,10 +26,13 @@ async def predict(
     context: ContextDep,
     files: Annotated[list[UploadFile], File(description="One or more image files (JPEG, PNG, GIF, BMP, TIFF, WebP).")],
     model_form: Annotated[str | None, Form(alias="model")] = None,
-    top_k_form: Annotated[int | None, Form(alias="top_k")] = None,
+    top_k_form: Annotated[int | None, Form(alias="top_k", ge=INT64_MIN, le=INT64_MAX)] = None,
     operating_point_form: Annotated[float | None, Form(alias="operating_point")] = None,
     model: Annotated[str | None, Query(description='"name" or "name:version"; default: the default model.')] = None,
-    top_k: Annotated[int | None, Query(description="How many classes to list (1..K); default min(5, K).")] = None,
+    top_k: Annotated[
+        int | None,
+        Query(ge=INT64_MIN, le=INT64_MAX, description="How many classes to list (1..K); default min(5, K)."),
+    ] = None,
     operating_point: Annotated[float | None, Query(description="Target ID acceptance, e.g. 0.95.")] = None,
 ) -> PredictResponse:
     """Classify each image and accept it (in-distribution) or reject it (OOD score above the threshold)."""
