@@ -21,6 +21,8 @@ from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.uploads import FILENAME_TOO_LONG, is_header_too_long, parser_refusal
+
 
 class ErrorCode(StrEnum):
     """Every ``code`` the service answers with; input-problem codes double as metric reasons."""
@@ -41,6 +43,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_OPERATING_POINT = "unknown_operating_point"
     UNKNOWN_OUTPUT = "unknown_output"
     UNKNOWN_MODEL = "unknown_model"
+    FILENAME_TOO_LONG = "filename_too_long"
     UNAUTHORIZED = "unauthorized"
     OVERLOADED = "overloaded"
     NOT_READY = "not_ready"
@@ -173,6 +176,16 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
+    refusal = parser_refusal(error)
+    if refusal is not None:  # Starlette's bare "Invalid multipart data.": say what the parser found
+        code = ErrorCode.FILENAME_TOO_LONG if is_header_too_long(refusal) else ErrorCode.INVALID_REQUEST
+        message = (
+            f"{FILENAME_TOO_LONG} (a part's headers outgrew the multipart parser's limit)"
+            if code is ErrorCode.FILENAME_TOO_LONG
+            else f"invalid multipart body: {refusal}"
+        )
+        count_bad_input(request.app, code)
+        return error_response(400, code, message)
     code = _HTTP_CODES.get(
         error.status_code, ErrorCode.BAD_REQUEST if error.status_code < 500 else ErrorCode.INTERNAL_ERROR
     )

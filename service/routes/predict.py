@@ -13,9 +13,10 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from service.access import record_images
 from service.auth import ProtectedRoute
 from service.deps import ContextDep
-from service.errors import ERROR_RESPONSES
+from service.errors import ERROR_RESPONSES, ErrorCode, InvalidInput
 from service.limits import INT64_MAX, INT64_MIN
 from service.predictor import Upload
+from service.uploads import FILENAME_TOO_LONG, MAX_FILENAME_BYTES
 from service.schemas import ClassProbability, ImagePrediction, OODScore, PredictResponse
 
 router = APIRouter(route_class=ProtectedRoute, tags=["predict"])
@@ -41,7 +42,7 @@ async def predict(
     limit = context.settings.max_upload_bytes
     # Reading one byte past the limit is enough for the decoder to refuse the file as too large.
     uploads = [
-        Upload(file.filename or f"file[{index}]", await file.read(limit + 1)) for index, file in enumerate(files)
+        Upload(_filename(file, index), await file.read(limit + 1)) for index, file in enumerate(files)
     ]
     verdicts = await context.predictor.predict(
         loaded,
@@ -69,3 +70,13 @@ async def predict(
             for upload, verdict in zip(uploads, verdicts, strict=True)
         ],
     )
+
+
+def _filename(file: UploadFile, index: int) -> str:
+    """The name the client gave the file (``file[i]`` when none); a 400 when it is too long to echo."""
+    if not file.filename:
+        return f"file[{index}]"
+    size = len(file.filename.encode())
+    if size > MAX_FILENAME_BYTES:
+        raise InvalidInput(ErrorCode.FILENAME_TOO_LONG, f"file[{index}]: {FILENAME_TOO_LONG} (it has {size})")
+    return file.filename

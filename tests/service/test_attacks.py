@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.uploads import MAX_FILENAME_BYTES
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files
 
@@ -98,3 +99,22 @@ def test_a_huge_top_k_is_refused_without_formatting_it(
     assert response.status_code == 422, response.text
     assert response.json()["code"] in ("invalid_top_k", "invalid_request") and "top_k" in response.json()["error"]
     assert huge not in response.text
+
+
+@pytest.mark.parametrize("length", [300, 10_000], ids=["past-our-limit", "past-the-parser-limit"])
+def test_a_long_filename_is_named_as_the_problem(server: TestClient, tiny: TinyModel, length: int) -> None:
+    name = "a" * (length - 4) + ".png"
+    response = server.post("/predict", files=[("files", (name, tiny.images["accepted"], "image/png"))])
+    assert response.status_code == 400, response.text
+    answer = response.json()
+    assert answer["code"] == "filename_too_long"
+    assert "filename" in answer["error"] and str(MAX_FILENAME_BYTES) in answer["error"]
+    assert name not in response.text
+    assert server.get("/v2/health/live").json() == {"live": True}
+
+
+def test_a_filename_at_the_limit_is_served(server: TestClient, tiny: TinyModel) -> None:
+    name = "a" * (MAX_FILENAME_BYTES - 4) + ".png"
+    response = server.post("/predict", files=[("files", (name, tiny.images["accepted"], "image/png"))])
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["filename"] == name
