@@ -50,6 +50,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     BAD_REQUEST = "bad_request"
+    NON_FINITE_OUTPUT = "non_finite_output"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -103,6 +104,10 @@ class NotReady(ServiceError):
     """Models are not loaded yet, or the server is shutting down."""
 
 
+class ModelFailure(ServiceError):
+    """The model answered with something unusable (NaN or infinite outputs): the server's fault."""
+
+
 _STATUS: dict[type[ServiceError], int] = {
     PayloadTooLarge: 413,
     InvalidParameter: 422,
@@ -111,6 +116,7 @@ _STATUS: dict[type[ServiceError], int] = {
     Unauthorized: 401,
     Overloaded: 503,
     NotReady: 503,
+    ModelFailure: 500,
 }
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
