@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from models.bundle import load_bundle
 from tests.helpers.images import make_image_folder
-from tests.helpers.runs import tiny_config
+from tests.helpers.runs import kill_mid_write, tiny_config
 from training import trainer
 from training.cli import main
 
@@ -90,9 +90,12 @@ def test_interrupted_run_resumes_to_the_same_weights(
     with pytest.raises(KeyboardInterrupt):
         trainer.train(tiny_config(data_root, out))
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 0
+    kill_mid_write(out / "last.pt")  # a second interruption, this time inside the checkpoint write
+    assert [path.name for path in out.glob(".last.pt.*")] != []
     monkeypatch.setattr(trainer, "evaluate_accuracy", real_evaluate)
     result = trainer.train(tiny_config(data_root, out))
     assert result.epochs_run == 1
+    assert list(out.glob(".*")) == [], "the killed write's temporary file outlived the next run"
     final_a = torch.load(baseline_run / "last.pt", weights_only=True)["model"]
     final_b = torch.load(out / "last.pt", weights_only=True)["model"]
     assert_same_weights(final_a, final_b)
