@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -210,12 +211,15 @@ def test_export_refuses_a_calibration_of_other_weights(data_root: Path, tmp_path
 
 
 @pytest.mark.parametrize("text", ["data: [unclosed", "architecture: resnet18\nunknown_key: 1\n"])
-def test_a_broken_config_file_is_one_clear_line(tmp_path: Path, capsys, text: str) -> None:
+def test_a_broken_config_file_is_one_clear_line(tmp_path: Path, capsys, caplog, text: str) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text(text)
+    caplog.set_level(logging.DEBUG)
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mixoe: error:")
+    # The traceback is there for --verbose (debug level) and nowhere else.
+    assert [record.levelno for record in caplog.records if record.exc_info] == [logging.DEBUG]
 
 
 def test_resuming_with_another_configuration_is_refused(baseline_run: Path, data_root: Path) -> None:
