@@ -14,6 +14,7 @@ from service.limits import BodyLimitMiddleware
 from service.openapi import complete_openapi
 from service.routes import ops, predict, v2
 from service.settings import Settings
+from service.startup import StartupFailureMiddleware
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -38,7 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.context = None
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
-    app.add_middleware(AccessMiddleware)  # outermost: times and counts every answer, 413s included
+    app.add_middleware(AccessMiddleware)  # times and counts every answer, 413s included
+    app.add_middleware(StartupFailureMiddleware)  # sees the lifespan only
     app.include_router(predict.router)
     app.include_router(v2.router)
     app.include_router(v2.infer_router)

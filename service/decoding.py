@@ -20,6 +20,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.images import TooManyPixels, check_pixel_count
 from service.errors import ErrorCode, InvalidInput, PayloadTooLarge
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
@@ -45,13 +46,10 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, filename: str | 
             ErrorCode.FILE_TOO_LARGE, f"{name} has {len(data)} bytes; the limit is {max_bytes}", file=filename
         )
     image = _open(data, name, filename)
-    width, height = image.size
-    if width * height > max_pixels:
-        raise PayloadTooLarge(
-            ErrorCode.TOO_MANY_PIXELS,
-            f"{name} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
-            file=filename,
-        )
+    try:
+        check_pixel_count(image.size, max_pixels)
+    except TooManyPixels as error:
+        raise PayloadTooLarge(ErrorCode.TOO_MANY_PIXELS, f"{name} is {error}", file=filename) from None
     return image
 
 

@@ -21,6 +21,8 @@ from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.uploads import FILENAME_TOO_LONG, is_header_too_long, parser_refusal
+
 
 class ErrorCode(StrEnum):
     """Every ``code`` the service answers with; input-problem codes double as metric reasons."""
@@ -41,12 +43,14 @@ class ErrorCode(StrEnum):
     UNKNOWN_OPERATING_POINT = "unknown_operating_point"
     UNKNOWN_OUTPUT = "unknown_output"
     UNKNOWN_MODEL = "unknown_model"
+    FILENAME_TOO_LONG = "filename_too_long"
     UNAUTHORIZED = "unauthorized"
     OVERLOADED = "overloaded"
     NOT_READY = "not_ready"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     BAD_REQUEST = "bad_request"
+    NON_FINITE_OUTPUT = "non_finite_output"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -100,6 +104,10 @@ class NotReady(ServiceError):
     """Models are not loaded yet, or the server is shutting down."""
 
 
+class ModelFailure(ServiceError):
+    """The model answered with something unusable (NaN or infinite outputs): the server's fault."""
+
+
 _STATUS: dict[type[ServiceError], int] = {
     PayloadTooLarge: 413,
     InvalidParameter: 422,
@@ -108,6 +116,7 @@ _STATUS: dict[type[ServiceError], int] = {
     Unauthorized: 401,
     Overloaded: 503,
     NotReady: 503,
+    ModelFailure: 500,
 }
 
 def _documented(*statuses: int) -> dict[int | str, dict[str, object]]:
@@ -177,6 +186,16 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
+    refusal = parser_refusal(error)
+    if refusal is not None:  # Starlette's bare "Invalid multipart data.": say what the parser found
+        code = ErrorCode.FILENAME_TOO_LONG if is_header_too_long(refusal) else ErrorCode.INVALID_REQUEST
+        message = (
+            f"{FILENAME_TOO_LONG} (a part's headers outgrew the multipart parser's limit)"
+            if code is ErrorCode.FILENAME_TOO_LONG
+            else f"invalid multipart body: {refusal}"
+        )
+        count_bad_input(request.app, code)
+        return error_response(400, code, message)
     code = _HTTP_CODES.get(
         error.status_code, ErrorCode.BAD_REQUEST if error.status_code < 500 else ErrorCode.INTERNAL_ERROR
     )

@@ -8,6 +8,7 @@ when ``score <= threshold``; scores are higher for more OOD inputs, see ``models
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -15,7 +16,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from models.bundle import Bundle, OperatingPoint, PendingLogits
+from models.bundle import Bundle, BundleError, OperatingPoint, PendingLogits
 
 logger = logging.getLogger("mixoe.inference")
 
@@ -45,6 +46,12 @@ class ImageVerdict:
     threshold: float
     target_id_acceptance: float
     accepted: bool
+
+    @property
+    def finite(self) -> bool:
+        """Whether every number the model produced for this image is finite: JSON has no NaN."""
+        numbers = [self.probability, self.score, self.p_value, *(p for _, p in self.top_k)]
+        return all(math.isfinite(number) for number in numbers)
 
 
 def padded_batch_sizes(max_batch_size: int) -> list[int]:
@@ -184,7 +191,8 @@ class ModelRunner:
 
     def warm_up(self, sizes: Sequence[int] | None = None) -> None:
         """Throw-away batches of ``sizes`` (default :attr:`warm_up_sizes`), so that no request pays
-        for lazy initialisation or a first shape.
+        for lazy initialisation or a first shape; a model whose outputs are NaN or infinite on a
+        blank image is refused here (:class:`BundleError`), before it serves.
 
         Run it in the thread that will serve: PyTorch caches cuDNN's execution plans per thread,
         so after a warm-up in another thread the serving thread built each plan again on its
@@ -193,7 +201,13 @@ class ModelRunner:
         for rows in self.warm_up_sizes if sizes is None else sizes:
             if self._cuda_graphs:
                 self._capture_graph(rows)
-            self._bundle.predict(torch.zeros(rows, 3, size, size, dtype=torch.uint8))
+            predictions = self._bundle.predict(torch.zeros(rows, 3, size, size, dtype=torch.uint8))
+            if not (predictions.logits.isfinite().all() and predictions.scores.isfinite().all()):
+                bundle = self._bundle
+                raise BundleError(
+                    f"model {bundle.name}:{bundle.version} ({bundle.path}) gives non-finite logits or OOD scores "
+                    "(NaN or infinity) on a blank image; its weights are unusable"
+                )
 
     def _capture_graph(self, rows: int) -> None:
         """Record batches of ``rows`` as a CUDA graph; if the GPU refuses, they run eagerly."""

@@ -6,17 +6,27 @@ Whatever the app answers to the aborted read is discarded in favour of the 413. 
 limiter would also work, but it replaces every answer with a plain-text body.)
 
 :func:`parse_byte_count` reads byte counts from headers, here and for the Open Inference Protocol's
-``Inference-Header-Content-Length``.
+``Inference-Header-Content-Length``; :data:`INT64_MIN` and :data:`INT64_MAX` bound the integers
+clients send in bodies, forms and query strings.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
+from pydantic import Field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ErrorCode, count_bad_input, error_response
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""Bounds of every integer a client sends (the Open Inference Protocol's int64), checked at validation:
+an integer of thousands of digits is slow to multiply and fails to format past 4,300 digits."""
+
+ClientInt = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+"""An integer form or query field: bounded on the type itself, so the OpenAPI schema states the bounds."""
 
 _BYTE_COUNT = re.compile(r"[0-9]{1,18}")
 

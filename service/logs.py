@@ -1,4 +1,5 @@
-"""One JSON object per log line, so log shippers index fields instead of parsing prose."""
+"""One JSON object per log line, so log shippers index fields instead of parsing prose; failures
+that explain themselves in one line, without the traceback that only a developer reads."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from models.bundle import BundleError
 
 # Attributes every LogRecord has (and uvicorn's ANSI-coloured duplicate of the message); anything
 # else was passed in ``extra=`` and becomes a field.
@@ -49,3 +52,16 @@ def configure_logging(level: str) -> None:
     access = logging.getLogger("uvicorn.access")
     access.handlers[:] = []
     access.propagate = False
+
+
+def log_failure(logger: logging.Logger, message: str, error: BaseException) -> None:
+    """Log ``message`` for ``error`` at error level.
+
+    A :class:`BundleError` (a bundle that does not load, a model that gives NaN) already says what
+    is wrong and where: it goes out as one line, its traceback at debug level only. Any other error
+    is unexpected, and keeps its traceback."""
+    if isinstance(error, BundleError):
+        logger.error("%s: %s", message, error)
+        logger.debug("%s", message, exc_info=error)
+    else:
+        logger.error("%s", message, exc_info=error)

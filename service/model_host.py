@@ -40,6 +40,7 @@ from torch import Tensor
 from models.bundle import Bundle, BundleError, OperatingPoint, PendingLogits, load_bundle
 from service.inference import ImageVerdict, ModelRunner, graphs_note, stack_on
 from service.jpeg import decode_plain_jpegs
+from service.logs import log_failure
 
 logger = logging.getLogger("mixoe.model_process")
 
@@ -265,7 +266,7 @@ class ModelHost:
                 raise BundleError(f"bundle {path} changed on disk after the worker loaded it; restart that worker")
             runner = ModelRunner.for_device(bundle, self._max_batch_size, self._cuda_graphs)
         except Exception as error:
-            logger.exception("model process could not load %s", path)
+            log_failure(logger, f"model process could not load {path}", error)
             self.submit(Task(_NOBODY, ("load_failed", key, _error_text(error))))
             return
         self.submit(Task(_NOBODY, ("loaded", key, runner)))
@@ -284,7 +285,7 @@ class ModelHost:
         try:
             warming.runner.warm_up(warming.sizes[:1])
         except Exception as error:
-            logger.exception("model process could not warm up %s", key[0])
+            log_failure(logger, f"model process could not warm up {key[0]}", error)
             self._fail_load(key, _error_text(error))
             return
         del warming.sizes[0]

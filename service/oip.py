@@ -22,13 +22,14 @@ import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, PlainValidator, StrictInt, ValidationError
 
 from service.errors import ErrorCode, InvalidInput, InvalidParameter, PayloadTooLarge
 from service.inference import ImageVerdict
+from service.limits import INT64_MAX, INT64_MIN
 
 IMAGE_INPUT = "image"
 BINARY_EXTENSION = "binary_tensor_data"
@@ -52,24 +53,65 @@ OUTPUTS: dict[str, OutputSpec] = {
 _NUMPY_TYPES = {"INT64": "<i8", "FP32": "<f4", "BOOL": "?"}
 
 
+MAX_DIMENSIONS = 8
+"""Most dimensions an input shape may have; the image tensor is ``[N]`` (tritonclient), rarely ``[1, N]``."""
+MAX_TENSORS = 32
+"""Most inputs, and most requested outputs, in one request (the model has one input and six outputs)."""
+MAX_PARAMETERS = 32
+MAX_NAME_LENGTH = 256
+MAX_PARAMETER_LENGTH = 1024
+
+# Every number and list a client sends is bounded here, at validation, before any arithmetic or
+# formatting touches it: ``math.prod`` of a thousand 4,000-digit dimensions runs for tens of seconds
+# under the GIL, and formatting an integer past 4,300 digits raises ``ValueError``. (The JSON parser
+# itself refuses integers past about 4,300 digits, and the request-size limit bounds their count.)
+Int64 = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+Name = Annotated[str, Field(max_length=MAX_NAME_LENGTH)]
+
+
+def _parameter_value(value: Any) -> bool | int | float | str:
+    """A protocol parameter value (a boolean, an int64, a finite number or a short string), or a
+    ``ValueError`` that quotes none of it. Only comparisons touch it, cheap at any size."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ValueError("integers must fit in 64 bits")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("numbers must be finite")
+        return value
+    if isinstance(value, str):
+        if len(value) > MAX_PARAMETER_LENGTH:
+            raise ValueError(f"strings may hold at most {MAX_PARAMETER_LENGTH} characters")
+        return value
+    raise ValueError("parameter values are booleans, numbers or strings")
+
+
+Parameters = Annotated[
+    dict[Name, Annotated[bool | int | float | str, PlainValidator(_parameter_value)]], Field(max_length=MAX_PARAMETERS)
+]
+
+
 class RequestInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    name: Name
+    shape: Annotated[list[Int64], Field(max_length=MAX_DIMENSIONS)]
+    datatype: Name
+    parameters: Parameters = Field(default_factory=dict)
     data: list[Any] | None = None
 
 
 class RequestOutput(BaseModel):
-    name: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    name: Name
+    parameters: Parameters = Field(default_factory=dict)
 
 
 class InferenceRequest(BaseModel):
     id: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[RequestInput]
-    outputs: list[RequestOutput] | None = None
+    parameters: Parameters = Field(default_factory=dict)
+    inputs: Annotated[list[RequestInput], Field(max_length=MAX_TENSORS)]
+    outputs: Annotated[list[RequestOutput] | None, Field(max_length=MAX_TENSORS)] = None
 
 
 @dataclass(frozen=True)
@@ -88,8 +130,7 @@ def parse_infer_request(body: bytes, header_length: int | None, *, max_images: i
     try:
         request = InferenceRequest.model_validate_json(header)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in error.errors())
-        raise InvalidInput(ErrorCode.INVALID_REQUEST, f"invalid inference request: {problems}") from None
+        raise InvalidInput(ErrorCode.INVALID_REQUEST, f"invalid inference request: {_problems(error)}") from None
     if len(request.inputs) != 1 or request.inputs[0].name != IMAGE_INPUT:
         names = [tensor.name for tensor in request.inputs]
         raise InvalidInput(ErrorCode.INVALID_TENSOR, f"expected exactly one input named {IMAGE_INPUT!r}, got {names}")
@@ -99,6 +140,13 @@ def parse_infer_request(body: bytes, header_length: int | None, *, max_images: i
             ErrorCode.INVALID_TENSOR, f"{len(tail) - used} bytes of binary data after the tensors belong to no input"
         )
     return InferCall(request.id, images, _operating_point(request.parameters), _requested_outputs(request))
+
+
+def _problems(error: ValidationError, shown: int = 3) -> str:
+    """The first few validation problems: a hostile request can hold thousands of them."""
+    problems = error.errors(include_url=False, include_input=False, include_context=False)
+    text = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in problems[:shown])
+    return text if len(problems) <= shown else f"{text}; and {len(problems) - shown} more"
 
 
 def _split(body: bytes, header_length: int | None) -> tuple[bytes, bytes]:
@@ -191,7 +239,7 @@ def _operating_point(parameters: dict[str, Any]) -> float | None:
     if isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             return float(value)
-        except (ValueError, OverflowError):  # "high"; an integer too large for a float
+        except ValueError:  # "high"
             pass
     raise InvalidParameter(
         ErrorCode.INVALID_REQUEST, f"parameter operating_point must be a number such as 0.95, got {value!r}"

@@ -13,6 +13,7 @@ reconcile.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from models.bundle import Bundle
 from service.decoding import load_image, open_image
-from service.errors import ErrorCode, InvalidInput, InvalidParameter, PayloadTooLarge
+from service.errors import ErrorCode, InvalidInput, InvalidParameter, ModelFailure, PayloadTooLarge
 from service.inference import ImageJob, ImageVerdict
 from service.jpeg import decode_plain_jpeg, is_plain_jpeg
 from service.metrics import ServiceMetrics
@@ -34,6 +35,8 @@ from service.registry import LoadedModel
 from service.settings import Settings
 
 DEFAULT_TOP_K = 5
+
+logger = logging.getLogger("mixoe.predictor")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class Predictor:
             for row, verdict in zip(refused, again, strict=True):
                 verdicts[row] = verdict
         decided = cast(list[ImageVerdict], verdicts)
+        _check_finite(model, uploads, decided)
         for verdict in decided:
             self._metrics.record_prediction(
                 model.name, model.version, verdict.target_id_acceptance, verdict.score, verdict.accepted
@@ -93,6 +97,18 @@ class Predictor:
             if isinstance(outcome, BaseException):
                 raise outcome
         return cast(list[Tensor | bytes], outcomes)
+
+
+def _check_finite(model: LoadedModel, uploads: Sequence[Upload], verdicts: Sequence[ImageVerdict]) -> None:
+    """A 500 naming the model when it answered NaN or infinity for an image (JSON cannot carry them)."""
+    for upload, verdict in zip(uploads, verdicts, strict=True):
+        if not verdict.finite:
+            logger.error("model %s:%s gave non-finite outputs for an image", model.name, model.version)
+            raise ModelFailure(
+                ErrorCode.NON_FINITE_OUTPUT,
+                f"model {model.name}:{model.version} produced NaN or infinity for {upload.filename!r}",
+                file=upload.filename,
+            )
 
 
 def prepare_image(upload: Upload, bundle: Bundle, settings: Settings, send_jpeg: bool = False) -> Tensor | bytes:

@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import models
+from models.images import MAX_IMAGE_PIXELS
 from models.trust import load_public_keys
 
 EMBEDDED_REPOSITORY = Path(models.__file__).resolve().parent / "repository"
@@ -116,7 +117,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * _MIB, ge=1, description="Largest accepted image file.")
     max_request_bytes: int = Field(100 * _MIB, ge=1, description="Largest accepted request body.")
     max_files: int = Field(64, ge=1, le=1000, description="Most images in one request.")
-    max_image_pixels: int = Field(50_000_000, ge=1, description="Most pixels (width x height) in one image.")
+    max_image_pixels: int = Field(
+        MAX_IMAGE_PIXELS, ge=1, description="Most pixels (width x height) in one image; training applies the default."
+    )
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,

@@ -26,10 +26,17 @@ BEST_WEIGHTS = "best.safetensors"
 BEST_INFO = "best.json"
 
 
+PARTIAL_SUFFIX = ".partial"
+"""Ends the name of every temporary file :func:`atomic_write` writes (``.last.pt.<random>.partial``)."""
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename into place."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename into place.
+
+    A kill (SIGKILL, a lost node) mid-write skips the clean-up below and leaves the temporary file:
+    :func:`remove_partial_writes` deletes such files when the next run starts."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -39,6 +46,16 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_partial_writes(directory: Path) -> list[Path]:
+    """Delete the temporary files that killed :func:`atomic_write` calls left in ``directory``; return them.
+
+    Only where no write can be in flight: at the start of a run, on its main process."""
+    orphans = sorted(Path(directory).glob(f".*{PARTIAL_SUFFIX}"))
+    for orphan in orphans:
+        orphan.unlink(missing_ok=True)
+    return orphans
 
 
 def unwrap(model: nn.Module) -> nn.Module:

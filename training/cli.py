@@ -162,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _dispatch(args)
     except (ValueError, OSError, BundleError, ValidationError, yaml.YAMLError) as error:
+        logging.getLogger("mixoe").debug("the command failed", exc_info=error)  # the traceback, with --verbose
         print(f"mixoe: error: {_one_line(error)}", file=sys.stderr)
         return 2
     return 0

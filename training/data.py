@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
 
+from models.images import TooManyPixels, check_pixel_count
 from training.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 DATA_FORMATS = ("folder", "list")
 
-# What PIL raises for files that are not images, are truncated, or are decompression bombs.
+# What PIL raises for files that are not images, are truncated, or are decompression bombs; and
+# TooManyPixels (a ValueError) for images over the pixel limit.
 _UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 Transform = Callable[[Image.Image], Tensor]
@@ -243,10 +245,22 @@ def load_split(config: DataConfig, split: str | None) -> SplitData:
 # --------------------------------------------------------------------------- datasets
 
 
-def _header_problem(path: Path) -> str | None:
-    """Why PIL cannot even identify ``path`` as an image, or ``None``. Reads the header only."""
+def _open_checked(path: Path) -> Image.Image:
+    """``PIL.Image.open`` (the header only), refusing images over the pixel limit the service
+    applies (:class:`TooManyPixels`) before a pixel is decoded."""
+    image = Image.open(path)
     try:
-        with Image.open(path) as image:
+        check_pixel_count(image.size)
+    except TooManyPixels:
+        image.close()
+        raise
+    return image
+
+
+def _header_problem(path: Path) -> str | None:
+    """Why PIL cannot even identify ``path`` as an image within the pixel limit, or ``None``. Reads the header only."""
+    try:
+        with _open_checked(path) as image:
             width, height = image.size
     except _UNREADABLE as error:
         return f"{type(error).__name__}: {error}"
@@ -311,7 +325,7 @@ class ImageDataset(Dataset):
         """Decode sample ``index`` as RGB, or ``None`` (logged once, recorded) if it is unreadable."""
         path = self.samples[index].path
         try:
-            with Image.open(path) as image:
+            with _open_checked(path) as image:
                 # Upright as the photographer saw it, exactly as the service decodes uploads.
                 return ImageOps.exif_transpose(image).convert("RGB")
         except _UNREADABLE as error:

@@ -38,7 +38,14 @@ from tqdm import tqdm
 
 from models.nets import build_network
 from models.preprocess import Normalization
-from training.checkpoint import load_best_weights, load_training_state, save_best, save_training_state, unwrap
+from training.checkpoint import (
+    load_best_weights,
+    load_training_state,
+    remove_partial_writes,
+    save_best,
+    save_training_state,
+    unwrap,
+)
 from training.config import TrainConfig, save_config
 from training.data import ImageDataset, OutlierPool, SeededItems, collate_skipping_bad
 from training.distributed import DistributedContext, ShardSampler, distributed_session
@@ -245,6 +252,8 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
             "mix the two: choose a new output_dir (or restore the original config)"
         )
     if ctx.is_main:
+        for orphan in remove_partial_writes(run_dir):
+            log.info("removed %s, left by a checkpoint write that was killed", orphan)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
     torch.manual_seed(config.seed)  # same init on every rank; DDP also broadcasts rank 0's weights

@@ -14,8 +14,10 @@ from pydantic.json_schema import SkipJsonSchema
 from service.access import record_images
 from service.auth import ProtectedRoute
 from service.deps import ContextDep
-from service.errors import ERROR_RESPONSES
+from service.errors import ERROR_RESPONSES, ErrorCode, InvalidInput
+from service.limits import ClientInt
 from service.predictor import Upload
+from service.uploads import FILENAME_TOO_LONG, MAX_FILENAME_BYTES
 from service.schemas import ClassProbability, ImagePrediction, OODScore, PredictResponse
 
 router = APIRouter(route_class=ProtectedRoute, tags=["predict"])
@@ -29,13 +31,13 @@ async def predict(
     ],
     # Optional, not nullable: a form or query value is text, and the text "null" is no number.
     model_form: Annotated[str | SkipJsonSchema[None], Form(alias="model")] = None,
-    top_k_form: Annotated[int | SkipJsonSchema[None], Form(alias="top_k")] = None,
+    top_k_form: Annotated[ClientInt | SkipJsonSchema[None], Form(alias="top_k")] = None,
     operating_point_form: Annotated[float | SkipJsonSchema[None], Form(alias="operating_point")] = None,
     model: Annotated[
         str | SkipJsonSchema[None], Query(description='"name" or "name:version"; default: the default model.')
     ] = None,
     top_k: Annotated[
-        int | SkipJsonSchema[None], Query(description="How many classes to list (1..K); default min(5, K).")
+        ClientInt | SkipJsonSchema[None], Query(description="How many classes to list (1..K); default min(5, K).")
     ] = None,
     operating_point: Annotated[
         float | SkipJsonSchema[None], Query(description="Target ID acceptance, e.g. 0.95.")
@@ -47,7 +49,7 @@ async def predict(
     limit = context.settings.max_upload_bytes
     # Reading one byte past the limit is enough for the decoder to refuse the file as too large.
     uploads = [
-        Upload(file.filename or f"file[{index}]", await file.read(limit + 1)) for index, file in enumerate(files)
+        Upload(_filename(file, index), await file.read(limit + 1)) for index, file in enumerate(files)
     ]
     verdicts = await context.predictor.predict(
         loaded,
@@ -75,3 +77,13 @@ async def predict(
             for upload, verdict in zip(uploads, verdicts, strict=True)
         ],
     )
+
+
+def _filename(file: UploadFile, index: int) -> str:
+    """The name the client gave the file (``file[i]`` when none); a 400 when it is too long to echo."""
+    if not file.filename:
+        return f"file[{index}]"
+    size = len(file.filename.encode())
+    if size > MAX_FILENAME_BYTES:
+        raise InvalidInput(ErrorCode.FILENAME_TOO_LONG, f"file[{index}]: {FILENAME_TOO_LONG} (it has {size})")
+    return file.filename

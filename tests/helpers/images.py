@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import colorsys
 import io
+import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -96,3 +98,18 @@ def write_corrupt_image(path: Path) -> Path:
     """Bytes that no image decoder recognises, under whatever image extension ``path`` has."""
     Path(path).write_bytes(b"this is not an image" + bytes(range(256)))
     return Path(path)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header announcing ``width x height`` RGB pixels, with almost no pixel data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )

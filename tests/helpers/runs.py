@@ -1,7 +1,11 @@
-"""A tiny training configuration over the generated datasets of :mod:`tests.helpers.images`."""
+"""A tiny training configuration over the generated datasets of :mod:`tests.helpers.images`, and
+a checkpoint write killed half-way."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +34,24 @@ def tiny_config(data_root: Path, output_dir: Path, **changes: Any) -> TrainConfi
     }
     raw.update(changes)
     return TrainConfig.model_validate(raw)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+_KILLED_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from training.checkpoint import atomic_write
+
+def write(tmp):
+    tmp.write_bytes(b"the first half of a checkpoint")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic_write(Path(sys.argv[1]), write)
+"""
+
+
+def kill_mid_write(path: Path) -> None:
+    """SIGKILL a process while ``training.checkpoint.atomic_write`` writes ``path``, as a lost node would."""
+    result = subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(path)], cwd=REPO, timeout=120)
+    assert result.returncode == -signal.SIGKILL

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,21 +49,6 @@ def solid(colour: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> Ima
 def noise_image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(pixels)
-
-
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A valid PNG header announcing ``width x height`` RGB pixels, with almost no pixel data."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + _png_chunk(b"IEND", b"")
-    )
 
 
 @dataclass(frozen=True)

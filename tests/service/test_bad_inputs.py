@@ -12,7 +12,8 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service.helpers import TinyModel, encode, noise_image, png_claiming, sample_value, solid
+from tests.helpers.images import png_claiming
+from tests.service.helpers import TinyModel, encode, noise_image, sample_value, solid
 
 MAX_UPLOAD = 4_000
 MAX_REQUEST = 20_000

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from models.images import MAX_IMAGE_PIXELS
 from service.decoding import decode_image
 from service.errors import ErrorCode, InvalidInput, PayloadTooLarge
-from tests.service.helpers import encode, noise_image, png_claiming, solid
+from service.settings import Settings
+from tests.helpers.images import png_claiming
+from tests.service.helpers import encode, noise_image, solid
 
 LIMITS = {"max_bytes": 10**7, "max_pixels": 10**7}
 
@@ -120,3 +124,10 @@ def test_bomb_is_refused_from_its_header_alone(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(PayloadTooLarge):
         decode(png_claiming(5_000, 5_000))
+
+
+def test_the_default_limit_is_the_one_training_applies() -> None:
+    """What training skips (``models.images``) is what the service refuses by default."""
+    side = math.isqrt(MAX_IMAGE_PIXELS) + 1
+    with pytest.raises(PayloadTooLarge, match=f"the limit is {MAX_IMAGE_PIXELS}"):
+        decode(png_claiming(side, side), max_pixels=Settings().max_image_pixels)

@@ -112,7 +112,7 @@ GOOD_INPUT = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base6
         (
             _json_request([GOOD_INPUT])[:-1] + b', "parameters": {"operating_point": ' + b"9" * 400 + b"}}",
             None,
-            InvalidParameter,
+            InvalidInput,
             ErrorCode.INVALID_REQUEST,
         ),
         (b"{}", 99, InvalidInput, ErrorCode.INVALID_REQUEST),

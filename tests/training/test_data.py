@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -13,10 +14,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import v2
 
+from models.images import MAX_IMAGE_PIXELS
 from models.preprocess import EvalTransform
 from tests.helpers.images import (
     make_image_folder,
     make_list_dataset,
+    png_claiming,
     write_corrupt_image,
     write_truncated_jpeg,
 )
@@ -205,6 +208,17 @@ def test_bad_images_are_skipped_counted_and_warned_about(damaged_folder, caplog)
     assert [p.name for p in dataset.bad_files] == ["corrupt.jpg"]
     assert [p.name for p in dataset.failed_files] == ["truncated.jpg"]
     assert "corrupt.jpg" in caplog.text and "truncated.jpg" in caplog.text
+
+
+def test_images_over_the_services_pixel_limit_are_skipped_from_their_header(tmp_path, caplog):
+    make_image_folder(tmp_path, ["a"], per_class=2)
+    side = math.isqrt(MAX_IMAGE_PIXELS) + 1  # just over the limit; far under PIL's own bomb limit
+    (tmp_path / "a" / "bomb.png").write_bytes(png_claiming(side, side))
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        dataset = ImageDataset(read_class_folder(tmp_path).samples, build_eval_transform(SMALL))
+    assert [p.name for p in dataset.bad_files] == ["bomb.png"]
+    assert len(dataset) == 2
+    assert f"{side}x{side} = {side * side} pixels; the limit is {MAX_IMAGE_PIXELS}" in caplog.text
 
 
 def test_load_failures_in_worker_processes_reach_the_main_process(damaged_folder):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from models.bundle import load_bundle
 from tests.helpers.images import make_image_folder
-from tests.helpers.runs import tiny_config
+from tests.helpers.runs import kill_mid_write, tiny_config
 from training import trainer
 from training.cli import main
 
@@ -90,9 +91,12 @@ def test_interrupted_run_resumes_to_the_same_weights(
     with pytest.raises(KeyboardInterrupt):
         trainer.train(tiny_config(data_root, out))
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 0
+    kill_mid_write(out / "last.pt")  # a second interruption, this time inside the checkpoint write
+    assert [path.name for path in out.glob(".last.pt.*")] != []
     monkeypatch.setattr(trainer, "evaluate_accuracy", real_evaluate)
     result = trainer.train(tiny_config(data_root, out))
     assert result.epochs_run == 1
+    assert list(out.glob(".*")) == [], "the killed write's temporary file outlived the next run"
     final_a = torch.load(baseline_run / "last.pt", weights_only=True)["model"]
     final_b = torch.load(out / "last.pt", weights_only=True)["model"]
     assert_same_weights(final_a, final_b)
@@ -207,12 +211,15 @@ def test_export_refuses_a_calibration_of_other_weights(data_root: Path, tmp_path
 
 
 @pytest.mark.parametrize("text", ["data: [unclosed", "architecture: resnet18\nunknown_key: 1\n"])
-def test_a_broken_config_file_is_one_clear_line(tmp_path: Path, capsys, text: str) -> None:
+def test_a_broken_config_file_is_one_clear_line(tmp_path: Path, capsys, caplog, text: str) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text(text)
+    caplog.set_level(logging.DEBUG)
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mixoe: error:")
+    # The traceback is there for --verbose (debug level) and nowhere else.
+    assert [record.levelno for record in caplog.records if record.exc_info] == [logging.DEBUG]
 
 
 def test_resuming_with_another_configuration_is_refused(baseline_run: Path, data_root: Path) -> None:
