@@ -11,6 +11,12 @@ Back-pressure: the queue is bounded; a request that does not fit is refused at o
 :class:`~service.errors.Overloaded` (HTTP 503 + Retry-After) rather than left to time out.
 Shutdown: :meth:`MicroBatcher.stop` with ``drain=True`` refuses new work and finishes what is
 queued, which is what SIGTERM needs.
+
+Failure: should the worker task itself end with an error (a bug in the batcher or an observer;
+a failing batch function only fails its batch), every request waiting fails with
+:class:`~service.errors.NotReady` naming the error, the batcher refuses new ones, and
+:attr:`MicroBatcher.failure` says why, for readiness and liveness to report it: nothing waits on a
+future that nobody will resolve.
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self._current: list[_Pending[ItemT, ResultT]] = []
         self._worker: asyncio.Task[None] | None = None
         self._accepting = False
+        self.failure: str | None = None
+        """Why the worker task ended on its own (it never does but by a bug), else ``None``."""
 
     @property
     def running(self) -> bool:
@@ -88,7 +96,9 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         if self.running:
             raise RuntimeError(f"batcher {self._name} is already running")
         self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self._name}")
+        self._worker.add_done_callback(self._worker_ended)
         self._accepting = True
+        self.failure = None
 
     async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Refuse new items; with ``drain``, first finish everything queued (at most ``timeout`` s).
@@ -103,9 +113,14 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             except TimeoutError:
                 logger.warning("batcher %s: %d images still queued after %ss", self._name, self._queue.qsize(), timeout)
         if self._worker is not None:
+            self._worker.remove_done_callback(self._worker_ended)
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None
+        self._fail_pending(NotReady(ErrorCode.NOT_READY, "the server is shutting down"))
+
+    def _fail_pending(self, error: Exception) -> None:
+        """Fail the current batch and everything queued with ``error``."""
         abandoned = self._current
         self._current = []
         while not self._queue.empty():
@@ -114,10 +129,20 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             self._observer.queue_changed(-1)
         for pending in abandoned:
             if not pending.future.done():
-                pending.future.set_exception(NotReady(ErrorCode.NOT_READY, "the server is shutting down"))
+                pending.future.set_exception(error)
+
+    def _worker_ended(self, worker: asyncio.Task[None]) -> None:
+        """The worker task ended without :meth:`stop`: refuse new work and fail what is waiting."""
+        error = None if worker.cancelled() else worker.exception()
+        self.failure = f"the batcher of model {self._name} stopped ({'cancelled' if error is None else repr(error)})"
+        self._accepting = False
+        logger.error("%s; failing every request waiting for it", self.failure, exc_info=error)
+        self._fail_pending(NotReady(ErrorCode.NOT_READY, f"{self.failure}; retry on another replica"))
 
     async def submit(self, items: Sequence[ItemT]) -> list[ResultT]:
         """Queue all ``items`` (or none: a request is never half-accepted) and await their results."""
+        if self.failure is not None:
+            raise NotReady(ErrorCode.NOT_READY, f"{self.failure}; retry on another replica")
         if not self._accepting:
             raise NotReady(ErrorCode.NOT_READY, f"model {self._name} is not accepting requests (starting or stopping)")
         free = self._queue.maxsize - self._queue.qsize()
@@ -178,8 +203,8 @@ class MicroBatcher(Generic[ItemT, ResultT]):
     async def _run(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        self._observer.batch_started([started - pending.enqueued_at for pending in batch])
         try:
+            self._observer.batch_started([started - pending.enqueued_at for pending in batch])
             results = await loop.run_in_executor(self._executor, self._run_batch, [pending.item for pending in batch])
             if len(results) != len(batch):
                 raise RuntimeError(

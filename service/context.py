@@ -4,6 +4,11 @@ Start-up loads every selected bundle (hash-checked by ``models.bundle``, and sig
 or digest-pinned as the settings ask; any failure stops the process before it reports ready), warms each model up once, then starts the batchers. Shutdown
 marks the service not ready, lets each batcher finish its queue, then joins the threads.
 
+Readiness (:meth:`ServiceContext.unready_reason`) is false as well while a batcher has failed,
+or while the model process is not answering this worker: after a call that missed its deadline or
+lost its connection, this process pings it every ``_REPING_INTERVAL_S`` (in the inference thread,
+which owns the connection) until it answers again.
+
 All models share ONE inference thread: a GPU runs one batch at a time anyway, and a single
 thread keeps CUDA streams and CPU thread pools from contending. Decoding has its own pool. With
 ``MIXOE_MODEL_PROCESS`` that thread hands each batch to the model process instead
@@ -24,6 +29,7 @@ from models.bundle import Bundle, load_bundle
 from models.trust import BundleTrust, load_public_keys
 from models.nets import resolve_device
 from service.batcher import MicroBatcher
+from service.errors import ServiceError
 from service.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
 from service.metrics import ServiceMetrics, score_buckets
 from service.model_process import HostedModelRunner, ModelProcessClient
@@ -32,6 +38,8 @@ from service.registry import LoadedModel, ModelRegistry, select_bundles
 from service.settings import Settings
 
 logger = logging.getLogger("mixoe.service")
+
+_REPING_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -44,12 +52,15 @@ class ServiceContext:
     decode_pool: ThreadPoolExecutor
     model_process: ModelProcessClient | None = None
     ready: bool = False
+    _watcher: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> ServiceContext:
         # With a model process, this process only checks, decodes and batches: on the CPU, where
         # its bundle copies serve preprocessing and metadata.
-        model_process = ModelProcessClient.from_environment() if settings.uses_model_process else None
+        model_process = (
+            ModelProcessClient.from_environment(settings.model_process_timeout_s) if settings.uses_model_process else None
+        )
         device = torch.device("cpu") if model_process else resolve_device(settings.device)
         if device.type == "cuda" or model_process:
             # The model runs elsewhere; CPU threads only decode and resize, each in its own decode
@@ -73,11 +84,45 @@ class ServiceContext:
             decode_pool.shutdown(wait=False, cancel_futures=True)
             raise
         predictor = Predictor(settings, metrics, decode_pool)
-        return cls(settings, registry, metrics, predictor, inference_pool, decode_pool, model_process, ready=True)
+        context = cls(settings, registry, metrics, predictor, inference_pool, decode_pool, model_process, ready=True)
+        if model_process is not None:
+            context._watcher = asyncio.create_task(context._reping(model_process), name="mixoe-model-process-reping")
+        return context
+
+    @property
+    def batcher_failure(self) -> str | None:
+        """Why a batcher stopped on its own (only a restart mends that), else ``None``."""
+        failures = [model.batcher.failure for model in self.registry if model.batcher.failure]
+        return "; ".join(failures) if failures else None
+
+    def unready_reason(self) -> str | None:
+        """Why this process should get no traffic now; ``None`` when it should."""
+        if not self.ready:
+            return "the service is not ready (models loading or shutting down)"
+        if self.batcher_failure is not None:
+            return self.batcher_failure
+        if self.model_process is not None and not self.model_process.answering:
+            return "the model process is not answering this worker in time"
+        return None
+
+    async def _reping(self, client: ModelProcessClient) -> None:
+        """While ``client`` is not answering, ping in the inference thread until it does."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_REPING_INTERVAL_S)
+            if client.answering:
+                continue
+            try:
+                await loop.run_in_executor(self.inference_pool, client.ping)
+            except ServiceError as error:
+                logger.warning("the model process is still not answering: %s", error.message)
 
     async def stop(self) -> None:
         """Stop intake, finish queued work (bounded by ``shutdown_timeout_s``), release the threads."""
         self.ready = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await asyncio.gather(
             *(model.batcher.stop(drain=True, timeout=self.settings.shutdown_timeout_s) for model in self.registry)
         )

@@ -47,6 +47,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     OVERLOADED = "overloaded"
     NOT_READY = "not_ready"
+    MODEL_TIMEOUT = "model_timeout"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     BAD_REQUEST = "bad_request"
@@ -104,6 +105,10 @@ class NotReady(ServiceError):
     """Models are not loaded yet, or the server is shutting down."""
 
 
+class DeadlineExceeded(ServiceError):
+    """The model did not answer within its deadline (the model process is stalled or swamped)."""
+
+
 class ModelFailure(ServiceError):
     """The model answered with something unusable (NaN or infinite outputs): the server's fault."""
 
@@ -116,6 +121,7 @@ _STATUS: dict[type[ServiceError], int] = {
     Unauthorized: 401,
     Overloaded: 503,
     NotReady: 503,
+    DeadlineExceeded: 504,
     ModelFailure: 500,
 }
 
@@ -123,7 +129,7 @@ def _documented(*statuses: int) -> dict[int | str, dict[str, object]]:
     return {status: {"model": ErrorBody} for status in statuses}
 
 
-ERROR_RESPONSES = _documented(400, 401, 404, 413, 422, 503)
+ERROR_RESPONSES = _documented(400, 401, 404, 413, 422, 503, 504)
 """The error answers of the prediction routes, for their OpenAPI ``responses``."""
 LOOKUP_RESPONSES = _documented(404, 503)
 """The error answers of the model metadata and readiness routes: an unknown model, or not ready."""

@@ -18,11 +18,14 @@ waiting: another model's runs wait for one warm-up batch at most, not for all of
 
 A model is keyed by its bundle's path *and* a digest of its manifest: a version republished in
 place under the same path is another model, never the old one in the new one's name.
+
+Every run the loop takes is owed an answer until it gets one: whatever fails in a step (a batch's
+forward pass, judging it, answering one worker) answers each run still owed, of every worker whose
+run was merged into that batch or the one in flight, with the error; none is left waiting.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -41,17 +44,9 @@ from models.bundle import Bundle, BundleError, OperatingPoint, PendingLogits, lo
 from service.inference import ImageVerdict, ModelRunner, graphs_note, stack_on
 from service.jpeg import decode_plain_jpegs
 from service.logs import log_failure
+from service.protocol import Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request, Run, model_key
 
 logger = logging.getLogger("mixoe.model_process")
-
-ModelKey = tuple[str, str]
-"""``(bundle path, manifest digest)``: which model a worker means (:func:`model_key`)."""
-
-
-def model_key(bundle: Bundle) -> ModelKey:
-    """The key under which the model process holds ``bundle``."""
-    digest = hashlib.sha256(bundle.manifest.model_dump_json().encode()).hexdigest()
-    return str(bundle.path.resolve()), digest
 
 
 class Replies(Protocol):
@@ -76,28 +71,50 @@ _NOBODY = _Nobody()
 
 
 @dataclass(frozen=True)
+class Release:
+    """The worker has disconnected (its reader queues this after all its requests)."""
+
+
+@dataclass(frozen=True)
+class LoadDone:
+    """The loop's own task: ``model`` loaded in the loading thread, still to warm up here."""
+
+    model: ModelKey
+    runner: ModelRunner
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """The loop's own task: ``model`` could not be loaded, for the reason in ``message``."""
+
+    model: ModelKey
+    message: str
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """The loop's own task: the next warm-up batch of ``model``."""
+
+    model: ModelKey
+
+
+Message = Request | Release | LoadDone | LoadFailed | WarmUp
+
+
+@dataclass(frozen=True, eq=False)
 class Task:
-    """One message from a worker; ``("release",)`` once that worker has disconnected; or the
-    loop's own ``("loaded", key, runner)`` / ``("load_failed", key, message)`` / ``("warm", key)``."""
+    """A message and where its answer goes; compared by identity (a task is owed one answer)."""
 
     origin: Replies
-    message: tuple[Any, ...]
-
-    @property
-    def kind(self) -> str:
-        return self.message[0]
-
-    @property
-    def key(self) -> ModelKey:
-        return cast(ModelKey, tuple(self.message[1]))
+    message: Message
 
     @property
     def images(self) -> int:
-        return len(self.message[2]) if self.kind == "run" else 0
+        return len(self.message.images) if isinstance(self.message, Run) else 0
 
 
-def error_reply(error: BaseException) -> tuple[str, str]:
-    return "error", _error_text(error)
+def error_reply(error: BaseException) -> Failed:
+    return Failed(_error_text(error))
 
 
 def _error_text(error: BaseException) -> str:
@@ -127,13 +144,15 @@ class ModelHost:
         self._users: dict[ModelKey, set[Replies]] = {}
         self._loading: dict[ModelKey, list[Replies]] = {}  # workers waiting for a load in progress
         self._warming: dict[ModelKey, _WarmingUp] = {}  # loaded, not yet warm: still in _loading
-        self._handlers: dict[str, Callable[[Task], None]] = {
-            "run": lambda task: self._run(self._gather(task)),
-            "load": self._load,
-            "loaded": self._loaded,
-            "warm": self._warm,
-            "load_failed": self._load_failed,
-            "release": lambda task: self._release(task.origin),
+        self._owed: dict[int, Task] = {}  # runs taken from the queue and not yet answered, by id
+        self._handlers: dict[type, Callable[[Task], None]] = {
+            Run: lambda task: self._run(self._gather(task)),
+            Load: self._load,
+            Ping: lambda task: _send(task.origin, Pong()),
+            LoadDone: self._loaded,
+            WarmUp: self._warm,
+            LoadFailed: self._load_failed,
+            Release: lambda task: self._release(task.origin),
         }
 
     def submit(self, task: Task) -> None:
@@ -153,24 +172,41 @@ class ModelHost:
             task, self._next = self._next, None
         else:
             task = self._tasks.get()
+        kind = type(task.message).__name__
         try:
-            self._handlers[task.kind](task)
+            self._handlers[type(task.message)](task)
         except Exception as error:
-            logger.exception("model process task %r failed", task.kind)
-            if task.origin is not _NOBODY:
+            logger.exception("model process task %s failed", kind)
+            if isinstance(task.message, Run):
+                self._in_flight = None
+                self._fail_owed(error)
+            elif task.origin is not _NOBODY:
                 _send(task.origin, error_reply(error))
+
+    def _fail_owed(self, error: Exception) -> None:
+        """Answer every run still owed an answer with ``error``: a step failed with them in it."""
+        owed, self._owed = list(self._owed.values()), {}
+        for task in owed:
+            _send(task.origin, error_reply(error))
 
     def _gather(self, first: Task) -> list[Task]:
         """``first`` and the runs already queued behind it for the same model, up to
         ``max_batch_size`` images in all. It stops at the first task that does not join, which
         goes next: no task overtakes another."""
         batch = [first]
+        self._owed[id(first)] = first
+        model = _run_of(first).model
         images = first.images
         while images < self._max_batch_size:
             task = self._poll()
             if task is None:
                 break
-            if task.kind == "run" and task.key == first.key and images + task.images <= self._max_batch_size:
+            if (
+                isinstance(task.message, Run)
+                and task.message.model == model
+                and images + task.images <= self._max_batch_size
+            ):
+                self._owed[id(task)] = task
                 batch.append(task)
                 images += task.images
             else:
@@ -189,7 +225,7 @@ class ModelHost:
         self._in_flight = launched
         if self._next is None:
             self._next = self._poll()
-        if self._next is None or self._next.kind != "run":
+        if self._next is None or not isinstance(self._next.message, Run):
             self._answer_in_flight()
 
     def _poll(self) -> Task | None:
@@ -201,17 +237,18 @@ class ModelHost:
 
     def _launch(self, batch: list[Task]) -> _InFlight | None:
         """Start ``batch``'s forward pass; ``None`` (each worker told why) if that fails."""
+        runs = [_run_of(task) for task in batch]
         try:
-            runner = self._runners.get(batch[0].key)
+            runner = self._runners.get(runs[0].model)
             if runner is None:
-                raise RuntimeError(f"model {batch[0].key[0]} is not loaded (send a load request first)")
-            crops = self._crops(runner.bundle, [image for task in batch for image in task.message[2]])
-            points = [runner.bundle.operating_point(target) for task in batch for target in task.message[3]]
-            top_ks = [top_k for task in batch for top_k in task.message[4]]
+                raise RuntimeError(f"model {runs[0].model[0]} is not loaded (send a load request first)")
+            crops = self._crops(runner.bundle, [image for run in runs for image in run.images])
+            points = [point for run in runs for point in run.points]
+            top_ks = [top_k for run in runs for top_k in run.top_ks]
             rows = [row for row, crop in enumerate(crops) if crop is not None]
             pending = runner.start(stack_on(self._device, [cast(Tensor, crops[row]) for row in rows])) if rows else None
         except Exception as error:
-            _fail_batch(batch, error)
+            self._fail_batch(batch, error)
             return None
         return _InFlight(batch, runner, pending, rows, [points[row] for row in rows], [top_ks[row] for row in rows])
 
@@ -225,7 +262,7 @@ class ModelHost:
             try:
                 decided = flight.runner.judge(flight.pending, flight.points, flight.top_ks)
             except Exception as error:
-                _fail_batch(flight.batch, error)
+                self._fail_batch(flight.batch, error)
                 return
             for row, verdict in zip(flight.rows, decided, strict=True):
                 verdicts[row] = verdict
@@ -233,8 +270,19 @@ class ModelHost:
                 self._batch_sizes.observe(len(flight.rows))
         start = 0
         for task in flight.batch:
-            _send(task.origin, ("ok", verdicts[start : start + task.images]))
+            self._answer(task, Judged(verdicts[start : start + task.images]))
             start += task.images
+
+    def _answer(self, task: Task, reply: Reply) -> None:
+        """Answer a run: it is owed nothing more (still owed if sending fails other than on a
+        closed connection: the step's failure then answers it)."""
+        _send(task.origin, reply)
+        del self._owed[id(task)]
+
+    def _fail_batch(self, batch: list[Task], error: Exception) -> None:
+        logger.exception("batch of %d requests failed", len(batch), exc_info=error)
+        for task in batch:
+            self._answer(task, error_reply(error))
 
     def _crops(self, bundle: Bundle, images: list[np.ndarray | bytes]) -> list[Tensor | None]:
         """Each image as the model's uint8 crop: arrays as they came, JPEGs decoded here in one
@@ -247,10 +295,11 @@ class ModelHost:
         return crops
 
     def _load(self, task: Task) -> None:
-        key = task.key
+        assert isinstance(task.message, Load)
+        key = task.message.model
         if key in self._runners:
             self._users[key].add(task.origin)
-            _send(task.origin, ("ok", self._decodes_jpeg))
+            _send(task.origin, Loaded(self._decodes_jpeg))
         elif key in self._loading:
             self._loading[key].append(task.origin)
         else:
@@ -267,18 +316,21 @@ class ModelHost:
             runner = ModelRunner.for_device(bundle, self._max_batch_size, self._cuda_graphs)
         except Exception as error:
             log_failure(logger, f"model process could not load {path}", error)
-            self.submit(Task(_NOBODY, ("load_failed", key, _error_text(error))))
+            self.submit(Task(_NOBODY, LoadFailed(key, _error_text(error))))
             return
-        self.submit(Task(_NOBODY, ("loaded", key, runner)))
+        self.submit(Task(_NOBODY, LoadDone(key, runner)))
 
     def _loaded(self, task: Task) -> None:
-        runner = cast(ModelRunner, task.message[2])
-        self._warming[task.key] = _WarmingUp(runner, list(runner.warm_up_sizes))
-        self.submit(Task(_NOBODY, ("warm", task.key)))
+        assert isinstance(task.message, LoadDone)
+        runner = task.message.runner
+        self._warming[task.message.model] = _WarmingUp(runner, list(runner.warm_up_sizes))
+        self.submit(Task(_NOBODY, WarmUp(task.message.model)))
 
     def _warm(self, task: Task) -> None:
         """One warm-up batch of a model just loaded; the next is queued behind the runs waiting."""
-        key, warming = task.key, self._warming[task.key]
+        assert isinstance(task.message, WarmUp)
+        key = task.message.model
+        warming = self._warming[key]
         if not self._loading[key]:  # every worker that asked has gone meanwhile
             self._discard_load(key)
             return
@@ -303,14 +355,15 @@ class ModelHost:
         self._runners[key] = warming.runner
         self._users[key] = set(waiting)
         for origin in waiting:
-            _send(origin, ("ok", self._decodes_jpeg))
+            _send(origin, Loaded(self._decodes_jpeg))
 
     def _load_failed(self, task: Task) -> None:
-        self._fail_load(task.key, task.message[2])
+        assert isinstance(task.message, LoadFailed)
+        self._fail_load(task.message.model, task.message.message)
 
     def _fail_load(self, key: ModelKey, message: str) -> None:
         for origin in self._discard_load(key):
-            _send(origin, ("error", message))
+            _send(origin, Failed(message))
 
     def _discard_load(self, key: ModelKey) -> list[Replies]:
         """Give up ``key``'s load, freeing what it holds: the workers that were waiting for it."""
@@ -360,13 +413,12 @@ class _WarmingUp:
     started: float = field(default_factory=time.perf_counter)
 
 
-def _fail_batch(batch: list[Task], error: Exception) -> None:
-    logger.exception("batch of %d requests failed", len(batch), exc_info=error)
-    for task in batch:
-        _send(task.origin, error_reply(error))
+def _run_of(task: Task) -> Run:
+    assert isinstance(task.message, Run)
+    return task.message
 
 
-def _send(origin: Replies, reply: tuple[str, Any]) -> None:
+def _send(origin: Replies, reply: Reply) -> None:
     """Answer a worker; one that has gone away meanwhile is released when its reader sees it."""
     try:
         origin.send(reply)

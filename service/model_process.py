@@ -10,17 +10,13 @@ arrives from all of them into batches of up to ``max_batch_size`` images, runs t
 :class:`~service.inference.ModelRunner` (so verdicts are the in-process ones), and answers each
 worker with its share (:mod:`service.model_host` is its loop).
 
-Protocol: pickled tuples over :mod:`multiprocessing.connection`, one call at a time per
-connection (a worker's single inference thread owns its connection):
-
-* ``("load", key)`` -> ``("ok", decodes_jpeg)``: load and warm up the model unless it is loaded
-  already (``key``: :func:`~service.model_host.model_key`); ``decodes_jpeg`` says whether to send
-  plain JPEGs undecoded (see below);
-* ``("run", key, images, targets, top_ks)`` -> ``("ok", verdicts)``: image ``i`` judged at
-  operating point ``targets[i]`` with ``top_ks[i]`` classes; each image a uint8 crop (3, S, S)
-  as a numpy array, or a plain JPEG's bytes; a verdict is ``None`` where the JPEG decoder refused
-  the file (the worker then lets PIL, the reference decoder, decide: see ``service.predictor``);
-* any failure -> ``("error", message)``.
+Protocol: the typed messages of :mod:`service.protocol`, one call at a time per connection (a
+worker's single inference thread owns its connection). Every call has a deadline: a run
+``MIXOE_MODEL_PROCESS_TIMEOUT_S``, a load (which includes the warm-up) ``_LOAD_TIMEOUT_S``, a
+connection's handshake ``_HANDSHAKE_TIMEOUT_S``. A call past its deadline fails its requests with a
+504 (:class:`~service.errors.DeadlineExceeded`), a connection that breaks with a 503; the worker
+then drops the connection (a late answer would be taken for the next call's), reports not ready,
+and pings until the model process answers again (:class:`~service.context.ServiceContext`).
 
 On a GPU with ``MIXOE_GPU_JPEG_DECODE=true`` workers send plain JPEGs undecoded: this
 process decodes each batch's JPEGs in one nvjpeg call and resizes them on the GPU, so the workers'
@@ -34,12 +30,18 @@ and tells the workers where to connect through two environment variables. The pr
 SIGINT, SIGTERM and SIGHUP, which a terminal, an init system or ``kill`` may send to the whole
 process group: the workers are still draining their queues through it then. It exits when the
 parent closes the control pipe, which the parent does once the workers have stopped, and the
-operating system does if the parent dies. If it dies, the parent stops the service with exit
-status 1, so that a supervisor restarts the whole.
+operating system does if the parent dies. If it dies, or stops answering the parent's
+heartbeat (a :class:`~service.protocol.Ping` every ``HEARTBEAT_INTERVAL_S``, through the loop that runs
+the batches) for ``MIXOE_MODEL_PROCESS_TIMEOUT_S`` (the parent then kills it), the parent stops
+the service with exit status 1, so that a supervisor restarts the whole: a hang is noticed within
+that timeout plus ``HEARTBEAT_INTERVAL_S``. The workers' connections then break, and every request
+still waiting on it gets a 503. The model process is not restarted in place: the workers hold
+models loaded in it, and a GPU may free a killed process's memory only later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -52,19 +54,23 @@ import struct
 import tempfile
 import threading
 import time
-from multiprocessing.connection import Client, Connection, Listener
+from collections.abc import Callable
+from multiprocessing.connection import Connection, Listener
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import torch
 
 from models.bundle import Bundle
 from models.nets import resolve_device
-from service.errors import ErrorCode, NotReady
+from service.errors import DeadlineExceeded, ErrorCode, ModelFailure, NotReady, ServiceError
 from service.inference import ImageJob, ImageVerdict
 from service.logs import configure_logging
 from service.metrics import model_process_batch_size
-from service.model_host import ModelHost, ModelKey, Task, model_key
+from service.model_host import ModelHost, Release, Task
+from service.protocol import (
+    REQUESTS, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request, Run, model_key,
+)
 from service.settings import Settings
 
 logger = logging.getLogger("mixoe.model_process")
@@ -74,7 +80,9 @@ KEY_VARIABLE = "_MIXOE_MODEL_PROCESS_KEY"
 _START_TIMEOUT_S = 120.0
 _HANDSHAKE_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
-_REQUEST_LENGTHS = {("load",): 2, ("run",): 5}  # what a worker may send, and its length
+_LOAD_TIMEOUT_S = 120.0  # a load includes the warm-up: one batch per padded size, about 2 s each on a GPU
+HEARTBEAT_INTERVAL_S = 1.0
+ReplyT = TypeVar("ReplyT", Loaded, Judged, Pong)
 
 
 class HostedModelRunner:
@@ -89,8 +97,8 @@ class HostedModelRunner:
 
     def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict | None]:
         images = [job.pixels if isinstance(job.pixels, bytes) else job.pixels.numpy() for job in jobs]
-        targets = [job.operating_point.target_id_acceptance for job in jobs]
-        return self._client.call(("run", self._key, images, targets, [job.top_k for job in jobs]))
+        run = Run(self._key, images, [job.operating_point for job in jobs], [job.top_k for job in jobs])
+        return self._client.run(run)
 
     def warm_up(self) -> None:
         """Have the model process load (and warm up) this model, unless another worker did."""
@@ -100,66 +108,126 @@ class HostedModelRunner:
 class ModelProcessClient:
     """A worker's connection to the model process, opened on first use; one thread at a time.
 
-    It remembers the models it loaded: after a reconnection it loads them again first, since the
-    model process counts its users per connection."""
+    Every call has a deadline (``timeout_s`` for a run or a ping). A call that misses it, or whose
+    connection breaks, drops the connection and sets :attr:`answering` false until a later call
+    succeeds. It remembers the models it loaded: after a reconnection it loads them again first,
+    since the model process counts its users per connection."""
 
-    def __init__(self, address: str, key: bytes):
+    def __init__(self, address: str, key: bytes, timeout_s: float):
         self._address = address
         self._key = key
+        self._timeout_s = timeout_s
         self._connection: Connection | None = None
         self._loaded: set[ModelKey] = set()
+        self.answering = True
 
     @classmethod
-    def from_environment(cls) -> ModelProcessClient:
+    def from_environment(cls, timeout_s: float) -> ModelProcessClient:
         address, key = os.environ.get(ADDRESS_VARIABLE), os.environ.get(KEY_VARIABLE)
         if not address or not key:
             raise RuntimeError(
                 "MIXOE_MODEL_PROCESS is set but no model process is running: mixoe-serve starts it "
                 f"(the app found no {ADDRESS_VARIABLE} / {KEY_VARIABLE})"
             )
-        return cls(address, bytes.fromhex(key))
+        return cls(address, bytes.fromhex(key), timeout_s)
 
     def load(self, model: ModelKey) -> bool:
         """Load ``model`` in the model process; whether to send it plain JPEGs undecoded."""
-        decodes_jpeg = bool(self.call(("load", model)))
+        loaded = self._call(Load(model), Loaded, _LOAD_TIMEOUT_S)
         self._loaded.add(model)
-        return decodes_jpeg
+        return loaded.decodes_jpeg
 
-    def call(self, message: tuple[Any, ...]) -> Any:
-        if self._connection is None:
-            self._connection = self._connect()
-        return self._exchange(self._connection, message)
+    def run(self, run: Run) -> list[ImageVerdict | None]:
+        verdicts = self._call(run, Judged, self._timeout_s).verdicts
+        if len(verdicts) != len(run.images):
+            raise ModelFailure(
+                ErrorCode.INTERNAL_ERROR, f"the model process answered {len(verdicts)} verdicts for {len(run.images)} images"
+            )
+        return verdicts
+
+    def ping(self) -> None:
+        """Return once the model process's batch loop has answered (within the deadline)."""
+        self._call(Ping(), Pong, self._timeout_s)
 
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
 
+    def _call(self, request: Request, expected: type[ReplyT], timeout_s: float) -> ReplyT:
+        if self._connection is None:
+            self._connection = self._connect()
+        reply = self._exchange(self._connection, request, timeout_s)
+        self.answering = True
+        if isinstance(reply, Failed):
+            raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"the model process failed: {reply.message}")
+        if not isinstance(reply, expected):
+            self._drop(self._connection)
+            raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"the model process answered {reply!r:.80} to {request!r:.80}")
+        return reply
+
     def _connect(self) -> Connection:
         try:
-            connection = Client(self._address, family="AF_UNIX", authkey=self._key)
+            connection = _open(self._address, self._key, self._timeout_s)
         except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
+            self.answering = False
             raise _not_answering(error) from None
         try:
             for model in self._loaded:
-                self._exchange(connection, ("load", model))
+                self._exchange(connection, Load(model), _LOAD_TIMEOUT_S)
         except BaseException:
             connection.close()
             raise
         return connection
 
-    def _exchange(self, connection: Connection, message: tuple[Any, ...]) -> Any:
+    def _exchange(self, connection: Connection, request: Request, timeout_s: float) -> Reply:
+        """Send ``request`` and wait at most ``timeout_s`` for its reply; sending, and reading a
+        reply that has begun to arrive, are bounded by the socket's own timeouts (:func:`_open`)."""
         try:
-            connection.send(message)
-            status, value = connection.recv()
+            connection.send(request)
+            if not connection.poll(timeout_s):
+                self._drop(connection)
+                raise DeadlineExceeded(
+                    ErrorCode.MODEL_TIMEOUT, f"the model process did not answer within {timeout_s:g} s"
+                )
+            reply: Reply = connection.recv()
         except (EOFError, OSError) as error:
-            connection.close()
-            if connection is self._connection:
-                self._connection = None
+            self._drop(connection)
             raise _not_answering(error) from None
-        if status != "ok":
-            raise RuntimeError(f"model process: {value}")
-        return value
+        return reply
+
+    def _drop(self, connection: Connection) -> None:
+        """Forget a connection whose next message cannot be trusted to answer the next call."""
+        connection.close()
+        if connection is self._connection:
+            self._connection = None
+        self.answering = False
+
+
+def _open(address: str, key: bytes, timeout_s: float) -> Connection:
+    """An authenticated connection whose every send and receive fails (``OSError``) after
+    ``timeout_s`` without progress, so that a stalled peer blocks no call for longer: kernel
+    socket timeouts (``settimeout`` would make the socket non-blocking, which
+    :class:`~multiprocessing.connection.Connection` does not expect)."""
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.setblocking(True)
+        _set_timeouts(raw, timeout_s)
+        raw.connect(address)
+        connection = Connection(raw.detach())
+    try:
+        multiprocessing.connection.answer_challenge(connection, key)
+        multiprocessing.connection.deliver_challenge(connection, key)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _set_timeouts(raw: socket.socket, timeout_s: float, options: tuple[int, ...] = (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)) -> None:
+    seconds = int(timeout_s)
+    packed = struct.pack("ll", seconds, int((timeout_s - seconds) * 1_000_000))
+    for option in options:
+        raw.setsockopt(socket.SOL_SOCKET, option, packed)
 
 
 def _not_answering(error: BaseException) -> NotReady:
@@ -168,14 +236,17 @@ def _not_answering(error: BaseException) -> NotReady:
 
 
 class ModelProcess:
-    """The parent's handle on the model process: start it, publish its address, notice if it dies.
+    """The parent's handle on the model process: start it, publish its address, notice if it
+    dies or hangs.
 
     :meth:`start` starts the process and waits until it listens; :meth:`stop` stops it. If it
-    exits while the service runs, the parent sends itself SIGTERM (the server drains and stops)
+    exits while the service runs, or misses a heartbeat's deadline (it is then killed),
+    ``on_failure`` runs (by default the parent sends itself SIGTERM: the server drains and stops)
     and :attr:`died` says so, for ``mixoe-serve`` to exit with a failure status."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, on_failure: Callable[[], None] | None = None):
         self._settings = settings
+        self._on_failure = on_failure or (lambda: os.kill(os.getpid(), signal.SIGTERM))
         self._directory: tempfile.TemporaryDirectory[str] | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._control: Connection | None = None
@@ -209,7 +280,8 @@ class ModelProcess:
             raise RuntimeError(f"the model process exited at start (status {self._process.exitcode})") from None
         os.environ[ADDRESS_VARIABLE] = address
         os.environ[KEY_VARIABLE] = key.hex()
-        threading.Thread(target=self._watch, name="mixoe-model-process-watch", daemon=True).start()
+        heartbeat = ModelProcessClient(address, key, self._settings.model_process_timeout_s)
+        threading.Thread(target=self._watch, args=(heartbeat,), name="mixoe-model-process-watch", daemon=True).start()
 
     def stop(self) -> None:
         """Stop the process (its workers have stopped: nothing is lost) and forget its address."""
@@ -229,19 +301,31 @@ class ModelProcess:
         if self._finalizer is not None:
             self._finalizer.cancel()
 
-    def _watch(self) -> None:
-        assert self._process is not None
-        # Waiting on the sentinel, not join(): stop() reaps the process.
-        multiprocessing.connection.wait([self._process.sentinel])
-        if self._stopping.is_set():
-            return
+    def _watch(self, heartbeat: ModelProcessClient) -> None:
+        """Until :meth:`stop`: wait ``HEARTBEAT_INTERVAL_S`` for the process to exit, else ping it."""
+        process = self._process
+        assert process is not None
+        with contextlib.closing(heartbeat):
+            while True:
+                # Waiting on the sentinel, not join(): stop() reaps the process.
+                exited = multiprocessing.connection.wait([process.sentinel], HEARTBEAT_INTERVAL_S)
+                if self._stopping.is_set():
+                    return
+                if exited:
+                    process.join(1)  # reaped, for its exit status
+                    what = f"exited with status {process.exitcode}"
+                    break
+                try:
+                    heartbeat.ping()
+                except ServiceError as error:
+                    if self._stopping.is_set():  # stop() closed it meanwhile
+                        return
+                    process.kill()
+                    what = f"stopped answering ({error.message}), so it was killed"
+                    break
         self.died = True
-        self._process.join(1)  # reaped, for its exit status
-        logger.error(
-            "the model process (pid %s) exited with status %s; stopping the service",
-            self._process.pid, self._process.exitcode,
-        )
-        os.kill(os.getpid(), signal.SIGTERM)
+        logger.error("the model process (pid %s) %s; stopping the service", process.pid, what)
+        self._on_failure()
 
 
 def _serve(settings: Settings, address: str, key: bytes, control: Connection) -> None:
@@ -299,10 +383,10 @@ def _receive(connection: Connection, key: bytes, host: ModelHost) -> None:
             # description non-blocking, and so may creating this object: undone at once): a
             # stalled read fails with an OSError.
             raw.setblocking(True)
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(_HANDSHAKE_TIMEOUT_S), 0))
+            _set_timeouts(raw, _HANDSHAKE_TIMEOUT_S, (socket.SO_RCVTIMEO,))
             multiprocessing.connection.deliver_challenge(connection, key)
             multiprocessing.connection.answer_challenge(connection, key)
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+            _set_timeouts(raw, 0, (socket.SO_RCVTIMEO,))
     except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
         logger.warning("model process refused a connection: %r", error)
         connection.close()
@@ -310,12 +394,12 @@ def _receive(connection: Connection, key: bytes, host: ModelHost) -> None:
     try:
         while True:
             message = connection.recv()
-            if not (isinstance(message, tuple) and _REQUEST_LENGTHS.get(message[:1]) == len(message)):
+            if not isinstance(message, REQUESTS):
                 raise ValueError(f"not a request: {message!r:.80}")
             host.submit(Task(connection, message))
     except (EOFError, OSError):
         pass
     except Exception:
         logger.exception("model process dropped a worker's connection")
-    host.submit(Task(connection, ("release",)))  # the loop closes the connection: it writes to it
+    host.submit(Task(connection, Release()))  # the loop closes the connection: it writes to it
 

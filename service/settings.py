@@ -92,6 +92,15 @@ class Settings(BaseSettings):
         "the supervisor's ping, or is not serving this long after a restart (SIGHUP), is killed and replaced; a "
         "worker that died goes unnoticed up to this long.",
     )
+    model_process_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="With a model process: the deadline of each batch a worker hands it (past it the batch's "
+        "requests get 504 and the worker reports not ready until the model process answers again), and how long "
+        "it may fail to answer a heartbeat before the service stops with exit status 1 for the orchestrator to "
+        "restart it (a hang is noticed within this plus 1 s). Must exceed the longest batch, and a warm-up batch.",
+    )
 
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most images per model batch.")
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill up.")

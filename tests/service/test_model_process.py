@@ -32,8 +32,9 @@ from service.errors import ErrorCode, InvalidInput, NotReady
 from service.inference import ImageJob, ImageVerdict, ModelRunner
 from service.local import LocalServer, log_entries, start_local_server
 from service.metrics import ServiceMetrics, score_buckets
-from service.model_host import ModelHost, ModelKey, Task, model_key
+from service.model_host import LoadDone, ModelHost, Release, Task
 from service.model_process import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcess, ModelProcessClient
+from service.protocol import Failed, Judged, Load, Loaded, ModelKey, Reply, Run, model_key
 from service.predictor import Predictor, Upload
 from service.registry import LoadedModel
 from service.settings import Settings
@@ -46,15 +47,21 @@ class Inbox:
     """Stands in for a worker's connection: keeps what the host sends it."""
 
     def __init__(self) -> None:
-        self.replies: list[tuple[str, Any]] = []
+        self.replies: list[Reply] = []
         self.closed = False
 
-    def send(self, reply: tuple[str, Any]) -> None:
+    def send(self, reply: Reply) -> None:
         assert not self.closed, "answered after its release"
         self.replies.append(reply)
 
     def close(self) -> None:
         self.closed = True
+
+
+def verdicts_in(inbox: Inbox) -> list[list[ImageVerdict | None]]:
+    """The verdicts of each of ``inbox``'s replies, which must all be :class:`Judged`."""
+    assert all(isinstance(reply, Judged) for reply in inbox.replies), inbox.replies
+    return [reply.verdicts for reply in inbox.replies if isinstance(reply, Judged)]
 
 
 def crops(bundle: Bundle, tiny: TinyModel, roles: tuple[str, ...]) -> list[np.ndarray]:
@@ -70,8 +77,8 @@ def jpeg(tiny: TinyModel, role: str) -> bytes:
     return encoded.getvalue()
 
 
-def run(model: ModelKey, images: list[Any], target: float = 0.95, top_k: int = 2) -> tuple[Any, ...]:
-    return ("run", model, images, [target] * len(images), [top_k] * len(images))
+def run(bundle: Bundle, images: list[Any], target: float = 0.95, top_k: int = 2) -> Run:
+    return Run(model_key(bundle), images, [bundle.operating_point(target)] * len(images), [top_k] * len(images))
 
 
 def host_with_batches(max_batch_size: int, decodes_jpeg: bool = False) -> tuple[ModelHost, Histogram]:
@@ -83,7 +90,7 @@ def load(host: ModelHost, model: ModelKey, inbox: Inbox) -> None:
     """Ask for ``model`` and run the host's tasks until it answers: a first load runs in a thread
     of its own, whose end is a task, and each warm-up batch is one more."""
     answered = len(inbox.replies)
-    host.submit(Task(inbox, ("load", model)))
+    host.submit(Task(inbox, Load(model)))
     for _ in range(10):
         host.step()
         if len(inbox.replies) > answered:
@@ -94,7 +101,7 @@ def load(host: ModelHost, model: ModelKey, inbox: Inbox) -> None:
 def loaded_by(host: ModelHost, model: ModelKey, *inboxes: Inbox, decodes_jpeg: bool = False) -> None:
     for inbox in inboxes:
         load(host, model, inbox)
-        assert inbox.replies.pop() == ("ok", decodes_jpeg)
+        assert inbox.replies.pop() == Loaded(decodes_jpeg)
 
 
 def batch_total(batches: Histogram, suffix: str = "_count") -> float:
@@ -115,13 +122,13 @@ def test_runs_waiting_together_merge_into_one_batch_with_the_in_process_verdicts
     host, batches = host_with_batches(max_batch_size=8)
     first, second = Inbox(), Inbox()
     loaded_by(host, model_key(bundle), first, second)
-    host.submit(Task(first, run(model_key(bundle), crops(bundle, tiny, ROLES[:2]))))
-    host.submit(Task(second, run(model_key(bundle), crops(bundle, tiny, ROLES[2:]), target=0.9, top_k=1)))
+    host.submit(Task(first, run(bundle, crops(bundle, tiny, ROLES[:2]))))
+    host.submit(Task(second, run(bundle, crops(bundle, tiny, ROLES[2:]), target=0.9, top_k=1)))
     host.step()  # one step answers both
     assert batch_total(batches) == 1
-    [(status, verdicts)] = first.replies
-    [(other_status, other_verdicts)] = second.replies
-    assert status == other_status == "ok" and len(verdicts) == 2 and len(other_verdicts) == 1
+    [verdicts] = verdicts_in(first)
+    [other_verdicts] = verdicts_in(second)
+    assert len(verdicts) == 2 and len(other_verdicts) == 1
     # Each worker's rows are judged at its own operating point and top-k, as in its own process.
     reference = ModelRunner(bundle)
     expected = reference(
@@ -142,9 +149,9 @@ def test_a_run_that_would_overflow_the_batch_or_needs_another_model_goes_next(
     first, second, third = Inbox(), Inbox(), Inbox()
     loaded_by(host, model_key(bundle), first, second)
     loaded_by(host, model_key(load_bundle(other.path)), third)
-    host.submit(Task(first, run(model_key(bundle), crops(bundle, tiny, ROLES))))  # 3 images
-    host.submit(Task(second, run(model_key(bundle), crops(bundle, tiny, ROLES[:2]))))  # 3 + 2 > 4
-    host.submit(Task(third, run(model_key(load_bundle(other.path)), crops(bundle, tiny, ROLES[:1]))))
+    host.submit(Task(first, run(bundle, crops(bundle, tiny, ROLES))))  # 3 images
+    host.submit(Task(second, run(bundle, crops(bundle, tiny, ROLES[:2]))))  # 3 + 2 > 4
+    host.submit(Task(third, run(load_bundle(other.path), crops(bundle, tiny, ROLES[:1]))))
     # While runs keep coming, a batch is answered once the next one has been launched.
     host.step()
     assert [len(first.replies), len(second.replies), len(third.replies)] == [0, 0, 0]
@@ -171,14 +178,14 @@ def test_a_batch_in_flight_that_fails_fails_only_its_own_runs(
         return real_judge(runner, *args)
 
     monkeypatch.setattr(ModelRunner, "judge", judge_failing_first)
-    host.submit(Task(first, run(model_key(bundle), crops(bundle, tiny, ROLES))))  # a full batch
-    host.submit(Task(second, run(model_key(bundle), crops(bundle, tiny, ROLES[:1]))))
+    host.submit(Task(first, run(bundle, crops(bundle, tiny, ROLES))))  # a full batch
+    host.submit(Task(second, run(bundle, crops(bundle, tiny, ROLES[:1]))))
     host.step()  # the first batch in flight, the second next in line
     assert first.replies == [] and second.replies == []
     host.step()  # the second launched, the first failing as it is judged; nothing next: the second answered
-    assert first.replies == [("error", "RuntimeError: CUDA error: an illegal memory access was encountered")]
-    [(status, verdicts)] = second.replies
-    assert status == "ok" and len(verdicts) == 1
+    assert first.replies == [Failed("RuntimeError: CUDA error: an illegal memory access was encountered")]
+    [verdicts] = verdicts_in(second)
+    assert len(verdicts) == 1
 
 
 def test_jpegs_are_decoded_in_the_model_process_and_one_its_decoder_refuses_comes_back_as_none(
@@ -189,10 +196,10 @@ def test_jpegs_are_decoded_in_the_model_process_and_one_its_decoder_refuses_come
     loaded_by(host, model_key(bundle), inbox, decodes_jpeg=True)  # the worker learns to send JPEGs undecoded
     truncated = jpeg(tiny, "rejected")[:300]
     images = [jpeg(tiny, "accepted"), *crops(bundle, tiny, ("borderline",)), truncated]
-    host.submit(Task(inbox, run(model_key(bundle), images)))
+    host.submit(Task(inbox, run(bundle, images)))
     host.step()
-    [(status, (decoded, cropped, refused))] = inbox.replies
-    assert status == "ok" and refused is None
+    [[decoded, cropped, refused]] = verdicts_in(inbox)
+    assert refused is None
     assert batch_total(batches, "_sum") == 2  # the refused file never reached the model
     # On the CPU torchvision decodes a plain JPEG exactly as PIL does: the same verdict as the crop
     # a worker would have made of it.
@@ -276,20 +283,20 @@ def test_a_model_still_loading_holds_up_no_run_of_another(
     monkeypatch.setattr(
         ModelRunner, "for_device", lambda bundle, max_batch_size, cuda_graphs: ModelRunner(bundle, [1, 2, 4])
     )
-    host.submit(Task(rolling, ("load", model_key(load_bundle(other.path)))))
+    host.submit(Task(rolling, Load(model_key(load_bundle(other.path)))))
     host.step()  # the load starts, in its own thread
-    host.submit(Task(serving, run(model_key(bundle), crops(bundle, tiny, ROLES))))
+    host.submit(Task(serving, run(bundle, crops(bundle, tiny, ROLES))))
     host.step()
-    assert [status for status, _ in serving.replies] == ["ok"] and rolling.replies == []
+    assert [type(reply) for reply in serving.replies] == [Judged] and rolling.replies == []
     release_load.set()
     host.step()  # loaded: its warm-up is queued
-    host.submit(Task(serving, run(model_key(bundle), crops(bundle, tiny, ROLES))))
+    host.submit(Task(serving, run(bundle, crops(bundle, tiny, ROLES))))
     host.step()  # the first warm-up batch; the next one queues behind the run waiting meanwhile
     host.step()
-    assert [status for status, _ in serving.replies] == ["ok", "ok"] and rolling.replies == []
+    assert [type(reply) for reply in serving.replies] == [Judged, Judged] and rolling.replies == []
     host.step()
     host.step()
-    assert rolling.replies == [("ok", False)]
+    assert rolling.replies == [Loaded(False)]
 
 
 def test_the_warm_up_runs_in_the_thread_that_serves(
@@ -324,39 +331,39 @@ def test_workers_waiting_on_one_load_get_one_copy_and_one_that_left_meanwhile_ge
 
     monkeypatch.setattr(service.model_host, "load_bundle", counted_load)
     for inbox in (first, second, third):
-        host.submit(Task(inbox, ("load", model_key(bundle))))
+        host.submit(Task(inbox, Load(model_key(bundle))))
         host.step()
-    host.submit(Task(second, ("release",)))
+    host.submit(Task(second, Release()))
     host.step()
     host.step()  # the load's end
     host.step()  # its warm-up (one batch size on a CPU)
     assert loads == [tiny.path] and second.closed and second.replies == []
-    assert first.replies == third.replies == [("ok", False)]
+    assert first.replies == third.replies == [Loaded(False)]
     for inbox in (first, third):
-        host.submit(Task(inbox, ("release",)))
+        host.submit(Task(inbox, Release()))
         host.step()
     assert host.loaded == []
     # Everyone gone before the load ends: the model is dropped as soon as it is loaded.
-    host.submit(Task(first, ("load", model_key(bundle))))
+    host.submit(Task(first, Load(model_key(bundle))))
     host.step()
-    host.submit(Task(first, ("release",)))
+    host.submit(Task(first, Release()))
     host.step()
     host.step()  # the load's end
     host.step()  # its warm-up, given up: nobody is waiting
     assert host.loaded == [] and len(loads) == 2
     again = Inbox()
     load(host, model_key(bundle), again)  # loaded afresh, not stuck behind the load given up
-    assert again.replies == [("ok", False)] and len(loads) == 3
+    assert again.replies == [Loaded(False)] and len(loads) == 3
 
 
 def test_a_model_is_released_when_the_last_worker_that_loaded_it_disconnects(tiny: TinyModel, bundle: Bundle) -> None:
     host, _ = host_with_batches(max_batch_size=4)
     first, second = Inbox(), Inbox()
     loaded_by(host, model_key(bundle), first, second)
-    host.submit(Task(first, ("release",)))
+    host.submit(Task(first, Release()))
     host.step()
     assert host.loaded == [model_key(bundle)]
-    host.submit(Task(second, ("release",)))
+    host.submit(Task(second, Release()))
     host.step()
     assert host.loaded == []
 
@@ -366,7 +373,7 @@ def test_a_run_for_a_model_nobody_loaded_or_a_broken_bundle_is_an_error_answer(
 ) -> None:
     host, _ = host_with_batches(max_batch_size=4)
     inbox = Inbox()
-    host.submit(Task(inbox, run(model_key(bundle), crops(bundle, tiny, ROLES[:1]))))
+    host.submit(Task(inbox, run(bundle, crops(bundle, tiny, ROLES[:1]))))
     host.step()
     broken = build_tiny_bundle(tmp_path / "repository")
     broken_key = model_key(load_bundle(broken.path))
@@ -374,10 +381,11 @@ def test_a_run_for_a_model_nobody_loaded_or_a_broken_bundle_is_an_error_answer(
     load(host, broken_key, inbox)
     republished = (str(tiny.path), "0" * 64)  # the path the worker loaded, but another manifest now
     load(host, republished, inbox)
-    [(status, message), (load_status, load_message), (changed_status, changed_message)] = inbox.replies
-    assert status == "error" and "not loaded" in message
-    assert load_status == "error" and "weights.safetensors" in load_message
-    assert changed_status == "error" and "changed on disk" in changed_message
+    assert all(isinstance(reply, Failed) for reply in inbox.replies)
+    [message, load_message, changed_message] = [reply.message for reply in inbox.replies if isinstance(reply, Failed)]
+    assert "not loaded" in message
+    assert "weights.safetensors" in load_message
+    assert "changed on disk" in changed_message
     assert host.loaded == []
 
 
@@ -385,13 +393,14 @@ def test_a_worker_without_a_model_process_is_told_how_to_get_one(monkeypatch: py
     monkeypatch.delenv(ADDRESS_VARIABLE, raising=False)
     monkeypatch.delenv(KEY_VARIABLE, raising=False)
     with pytest.raises(RuntimeError, match="mixoe-serve starts it"):
-        ModelProcessClient.from_environment()
+        ModelProcessClient.from_environment(timeout_s=10)
 
 
 def test_a_model_process_that_does_not_answer_is_a_503_not_a_500(tmp_path: Path) -> None:
-    client = ModelProcessClient(str(tmp_path / "no-socket-here"), b"key")
+    client = ModelProcessClient(str(tmp_path / "no-socket-here"), b"key", timeout_s=10)
     with pytest.raises(NotReady, match="not answering"):
-        client.call(("load", "anything"))
+        client.load(("anything", "0" * 64))
+    assert not client.answering
 
 
 def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
@@ -402,16 +411,17 @@ def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
     try:
         address = os.environ[ADDRESS_VARIABLE]
         with pytest.raises(NotReady):
-            ModelProcessClient(address, b"not the key").load(model_key(bundle))
+            ModelProcessClient(address, b"not the key", timeout_s=10).load(model_key(bundle))
         with socket.socket(socket.AF_UNIX) as dropped:  # connects, then leaves mid-handshake
             dropped.connect(address)
+        not_a_request = ModelProcessClient.from_environment(timeout_s=10)
         with pytest.raises(NotReady):  # not a request a worker sends: the connection is dropped
-            ModelProcessClient.from_environment().call(("loaded", model_key(bundle), None))
+            not_a_request._call(LoadDone(model_key(bundle), None), Loaded, 10)  # type: ignore[arg-type]
         with socket.socket(socket.AF_UNIX) as stalled:  # connects and says nothing: holds up no one else
             stalled.connect(address)
-            client = ModelProcessClient.from_environment()
+            client = ModelProcessClient.from_environment(timeout_s=10)
             assert client.load(model_key(bundle)) is False
-            verdicts = client.call(run(model_key(bundle), crops(bundle, tiny, ROLES)))
+            verdicts = client.run(run(bundle, crops(bundle, tiny, ROLES)))
             assert [verdict.accepted for verdict in verdicts] == [True, True, False]
             client.close()
     finally:
