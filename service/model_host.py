@@ -44,7 +44,7 @@ from models.bundle import Bundle, BundleError, OperatingPoint, PendingLogits, lo
 from service.inference import ImageVerdict, ModelRunner, graphs_note, stack_on
 from service.jpeg import decode_plain_jpegs
 from service.logs import log_failure
-from service.protocol import Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request, Run, model_key
+from service.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request, Run, model_key
 
 logger = logging.getLogger("mixoe.model_process")
 
@@ -103,10 +103,12 @@ Message = Request | Release | LoadDone | LoadFailed | WarmUp
 
 @dataclass(frozen=True, eq=False)
 class Task:
-    """A message and where its answer goes; compared by identity (a task is owed one answer)."""
+    """A message, where its answer goes, and the number of the worker's call it answers
+    (:class:`~service.protocol.Call`); compared by identity (a task is owed one answer)."""
 
     origin: Replies
     message: Message
+    call: int = 0
 
     @property
     def images(self) -> int:
@@ -142,13 +144,13 @@ class ModelHost:
         self._in_flight: _InFlight | None = None  # launched on the device, not yet answered
         self._runners: dict[ModelKey, ModelRunner] = {}
         self._users: dict[ModelKey, set[Replies]] = {}
-        self._loading: dict[ModelKey, list[Replies]] = {}  # workers waiting for a load in progress
+        self._loading: dict[ModelKey, list[Task]] = {}  # workers' loads waiting for a load in progress
         self._warming: dict[ModelKey, _WarmingUp] = {}  # loaded, not yet warm: still in _loading
         self._owed: dict[int, Task] = {}  # runs taken from the queue and not yet answered, by id
         self._handlers: dict[type, Callable[[Task], None]] = {
             Run: lambda task: self._run(self._gather(task)),
             Load: self._load,
-            Ping: lambda task: _send(task.origin, Pong()),
+            Ping: lambda task: _reply(task, Pong()),
             LoadDone: self._loaded,
             WarmUp: self._warm,
             LoadFailed: self._load_failed,
@@ -181,13 +183,13 @@ class ModelHost:
                 self._in_flight = None
                 self._fail_owed(error)
             elif task.origin is not _NOBODY:
-                _send(task.origin, error_reply(error))
+                _reply(task, error_reply(error))
 
     def _fail_owed(self, error: Exception) -> None:
         """Answer every run still owed an answer with ``error``: a step failed with them in it."""
         owed, self._owed = list(self._owed.values()), {}
         for task in owed:
-            _send(task.origin, error_reply(error))
+            _reply(task, error_reply(error))
 
     def _gather(self, first: Task) -> list[Task]:
         """``first`` and the runs already queued behind it for the same model, up to
@@ -276,7 +278,7 @@ class ModelHost:
     def _answer(self, task: Task, reply: Reply) -> None:
         """Answer a run: it is owed nothing more (still owed if sending fails other than on a
         closed connection: the step's failure then answers it)."""
-        _send(task.origin, reply)
+        _reply(task, reply)
         del self._owed[id(task)]
 
     def _fail_batch(self, batch: list[Task], error: Exception) -> None:
@@ -299,13 +301,13 @@ class ModelHost:
         key = task.message.model
         if key in self._runners:
             self._users[key].add(task.origin)
-            _send(task.origin, Loaded(self._decodes_jpeg))
+            _reply(task, Loaded(self._decodes_jpeg))
         elif key in self._loading:
-            self._loading[key].append(task.origin)
+            self._loading[key].append(task)
         else:
             loader = threading.Thread(target=self._load_in_background, args=(key,), name="mixoe-load", daemon=True)
             loader.start()
-            self._loading[key] = [task.origin]  # the loader's answer is a task: this loop runs it later
+            self._loading[key] = [task]  # the loader's answer is a task: this loop runs it later
 
     def _load_in_background(self, key: ModelKey) -> None:
         path, digest = key
@@ -353,19 +355,19 @@ class ModelHost:
         del self._warming[key]
         waiting = self._loading.pop(key)
         self._runners[key] = warming.runner
-        self._users[key] = set(waiting)
-        for origin in waiting:
-            _send(origin, Loaded(self._decodes_jpeg))
+        self._users[key] = {load.origin for load in waiting}
+        for load in waiting:
+            _reply(load, Loaded(self._decodes_jpeg))
 
     def _load_failed(self, task: Task) -> None:
         assert isinstance(task.message, LoadFailed)
         self._fail_load(task.message.model, task.message.message)
 
     def _fail_load(self, key: ModelKey, message: str) -> None:
-        for origin in self._discard_load(key):
-            _send(origin, Failed(message))
+        for load in self._discard_load(key):
+            _reply(load, Failed(message))
 
-    def _discard_load(self, key: ModelKey) -> list[Replies]:
+    def _discard_load(self, key: ModelKey) -> list[Task]:
         """Give up ``key``'s load, freeing what it holds: the workers that were waiting for it."""
         if self._warming.pop(key, None) is not None and self._device.type == "cuda":
             torch.cuda.empty_cache()
@@ -376,8 +378,7 @@ class ModelHost:
         it is written to, and drop it as a user."""
         origin.close()
         for waiting in self._loading.values():
-            if origin in waiting:
-                waiting.remove(origin)
+            waiting[:] = [load for load in waiting if load.origin is not origin]
         for key in [key for key, users in self._users.items() if origin in users]:
             self._users[key].discard(origin)
             if not self._users[key]:
@@ -418,10 +419,10 @@ def _run_of(task: Task) -> Run:
     return task.message
 
 
-def _send(origin: Replies, reply: Reply) -> None:
-    """Answer a worker; one that has gone away meanwhile is released when its reader sees it."""
+def _reply(task: Task, reply: Reply) -> None:
+    """Answer a worker's call; one that has gone away meanwhile is released when its reader sees it."""
     try:
-        origin.send(reply)
+        task.origin.send(Answer(task.call, reply))
     except OSError:
         pass
 

@@ -15,8 +15,9 @@ worker's single inference thread owns its connection). Every call has a deadline
 ``MIXOE_MODEL_PROCESS_TIMEOUT_S``, a load (which includes the warm-up) ``_LOAD_TIMEOUT_S``, a
 connection's handshake ``_HANDSHAKE_TIMEOUT_S``. A call past its deadline fails its requests with a
 504 (:class:`~service.errors.DeadlineExceeded`), a connection that breaks with a 503; the worker
-then drops the connection (a late answer would be taken for the next call's), reports not ready,
-and pings until the model process answers again (:class:`~service.context.ServiceContext`).
+then reports not ready and pings until the model process answers again
+(:class:`~service.context.ServiceContext`). Calls are numbered, so a late answer is recognised and
+thrown away, and the connection survives a stall.
 
 On a GPU with ``MIXOE_GPU_JPEG_DECODE=true`` workers send plain JPEGs undecoded: this
 process decodes each batch's JPEGs in one nvjpeg call and resizes them on the GPU, so the workers'
@@ -42,6 +43,7 @@ models loaded in it, and a GPU may free a killed process's memory only later.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -69,7 +71,7 @@ from service.logs import configure_logging
 from service.metrics import model_process_batch_size
 from service.model_host import ModelHost, Release, Task
 from service.protocol import (
-    REQUESTS, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request, Run, model_key,
+    Answer, Call, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request, Run, model_key,
 )
 from service.settings import Settings
 
@@ -109,9 +111,10 @@ class ModelProcessClient:
     """A worker's connection to the model process, opened on first use; one thread at a time.
 
     Every call has a deadline (``timeout_s`` for a run or a ping). A call that misses it, or whose
-    connection breaks, drops the connection and sets :attr:`answering` false until a later call
-    succeeds. It remembers the models it loaded: after a reconnection it loads them again first,
-    since the model process counts its users per connection."""
+    connection breaks, sets :attr:`answering` false until a later call succeeds; a broken
+    connection is dropped. It remembers the models it loaded: after a reconnection it loads them
+    again first (within the deadline of the call that reconnects), since the model process counts
+    its users per connection."""
 
     def __init__(self, address: str, key: bytes, timeout_s: float):
         self._address = address
@@ -119,6 +122,7 @@ class ModelProcessClient:
         self._timeout_s = timeout_s
         self._connection: Connection | None = None
         self._loaded: set[ModelKey] = set()
+        self._calls = itertools.count()
         self.answering = True
 
     @classmethod
@@ -155,9 +159,10 @@ class ModelProcessClient:
             self._connection = None
 
     def _call(self, request: Request, expected: type[ReplyT], timeout_s: float) -> ReplyT:
+        deadline = time.monotonic() + timeout_s
         if self._connection is None:
-            self._connection = self._connect()
-        reply = self._exchange(self._connection, request, timeout_s)
+            self._connection = self._connect(deadline)
+        reply = self._exchange(self._connection, request, deadline)
         self.answering = True
         if isinstance(reply, Failed):
             raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"the model process failed: {reply.message}")
@@ -166,7 +171,7 @@ class ModelProcessClient:
             raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"the model process answered {reply!r:.80} to {request!r:.80}")
         return reply
 
-    def _connect(self) -> Connection:
+    def _connect(self, deadline: float) -> Connection:
         try:
             connection = _open(self._address, self._key, self._timeout_s)
         except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
@@ -174,27 +179,31 @@ class ModelProcessClient:
             raise _not_answering(error) from None
         try:
             for model in self._loaded:
-                self._exchange(connection, Load(model), _LOAD_TIMEOUT_S)
+                if not isinstance(self._exchange(connection, Load(model), deadline), Loaded):
+                    raise _not_answering(RuntimeError(f"could not load {model[0]} again after reconnecting"))
         except BaseException:
-            connection.close()
+            self._drop(connection)
             raise
         return connection
 
-    def _exchange(self, connection: Connection, request: Request, timeout_s: float) -> Reply:
-        """Send ``request`` and wait at most ``timeout_s`` for its reply; sending, and reading a
-        reply that has begun to arrive, are bounded by the socket's own timeouts (:func:`_open`)."""
+    def _exchange(self, connection: Connection, request: Request, deadline: float) -> Reply:
+        """Send ``request`` and wait until ``deadline`` (``time.monotonic``) for its answer,
+        throwing away late answers to earlier calls; sending, and reading an answer that has begun
+        to arrive, are bounded by the socket's own timeouts (:func:`_open`)."""
+        number = next(self._calls)
         try:
-            connection.send(request)
-            if not connection.poll(timeout_s):
-                self._drop(connection)
-                raise DeadlineExceeded(
-                    ErrorCode.MODEL_TIMEOUT, f"the model process did not answer within {timeout_s:g} s"
-                )
-            reply: Reply = connection.recv()
+            connection.send(Call(number, request))
+            while connection.poll(max(0.0, deadline - time.monotonic())):
+                answer: Answer = connection.recv()
+                if answer.number == number:
+                    return answer.reply
         except (EOFError, OSError) as error:
             self._drop(connection)
             raise _not_answering(error) from None
-        return reply
+        self.answering = False
+        raise DeadlineExceeded(
+            ErrorCode.MODEL_TIMEOUT, f"the model process did not answer a {type(request).__name__} call by its deadline"
+        )
 
     def _drop(self, connection: Connection) -> None:
         """Forget a connection whose next message cannot be trusted to answer the next call."""
@@ -394,9 +403,9 @@ def _receive(connection: Connection, key: bytes, host: ModelHost) -> None:
     try:
         while True:
             message = connection.recv()
-            if not isinstance(message, REQUESTS):
-                raise ValueError(f"not a request: {message!r:.80}")
-            host.submit(Task(connection, message))
+            if not (isinstance(message, Call) and message.valid):
+                raise ValueError(f"not a call: {message!r:.80}")
+            host.submit(Task(connection, message.request, message.number))
     except (EOFError, OSError):
         pass
     except Exception:

@@ -1,9 +1,12 @@
 """The messages between a worker and the model process: named, typed, one class per kind.
 
 Each travels pickled over :mod:`multiprocessing.connection` (an authenticated Unix socket), one
-call at a time per connection: a worker sends a request and waits, at most its deadline, for the
-reply (``service.model_process``). The model process answers every request it takes, with
-:class:`Failed` when it could not do it; it drops a connection that sends anything but a request.
+call at a time per connection: a worker sends a numbered :class:`Call` and waits, at most its
+deadline, for the :class:`Answer` of that number (``service.model_process``). The model process
+answers every call it takes, with :class:`Failed` when it could not do it, and drops a connection
+that sends anything but a call. A call that missed its deadline is answered later, maybe: the
+number tells the worker to throw that answer away, so the connection, and the models this worker
+loaded through it, outlive a stall.
 
 * :class:`Load` -> :class:`Loaded`: load and warm up a model unless it is loaded already;
 * :class:`Run` -> :class:`Judged`: judge images, each at its own operating point and top-k;
@@ -67,7 +70,18 @@ class Ping:
 
 Request = Load | Run | Ping
 REQUESTS = (Load, Run, Ping)
-"""What a worker may send; anything else drops its connection."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a worker sends: a request and the number its answer will carry."""
+
+    number: int
+    request: Request
+
+    @property
+    def valid(self) -> bool:
+        return isinstance(self.number, int) and isinstance(self.request, REQUESTS)
 
 
 @dataclass(frozen=True)
@@ -98,3 +112,11 @@ class Failed:
 
 
 Reply = Loaded | Judged | Pong | Failed
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the model process sends: the reply to the worker's call ``number``."""
+
+    number: int
+    reply: Reply

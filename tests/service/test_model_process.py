@@ -34,7 +34,7 @@ from service.local import LocalServer, log_entries, start_local_server
 from service.metrics import ServiceMetrics, score_buckets
 from service.model_host import LoadDone, ModelHost, Release, Task
 from service.model_process import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcess, ModelProcessClient
-from service.protocol import Failed, Judged, Load, Loaded, ModelKey, Reply, Run, model_key
+from service.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Reply, Run, model_key
 from service.predictor import Predictor, Upload
 from service.registry import LoadedModel
 from service.settings import Settings
@@ -44,15 +44,17 @@ ROLES = ("accepted", "borderline", "rejected")
 
 
 class Inbox:
-    """Stands in for a worker's connection: keeps what the host sends it."""
+    """Stands in for a worker's connection: keeps the replies the host sends it (every task here
+    is call 0)."""
 
     def __init__(self) -> None:
         self.replies: list[Reply] = []
         self.closed = False
 
-    def send(self, reply: Reply) -> None:
+    def send(self, answer: Answer) -> None:
         assert not self.closed, "answered after its release"
-        self.replies.append(reply)
+        assert answer.number == 0
+        self.replies.append(answer.reply)
 
     def close(self) -> None:
         self.closed = True
@@ -414,9 +416,10 @@ def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
             ModelProcessClient(address, b"not the key", timeout_s=10).load(model_key(bundle))
         with socket.socket(socket.AF_UNIX) as dropped:  # connects, then leaves mid-handshake
             dropped.connect(address)
-        not_a_request = ModelProcessClient.from_environment(timeout_s=10)
         with pytest.raises(NotReady):  # not a request a worker sends: the connection is dropped
-            not_a_request._call(LoadDone(model_key(bundle), None), Loaded, 10)  # type: ignore[arg-type]
+            ModelProcessClient.from_environment(timeout_s=10)._call(
+                LoadDone(model_key(bundle), None), Loaded, 10  # type: ignore[arg-type]
+            )
         with socket.socket(socket.AF_UNIX) as stalled:  # connects and says nothing: holds up no one else
             stalled.connect(address)
             client = ModelProcessClient.from_environment(timeout_s=10)
@@ -429,10 +432,10 @@ def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
     assert ADDRESS_VARIABLE not in os.environ and not model_process.died
 
 
-def start_with_model_process(tiny: TinyModel, log: Path, workers: str) -> LocalServer:
+def start_with_model_process(tiny: TinyModel, log: Path, workers: str, timeout_s: str = "30") -> LocalServer:
     return start_local_server(
         {"model_repository": str(tiny.repository), "device": "cpu", "decode_workers": "2", "workers": workers,
-         "model_process": "true"},
+         "model_process": "true", "model_process_timeout_s": timeout_s},
         log,
         timeout_s=90,
     )

@@ -1,0 +1,224 @@
+"""One request must never stall the server: faults of the model process, injected one at a time.
+
+Each fault is held open by an event, never a race: a model process whose batch loop stops
+answering (a hang), one whose step fails with runs of two workers merged, and one killed with a
+batch in it. The bounds are generous (answered within 10 s with a 1 s deadline), so a loaded
+machine passes as surely as an idle one.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Listener
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from models.bundle import Bundle
+from service.app import create_app
+from service.errors import DeadlineExceeded
+from service.inference import ModelRunner
+from service.local import log_entries
+from service.model_host import ModelHost, Task
+from service.model_process import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcess, ModelProcessClient, _receive
+from service.protocol import Failed, Judged, Ping, model_key
+from service.settings import Settings
+from tests.service.helpers import TinyModel, role_files, sample_value
+from tests.service.test_model_process import (
+    ROLES, Inbox, crops, host_with_batches, loaded_by, model_process_pid, run, start_with_model_process,
+)
+
+BOUND_S = 10.0  # what "at once" means here, for a 1 s deadline
+
+
+class Hang:
+    """Makes the model process's batch loop stop in its next forward pass until :meth:`release`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self._released = threading.Event()
+        real_start = ModelRunner.start
+
+        def start(runner: ModelRunner, *args: Any) -> Any:
+            self.entered.set()
+            assert self._released.wait(60), "the test never released the hang"
+            return real_start(runner, *args)
+
+        monkeypatch.setattr(ModelRunner, "start", start)
+
+    def release(self) -> None:
+        self._released.set()
+
+
+@pytest.fixture
+def model_process_in_threads(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[ModelHost]:
+    """The model process's listener and loop as threads of this process, where faults can be
+    injected; workers find it through the variables ``mixoe-serve`` sets."""
+    host = ModelHost(torch.device("cpu"), make_settings().max_batch_size)
+    address, key = str(tmp_path / "socket"), secrets.token_bytes(32)
+    listener = Listener(address, family="AF_UNIX")
+    stopping = threading.Event()
+
+    def accept() -> None:
+        while True:
+            connection = listener.accept()
+            if stopping.is_set():
+                return
+            threading.Thread(target=_receive, args=(connection, key, host), daemon=True).start()
+
+    def serve() -> None:
+        while not stopping.is_set():
+            host.step()
+
+    threads = [threading.Thread(target=accept, daemon=True), threading.Thread(target=serve, daemon=True)]
+    for thread in threads:
+        thread.start()
+    monkeypatch.setenv(ADDRESS_VARIABLE, address)
+    monkeypatch.setenv(KEY_VARIABLE, key.hex())
+    yield host
+    stopping.set()
+    host.submit(Task(Inbox(), Ping()))  # wakes the loop
+    with socket.socket(socket.AF_UNIX) as wake:  # wakes the accepting thread
+        wake.connect(address)
+    for thread in threads:
+        thread.join(BOUND_S)
+    listener.close()
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> float:
+    """Seconds until ``condition`` held, polled every 50 ms; fails after ``BOUND_S``."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < BOUND_S, f"{what} not within {BOUND_S} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_a_hung_model_process_is_a_504_and_not_ready_until_it_answers_again(
+    tiny: TinyModel, make_settings: Callable[..., Settings], model_process_in_threads: ModelHost,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = make_settings(model_process=True, model_process_timeout_s=1.0)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v2/health/ready").status_code == 200
+        hang = Hang(monkeypatch)
+        started = time.monotonic()
+        response = client.post("/predict", files=role_files(tiny, *ROLES))
+        assert time.monotonic() - started < BOUND_S and hang.entered.is_set()
+        assert response.status_code == 504
+        assert response.json() == {
+            "error": "the model process did not answer a Run call by its deadline", "code": "model_timeout", "file": None,
+        }
+        not_ready = client.get("/v2/health/ready")
+        assert not_ready.status_code == 503
+        assert not_ready.json()["code"] == "not_ready" and "model process" in not_ready.json()["error"]
+        assert client.get("/v2/health/live").status_code == 200  # the parent's watchdog decides on a restart
+        hang.release()
+        wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "ready again")
+        # The same connection serves on: the late answer to the run that timed out is thrown away.
+        again = client.post("/predict", files=role_files(tiny, *ROLES))
+        assert [p["accepted"] for p in again.json()["predictions"]] == [True, True, False]
+
+
+def test_a_call_past_its_deadline_leaves_the_connection_and_its_models_usable(
+    tiny: TinyModel, bundle: Bundle, model_process_in_threads: ModelHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = ModelProcessClient.from_environment(timeout_s=1.0)
+    assert client.load(model_key(bundle)) is False
+    hang = Hang(monkeypatch)
+    with pytest.raises(DeadlineExceeded, match="did not answer a Run call"):
+        client.run(run(bundle, crops(bundle, tiny, ROLES[:1])))
+    with pytest.raises(DeadlineExceeded, match="did not answer a Ping call"):
+        client.ping()
+    assert not client.answering
+    hang.release()
+    verdicts = client.run(run(bundle, crops(bundle, tiny, ROLES)))  # the two late answers are skipped
+    assert [verdict.accepted for verdict in verdicts] == [True, True, False] and client.answering
+    assert model_process_in_threads.loaded == [model_key(bundle)]  # no reconnection, no reload
+
+
+def test_a_step_that_fails_outside_the_forward_pass_answers_every_worker_in_the_merged_batch(
+    tiny: TinyModel, bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, batches = host_with_batches(max_batch_size=8)
+    first, second = Inbox(), Inbox()
+    loaded_by(host, model_key(bundle), first, second)
+    observe = batches.observe
+
+    def broken_observe(value: float) -> None:
+        raise RuntimeError("metrics broke")
+
+    monkeypatch.setattr(batches, "observe", broken_observe)
+    host.submit(Task(first, run(bundle, crops(bundle, tiny, ROLES[:2]))))
+    host.submit(Task(second, run(bundle, crops(bundle, tiny, ROLES[2:]))))
+    host.step()  # one merged batch of both workers' runs, failing as it is answered
+    assert first.replies == second.replies == [Failed("RuntimeError: metrics broke")]
+    monkeypatch.setattr(batches, "observe", observe)
+    host.submit(Task(first, run(bundle, crops(bundle, tiny, ROLES))))
+    host.step()  # the loop serves on
+    assert isinstance(first.replies[-1], Judged) and len(first.replies[-1].verdicts) == 3
+
+
+def test_the_watchdog_kills_a_model_process_that_stops_answering(make_settings: Callable[..., Settings]) -> None:
+    failed = threading.Event()
+    model_process = ModelProcess(make_settings(model_process_timeout_s=1.0), on_failure=failed.set)
+    model_process.start()
+    try:
+        ModelProcessClient.from_environment(timeout_s=BOUND_S).ping()  # it answers
+        process = model_process._process
+        assert process is not None and process.pid is not None
+        os.kill(process.pid, signal.SIGSTOP)  # it stops answering, and does not exit
+        assert failed.wait(BOUND_S), "the watchdog did not notice the hang"
+        assert model_process.died
+        process.join(BOUND_S)
+        assert process.exitcode == -signal.SIGKILL
+    finally:
+        model_process.stop()
+
+
+def batches_started(url: str) -> float:
+    return sample_value(httpx.get(f"{url}/metrics", timeout=BOUND_S).text, "mixoe_batch_size_count")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_model_process_that_fails_mid_batch_fails_the_batch_and_stops_the_service_with_status_1(
+    tiny: TinyModel, tmp_path: Path, fault: str
+) -> None:
+    """Killed: the request waiting on it gets a 503 at once. Hung: the watchdog kills it within
+    the timeout (1 s here) plus the heartbeat interval; the request gets its 504 or that 503."""
+    log = tmp_path / "model-process.log"
+    served = start_with_model_process(tiny, log, "1", timeout_s="1")
+    answers: list[httpx.Response] = []
+    try:
+        pid = model_process_pid(log)
+        os.kill(pid, signal.SIGSTOP)  # the batch reaches it and waits there
+        request = threading.Thread(
+            target=lambda: answers.append(httpx.post(f"{served.url}/predict", files=role_files(tiny, *ROLES), timeout=60))
+        )
+        request.start()
+        wait_for(lambda: batches_started(served.url) == 1, "the batch handed over")
+        if fault == "killed":
+            os.kill(pid, signal.SIGKILL)
+        request.join(BOUND_S)
+        served.process.wait(timeout=BOUND_S * 3)
+    finally:
+        status = served.stop()
+    assert status == 1
+    [answer] = answers
+    expected = {"killed": {503}, "hung": {503, 504}}[fault]
+    assert answer.status_code in expected and answer.json()["code"] in {"not_ready", "model_timeout"}
+    said = {"killed": "status -9", "hung": "stopped answering"}[fault]
+    assert any("the model process" in e["message"] and said in e["message"] for e in log_entries(log))
