@@ -120,16 +120,20 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self._fail_pending(NotReady(ErrorCode.NOT_READY, "the server is shutting down"))
 
     def _fail_pending(self, error: Exception) -> None:
-        """Fail the current batch and everything queued with ``error``."""
+        """Fail the current batch and everything queued with ``error`` (then tell the observer,
+        which may be what failed)."""
         abandoned = self._current
         self._current = []
+        queued = 0
         while not self._queue.empty():
             abandoned.append(self._queue.get_nowait())
             self._queue.task_done()
-            self._observer.queue_changed(-1)
+            queued += 1
         for pending in abandoned:
             if not pending.future.done():
                 pending.future.set_exception(error)
+        if queued:
+            self._observer.queue_changed(-queued)
 
     def _worker_ended(self, worker: asyncio.Task[None]) -> None:
         """The worker task ended without :meth:`stop`: refuse new work and fail what is waiting."""
@@ -137,7 +141,10 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self.failure = f"the batcher of model {self._name} stopped ({'cancelled' if error is None else repr(error)})"
         self._accepting = False
         logger.error("%s; failing every request waiting for it", self.failure, exc_info=error)
-        self._fail_pending(NotReady(ErrorCode.NOT_READY, f"{self.failure}; retry on another replica"))
+        try:
+            self._fail_pending(NotReady(ErrorCode.NOT_READY, f"{self.failure}; retry on another replica"))
+        except Exception:  # the observer again, say: the requests have their answers already
+            logger.exception("batcher %s: reporting the failed requests failed too", self._name)
 
     async def submit(self, items: Sequence[ItemT]) -> list[ResultT]:
         """Queue all ``items`` (or none: a request is never half-accepted) and await their results."""

@@ -9,10 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from service.app import create_app
 from service.batcher import MicroBatcher
 from service.errors import NotReady, Overloaded
-from tests.service.helpers import Recorder
+from service.settings import Settings
+from tests.service.helpers import Recorder, TinyModel, role_files
 
 
 class Gate:
@@ -187,3 +190,79 @@ def test_stop_is_not_lost_when_an_item_arrives_in_the_same_turn(executor: Thread
                 await task
 
     asyncio.run(scenario())
+
+
+class FailingObserver(Recorder):
+    """A Recorder whose ``batch_started`` or ``queue_changed`` (as the worker calls it) raises."""
+
+    def __init__(self, fail_in: str) -> None:
+        super().__init__()
+        self._fail_in = fail_in
+
+    def batch_started(self, queue_waits: Sequence[float]) -> None:
+        if self._fail_in == "batch_started":
+            raise RuntimeError("observer broke")
+        super().batch_started(queue_waits)
+
+    def queue_changed(self, delta: int) -> None:
+        if self._fail_in == "collect" and delta < 0:  # the worker taking an item
+            raise RuntimeError("observer broke")
+        super().queue_changed(delta)
+
+
+def test_an_observer_failing_at_batch_start_fails_that_batch_and_the_batcher_serves_on(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """``batch_started`` once ran outside the batch's ``try``: its error killed the worker task and
+    left every request waiting forever."""
+    observer = FailingObserver("batch_started")
+
+    async def scenario() -> None:
+        batcher = make(lambda items: items, observer, executor, max_delay_s=0)
+        await batcher.start()
+        async with asyncio.timeout(10):
+            with pytest.raises(RuntimeError, match="observer broke"):
+                await batcher.submit([1])
+            assert batcher.running and batcher.failure is None
+            observer._fail_in = "nowhere"
+            assert await batcher.submit([2]) == [2]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_task_that_dies_fails_every_waiting_request_and_refuses_new_ones(executor: ThreadPoolExecutor) -> None:
+    async def scenario() -> None:
+        batcher = make(lambda items: items, FailingObserver("collect"), executor, max_delay_s=0)
+        await batcher.start()
+        async with asyncio.timeout(10):
+            outcomes = await asyncio.gather(batcher.submit([1]), batcher.submit([2, 3]), return_exceptions=True)
+        for outcome in outcomes:
+            assert isinstance(outcome, NotReady) and "observer broke" in outcome.message, outcome
+        assert not batcher.running and batcher.failure is not None and "observer broke" in batcher.failure
+        with pytest.raises(NotReady, match="the batcher of model model stopped"):
+            await batcher.submit([4])
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_batcher_is_a_503_and_turns_readiness_and_liveness_false(
+    tiny: TinyModel, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with TestClient(create_app(make_settings())) as client:
+        metrics = client.app.state.context.metrics  # type: ignore[attr-defined]
+        real = metrics.queue_changed
+
+        def queue_changed(delta: int) -> None:
+            if delta < 0:
+                raise RuntimeError("observer broke")
+            real(delta)
+
+        monkeypatch.setattr(metrics, "queue_changed", queue_changed)
+        response = client.post("/predict", files=role_files(tiny, "accepted"))
+        assert response.status_code == 503
+        assert response.json()["code"] == "not_ready" and "observer broke" in response.json()["error"]
+        for probe in ("/v2/health/ready", "/v2/health/live"):
+            answer = client.get(probe)
+            assert answer.status_code == 503 and "batcher" in answer.json()["error"], probe
