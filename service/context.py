@@ -32,7 +32,7 @@ from service.batcher import MicroBatcher
 from service.errors import ServiceError
 from service.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
 from service.metrics import ServiceMetrics, score_buckets
-from service.model_process import HostedModelRunner, ModelProcessClient
+from service.model_client import HostedModelRunner, ModelProcessClient
 from service.predictor import Predictor
 from service.registry import LoadedModel, ModelRegistry, select_bundles
 from service.settings import Settings
@@ -58,9 +58,9 @@ class ServiceContext:
     async def start(cls, settings: Settings) -> ServiceContext:
         # With a model process, this process only checks, decodes and batches: on the CPU, where
         # its bundle copies serve preprocessing and metadata.
-        model_process = (
-            ModelProcessClient.from_environment(settings.model_process_timeout_s) if settings.uses_model_process else None
-        )
+        model_process = None
+        if settings.uses_model_process:
+            model_process = ModelProcessClient.from_environment(settings.model_process_timeout_s)
         device = torch.device("cpu") if model_process else resolve_device(settings.device)
         if device.type == "cuda" or model_process:
             # The model runs elsewhere; CPU threads only decode and resize, each in its own decode

@@ -11,13 +11,11 @@ arrives from all of them into batches of up to ``max_batch_size`` images, runs t
 worker with its share (:mod:`service.model_host` is its loop).
 
 Protocol: the typed messages of :mod:`service.protocol`, one call at a time per connection (a
-worker's single inference thread owns its connection). Every call has a deadline: a run
-``MIXOE_MODEL_PROCESS_TIMEOUT_S``, a load (which includes the warm-up) ``_LOAD_TIMEOUT_S``, a
-connection's handshake ``_HANDSHAKE_TIMEOUT_S``. A call past its deadline fails its requests with a
-504 (:class:`~service.errors.DeadlineExceeded`), a connection that breaks with a 503; the worker
-then reports not ready and pings until the model process answers again
-(:class:`~service.context.ServiceContext`). Calls are numbered, so a late answer is recognised and
-thrown away, and the connection survives a stall.
+worker's single inference thread owns its connection). Every call has a deadline, kept by the
+worker's side (:mod:`service.model_client`); here a connection's handshake has
+``_HANDSHAKE_TIMEOUT_S``. A call past its deadline fails its requests with a 504, a connection
+that breaks with a 503; the worker then reports not ready and pings until the model process
+answers again (:class:`~service.context.ServiceContext`).
 
 On a GPU with ``MIXOE_GPU_JPEG_DECODE=true`` workers send plain JPEGs undecoded: this
 process decodes each batch's JPEGs in one nvjpeg call and resizes them on the GPU, so the workers'
@@ -43,7 +41,6 @@ models loaded in it, and a GPU may free a killed process's memory only later.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -52,196 +49,30 @@ import os
 import secrets
 import signal
 import socket
-import struct
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
-from models.bundle import Bundle
 from models.nets import resolve_device
-from service.errors import DeadlineExceeded, ErrorCode, ModelFailure, NotReady, ServiceError
-from service.inference import ImageJob, ImageVerdict
+from service.errors import ServiceError
 from service.logs import configure_logging
 from service.metrics import model_process_batch_size
+from service.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient, set_timeouts
 from service.model_host import ModelHost, Release, Task
-from service.protocol import (
-    Answer, Call, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request, Run, model_key,
-)
+from service.protocol import Call
 from service.settings import Settings
 
 logger = logging.getLogger("mixoe.model_process")
 
-ADDRESS_VARIABLE = "_MIXOE_MODEL_PROCESS_ADDRESS"
-KEY_VARIABLE = "_MIXOE_MODEL_PROCESS_KEY"
 _START_TIMEOUT_S = 120.0
 _HANDSHAKE_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
-_LOAD_TIMEOUT_S = 120.0  # a load includes the warm-up: one batch per padded size, about 2 s each on a GPU
 HEARTBEAT_INTERVAL_S = 1.0
-ReplyT = TypeVar("ReplyT", Loaded, Judged, Pong)
-
-
-class HostedModelRunner:
-    """What a worker runs in place of :class:`~service.inference.ModelRunner`: the same calls,
-    carried out by the model process. A verdict is ``None`` for a JPEG the model process could not
-    decode (see the module docstring)."""
-
-    def __init__(self, client: ModelProcessClient, bundle: Bundle):
-        self._client = client
-        self._key = model_key(bundle)
-        self.decodes_jpeg = False  # known once warm_up has asked the model process
-
-    def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict | None]:
-        images = [job.pixels if isinstance(job.pixels, bytes) else job.pixels.numpy() for job in jobs]
-        run = Run(self._key, images, [job.operating_point for job in jobs], [job.top_k for job in jobs])
-        return self._client.run(run)
-
-    def warm_up(self) -> None:
-        """Have the model process load (and warm up) this model, unless another worker did."""
-        self.decodes_jpeg = self._client.load(self._key)
-
-
-class ModelProcessClient:
-    """A worker's connection to the model process, opened on first use; one thread at a time.
-
-    Every call has a deadline (``timeout_s`` for a run or a ping). A call that misses it, or whose
-    connection breaks, sets :attr:`answering` false until a later call succeeds; a broken
-    connection is dropped. It remembers the models it loaded: after a reconnection it loads them
-    again first (within the deadline of the call that reconnects), since the model process counts
-    its users per connection."""
-
-    def __init__(self, address: str, key: bytes, timeout_s: float):
-        self._address = address
-        self._key = key
-        self._timeout_s = timeout_s
-        self._connection: Connection | None = None
-        self._loaded: set[ModelKey] = set()
-        self._calls = itertools.count()
-        self.answering = True
-
-    @classmethod
-    def from_environment(cls, timeout_s: float) -> ModelProcessClient:
-        address, key = os.environ.get(ADDRESS_VARIABLE), os.environ.get(KEY_VARIABLE)
-        if not address or not key:
-            raise RuntimeError(
-                "MIXOE_MODEL_PROCESS is set but no model process is running: mixoe-serve starts it "
-                f"(the app found no {ADDRESS_VARIABLE} / {KEY_VARIABLE})"
-            )
-        return cls(address, bytes.fromhex(key), timeout_s)
-
-    def load(self, model: ModelKey) -> bool:
-        """Load ``model`` in the model process; whether to send it plain JPEGs undecoded."""
-        loaded = self._call(Load(model), Loaded, _LOAD_TIMEOUT_S)
-        self._loaded.add(model)
-        return loaded.decodes_jpeg
-
-    def run(self, run: Run) -> list[ImageVerdict | None]:
-        verdicts = self._call(run, Judged, self._timeout_s).verdicts
-        if len(verdicts) != len(run.images):
-            raise ModelFailure(
-                ErrorCode.INTERNAL_ERROR, f"the model process answered {len(verdicts)} verdicts for {len(run.images)} images"
-            )
-        return verdicts
-
-    def ping(self) -> None:
-        """Return once the model process's batch loop has answered (within the deadline)."""
-        self._call(Ping(), Pong, self._timeout_s)
-
-    def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
-    def _call(self, request: Request, expected: type[ReplyT], timeout_s: float) -> ReplyT:
-        deadline = time.monotonic() + timeout_s
-        if self._connection is None:
-            self._connection = self._connect(deadline)
-        reply = self._exchange(self._connection, request, deadline)
-        self.answering = True
-        if isinstance(reply, Failed):
-            raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"the model process failed: {reply.message}")
-        if not isinstance(reply, expected):
-            self._drop(self._connection)
-            raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"the model process answered {reply!r:.80} to {request!r:.80}")
-        return reply
-
-    def _connect(self, deadline: float) -> Connection:
-        try:
-            connection = _open(self._address, self._key, self._timeout_s)
-        except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
-            self.answering = False
-            raise _not_answering(error) from None
-        try:
-            for model in self._loaded:
-                if not isinstance(self._exchange(connection, Load(model), deadline), Loaded):
-                    raise _not_answering(RuntimeError(f"could not load {model[0]} again after reconnecting"))
-        except BaseException:
-            self._drop(connection)
-            raise
-        return connection
-
-    def _exchange(self, connection: Connection, request: Request, deadline: float) -> Reply:
-        """Send ``request`` and wait until ``deadline`` (``time.monotonic``) for its answer,
-        throwing away late answers to earlier calls; sending, and reading an answer that has begun
-        to arrive, are bounded by the socket's own timeouts (:func:`_open`)."""
-        number = next(self._calls)
-        try:
-            connection.send(Call(number, request))
-            while connection.poll(max(0.0, deadline - time.monotonic())):
-                answer: Answer = connection.recv()
-                if answer.number == number:
-                    return answer.reply
-        except (EOFError, OSError) as error:
-            self._drop(connection)
-            raise _not_answering(error) from None
-        self.answering = False
-        raise DeadlineExceeded(
-            ErrorCode.MODEL_TIMEOUT, f"the model process did not answer a {type(request).__name__} call by its deadline"
-        )
-
-    def _drop(self, connection: Connection) -> None:
-        """Forget a connection whose next message cannot be trusted to answer the next call."""
-        connection.close()
-        if connection is self._connection:
-            self._connection = None
-        self.answering = False
-
-
-def _open(address: str, key: bytes, timeout_s: float) -> Connection:
-    """An authenticated connection whose every send and receive fails (``OSError``) after
-    ``timeout_s`` without progress, so that a stalled peer blocks no call for longer: kernel
-    socket timeouts (``settimeout`` would make the socket non-blocking, which
-    :class:`~multiprocessing.connection.Connection` does not expect)."""
-    with socket.socket(socket.AF_UNIX) as raw:
-        raw.setblocking(True)
-        _set_timeouts(raw, timeout_s)
-        raw.connect(address)
-        connection = Connection(raw.detach())
-    try:
-        multiprocessing.connection.answer_challenge(connection, key)
-        multiprocessing.connection.deliver_challenge(connection, key)
-    except BaseException:
-        connection.close()
-        raise
-    return connection
-
-
-def _set_timeouts(raw: socket.socket, timeout_s: float, options: tuple[int, ...] = (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)) -> None:
-    seconds = int(timeout_s)
-    packed = struct.pack("ll", seconds, int((timeout_s - seconds) * 1_000_000))
-    for option in options:
-        raw.setsockopt(socket.SOL_SOCKET, option, packed)
-
-
-def _not_answering(error: BaseException) -> NotReady:
-    """A 503: the client retries, by which time a restarted service may answer."""
-    return NotReady(ErrorCode.NOT_READY, f"the model process is not answering ({error!r})")
 
 
 class ModelProcess:
@@ -392,10 +223,10 @@ def _receive(connection: Connection, key: bytes, host: ModelHost) -> None:
             # description non-blocking, and so may creating this object: undone at once): a
             # stalled read fails with an OSError.
             raw.setblocking(True)
-            _set_timeouts(raw, _HANDSHAKE_TIMEOUT_S, (socket.SO_RCVTIMEO,))
+            set_timeouts(raw, _HANDSHAKE_TIMEOUT_S, (socket.SO_RCVTIMEO,))
             multiprocessing.connection.deliver_challenge(connection, key)
             multiprocessing.connection.answer_challenge(connection, key)
-            _set_timeouts(raw, 0, (socket.SO_RCVTIMEO,))
+            set_timeouts(raw, 0, (socket.SO_RCVTIMEO,))
     except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
         logger.warning("model process refused a connection: %r", error)
         connection.close()

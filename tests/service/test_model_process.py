@@ -33,7 +33,8 @@ from service.inference import ImageJob, ImageVerdict, ModelRunner
 from service.local import LocalServer, log_entries, start_local_server
 from service.metrics import ServiceMetrics, score_buckets
 from service.model_host import LoadDone, ModelHost, Release, Task
-from service.model_process import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcess, ModelProcessClient
+from service.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
+from service.model_process import ModelProcess
 from service.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Reply, Run, model_key
 from service.predictor import Predictor, Upload
 from service.registry import LoadedModel

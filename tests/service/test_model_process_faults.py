@@ -30,7 +30,8 @@ from service.errors import DeadlineExceeded
 from service.inference import ModelRunner
 from service.local import log_entries
 from service.model_host import ModelHost, Task
-from service.model_process import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcess, ModelProcessClient, _receive
+from service.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
+from service.model_process import ModelProcess, _receive
 from service.protocol import Failed, Judged, Ping, model_key
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files, sample_value
@@ -119,7 +120,9 @@ def test_a_hung_model_process_is_a_504_and_not_ready_until_it_answers_again(
         assert time.monotonic() - started < BOUND_S and hang.entered.is_set()
         assert response.status_code == 504
         assert response.json() == {
-            "error": "the model process did not answer a Run call by its deadline", "code": "model_timeout", "file": None,
+            "error": "the model process did not answer a Run call by its deadline",
+            "code": "model_timeout",
+            "file": None,
         }
         not_ready = client.get("/v2/health/ready")
         assert not_ready.status_code == 503
@@ -205,8 +208,9 @@ def test_a_model_process_that_fails_mid_batch_fails_the_batch_and_stops_the_serv
     try:
         pid = model_process_pid(log)
         os.kill(pid, signal.SIGSTOP)  # the batch reaches it and waits there
+        files = role_files(tiny, *ROLES)
         request = threading.Thread(
-            target=lambda: answers.append(httpx.post(f"{served.url}/predict", files=role_files(tiny, *ROLES), timeout=60))
+            target=lambda: answers.append(httpx.post(f"{served.url}/predict", files=files, timeout=60))
         )
         request.start()
         wait_for(lambda: batches_started(served.url) == 1, "the batch handed over")
