@@ -10,8 +10,9 @@ at OOD scores, so it bends the exchangeability behind the guarantee only slightl
 separate calibration split when the guarantee must be exact.
 
 A feature-space score (``knn``, ``mahalanobis``) is fitted on the ID training features first;
-its state is saved beside ``calibration.json`` as ``score_state.safetensors`` (its sha256 in the
-JSON), and ``mixoe export`` ships exactly that state with the thresholds calibrated on it.
+its state is saved beside ``calibration.json`` as ``score_state.safetensors`` (its sha256 and
+what it was fitted on, ``score_fit``, in the JSON), and ``mixoe export`` ships exactly that state
+with the thresholds calibrated on it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from models.bundle import SCORE_STATE_FILE, Calibration, OperatingPoint, ScoreSp
 from models.nets import Precision
 from training.checkpoint import BEST_WEIGHTS, atomic_write
 from training.config import TrainConfig
-from training.scoring import ID_TEST, ID_VAL, fit_score, run_logits
+from training.scoring import ID_TEST, ID_TRAIN, ID_VAL, fit_score, run_logits
 
 CALIBRATION_JSON = "calibration.json"
 
@@ -41,6 +42,7 @@ class CalibrationRecord:
     weights_sha256: str
     calibration: Calibration
     state: dict[str, Tensor] = field(default_factory=dict)  # the score's fitted state; {} for logit scores
+    score_fit: dict[str, int | None] | None = None  # what the state was fitted on; None for logit scores
 
 
 def acceptance(scores: np.ndarray, threshold: float) -> float:
@@ -68,7 +70,14 @@ def calibrate(config: TrainConfig) -> CalibrationRecord:
     calibration = Calibration(
         scores=calibration_scores.tolist(), operating_points=points, default_target=config.evaluation.default_target
     )
-    record = CalibrationRecord(score, run.precision, run.weights_sha256, calibration, fitted.state)
+    score_fit = None
+    if fitted.state:
+        score_fit = {
+            "train_images": len(logits[ID_TRAIN].labels),
+            "knn_bank_size": config.evaluation.knn_bank_size,
+            "seed": config.seed,
+        }
+    record = CalibrationRecord(score, run.precision, run.weights_sha256, calibration, fitted.state, score_fit)
     state_path = config.output_dir / SCORE_STATE_FILE
     state_sha256 = ""
     if fitted.state:
@@ -82,6 +91,7 @@ def calibrate(config: TrainConfig) -> CalibrationRecord:
             "precision": record.precision,
             "weights_sha256": record.weights_sha256,
             "score_state_sha256": state_sha256,
+            "score_fit": score_fit,
             "calibration": calibration.model_dump(),
         },
         indent=2,
@@ -108,6 +118,7 @@ def load_calibration(config: TrainConfig) -> CalibrationRecord:
         weights_sha256=raw["weights_sha256"],
         calibration=Calibration.model_validate(raw["calibration"]),
         state=state,
+        score_fit=raw.get("score_fit"),
     )
     require_current_weights(config, record.weights_sha256, "calibration")
     return record

@@ -24,7 +24,7 @@ from training.transforms import preprocessing_of
 from training.evaluate import EVALUATION_JSON
 from training.experiment import load_experiment_data
 from training.report import write_report
-from training.scoring import ID_TEST, ID_TRAIN, FittedScore, run_logits
+from training.scoring import ID_TEST, FittedScore, run_logits
 
 
 def _pool_fingerprint(config: TrainConfig) -> str:
@@ -77,7 +77,7 @@ def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) 
             "outliers": None if config.outliers is None else config.outliers.model_dump(mode="json"),
             "init_checkpoint": None if config.init_checkpoint is None else str(config.init_checkpoint),
             "id_classes_original_indices": data.id_classes,
-            "score_fit": _score_fit(config, len(logits[ID_TRAIN].labels), bool(record.state)),
+            "score_fit": record.score_fit,
         },
         data_fingerprints={
             "train": fingerprint(data.train.samples),
@@ -115,11 +115,3 @@ def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) 
         return save_bundle(
             target, model, manifest, extra_files=extra, signer=signer, score_state=record.state or None
         )
-
-
-def _score_fit(config: TrainConfig, train_images: int, fitted: bool) -> dict[str, int | None] | None:
-    """What a feature-space score's state was fitted on: the ID training images (evaluation
-    transform), and for the KNN bank the seeded subsample size (``None`` = all of them)."""
-    if not fitted:
-        return None
-    return {"train_images": train_images, "knn_bank_size": config.evaluation.knn_bank_size, "seed": config.seed}
