@@ -126,11 +126,10 @@ class FittedScore:
 
     def __call__(self, set_logits: SetLogits) -> np.ndarray:
         """OOD scores (N,) float64 of one set; higher = more OOD."""
-        features = torch.from_numpy(set_logits.features) if get_score(self.spec.name).needs_features else None
-        scores = get_score(self.spec.name).apply(
-            torch.from_numpy(set_logits.logits), features, self.state, self.spec.temperature, self.spec.k
-        )
-        return scores.double().numpy()
+        score = get_score(self.spec.name)
+        features = torch.from_numpy(set_logits.features) if score.needs_features else None
+        logits = torch.from_numpy(set_logits.logits)
+        return score.apply(logits, features, self.state, self.spec.temperature, self.spec.k).double().numpy()
 
 
 def scores_of(set_logits: SetLogits, score: str | FittedScore) -> np.ndarray:
