@@ -1,8 +1,9 @@
 """Save and load a deployable bundle: the contract between training and serving.
 
 A bundle lives at ``<repository>/<name>/<version>/`` and holds ``weights.safetensors`` (never a
-pickle: loading one runs code), ``manifest.json`` (this module's :class:`Manifest`) and optionally
-``report.md`` and plots. Training writes it with :func:`save_bundle`; the service reads it with
+pickle: loading one runs code), ``manifest.json`` (this module's :class:`Manifest`), for a
+feature-space score ``score_state.safetensors`` (its fitted state, e.g. the KNN bank of training
+features; hash in the manifest) and optionally ``report.md`` and plots. Training writes it with :func:`save_bundle`; the service reads it with
 :func:`load_bundle`, which checks the schema version, the manifest, the weights' sha256 and the
 state-dict keys before returning anything, so a bundle either loads whole or not at all; and, as
 :mod:`models.trust` says, that the bundle stays inside its folder, names it, and (when asked) is
@@ -37,14 +38,17 @@ from torch import Tensor
 
 from models.conformal import conformal_p_values, conformal_threshold
 from models.graphs import GraphedForward
-from models.nets import Classifier, Precision, build_network, device_logits, get_architecture
+from models.nets import Classifier, Precision, build_network, device_logits, device_outputs, get_architecture
 from models.preprocess import EvalGeometry, Normalization, Preprocessing, preprocess_batch
 from models.scores import get_score
 from models.trust import SIGNATURE_FILE, BundleTrust, TrustError, check_contained, check_identity
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
+# Schema 2 added ScoreSpec.k and Manifest.score_state_sha256 (feature-space scores); both have
+# defaults that describe a schema-1 bundle, so those still load.
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, SCHEMA_VERSION)
 WEIGHTS_FILE = "weights.safetensors"
+SCORE_STATE_FILE = "score_state.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 # Names and versions become directory names: no separators, no leading dot (temporary directories
@@ -64,16 +68,35 @@ class _Strict(BaseModel):
 
 
 class ScoreSpec(_Strict):
-    """Which OOD score the thresholds were calibrated on, and at what temperature."""
+    """Which OOD score the thresholds were calibrated on, at what temperature (logit scores) and
+    with how many neighbours ``k`` (``knn`` only)."""
 
     name: str
     temperature: float = Field(gt=0)
+    k: int | None = Field(None, ge=1)
 
     @field_validator("name")
     @classmethod
     def _known_score(cls, name: str) -> str:
         get_score(name)  # raises, listing the supported scores
         return name
+
+    @model_validator(mode="after")
+    def _k_where_used(self) -> ScoreSpec:
+        takes_k = get_score(self.name).default_k is not None
+        if takes_k and self.k is None:
+            raise ValueError(f"score {self.name!r} needs k (neighbour count)")
+        if not takes_k and self.k is not None:
+            raise ValueError(f"score {self.name!r} takes no k")
+        return self
+
+    @classmethod
+    def default(cls, name: str, k: int | None = None) -> ScoreSpec:
+        """``name`` at its default temperature, and for a score that takes one, ``k`` (default its own)."""
+        score = get_score(name)
+        if score.default_k is None:
+            return cls(name=name, temperature=score.default_temperature, k=k)
+        return cls(name=name, temperature=score.default_temperature, k=score.default_k if k is None else k)
 
 
 class OperatingPoint(_Strict):
@@ -159,6 +182,9 @@ class Manifest(_Strict):
     training: dict[str, Any] = Field(default_factory=dict)
     data_fingerprints: dict[str, str] = Field(default_factory=dict)
     weights_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+    score_state_sha256: str = Field(
+        "", pattern=r"^([0-9a-f]{64})?$", description=f"sha256 of {SCORE_STATE_FILE}; empty for logit scores"
+    )
 
     @field_validator("created_at")
     @classmethod
@@ -202,16 +228,23 @@ class Bundle:
     """A loaded model ready to predict: network, preprocessing, score and calibrated thresholds.
 
     The network is put in eval mode on ``device`` once here; on CUDA it also switches to
-    channels_last, which bf16 convolutions prefer.
+    channels_last, which bf16 convolutions prefer. A feature-space score's fitted state
+    (``score_state``) moves to the device too: its score is computed there, in the same pass as the
+    logits (and in the same CUDA graph), so only (B,) scores come back to the CPU.
     """
 
-    def __init__(self, path: Path, manifest: Manifest, model: Classifier, device: torch.device):
+    def __init__(
+        self, path: Path, manifest: Manifest, model: Classifier, device: torch.device,
+        score_state: Mapping[str, Tensor] | None = None,
+    ):
         self.path = path
         self.manifest = manifest
         self.device = device
         memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         self.model = model.to(device=device, memory_format=memory_format).eval()
         self._score = get_score(manifest.score.name)
+        # float32 once here (the values calibration computed with), not a cast of the bank per batch
+        self._score_state = {key: value.to(device, torch.float32) for key, value in (score_state or {}).items()}
         self._geometry = EvalGeometry(manifest.preprocessing)
         self._normalize = Normalization(manifest.preprocessing)
         self._calibration_scores = np.asarray(manifest.calibration.scores, dtype=np.float64)
@@ -262,7 +295,7 @@ class Bundle:
         """Record the forward pass of uint8 batches of ``batch_size`` as a CUDA graph (CUDA only),
         which :meth:`predict` then replays for such batches (see ``models.graphs``)."""
         if self._graphs is None:
-            self._graphs = GraphedForward(self._device_logits, self.device)
+            self._graphs = GraphedForward(self._device_pixels, self.device)
         size = self.manifest.preprocessing.input_size
         self._graphs.capture(torch.zeros(batch_size, 3, size, size, dtype=torch.uint8, device=self.device))
 
@@ -289,18 +322,21 @@ class Bundle:
                 f"expected a float or uint8 batch of shape (B, 3, {size}, {size}), got {batch.dtype} {tuple(batch.shape)}"
             )
         if batch.dtype != torch.uint8:
-            return PendingLogits.of(device_logits(self.model, batch, self.manifest.precision))
+            return PendingLogits.of(*self._device_outputs(batch))
         pixels = batch.to(self.device, non_blocking=True)
         replayed = self._graphs(pixels) if self._graphs is not None else None
         # A replay's output is overwritten by the next replay: copied out here, before any other.
-        return PendingLogits.of(self._device_logits(pixels) if replayed is None else replayed)
+        return PendingLogits.of(*(self._device_pixels(pixels) if replayed is None else replayed))
 
     @torch.inference_mode()
     def finish(self, pending: PendingLogits, point: OperatingPoint | None = None) -> Predictions:
         """The predictions of a batch :meth:`start` launched, judged at ``point`` (default: the bundle's)."""
         point = self.operating_point() if point is None else point
-        logits = pending.wait()
-        scores = self._score(logits, self.manifest.score.temperature)
+        logits, device_scores = pending.wait()
+        if device_scores is None:
+            scores = self._score.apply(logits, None, {}, self.manifest.score.temperature, None)
+        else:
+            scores = device_scores
         p_values = torch.from_numpy(conformal_p_values(scores.numpy(), self._calibration_scores))
         return Predictions(
             logits=logits,
@@ -312,36 +348,55 @@ class Bundle:
         )
 
     @torch.inference_mode()
-    def _device_logits(self, pixels: Tensor) -> Tensor:
-        return device_logits(self.model, self._normalize(pixels), self.manifest.precision)
+    def _device_pixels(self, pixels: Tensor) -> tuple[Tensor, ...]:
+        return self._device_outputs(self._normalize(pixels))
+
+    @torch.inference_mode()
+    def _device_outputs(self, batch: Tensor) -> tuple[Tensor, ...]:
+        """``(logits,)`` for a logit score, whose score the CPU computes in :meth:`finish` from the
+        float32 logits exactly as calibration did; ``(logits, scores)`` for a feature score, scored
+        on the device from the features of the same pass."""
+        if not self._score.needs_features:
+            return (device_logits(self.model, batch, self.manifest.precision),)
+        logits, features = device_outputs(self.model, batch, self.manifest.precision)
+        spec = self.manifest.score
+        return logits, self._score.apply(logits, features, self._score_state, spec.temperature, spec.k)
 
 
 class PendingLogits:
-    """A batch's float32 logits on their way to CPU memory: :meth:`wait` for them.
+    """A batch's float32 logits (and device-computed scores, if any) on their way to CPU memory:
+    :meth:`wait` for them.
 
     From a GPU they are copied into pinned memory without blocking, behind the forward pass on
     the same stream, and an event marks their arrival; elsewhere they are there already."""
 
-    def __init__(self, logits: Tensor, arrived: torch.cuda.Event | None = None):
+    def __init__(self, logits: Tensor, scores: Tensor | None = None, arrived: torch.cuda.Event | None = None):
         self._logits = logits
+        self._scores = scores
         self._arrived = arrived
 
     @classmethod
     @torch.inference_mode()
-    def of(cls, logits: Tensor) -> PendingLogits:
-        """Start copying ``logits`` (on any device) to the CPU."""
+    def of(cls, logits: Tensor, scores: Tensor | None = None) -> PendingLogits:
+        """Start copying ``logits`` and ``scores`` (on any device) to the CPU."""
         if logits.device.type != "cuda":
-            return cls(logits)
-        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
-        host.copy_(logits, non_blocking=True)
+            return cls(logits, scores)
+        host = [_pinned_copy(logits), None if scores is None else _pinned_copy(scores)]
         arrived = torch.cuda.Event()
         arrived.record()
-        return cls(host, arrived)
+        return cls(host[0], host[1], arrived)
 
-    def wait(self) -> Tensor:
+    def wait(self) -> tuple[Tensor, Tensor | None]:
+        """``(logits, scores)``; ``scores`` is ``None`` unless the device computed them."""
         if self._arrived is not None:
             self._arrived.synchronize()
-        return self._logits
+        return self._logits, self._scores
+
+
+def _pinned_copy(tensor: Tensor) -> Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 def sha256_file(path: Path) -> str:
@@ -356,8 +411,13 @@ def save_bundle(
     manifest: Manifest,
     extra_files: Mapping[str, Path] | None = None,
     signer: Callable[[bytes], bytes] | None = None,
+    score_state: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Write a bundle to ``directory`` (``<repository>/<name>/<version>``) atomically; return it.
+
+    ``score_state`` is the fitted state of a feature-space score (``Score.fit``), required for
+    such a score and refused for a logit score; it goes to ``score_state.safetensors``, stored
+    exactly as given (the thresholds were calibrated on it), its sha256 into the manifest.
 
     Everything goes into a hidden temporary sibling first and is moved into place with one
     ``os.replace``, so readers never see a half-written bundle. ``extra_files`` maps file names in
@@ -374,18 +434,26 @@ def save_bundle(
         raise BundleError(f"bundle {manifest.name}/{manifest.version} already exists at {directory}")
     extras = dict(extra_files or {})
     for file_name, source in extras.items():
-        if file_name in (WEIGHTS_FILE, MANIFEST_FILE, SIGNATURE_FILE) or Path(file_name).name != file_name or file_name.startswith("."):
+        if file_name in (WEIGHTS_FILE, MANIFEST_FILE, SIGNATURE_FILE, SCORE_STATE_FILE) or (
+            Path(file_name).name != file_name or file_name.startswith(".")
+        ):
             raise BundleError(f"extra file name {file_name!r} for {directory} must be a plain, non-reserved file name")
         if not Path(source).is_file():
             raise BundleError(f"extra file {source} for {directory} does not exist")
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()}
     _load_strict(build_network(manifest.architecture, manifest.num_classes), state, manifest, directory)
+    fitted = {key: tensor.detach().cpu().contiguous() for key, tensor in (score_state or {}).items()}
+    _check_score_state(manifest, bool(fitted), directory)
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        final = manifest.model_copy(update={"weights_sha256": sha256_file(staging / WEIGHTS_FILE)})
+        hashes = {"weights_sha256": sha256_file(staging / WEIGHTS_FILE), "score_state_sha256": ""}
+        if fitted:
+            save_file(fitted, str(staging / SCORE_STATE_FILE))
+            hashes["score_state_sha256"] = sha256_file(staging / SCORE_STATE_FILE)
+        final = manifest.model_copy(update=hashes)
         manifest_bytes = (final.model_dump_json(indent=2) + "\n").encode("utf-8")
         (staging / MANIFEST_FILE).write_bytes(manifest_bytes)
         if signer is not None:
@@ -412,7 +480,9 @@ def load_bundle(path: Path, device: str | torch.device = "cpu", trust: BundleTru
     Checks, in order: the directory (no entry resolving outside it), ``manifest.json`` (present,
     signed or pinned as ``trust`` asks, JSON, known schema version, valid, naming its folders),
     ``weights.safetensors`` (present, sha256 as recorded), then the state dict against the
-    architecture and class count. Nothing is returned unless every check passes.
+    architecture and class count, and for a feature-space score ``score_state.safetensors``
+    (present, sha256 as recorded: a signed or pinned manifest covers it too). Nothing is returned
+    unless every check passes.
     """
     path = Path(path)
     if not path.is_dir():
@@ -423,24 +493,41 @@ def load_bundle(path: Path, device: str | torch.device = "cpu", trust: BundleTru
         check_identity(path, manifest.name, manifest.version)
     except TrustError as error:
         raise BundleError(str(error)) from None
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise BundleError(f"{WEIGHTS_FILE} missing in bundle {path}")
     if not manifest.weights_sha256:
         raise BundleError(f"manifest in {path} records no weights_sha256, so the weights cannot be verified")
-    digest = sha256_file(weights)
-    if digest != manifest.weights_sha256:
-        raise BundleError(
-            f"sha256 mismatch for {weights}: manifest records {manifest.weights_sha256}, file has {digest} "
-            "(weights corrupted or tampered with)"
-        )
-    try:
-        state = load_file(str(weights))
-    except SafetensorError as error:
-        raise BundleError(f"cannot read {weights}: {error}") from None
+    state = _read_verified(path / WEIGHTS_FILE, manifest.weights_sha256)
     model = build_network(manifest.architecture, manifest.num_classes)
     _load_strict(model, state, manifest, path)
-    return Bundle(path, manifest, model, torch.device(device))
+    _check_score_state(manifest, bool(manifest.score_state_sha256), path)
+    score_state = None
+    if manifest.score_state_sha256:
+        score_state = _read_verified(path / SCORE_STATE_FILE, manifest.score_state_sha256)
+    return Bundle(path, manifest, model, torch.device(device), score_state)
+
+
+def _read_verified(file: Path, recorded_sha256: str) -> dict[str, Tensor]:
+    """The tensors of a safetensors file whose sha256 is ``recorded_sha256``."""
+    if not file.is_file():
+        raise BundleError(f"{file.name} missing in bundle {file.parent}")
+    digest = sha256_file(file)
+    if digest != recorded_sha256:
+        raise BundleError(
+            f"sha256 mismatch for {file}: manifest records {recorded_sha256}, file has {digest} "
+            "(corrupted or tampered with)"
+        )
+    try:
+        return load_file(str(file))
+    except SafetensorError as error:
+        raise BundleError(f"cannot read {file}: {error}") from None
+
+
+def _check_score_state(manifest: Manifest, has_state: bool, path: Path) -> None:
+    """A feature-space score needs its fitted state; a logit score has none."""
+    needs = get_score(manifest.score.name).needs_features
+    if needs and not has_state:
+        raise BundleError(f"score {manifest.score.name!r} of bundle {path} needs its fitted state ({SCORE_STATE_FILE})")
+    if has_state and not needs:
+        raise BundleError(f"score {manifest.score.name!r} of bundle {path} reads logits only but a fitted state was given")
 
 
 def _read_manifest(path: Path, trust: BundleTrust) -> Manifest:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from models.bundle import BundleError
+from models.scores import SCORES
 from models.trust import generate_key, load_private_key
 from training import calibrate, evaluate, export, pipeline, trainer
 from training.config import TrainConfig, load_config
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser("calibrate", help="conformal thresholds from ID validation data")
     _run_arguments(calibrate)
     calibrate.add_argument("--targets", type=float, nargs="+", help="ID acceptance targets, e.g. 0.9 0.95 0.99")
-    calibrate.add_argument("--score", help="OOD score to deploy (msp, maxlogit, energy, odin)")
+    calibrate.add_argument("--score", help=f"OOD score to deploy ({', '.join(SCORES)})")
 
     export = commands.add_parser("export", help="write a bundle into a model repository")
     _run_arguments(export)

@@ -111,6 +111,11 @@ class EvaluationConfig(_Strict):
     ood_sets: dict[str, Path] = Field(default_factory=dict)
     max_images_per_set: int | None = Field(None, ge=1, description="seeded subsample of large OOD folders")
     score: str | None = Field(None, description="deployed OOD score; default energy for energy-oe, else msp")
+    knn_k: int = Field(10, ge=1, description="neighbour count of the knn score (its k-th nearest training feature)")
+    knn_bank_size: int | None = Field(
+        None, ge=1, description="KNN bank: a subsample of this many training features, seeded by the run's seed; "
+        "None = every training image"
+    )
     calibration_targets: list[float] = Field(default_factory=lambda: [0.90, 0.95, 0.99])
     default_target: float = 0.95
     paper_protocol: bool = Field(False, description="also report the MixOE paper's balanced 10-draw protocol")

@@ -7,6 +7,9 @@ test knows which image each operating point accepts:
 * ``accepted``   - score below every threshold: accepted at 0.9, 0.95 and 0.99;
 * ``borderline`` - between the 0.9 and 0.95 thresholds: rejected at 0.9, accepted at 0.95 and 0.99;
 * ``rejected``   - above every threshold: rejected everywhere.
+
+The same holds for a feature-space score (``build_tiny_bundle(..., score="knn")``): its state is
+fitted on the features of a few noise images, and the thresholds sit between the anchors' scores.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.http import InferInput
 
 from models.bundle import Calibration, Manifest, OperatingPoint, ScoreSpec, save_bundle
-from models.nets import build_network
+from models.feature_scores import FitData
+from models.nets import Classifier, build_network
 from models.preprocess import Preprocessing, preprocess_batch
 from models.scores import get_score
 
@@ -66,12 +70,25 @@ def _calibration_scores(t90: float, t95: float, t99: float) -> np.ndarray:
     return np.interp(np.arange(N_CALIBRATION), [0, 180, 190, 198, 199], [t90 - 0.3, t90, t95, t99, t99 + 0.01])
 
 
-def build_tiny_bundle(repository: Path, version: str = "1", seed: int = 0) -> TinyModel:
+def _fitted_state(network: Classifier, spec: ScoreSpec) -> dict[str, torch.Tensor]:
+    """The score's state fitted on 12 noise images labelled round-robin ({} for a logit score)."""
+    images = [noise_image(seed) for seed in range(100, 112)]
+    with torch.inference_mode():
+        _, features = network.forward_features(preprocess_batch(images, PREPROCESSING))
+    labels = torch.arange(len(images)) % len(CLASS_NAMES)
+    return get_score(spec.name).fit(FitData(features, labels, len(CLASS_NAMES)))
+
+
+def build_tiny_bundle(repository: Path, version: str = "1", seed: int = 0, score: str = "msp") -> TinyModel:
+    """The tiny bundle, deploying ``score`` (any registered score; ``knn`` at k=3)."""
     torch.manual_seed(seed)
     network = build_network("resnet18", len(CLASS_NAMES)).eval()
     anchors = [solid(colour) for colour in _ANCHOR_COLOURS]
+    spec = ScoreSpec.default(score, k=3 if get_score(score).default_k is not None else None)
+    state = _fitted_state(network, spec)
     with torch.inference_mode():
-        scores = get_score("msp")(network(preprocess_batch(anchors, PREPROCESSING))).double().tolist()
+        logits, features = network.forward_features(preprocess_batch(anchors, PREPROCESSING))
+        scores = get_score(score).apply(logits, features, state, spec.temperature, spec.k).double().tolist()
     order = np.argsort(scores)
     low, middle, high = (scores[i] for i in order)
     assert middle - low > 1e-3 and high - middle > 1e-3, f"reference scores too close to separate: {scores}"
@@ -88,10 +105,10 @@ def build_tiny_bundle(repository: Path, version: str = "1", seed: int = 0) -> Ti
         num_classes=len(CLASS_NAMES),
         class_names=CLASS_NAMES,
         preprocessing=PREPROCESSING,
-        score=ScoreSpec(name="msp", temperature=1.0),
+        score=spec,
         calibration=Calibration(scores=calibration.tolist(), operating_points=points, default_target=0.95),
     )
-    path = save_bundle(repository / "tiny" / version, network, manifest)
+    path = save_bundle(repository / "tiny" / version, network, manifest, score_state=state or None)
     roles = dict(zip(("accepted", "borderline", "rejected"), (encode(anchors[i]) for i in order), strict=True))
     return TinyModel(repository, path, roles)
 
