@@ -11,7 +11,7 @@ from service.access import AccessMiddleware
 from service.context import ServiceContext
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
-from service.routes import ops, predict, v2
+from service.routes import drift, ops, predict, v2
 from service.settings import Settings
 
 
@@ -41,5 +41,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(v2.router)
     app.include_router(v2.infer_router)
+    app.include_router(drift.router)
     app.include_router(ops.router)
     return app

@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_OPERATING_POINT = "unknown_operating_point"
     UNKNOWN_OUTPUT = "unknown_output"
     UNKNOWN_MODEL = "unknown_model"
+    DRIFT_ALARM_OFF = "drift_alarm_off"
     UNAUTHORIZED = "unauthorized"
     OVERLOADED = "overloaded"
     NOT_READY = "not_ready"
