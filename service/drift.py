@@ -1,8 +1,11 @@
 """Drift alarms of the served models: one conformal test martingale per model version, in this process.
 
-Every classified image's OOD score becomes a smoothed conformal p-value against the bundle's
-calibration scores (the uniform draws from a generator seeded by the model's name and version),
-and the model version's :class:`models.drift.PowerJumper` bets on it. The alarm is raised once the
+Every classified image's OOD score becomes a smoothed online conformal p-value
+(:class:`models.online_conformal.OnlineConformal`: ranked against the bundle's calibration scores
+and every image this process classified before it since the last reset; the uniform draws from a
+generator seeded by the model's name and version), and the model version's
+:class:`models.drift.PowerJumper` bets on it. The served p-values, against the calibration scores
+alone, are dependent through that one set, which a long stream exposes as false alarms. The alarm is raised once the
 martingale reaches the alarm level and stays raised until reset; the statistics and what they
 promise are in ``docs/drift.md``.
 
@@ -27,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from models.bundle import Manifest
-from models.conformal import smoothed_p_values
 from models.drift import PowerJumper, alarm_log10_level
+from models.online_conformal import OnlineConformal
 from service.errors import ErrorCode, InvalidParameter
 from service.metrics import ServiceMetrics
 from service.schemas import DriftStatus
@@ -49,6 +52,7 @@ class DriftMonitor:
 
     def reset(self) -> None:
         self._martingale = PowerJumper()
+        self._bag = OnlineConformal(self._calibration)
         self._uniforms = np.random.default_rng(self._seed)
         self.images = 0
         self.alarm = False
@@ -59,7 +63,7 @@ class DriftMonitor:
 
     def observe(self, scores: Sequence[float]) -> None:
         """Bet on the smoothed p-values of ``scores`` (OOD scores, in the order they were served)."""
-        p_values = smoothed_p_values(scores, self._calibration, 1.0 - self._uniforms.random(len(scores)))
+        p_values = self._bag.p_values(scores, 1.0 - self._uniforms.random(len(scores)))
         for p in p_values:  # the alarm latches on any crossing, not only the batch's last value
             self.alarm |= bool(self._martingale.update([p])[0] >= self.level)
         self.images += len(scores)
