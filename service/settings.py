@@ -120,9 +120,9 @@ class Settings(BaseSettings):
         0.01,
         gt=0,
         lt=1,
-        description="Drift alarm's false-alarm budget: on in-distribution traffic the chance of ever raising "
-        "the alarm is at most this (for i.i.d. uniform p-values; docs/drift.md says how the calibration set "
-        "adds to it), split evenly between the workers.",
+        description="Drift alarm's false-alarm budget: while images stay exchangeable with the calibration data, "
+        "the chance of ever raising the alarm before a reset or restart is at most this, split evenly between "
+        "the workers (docs/drift.md).",
     )
 
     host: str = Field("127.0.0.1", description="Listen address; containers set 0.0.0.0.")
