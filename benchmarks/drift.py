@@ -48,7 +48,9 @@ RULE_EVALUATIONS = 16  # `for: 15m` at one evaluation per minute: 16 consecutive
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=[120, 500, 2000], help="calibration set sizes")
-    parser.add_argument("--shares", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5], help="OOD shares after the change")
+    parser.add_argument(
+        "--shares", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5], help="OOD shares after the change"
+    )
     parser.add_argument("--delta", type=float, default=0.01)
     parser.add_argument("--runs", type=int, default=1000, help="no-change streams per n")
     parser.add_argument("--steps", type=int, default=5000, help="inputs per no-change stream")
@@ -76,13 +78,18 @@ def first_alarms(
     """Index of each stream's first alarm (-1: none), for the martingale and the rule at each rate."""
     runs, steps = scores.shape
     uniforms = 1.0 - rng.random(scores.shape)
-    fixed = np.stack([smoothed_p_values(row, cal, u) for row, cal, u in zip(scores, calibration, uniforms, strict=True)])
+    fixed = np.stack(
+        [smoothed_p_values(row, cal, u) for row, cal, u in zip(scores, calibration, uniforms, strict=True)]
+    )
     online = OnlineConformal(calibration, runs)
     level = alarm_log10_level(args.delta)
     martingales = {"martingale, fixed calibration": PowerJumper(runs), "martingale, online": PowerJumper(runs)}
     first = {name: np.full(runs, -1) for name in martingales}
     for step in range(steps):
-        p_values = {"martingale, fixed calibration": fixed[:, step], "martingale, online": online.p_values(scores[:, step], uniforms[:, step])}
+        p_values = {
+            "martingale, fixed calibration": fixed[:, step],
+            "martingale, online": online.p_values(scores[:, step], uniforms[:, step]),
+        }
         for name, martingale in martingales.items():
             crossed = martingale.update(p_values[name]) >= level
             first[name][(first[name] < 0) & crossed] = step
@@ -108,7 +115,9 @@ def rule_first_alarm(cumulative_rejections: NDArray[np.int64], rate: int) -> NDA
     return first
 
 
-def simulate(args: argparse.Namespace, n: int, runs: int, before: int, after: int, share: float, seed: int) -> dict[str, NDArray[np.int64]]:
+def simulate(
+    args: argparse.Namespace, n: int, runs: int, before: int, after: int, share: float, seed: int
+) -> dict[str, NDArray[np.int64]]:
     """First alarms of ``runs`` streams, simulated ``args.chunk`` at a time (memory stays small)."""
     rng = np.random.default_rng(seed)
     parts: list[dict[str, NDArray[np.int64]]] = []

@@ -1,7 +1,7 @@
 """An online drift alarm with a guaranteed false-alarm rate: a conformal test martingale.
 
-Each served input gets a smoothed conformal p-value against the bundle's calibration scores
-(:func:`models.conformal.smoothed_p_values`). While the inputs are exchangeable with the
+Each served input gets a smoothed conformal p-value in the online mode
+(:class:`models.online_conformal.OnlineConformal`). While the inputs are exchangeable with the
 calibration data those p-values are i.i.d. uniform on (0, 1], and any product of *betting
 functions* ``f`` with ``integral_0^1 f = 1`` applied to them is a test martingale: a non-negative
 martingale starting at 1 (Vovk, Nouretdinov, Gammerman, "Testing exchangeability on-line",

@@ -209,19 +209,18 @@ class ServiceMetrics:
             multiprocess_mode="livesum",
         )
         # Each worker bets on its own traffic (service.drift): livemax reports the highest live one.
-        self.drift_log10_martingale = Gauge(
-            "mixoe_drift_log10_martingale",
-            "log10 of the drift alarm's conformal test martingale since its last reset (docs/drift.md).",
-            ["model", "version"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.drift_alarm = Gauge(
-            "mixoe_drift_alarm",
-            "1 once the drift martingale has reached workers / delta since its last reset, else 0.",
-            ["model", "version"],
-            registry=registry,
-            multiprocess_mode="livemax",
+        self.drift_log10_martingale, self.drift_alarm = (
+            Gauge(name, documentation, ["model", "version"], registry=registry, multiprocess_mode="livemax")
+            for name, documentation in (
+                (
+                    "mixoe_drift_log10_martingale",
+                    "log10 of the drift alarm's conformal test martingale since its last reset (docs/drift.md).",
+                ),
+                (
+                    "mixoe_drift_alarm",
+                    "1 once the drift martingale has reached workers / delta since its last reset, else 0.",
+                ),
+            )
         )
         self.bad_inputs = Counter(
             "mixoe_bad_inputs_total", "Requests refused for bad input, by reason code.", ["reason"], registry=registry

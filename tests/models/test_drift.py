@@ -20,7 +20,10 @@ def _jumper_by_hand(p_values: list[float], kappas: tuple[float, ...], jump: floa
     totals = []
     for p in p_values:
         total = sum(capital)
-        capital = [((1 - jump) * c + jump * total / len(exponents)) * k * p ** (k - 1) for c, k in zip(capital, exponents)]
+        capital = [
+            ((1 - jump) * c + jump * total / len(exponents)) * k * p ** (k - 1)
+            for c, k in zip(capital, exponents, strict=True)
+        ]
         totals.append(math.log10(sum(capital)))
     return totals
 
@@ -121,7 +124,8 @@ def test_smoothed_p_values_are_uniform_even_with_ties() -> None:
     rng = np.random.default_rng(2)
     calibration = np.sort(rng.integers(0, 4, (draws, n)), axis=1)
     scores = rng.integers(0, 4, draws)
-    p = np.array([smoothed_p_values(s, c, u) for s, c, u in zip(scores[:2000], calibration[:2000], 1 - rng.random(2000))])
+    first = zip(scores[:2000], calibration[:2000], 1 - rng.random(2000), strict=True)
+    p = np.array([smoothed_p_values(s, c, u) for s, c, u in first])
     assert np.all((p > 0) & (p <= 1))
     offsets = 10.0 * np.arange(draws)[:, None]  # one searchsorted over all draws: shift each draw apart
     p = smoothed_p_values(scores + offsets[:, 0], (calibration + offsets).ravel(), 1.0 - rng.random(draws))

@@ -94,7 +94,9 @@ def test_switched_off_there_is_no_martingale(make_settings: Callable[..., Settin
 def test_a_reset_in_one_worker_reaches_the_others(bundle: Bundle, tmp_path: Path) -> None:
     manifest = bundle.manifest
     workers = [
-        DriftAlarms([manifest], ServiceMetrics(score_buckets([manifest]), 4), delta=0.01, workers=2, shared_directory=tmp_path)
+        DriftAlarms(
+            [manifest], ServiceMetrics(score_buckets([manifest]), 4), delta=0.01, workers=2, shared_directory=tmp_path
+        )
         for _ in range(2)
     ]
     high = manifest.calibration.scores[-1] + 1.0  # above every calibration score: p-value below 1/201
