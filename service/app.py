@@ -12,7 +12,7 @@ from service.context import ServiceContext
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
 from service.openapi import complete_openapi
-from service.routes import ops, predict, v2
+from service.routes import drift, ops, predict, v2
 from service.settings import Settings
 from service.startup import StartupFailureMiddleware
 
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(v2.router)
     app.include_router(v2.infer_router)
+    app.include_router(drift.router)
     app.include_router(ops.router)
     complete_openapi(app, api_keys=bool(settings.api_keys))
     return app

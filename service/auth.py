@@ -1,9 +1,10 @@
 """Optional API-key protection for the prediction routes.
 
-When ``MIXOE_API_KEYS`` is set, ``/predict`` and ``/v2/models/*/infer`` need ``X-API-Key: <key>``
-or ``Authorization: Bearer <key>``; health, metadata and metrics stay open for probes and
-Prometheus. The check runs in :class:`ProtectedRoute`, *before* FastAPI reads the request body, so
-an unauthenticated client cannot make the server parse a large multipart upload.
+When ``MIXOE_API_KEYS`` is set, ``/predict``, ``/v2/models/*/infer`` and the drift alarm's reset
+(``/v2/models/*/drift/reset``) need ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``;
+health, metadata and metrics stay open for probes and Prometheus. The check runs in
+:class:`ProtectedRoute`, *before* FastAPI reads the request body, so an unauthenticated client
+cannot make the server parse a large multipart upload.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ from models.bundle import Bundle, load_bundle
 from models.trust import BundleTrust, load_public_keys
 from models.nets import resolve_device
 from service.batcher import MicroBatcher
+from service.drift import DriftAlarms
 from service.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
-from service.metrics import ServiceMetrics, score_buckets
+from service.metrics import ServiceMetrics, multiprocess_directory, score_buckets
 from service.model_process import HostedModelRunner, ModelProcessClient
 from service.predictor import Predictor
 from service.registry import LoadedModel, ModelRegistry, select_bundles
@@ -40,6 +41,7 @@ class ServiceContext:
     registry: ModelRegistry
     metrics: ServiceMetrics
     predictor: Predictor
+    drift: DriftAlarms
     inference_pool: ThreadPoolExecutor
     decode_pool: ThreadPoolExecutor
     model_process: ModelProcessClient | None = None
@@ -72,8 +74,17 @@ class ServiceContext:
             inference_pool.shutdown(wait=False)
             decode_pool.shutdown(wait=False, cancel_futures=True)
             raise
-        predictor = Predictor(settings, metrics, decode_pool)
-        return cls(settings, registry, metrics, predictor, inference_pool, decode_pool, model_process, ready=True)
+        drift = DriftAlarms(
+            [bundle.manifest for bundle in bundles] if settings.drift_alarm else [],
+            metrics,
+            delta=settings.drift_delta,
+            workers=settings.workers,
+            shared_directory=multiprocess_directory(),
+        )
+        predictor = Predictor(settings, metrics, decode_pool, drift)
+        return cls(
+            settings, registry, metrics, predictor, drift, inference_pool, decode_pool, model_process, ready=True
+        )
 
     async def stop(self) -> None:
         """Stop intake, finish queued work (bounded by ``shutdown_timeout_s``), release the threads."""

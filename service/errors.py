@@ -44,6 +44,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_OUTPUT = "unknown_output"
     UNKNOWN_MODEL = "unknown_model"
     FILENAME_TOO_LONG = "filename_too_long"
+    DRIFT_ALARM_OFF = "drift_alarm_off"
     UNAUTHORIZED = "unauthorized"
     OVERLOADED = "overloaded"
     NOT_READY = "not_ready"

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from models.bundle import Bundle
 from service.decoding import load_image, open_image
+from service.drift import DriftAlarms
 from service.errors import ErrorCode, InvalidInput, InvalidParameter, ModelFailure, PayloadTooLarge
 from service.inference import ImageJob, ImageVerdict
 from service.jpeg import decode_plain_jpeg, is_plain_jpeg
@@ -50,10 +51,13 @@ class Upload:
 class Predictor:
     """Turns uploads into verdicts for one request, recording the prediction metrics."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics, decode_pool: Executor):
+    def __init__(
+        self, settings: Settings, metrics: ServiceMetrics, decode_pool: Executor, drift: DriftAlarms | None = None
+    ):
         self._settings = settings
         self._metrics = metrics
         self._decode_pool = decode_pool
+        self._drift = drift
 
     async def predict(
         self, model: LoadedModel, uploads: Sequence[Upload], *, operating_point: float | None, top_k: int | None
@@ -83,6 +87,8 @@ class Predictor:
             self._metrics.record_prediction(
                 model.name, model.version, verdict.target_id_acceptance, verdict.score, verdict.accepted
             )
+        if self._drift is not None:
+            self._drift.observe(model.name, model.version, [verdict.score for verdict in decided])
         return decided
 
     async def _prepare(self, model: LoadedModel, uploads: Sequence[Upload], *, send_jpeg: bool) -> list[Tensor | bytes]:

@@ -123,8 +123,23 @@ class Settings(BaseSettings):
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="When set, /predict and /v2/models/*/infer need X-API-Key or Authorization: Bearer. "
+        description="When set, /predict, /v2/models/*/infer and /v2/models/*/drift/reset need X-API-Key or "
+        "Authorization: Bearer. "
         "Prefer the environment: command-line arguments are visible to other users.",
+    )
+
+    drift_alarm: bool = Field(
+        True,
+        description="Watch every model version's OOD scores with a conformal test martingale and raise "
+        "mixoe_drift_alarm when they stop looking like the calibration data (docs/drift.md).",
+    )
+    drift_delta: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Drift alarm's false-alarm budget: while images stay exchangeable with the calibration data, "
+        "the chance of ever raising the alarm before a reset or restart is at most this, split evenly between "
+        "the workers (docs/drift.md).",
     )
 
     host: str = Field("127.0.0.1", description="Listen address; containers set 0.0.0.0.")

@@ -75,6 +75,7 @@ def _metadata(context: ServiceContext, name: str, version: str | None) -> ModelM
                 for point in calibration.operating_points
             ],
         ),
+        drift=context.drift.status(loaded.name, loaded.version),
     )
 
 
