@@ -2,18 +2,16 @@
 
 When ``MIXOE_API_KEYS`` is set, ``/predict`` and ``/v2/models/*/infer`` need ``X-API-Key: <key>``
 or ``Authorization: Bearer <key>``; health, metadata and metrics stay open for probes and
-Prometheus. The check runs in :class:`ProtectedRoute`, *before* FastAPI reads the request body, so
-an unauthenticated client cannot make the server parse a large multipart upload.
+Prometheus. The check runs in the prediction routes' route class
+(:class:`service.routes.admitted.AdmittedRoute`), *before* FastAPI reads the request body, so an
+unauthenticated client cannot make the server parse a large multipart upload.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from fastapi import Request, Response
-from fastapi.routing import APIRoute
 from pydantic import SecretStr
 from starlette.datastructures import Headers
 
@@ -45,15 +43,3 @@ def check_api_key(headers: Headers, keys: Sequence[SecretStr]) -> None:
     if not any(matches):
         raise Unauthorized(ErrorCode.UNAUTHORIZED, "invalid API key")
 
-
-class ProtectedRoute(APIRoute):
-    """An APIRoute that checks the API key (``app.state.settings.api_keys``) before anything else."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def protected(request: Request) -> Response:
-            check_api_key(request.headers, request.app.state.settings.api_keys)
-            return await handler(request)
-
-        return protected

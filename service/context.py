@@ -22,6 +22,7 @@ import torch
 
 from models.bundle import Bundle, load_bundle
 from models.nets import resolve_device
+from service.admission import Admission
 from service.batcher import MicroBatcher
 from service.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
 from service.metrics import ServiceMetrics, score_buckets
@@ -41,6 +42,7 @@ class ServiceContext:
     predictor: Predictor
     inference_pool: ThreadPoolExecutor
     decode_pool: ThreadPoolExecutor
+    admission: Admission
     model_process: ModelProcessClient | None = None
     ready: bool = False
 
@@ -68,7 +70,10 @@ class ServiceContext:
             decode_pool.shutdown(wait=False, cancel_futures=True)
             raise
         predictor = Predictor(settings, metrics, decode_pool)
-        return cls(settings, registry, metrics, predictor, inference_pool, decode_pool, model_process, ready=True)
+        admission = Admission(settings.admission_capacity, settings.retry_after_s)
+        return cls(
+            settings, registry, metrics, predictor, inference_pool, decode_pool, admission, model_process, ready=True
+        )
 
     async def stop(self) -> None:
         """Stop intake, finish queued work (bounded by ``shutdown_timeout_s``), release the threads."""
@@ -108,7 +113,7 @@ async def _start_models(
             observer=metrics,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_s,
-            queue_size=settings.queue_size,
+            queue_size=settings.admission_capacity,  # whatever admission let in fits: never refused here
             retry_after_s=settings.retry_after_s,
             name=f"{bundle.name}:{bundle.version}",
         )
