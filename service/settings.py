@@ -120,10 +120,10 @@ class Settings(BaseSettings):
         "after it opened or after its previous answer: slow or silent clients (service/connections.py).",
     )
     body_timeout_s: float = Field(
-        60.0,
+        30.0,
         gt=0,
         description="A request whose body has not all arrived this long after its headers gets 408 and its "
-        "connection is closed.",
+        "connection is closed; an admitted request holds its admission places meanwhile.",
     )
     max_connections: int = Field(
         512,
