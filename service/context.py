@@ -23,6 +23,7 @@ import torch
 from models.bundle import Bundle, load_bundle
 from models.trust import BundleTrust, load_public_keys
 from models.nets import resolve_device
+from service.admission import Admission
 from service.batcher import MicroBatcher
 from service.drift import DriftAlarms
 from service.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
@@ -44,6 +45,7 @@ class ServiceContext:
     drift: DriftAlarms
     inference_pool: ThreadPoolExecutor
     decode_pool: ThreadPoolExecutor
+    admission: Admission
     model_process: ModelProcessClient | None = None
     ready: bool = False
 
@@ -82,8 +84,10 @@ class ServiceContext:
             shared_directory=multiprocess_directory(),
         )
         predictor = Predictor(settings, metrics, decode_pool, drift)
+        admission = Admission(settings.admission_capacity, settings.retry_after_s)
         return cls(
-            settings, registry, metrics, predictor, drift, inference_pool, decode_pool, model_process, ready=True
+            settings, registry, metrics, predictor, drift, inference_pool, decode_pool, admission, model_process,
+            ready=True,
         )
 
     async def stop(self) -> None:
@@ -124,7 +128,7 @@ async def _start_models(
             observer=metrics,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_s,
-            queue_size=settings.queue_size,
+            queue_size=settings.admission_capacity,  # whatever admission let in fits: never refused here
             retry_after_s=settings.retry_after_s,
             name=f"{bundle.name}:{bundle.version}",
         )

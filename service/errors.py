@@ -36,6 +36,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_FILES = "too_many_files"
     NO_FILES = "no_files"
     REQUEST_TOO_LARGE = "request_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
     INVALID_TENSOR = "invalid_tensor"
     INVALID_BASE64 = "invalid_base64"
     INVALID_REQUEST = "invalid_request"

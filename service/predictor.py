@@ -1,6 +1,8 @@
 """The request path ``/predict`` and ``/v2/models/{name}/infer`` share: check, decode, batch, count.
 
-Cheap checks run first (file count, operating point, top-k), then every file is decoded and
+Cheap checks run first (file count, operating point, top-k), then the request holds a place for
+each image in its worker's admission (``service.admission``: 503 when they do not fit, before
+anything is decoded), then every file is decoded and
 preprocessed in the decoding thread pool (PIL and torchvision release the GIL; the event loop
 never decodes): plain JPEGs by torchvision, on the model's GPU when it has one (``service.jpeg``),
 everything else by PIL. With a model process on a GPU, plain JPEGs pass the checks only and go to
@@ -26,6 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from models.bundle import Bundle
+from service.admission import Ticket
 from service.decoding import load_image, open_image
 from service.drift import DriftAlarms
 from service.errors import ErrorCode, InvalidInput, InvalidParameter, ModelFailure, PayloadTooLarge
@@ -60,8 +63,16 @@ class Predictor:
         self._drift = drift
 
     async def predict(
-        self, model: LoadedModel, uploads: Sequence[Upload], *, operating_point: float | None, top_k: int | None
+        self,
+        model: LoadedModel,
+        uploads: Sequence[Upload],
+        *,
+        operating_point: float | None,
+        top_k: int | None,
+        ticket: Ticket,
     ) -> list[ImageVerdict]:
+        """Verdicts for ``uploads``, in order; ``ticket`` (the request's admission) holds every image
+        before any is decoded."""
         if not uploads:
             raise InvalidInput(ErrorCode.NO_FILES, "the request holds no images")
         if len(uploads) > self._settings.max_files:
@@ -71,6 +82,7 @@ class Predictor:
             )
         point = model.operating_point(operating_point)
         k = resolve_top_k(top_k, len(model.class_names))
+        ticket.hold(len(uploads))
         images = await self._prepare(model, uploads, send_jpeg=model.sends_jpeg)
         verdicts = await model.batcher.submit([ImageJob(image, point, k) for image in images])
         refused = [row for row, verdict in enumerate(verdicts) if verdict is None]

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+import struct
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx
 import numpy as np
 import torch
+from fastapi import FastAPI
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.http import InferInput
@@ -37,6 +41,7 @@ CLASS_NAMES = ["red", "green", "blue"]
 PREPROCESSING = Preprocessing(input_size=32, resize=36)
 TARGETS = (0.9, 0.95, 0.99)
 N_CALIBRATION = 200
+T = TypeVar("T")
 _ANCHOR_COLOURS = [(0, 255, 0), (0, 0, 255), (128, 128, 128)]
 
 
@@ -111,6 +116,14 @@ def build_tiny_bundle(repository: Path, version: str = "1", seed: int = 0, score
     path = save_bundle(repository / "tiny" / version, network, manifest, score_state=state or None)
     roles = dict(zip(("accepted", "borderline", "rejected"), (encode(anchors[i]) for i in order), strict=True))
     return TinyModel(repository, path, roles)
+
+
+async def serve_in_process(app: FastAPI, scenario: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
+    """Run ``scenario`` against ``app`` in-process, with its lifespan (models, batchers) running."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            return await scenario(client)
 
 
 def sample_value(metrics_text: str, name: str, labels: dict[str, str] | None = None) -> float:

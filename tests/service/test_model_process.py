@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 import service.model_host
 from models.bundle import Bundle, load_bundle
+from service.admission import Admission
 from service.batcher import MicroBatcher
 from service.decoding import decode_image
 from service.errors import ErrorCode, InvalidInput, NotReady
@@ -239,7 +240,7 @@ def test_a_worker_lets_pil_decide_on_a_jpeg_the_model_process_refused(
             try:
                 model = LoadedModel(bundle, batcher, sends_jpeg=True)
                 return await Predictor(settings, metrics, decoding).predict(
-                    model, uploads, operating_point=None, top_k=None
+                    model, uploads, operating_point=None, top_k=None, ticket=Admission(64, 1).ticket()
                 )
             finally:
                 await batcher.stop()
