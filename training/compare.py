@@ -84,6 +84,9 @@ def load_compare_config(path: Path, overrides: list[str] = (), values: dict[str,
         raw = set_dotted(raw, key, value)
     whole = _CompareFile.model_validate(raw)
     compare = whole.compare
+    needing = sorted(label for label, method in compare.methods.items() if method.name != "baseline")
+    if needing and whole.outliers is None:
+        raise ValueError(f"methods {needing} need an 'outliers' section (an outlier pool)")
     if compare.splits is not None and whole.data.holdout is None:
         raise ValueError("compare.splits needs data.holdout (num_id_classes) to know how many classes to keep")
     if compare.validation_set is None:
@@ -143,11 +146,13 @@ def with_ood_set(config: TrainConfig, name: str, folder: Path) -> TrainConfig:
 
 
 def method_configs(unit: TrainConfig, methods: dict[str, MethodConfig]) -> tuple[TrainConfig, dict[str, TrainConfig]]:
-    """The baseline stage and each method's stage config (that baseline for ``baseline``), as the pipeline makes them."""
+    """The baseline stage and each method's stage config (the baseline's for ``baseline``), as the pipeline has them."""
     configs = {}
     for label, method in methods.items():
         baseline, finetune = stage_configs(unit.model_copy(update={"method": method}))
-        configs[label] = baseline if finetune is None else finetune.model_copy(update={"output_dir": unit.output_dir / label})
+        if finetune is not None:
+            finetune = finetune.model_copy(update={"output_dir": unit.output_dir / label})
+        configs[label] = finetune or baseline
     return stage_configs(unit.model_copy(update={"method": MethodConfig()}))[0], configs
 
 
@@ -176,7 +181,8 @@ class CompareResult:
 def run_compare(base: TrainConfig, compare: CompareConfig) -> CompareResult:
     """Train, evaluate and tabulate every unit, then export the selected model (see module docstring)."""
     validation = {compare.validation_set, BLEND}
-    splits = compare.splits if compare.splits is not None else [None if base.data.holdout is None else base.data.holdout.seed]
+    own_split = None if base.data.holdout is None else base.data.holdout.seed
+    splits = compare.splits if compare.splits is not None else [own_split]
     records: list[Record] = []
     first: dict[str, TrainConfig] = {}
     for split in splits:
@@ -188,7 +194,8 @@ def run_compare(base: TrainConfig, compare: CompareConfig) -> CompareResult:
             baseline, configs = method_configs(unit, compare.methods)
             train(baseline)
             for label, config in configs.items():
-                train(config)
+                if config.output_dir != baseline.output_dir:  # the baseline row is the stage just trained
+                    train(config)
                 records += unit_records(config, label, split, validation)
             first = first or configs
             log.info("compare: split %s seed %d done", split, seed)
@@ -210,7 +217,8 @@ def run_compare(base: TrainConfig, compare: CompareConfig) -> CompareResult:
 def export_selected(config: TrainConfig, score: str) -> Path:
     """Calibrate, evaluate (without the blend) and export the selected run under the selected score."""
     sets = {name: spec for name, spec in config.evaluation.ood_sets.items() if name != BLEND}
-    final = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"score": score, "ood_sets": sets})})
+    evaluation = config.evaluation.model_copy(update={"score": score, "ood_sets": sets})
+    final = config.model_copy(update={"evaluation": evaluation})
     calibrate(final)
     evaluate(final)
     return export(final)

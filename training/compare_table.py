@@ -69,7 +69,9 @@ def summarize(records: Sequence[Record], set_names: Sequence[str]) -> list[dict[
     return table
 
 
-def paired_differences(records: Sequence[Record], table: Sequence[dict[str, Any]], set_name: str) -> list[dict[str, Any]]:
+def paired_differences(
+    records: Sequence[Record], table: Sequence[dict[str, Any]], set_name: str
+) -> list[dict[str, Any]]:
     """Each row's AUROC on ``set_name`` minus that of the best row of another method, paired by unit."""
     by_unit = {(r.method, r.score, r.split, r.seed): r for r in records}
     key = f"{set_name}.auroc"

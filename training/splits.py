@@ -70,7 +70,8 @@ def pool_categories(config: OutlierConfig) -> dict[str, list[str]]:
     root = Path(config.root)
     if not root.is_dir():
         raise FileNotFoundError(f"outlier folder not found: {root}")
-    names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in config.exclude)
+    folders = (d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    names = sorted(d.name for d in folders if d.name not in config.exclude)
     if config.categories is None:
         return {"train": names, "val": [], "test": []}
     return split_categories(names, config.categories)

@@ -20,7 +20,8 @@ def _records(a_minus_b: list[float]) -> list[Record]:
     records = []
     for unit, diff in enumerate(a_minus_b):
         for method, value in (("a", 0.8 + diff), ("b", 0.8)):
-            records.append(Record(0, unit, method, "msp", 0.9, 0.9, 0.5, {"far": {"auroc": value, "tnr_at_95tpr": 0.5}}))
+            ood = {"far": {"auroc": value, "tnr_at_95tpr": 0.5}}
+            records.append(Record(0, unit, method, "msp", 0.9, 0.9, 0.5, ood))
     return records
 
 
@@ -99,10 +100,13 @@ def test_compare_tables_every_method_under_every_score_and_exports_the_selected(
     ("change", "message"),
     [
         ({"compare": {"splits": [0], "sedes": [1]}}, "invalid configuration: compare.sedes: Extra inputs"),
-        ({"outliers": None, "compare": {}}, "compare needs validation outliers"),
+        ({"outliers": None, "compare": {}}, "methods ['energy-oe', 'mixoe-cutmix', 'mixoe-mixup', 'oe'] need an"),
+        ({"compare": {"methods": {"msp": {"name": "baseline"}}}, "outliers": None}, "compare needs validation outliers"),
     ],
 )
-def test_compare_misuse_is_one_line_and_exit_2(compare_file: Path, tmp_path: Path, capsys, change: dict, message: str) -> None:
+def test_compare_misuse_is_one_line_and_exit_2(
+    compare_file: Path, tmp_path: Path, capsys, change: dict, message: str
+) -> None:
     raw = {**yaml.safe_load(compare_file.read_text()), **change}
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw))

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from tests.helpers.images import make_image_folder, make_list_dataset
-from training.config import CategorySplitConfig, DataConfig, OODSetConfig, OutlierConfig, TransformConfig, ValidationCarveOut
+from training.config import (
+    CategorySplitConfig, DataConfig, OODSetConfig, OutlierConfig, TransformConfig, ValidationCarveOut,
+)
 from training.data import read_list_file
 from training.experiment import load_experiment_data
 from training.splits import carve_validation, ood_set_files, pool_exclusions, pool_files, split_categories
