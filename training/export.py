@@ -19,17 +19,18 @@ from models.nets import build_network
 from training.calibrate import load_calibration, require_current_weights
 from training.checkpoint import BEST_INFO, load_best_weights
 from training.config import TrainConfig
-from training.data import Sample, fingerprint, outlier_files
+from training.data import Sample, fingerprint
 from training.transforms import preprocessing_of
 from training.evaluate import EVALUATION_JSON
 from training.experiment import load_experiment_data
 from training.report import write_report
 from training.scoring import ID_TEST, FittedScore, run_logits
+from training.splits import pool_files
 
 
 def _pool_fingerprint(config: TrainConfig) -> str:
     """Fingerprint of the outlier pool the method trained against (MixOE's key input)."""
-    files = outlier_files(config.outliers.root, config.outliers.exclude)
+    files = pool_files(config.outliers)
     return fingerprint([Sample(path, -1) for path in files])
 
 

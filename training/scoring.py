@@ -35,8 +35,9 @@ from models.preprocess import EvalTransform, Preprocessing
 from models.scores import get_score
 from training.checkpoint import BEST_WEIGHTS, atomic_write, load_best_weights
 from training.config import TrainConfig
-from training.data import ImageDataset, Sample, collate_skipping_bad, fingerprint, list_images
+from training.data import ImageDataset, Sample, collate_skipping_bad, fingerprint
 from training.experiment import load_experiment_data
+from training.splits import ood_sets
 from training.transforms import preprocessing_of
 
 ID_TRAIN, ID_VAL, ID_TEST, FINE = "id_train", "id_val", "id_test", "fine"
@@ -55,7 +56,7 @@ class SetLogits:
 
 def assessment_sets(config: TrainConfig) -> dict[str, list[Sample]]:
     """``id_train`` (what feature scores are fitted on, evaluation transform), ``id_val``
-    (calibration), ``id_test``, ``fine`` (held-out classes) and each named OOD folder."""
+    (calibration), ``id_test``, ``fine`` (held-out classes) and each named OOD set."""
     data = load_experiment_data(config.data)
     sets = {ID_TRAIN: data.train.samples, ID_VAL: data.val.samples}
     if data.test is not None:
@@ -63,12 +64,9 @@ def assessment_sets(config: TrainConfig) -> dict[str, list[Sample]]:
     if data.fine_ood_test is not None:
         sets[FINE] = [Sample(s.path, -1) for s in data.fine_ood_test.samples]
     rng = np.random.default_rng(config.seed)
-    for name, root in config.evaluation.ood_sets.items():
+    for name, paths in ood_sets(config).items():
         if name in sets:
             raise ValueError(f"OOD set name {name!r} is reserved; choose another")
-        paths = list_images(Path(root))
-        if not paths:
-            raise ValueError(f"OOD set {name!r}: no images under {root}")
         limit = config.evaluation.max_images_per_set
         if limit is not None and len(paths) > limit:
             paths = [paths[i] for i in sorted(rng.choice(len(paths), limit, replace=False))]
