@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from models.bundle import Bundle, load_bundle
-from models.trust import BundleTrust, load_public_keys
 from models.nets import resolve_device
+from models.runtime import Bundle, load_bundle
+from models.trust import BundleTrust, load_public_keys
 from service.batcher import MicroBatcher
 from service.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
 from service.metrics import ServiceMetrics, score_buckets

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from models.bundle import Bundle
+from models.runtime import Bundle
 from service.decoding import load_image, open_image
 from service.errors import ErrorCode, InvalidInput, InvalidParameter, ModelFailure, PayloadTooLarge
 from service.inference import ImageJob, ImageVerdict

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from models.bundle import Predictions
+from models.runtime import Predictions
 from service.app import create_app
 from service.settings import Settings
 from tests.service.helpers import encode, noise_image, sample_value
