@@ -35,8 +35,9 @@ from PIL import Image
 
 from machine import machine_name  # a sibling module: the script's directory is on sys.path
 
-from models.bundle import Bundle, ScoreSpec, load_bundle
 from models.feature_scores import fit_knn_bank, knn_distance, normalized
+from models.manifest import ScoreSpec
+from models.runtime import Bundle, load_bundle
 from models.scores import msp
 
 ROOT = Path(__file__).resolve().parents[1]

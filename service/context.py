@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from models.bundle import Bundle, load_bundle
-from models.trust import BundleTrust, load_public_keys
 from models.nets import resolve_device
+from models.runtime import Bundle, load_bundle
+from models.trust import BundleTrust, load_public_keys
 from service.admission import Admission
 from service.batcher import MicroBatcher
 from service.drift import DriftAlarms

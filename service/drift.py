@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bundle import Manifest
+from models.manifest import Manifest
 from models.drift import PowerJumper, alarm_log10_level
 from models.online_conformal import OnlineConformal
 from service.errors import ErrorCode, InvalidParameter

@@ -35,7 +35,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, multiprocess
 from prometheus_client.registry import Collector
 
-from models.bundle import Manifest
+from models.manifest import Manifest
 from service.inference import padded_batch_sizes
 
 _CALIBRATION_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)

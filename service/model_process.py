@@ -58,8 +58,8 @@ from typing import Any
 
 import torch
 
-from models.bundle import Bundle
 from models.nets import resolve_device
+from models.runtime import Bundle
 from service.errors import ErrorCode, NotReady
 from service.inference import ImageJob, ImageVerdict
 from service.logs import configure_logging

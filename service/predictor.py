@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from models.bundle import Bundle
+from models.runtime import Bundle
 from service.admission import Ticket
 from service.decoding import load_image, open_image
 from service.drift import DriftAlarms

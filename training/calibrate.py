@@ -24,7 +24,8 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from models.bundle import SCORE_STATE_FILE, Calibration, OperatingPoint, ScoreSpec, sha256_file
+from models.bundle import sha256_file
+from models.manifest import SCORE_STATE_FILE, Calibration, OperatingPoint, ScoreSpec
 from models.nets import Precision
 from training.checkpoint import BEST_WEIGHTS, atomic_write
 from training.config import TrainConfig

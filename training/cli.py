@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from models.bundle import BundleError
+from models.manifest import BundleError
 from models.scores import SCORES
 from models.trust import generate_key, load_private_key
 from training import calibrate, compare, evaluate, export, pipeline, trainer

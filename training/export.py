@@ -14,7 +14,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.bundle import Manifest, save_bundle
+from models.bundle import save_bundle
+from models.manifest import Manifest
 from models.nets import build_network
 from training.calibrate import load_calibration, require_current_weights
 from training.checkpoint import BEST_INFO, load_best_weights

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from models.bundle import ScoreSpec, sha256_file
+from models.bundle import sha256_file
 from models.feature_scores import FitData
+from models.manifest import ScoreSpec
 from models.nets import Classifier, Precision, build_network, default_precision, deployed_outputs, resolve_device
 from models.preprocess import EvalTransform, Preprocessing
 from models.scores import get_score
@@ -116,7 +117,7 @@ class RunLogits:
 
 @dataclass(frozen=True)
 class FittedScore:
-    """A score with its settings (:class:`models.bundle.ScoreSpec`) and fitted state, ready to
+    """A score with its settings (:class:`models.manifest.ScoreSpec`) and fitted state, ready to
     score any set of the run; the state is what a bundle ships (empty for logit scores)."""
 
     spec: ScoreSpec

@@ -14,24 +14,13 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from models.bundle import (
-    MANIFEST_FILE,
-    WEIGHTS_FILE,
-    Bundle,
-    BundleError,
-    Calibration,
-    Manifest,
-    OperatingPoint,
-    ScoreSpec,
-    find_bundles,
-    latest_version,
-    load_bundle,
-    save_bundle,
-    sha256_file,
-)
+from models.bundle import save_bundle, sha256_file
 from models.conformal import conformal_p_values
+from models.index import find_bundles, latest_version
+from models.manifest import MANIFEST_FILE, WEIGHTS_FILE, BundleError, Calibration, Manifest, OperatingPoint, ScoreSpec
 from models.nets import Classifier, build_network
 from models.preprocess import Preprocessing, preprocess_batch
+from models.runtime import Bundle, load_bundle
 from models.scores import get_score
 
 SIZE = 32

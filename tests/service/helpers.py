@@ -31,8 +31,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.http import InferInput
 
-from models.bundle import Calibration, Manifest, OperatingPoint, ScoreSpec, save_bundle
+from models.bundle import save_bundle
 from models.feature_scores import FitData
+from models.manifest import Calibration, Manifest, OperatingPoint, ScoreSpec
 from models.nets import Classifier, build_network
 from models.preprocess import Preprocessing, preprocess_batch
 from models.scores import get_score

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import httpx
 import pytest
 
-from models.bundle import Predictions
+from models.runtime import Predictions
 from service.app import create_app
 from service.settings import Settings
 from tests.service.helpers import encode, noise_image, sample_value, serve_in_process

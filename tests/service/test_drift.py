@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from models.bundle import Bundle
+from models.runtime import Bundle
 from service.app import create_app
 from service.drift import DriftAlarms
 from service.metrics import ServiceMetrics, score_buckets

@@ -9,8 +9,9 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
-from models.bundle import SCORE_STATE_FILE, load_bundle
 from models.feature_scores import knn_distance
+from models.manifest import SCORE_STATE_FILE
+from models.runtime import load_bundle
 from service.app import create_app
 from service.decoding import decode_image
 from service.settings import Settings

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from models.bundle import SCHEMA_VERSION, Bundle
+from models.manifest import SCHEMA_VERSION
+from models.runtime import Bundle
 from service.metrics import (
     MULTIPROCESS_DIRECTORY_VARIABLE,
     ServiceMetrics,

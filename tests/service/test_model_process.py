@@ -25,7 +25,7 @@ import torch
 from prometheus_client import CollectorRegistry, Histogram
 
 import service.model_host
-from models.bundle import Bundle, load_bundle
+from models.runtime import Bundle, load_bundle
 from service.admission import Admission
 from service.batcher import MicroBatcher
 from service.decoding import decode_image

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.bundle import load_bundle
+from models.runtime import load_bundle
 from tests.helpers.images import make_image_folder, make_list_dataset
 from training.cli import main
 from training.compare import default_methods
 from training.compare_table import Record, paired_differences, select, summarize
-from training.scoring import SCORES
+from models.scores import SCORES
 
 
 def _records(a_minus_b: list[float]) -> list[Record]:

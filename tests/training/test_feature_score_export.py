@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from models.bundle import SCORE_STATE_FILE, load_bundle
+from models.manifest import SCORE_STATE_FILE
+from models.runtime import load_bundle
 from models.scores import SCORES
 from tests.helpers.images import make_image_folder
 from tests.helpers.runs import tiny_config
