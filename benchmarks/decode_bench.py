@@ -33,8 +33,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from machine import machine_name
-from models.bundle import Bundle, load_bundle
 from models.nets import resolve_device
+from models.runtime import Bundle, load_bundle
 from serve_bench import DECODE_LIMITS, DEFAULT_IMAGES, ROOT, default_bundle, load_jpegs
 from service.decoding import decode_image, open_image
 from service.jpeg import is_plain_jpeg

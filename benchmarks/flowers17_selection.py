@@ -1,12 +1,13 @@
 """Which validation-only criterion would pick the run that detects held-out species best?
 
-``benchmarks/flowers17.py`` chooses MixOE's beta without touching any OOD test set. This checks,
-after the fact, how well candidate criteria rank that benchmark's runs (every method and beta of
-each split) in the order of their *fine* OOD test AUROC, the thing the choice should optimise:
+``mixoe compare`` chooses a method and score without touching any OOD test set. This checks,
+after the fact, how well candidate criteria rank a comparison's runs (every method of each split
+and seed) in the order of their *fine* OOD test AUROC, the thing the choice should optimise:
 
-* ``val_outliers``  MSP AUROC of ID validation images vs the held-out Tiny-ImageNet classes (the
-                    criterion flowers17.py uses);
-* ``mixed``         vs ID validation images blended 50/50 with validation outliers;
+* ``val_outliers``  MSP AUROC of ID validation images vs the validation outliers (the criterion
+                    the retired ``benchmarks/flowers17.py`` used);
+* ``mixed``         vs ID validation images blended 50/50 with validation outliers (what
+                    ``mixoe compare`` now selects by, after this script's first run);
 * ``shuffled``      vs ID validation images cut into 4 x 4 tiles and shuffled: flower colour and
                     texture without a flower's shape, a synthetic near-OOD set.
 
@@ -15,7 +16,7 @@ each criterion with the fine test AUROC across runs (1 = a perfect proxy), and w
 reads the test sets only to evaluate the criteria, so the result informs the next choice of
 criterion; using it to re-pick beta on these same splits would leak the test sets.
 
-    python benchmarks/flowers17_selection.py benchmarks/out/flowers17
+    python benchmarks/flowers17_selection.py runs/flowers17-compare-cpu   # a compare output_dir
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ from training.experiment import load_experiment_data
 from training.metrics import auroc
 from training.scoring import FINE, ID_TEST, ID_VAL, assessment_sets, run_logits, scores_of
 from training.transforms import preprocessing_of
-
-from flowers17 import validation_criterion
 
 CRITERIA = ("val_outliers", "mixed", "shuffled")
 TILES = 4
@@ -76,7 +75,7 @@ def criteria_of(run_dir: Path) -> dict[str, float]:
 
     id_val = scores_of(logits[ID_VAL], "msp")
     return {
-        "val_outliers": validation_criterion(config)[1],  # exactly what flowers17.py selects by
+        "val_outliers": auroc(id_val, scores_of(logits["val_outliers"], "msp")),
         "mixed": auroc(id_val, scored(0.5 * val + 0.5 * blend)),
         "shuffled": auroc(id_val, scored(torch.stack([shuffle_tiles(image, rng) for image in val]))),
         "fine_test": auroc(scores_of(logits[ID_TEST], "msp"), scores_of(logits[FINE], "msp")),
@@ -90,20 +89,21 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="the --out folder of a flowers17.py run")
+    parser.add_argument("results", type=Path, help="the output_dir of a 'mixoe compare' run")
     parser.add_argument("--out", type=Path, help="JSON file; default <results>/selection.json")
     args = parser.parse_args()
-    splits = sorted(p for p in args.results.glob("split*") if p.is_dir())
+    splits = sorted(p for p in args.results.glob("split*/seed*") if p.is_dir())
     if not splits:
-        raise SystemExit(f"no split*/ folders under {args.results}: pass the --out folder of flowers17.py")
+        raise SystemExit(f"no split*/seed*/ folders under {args.results}: pass the output_dir of 'mixoe compare'")
     report = {}
     print(f"| split | runs | {' | '.join(CRITERIA)} |\n|---|---|{'---|' * len(CRITERIA)}")
     for split in splits:
         runs = {d.name: criteria_of(d) for d in sorted(split.iterdir()) if (d / "config.yaml").is_file()}
         fine = [r["fine_test"] for r in runs.values()]
         correlation = {c: spearman([r[c] for r in runs.values()], fine) for c in CRITERIA}
-        report[split.name] = {"runs": runs, "spearman_with_fine_auroc": correlation}
-        print(f"| {split.name} | {len(runs)} | " + " | ".join(f"{correlation[c]:+.2f}" for c in CRITERIA) + " |")
+        unit = split.relative_to(args.results).as_posix()
+        report[unit] = {"runs": runs, "spearman_with_fine_auroc": correlation}
+        print(f"| {unit} | {len(runs)} | " + " | ".join(f"{correlation[c]:+.2f}" for c in CRITERIA) + " |")
     out = args.out or args.results / "selection.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"\nSpearman correlation with fine-OOD test AUROC across runs (MSP); wrote {out}")

@@ -53,8 +53,9 @@ from torch import Tensor
 
 from load_generator import LoadGenerator, request_bodies
 from machine import machine_name
-from models.bundle import Bundle, BundleError, load_bundle
+from models.manifest import BundleError
 from models.nets import resolve_device
+from models.runtime import Bundle, load_bundle
 from service.decoding import decode_image
 from service.local import start_local_server
 from service.registry import select_bundles

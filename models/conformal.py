@@ -61,3 +61,20 @@ def conformal_p_values(scores: ArrayLike, sorted_calibration_scores: NDArray[np.
     s = np.asarray(scores, dtype=np.float64)
     at_least = cal.size - np.searchsorted(cal, s, side="left")
     return (1.0 + at_least) / (cal.size + 1.0)
+
+
+def smoothed_p_values(
+    scores: ArrayLike, sorted_calibration_scores: NDArray[np.floating], uniforms: ArrayLike
+) -> NDArray[np.float64]:
+    """Randomised (smoothed) conformal p-values ``(#{cal > s} + u * (#{cal == s} + 1)) / (n + 1)``.
+
+    ``u`` is a fresh uniform draw on (0, 1] per score (never 0, so neither is ``p``). Where :func:`conformal_p_values` is
+    conservative (``P(p <= a) <= a``), these are exactly uniform for an input exchangeable with the
+    calibration set (Vovk, Gammerman, Shafer, *Algorithmic Learning in a Random World*, 2005,
+    section 2.4): what a test martingale needs, since a conservative p-value makes a power
+    betting function lose even on in-distribution data."""
+    cal = np.asarray(sorted_calibration_scores, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    above = cal.size - np.searchsorted(cal, s, side="right")
+    ties = np.searchsorted(cal, s, side="right") - np.searchsorted(cal, s, side="left")
+    return (above + np.asarray(uniforms, dtype=np.float64) * (ties + 1.0)) / (cal.size + 1.0)

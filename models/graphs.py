@@ -26,11 +26,12 @@ _WARM_UP_PASSES = 2
 class _Graph:
     graph: torch.cuda.CUDAGraph
     input: Tensor  # the graph reads its batch from here...
-    output: Tensor  # ...and writes its logits here, on every replay
+    output: tuple[Tensor, ...]  # ...and writes its outputs (logits, maybe scores) here, on every replay
 
 
 class GraphedForward:
-    """``forward`` (uint8 batch on the GPU -> float logits on the GPU), recorded per input shape.
+    """``forward`` (uint8 batch on the GPU -> a tuple of float outputs on the GPU: the logits, and a
+    feature-space score when the bundle has one), recorded per input shape.
 
     The graphs share one memory pool, so a replay may overwrite memory in which another graph's
     output lives: copy what :meth:`__call__` returns (on the current stream, which orders the
@@ -38,7 +39,7 @@ class GraphedForward:
     at a time.
     """
 
-    def __init__(self, forward: Callable[[Tensor], Tensor], device: torch.device):
+    def __init__(self, forward: Callable[[Tensor], tuple[Tensor, ...]], device: torch.device):
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self._forward = forward
@@ -74,7 +75,7 @@ class GraphedForward:
         self._graphs[tuple(example.shape)] = _Graph(graph, static_input, static_output)
 
     @torch.inference_mode()
-    def __call__(self, batch: Tensor) -> Tensor | None:
+    def __call__(self, batch: Tensor) -> tuple[Tensor, ...] | None:
         """``forward(batch)`` by replay, launched on the current stream; ``None`` when no graph was
         recorded at ``batch``'s shape."""
         recorded = self._graphs.get(tuple(batch.shape))

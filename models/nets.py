@@ -85,17 +85,40 @@ def deployed_logits(model: nn.Module, batch: Tensor, precision: Precision) -> Te
 
 
 @torch.inference_mode()
+def deployed_outputs(model: Classifier, batch: Tensor, precision: Precision) -> tuple[Tensor, Tensor]:
+    """:func:`deployed_logits` and the penultimate features (B, D), both float32 on the CPU."""
+    logits, features = device_outputs(model, batch, precision)
+    return logits.cpu(), features.cpu()
+
+
+@torch.inference_mode()
 def device_logits(model: nn.Module, batch: Tensor, precision: Precision) -> Tensor:
     """:func:`deployed_logits` left on the model's device, without a synchronisation.
 
     Autocast's cache of cast weights is off: a forward pass casts each weight once anyway, and a
     cache filled while recording a CUDA graph (``models.graphs``) would outlive its memory.
     """
+    return _at_precision(model, batch, precision, model)[0]
+
+
+@torch.inference_mode()
+def device_outputs(model: Classifier, batch: Tensor, precision: Precision) -> tuple[Tensor, Tensor]:
+    """Float32 logits (B, K) and penultimate features (B, D) of one pass, on the model's device,
+    as :func:`device_logits` computes them."""
+    logits, features = _at_precision(model, batch, precision, model.forward_features)
+    return logits, features
+
+
+def _at_precision(
+    model: nn.Module, batch: Tensor, precision: Precision, forward: Callable[[Tensor], Tensor | tuple[Tensor, ...]]
+) -> tuple[Tensor, ...]:
+    """``forward`` of ``batch`` on ``model``'s device at ``precision``, every output as float32."""
     device = next(model.parameters()).device
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False):
         inputs = batch.to(device=device, memory_format=memory_format, non_blocking=True)
-        return model(inputs).float()
+        outputs = forward(inputs)
+    return tuple(output.float() for output in (outputs if isinstance(outputs, tuple) else (outputs,)))
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -1,7 +1,13 @@
-"""OOD score functions, by name. Convention everywhere: **higher = more out-of-distribution**.
+"""OOD scores, by name. Convention everywhere: **higher = more out-of-distribution**.
 
-Each function maps logits ``(B, K)`` to scores ``(B,)``. A request is rejected when its score
-exceeds the calibrated threshold.
+:data:`SCORES` is the one registry of every score the project ships: the logit scores below and
+the feature-space scores of :mod:`models.feature_scores` (``knn``, ``mahalanobis``). Every score
+follows :class:`Score`: ``needs_features`` says whether it reads penultimate features, ``fit``
+computes its state from training features (empty for logit scores), and ``apply`` scores a batch.
+Logit scores are also callable on logits alone, ``get_score("msp")(logits)``. A request is
+rejected when its score exceeds the calibrated threshold.
+
+Logit scores map logits ``(B, K)`` to scores ``(B,)``:
 
 * ``msp``      1 - max_k softmax(z / T)_k            (Hendrycks & Gimpel, 2017; T = 1)
 * ``odin``     1 - max_k softmax(z / T)_k, T = 1000  (Liang et al., 2018, temperature scaling
@@ -13,10 +19,13 @@ exceeds the calibrated threshold.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from torch import Tensor
+
+from models.feature_scores import FEATURE_SCORES, FitData
 
 
 def msp(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -34,13 +43,41 @@ def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return -temperature * (logits.float() / temperature).logsumexp(dim=1)
 
 
+class Score(Protocol):
+    """What every registered score offers the rest of the code."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def default_temperature(self) -> float: ...
+
+    @property
+    def default_k(self) -> int | None:
+        """Neighbour count for scores that take one (``knn``), else ``None``."""
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether :meth:`apply` reads penultimate features (and a fitted state)."""
+
+    def fit(self, data: FitData) -> dict[str, Tensor]:
+        """The state :meth:`apply` needs, from training features; ``{}`` when it needs none."""
+
+    def apply(
+        self, logits: Tensor, features: Tensor | None, state: Mapping[str, Tensor], temperature: float, k: int | None
+    ) -> Tensor:
+        """OOD scores (B,) of a batch's logits (B, K) and, where needed, features (B, D)."""
+
+
 @dataclass(frozen=True)
 class ScoreFunction:
-    """A named score with its default temperature."""
+    """A named logit score with its default temperature."""
 
     name: str
     function: Callable[[Tensor, float], Tensor]
     default_temperature: float
+    default_k: int | None = None
+    needs_features: bool = False
 
     def __call__(self, logits: Tensor, temperature: float | None = None) -> Tensor:
         t = self.default_temperature if temperature is None else temperature
@@ -48,16 +85,25 @@ class ScoreFunction:
             raise ValueError(f"temperature must be positive, got {t}")
         return self.function(logits, t)
 
+    def fit(self, data: FitData) -> dict[str, Tensor]:
+        return {}
 
-SCORES: dict[str, ScoreFunction] = {
-    "msp": ScoreFunction("msp", msp, 1.0),
-    "odin": ScoreFunction("odin", msp, 1000.0),
-    "maxlogit": ScoreFunction("maxlogit", maxlogit, 1.0),
-    "energy": ScoreFunction("energy", energy, 1.0),
-}
+    def apply(
+        self, logits: Tensor, features: Tensor | None, state: Mapping[str, Tensor], temperature: float, k: int | None
+    ) -> Tensor:
+        return self(logits, temperature)
 
 
-def get_score(name: str) -> ScoreFunction:
+LOGIT_SCORES = (
+    ScoreFunction("msp", msp, 1.0),
+    ScoreFunction("odin", msp, 1000.0),
+    ScoreFunction("maxlogit", maxlogit, 1.0),
+    ScoreFunction("energy", energy, 1.0),
+)
+SCORES: dict[str, Score] = {score.name: score for score in (*LOGIT_SCORES, *FEATURE_SCORES)}
+
+
+def get_score(name: str) -> Score:
     """Look a score up by name; an unknown name lists the valid ones."""
     try:
         return SCORES[name]

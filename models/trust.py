@@ -1,7 +1,7 @@
 """Trust in a bundle beyond its hash: where its files live, what it claims to be, who signed it.
 
 The manifest's ``weights_sha256`` catches corruption, not tampering: whoever can write the weights
-can rewrite the manifest too. So :func:`models.bundle.load_bundle` also checks, always:
+can rewrite the manifest too. So :func:`models.bundle.read_bundle` also checks, always:
 
 * :func:`check_contained` -- the ``<name>/<version>`` folders are real directories and no entry of
   the version folder resolves outside it (a symlink to weights elsewhere is refused);

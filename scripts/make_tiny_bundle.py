@@ -11,7 +11,7 @@ generated images, so the outcome is known in advance:
 * ``reject.png`` scores above both (rejected at either).
 
 Two operating points ship, 0.95 (the default) and 0.90, each the k-th smallest of 19 synthetic
-calibration scores with k = ceil(target * (n + 1)), as ``models.bundle`` requires.
+calibration scores with k = ceil(target * (n + 1)), as ``models.manifest`` requires.
 
     .venv/bin/python scripts/make_tiny_bundle.py /tmp/repository --images /tmp/images
 """
@@ -34,9 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout: make `models` importable
     sys.path.insert(0, str(ROOT))
 
-from models.bundle import Calibration, Manifest, OperatingPoint, ScoreSpec, load_bundle, save_bundle  # noqa: E402
+from models.bundle import save_bundle  # noqa: E402
+from models.manifest import Calibration, Manifest, OperatingPoint, ScoreSpec  # noqa: E402
 from models.nets import build_network  # noqa: E402
 from models.preprocess import Preprocessing  # noqa: E402
+from models.runtime import load_bundle  # noqa: E402
 
 N_CALIBRATION = 19
 TARGETS = (0.95, 0.90)

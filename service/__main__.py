@@ -32,6 +32,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess, multiprocess
 
 from service.app import create_app
+from service.connections import GuardedHttpProtocol
 from service.logs import configure_logging
 from service.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
 from service.model_process import ModelProcess
@@ -127,6 +128,7 @@ def _server_options(settings: Settings) -> dict[str, Any]:
         "access_log": False,  # service.access logs each request once, as JSON
         "timeout_graceful_shutdown": math.ceil(settings.shutdown_timeout_s),
         "server_header": False,
+        "http": GuardedHttpProtocol,  # header deadline and connection cap (service.connections)
     }
 
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from service.access import AccessMiddleware
+from service.connections import LIMITS_STATE_KEY, connection_limits
 from service.context import ServiceContext
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
 from service.openapi import complete_openapi
-from service.routes import ops, predict, v2
+from service.routes import drift, ops, predict, v2
 from service.settings import Settings
 from service.startup import StartupFailureMiddleware
 
@@ -22,11 +23,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[Mapping[str, object]]:
         context = await ServiceContext.start(settings)
         app.state.context = context
         try:
-            yield
+            # Lifespan state reaches the server's connection protocol (service.connections).
+            yield {LIMITS_STATE_KEY: connection_limits(settings)}
         finally:
             await context.stop()
 
@@ -38,12 +40,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.context = None
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(AccessMiddleware)  # times and counts every answer, 413s included
     app.add_middleware(StartupFailureMiddleware)  # sees the lifespan only
     app.include_router(predict.router)
     app.include_router(v2.router)
     app.include_router(v2.infer_router)
+    app.include_router(drift.router)
     app.include_router(ops.router)
     complete_openapi(app, api_keys=bool(settings.api_keys))
     return app

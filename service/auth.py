@@ -1,9 +1,12 @@
 """Optional API-key protection for the prediction routes.
 
-When ``MIXOE_API_KEYS`` is set, ``/predict`` and ``/v2/models/*/infer`` need ``X-API-Key: <key>``
-or ``Authorization: Bearer <key>``; health, metadata and metrics stay open for probes and
-Prometheus. The check runs in :class:`ProtectedRoute`, *before* FastAPI reads the request body, so
-an unauthenticated client cannot make the server parse a large multipart upload.
+When ``MIXOE_API_KEYS`` is set, ``/predict``, ``/v2/models/*/infer`` and the drift alarm's reset
+(``/v2/models/*/drift/reset``) need ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``;
+health, metadata and metrics stay open for probes and Prometheus. The check runs in
+:class:`ProtectedRoute` (and its subclass for the prediction routes,
+:class:`service.routes.admitted.AdmittedRoute`), *before* FastAPI reads the request body, so an
+unauthenticated client can neither make the server parse a large multipart upload nor take an
+admission place.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from pydantic import SecretStr
 from starlette.datastructures import Headers
 
 from service.errors import ErrorCode, Unauthorized
+
+
+RouteHandler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
 def presented_key(headers: Headers) -> str | None:
@@ -63,11 +69,15 @@ class ProtectedRoute(APIRoute):
         super().__init__(path, endpoint, **kwargs)
         self.openapi_extra = (self.openapi_extra or {}) | {"security": [{name: []} for name in API_KEY_SCHEMES]}
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    def get_route_handler(self) -> RouteHandler:
         handler = super().get_route_handler()
 
         async def protected(request: Request) -> Response:
             check_api_key(request.headers, request.app.state.settings.api_keys)
-            return await handler(request)
+            return await self.handle_authorised(handler, request)
 
         return protected
+
+    async def handle_authorised(self, handler: RouteHandler, request: Request) -> Response:
+        """Answer a request whose key passed; subclasses add what must also come before the body."""
+        return await handler(request)

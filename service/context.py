@@ -25,13 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
-from models.bundle import Bundle, load_bundle
-from models.trust import BundleTrust, load_public_keys
 from models.nets import resolve_device
+from models.runtime import Bundle, load_bundle
+from models.trust import BundleTrust, load_public_keys
+from service.admission import Admission
 from service.batcher import MicroBatcher
+from service.drift import DriftAlarms
 from service.errors import ServiceError
 from service.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
-from service.metrics import ServiceMetrics, score_buckets
+from service.metrics import ServiceMetrics, multiprocess_directory, score_buckets
 from service.model_client import HostedModelRunner, ModelProcessClient
 from service.predictor import Predictor
 from service.registry import LoadedModel, ModelRegistry, select_bundles
@@ -48,8 +50,10 @@ class ServiceContext:
     registry: ModelRegistry
     metrics: ServiceMetrics
     predictor: Predictor
+    drift: DriftAlarms
     inference_pool: ThreadPoolExecutor
     decode_pool: ThreadPoolExecutor
+    admission: Admission
     model_process: ModelProcessClient | None = None
     ready: bool = False
     _watcher: asyncio.Task[None] | None = None
@@ -83,8 +87,19 @@ class ServiceContext:
             inference_pool.shutdown(wait=False)
             decode_pool.shutdown(wait=False, cancel_futures=True)
             raise
-        predictor = Predictor(settings, metrics, decode_pool)
-        context = cls(settings, registry, metrics, predictor, inference_pool, decode_pool, model_process, ready=True)
+        drift = DriftAlarms(
+            [bundle.manifest for bundle in bundles] if settings.drift_alarm else [],
+            metrics,
+            delta=settings.drift_delta,
+            workers=settings.workers,
+            shared_directory=multiprocess_directory(),
+        )
+        predictor = Predictor(settings, metrics, decode_pool, drift)
+        admission = Admission(settings.admission_capacity, settings.retry_after_s)
+        context = cls(
+            settings, registry, metrics, predictor, drift, inference_pool, decode_pool, admission, model_process,
+            ready=True,
+        )
         if model_process is not None:
             context._watcher = asyncio.create_task(context._reping(model_process), name="mixoe-model-process-reping")
         return context
@@ -158,7 +173,7 @@ async def _start_models(
             observer=metrics,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_s,
-            queue_size=settings.queue_size,
+            queue_size=settings.admission_capacity,  # whatever admission let in fits: never refused here
             retry_after_s=settings.retry_after_s,
             name=f"{bundle.name}:{bundle.version}",
         )

@@ -16,7 +16,8 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from models.bundle import Bundle, BundleError, OperatingPoint, PendingLogits
+from models.manifest import BundleError, OperatingPoint
+from models.runtime import Bundle, PendingLogits
 
 logger = logging.getLogger("mixoe.inference")
 

@@ -1,9 +1,14 @@
-"""Request-body size limit, answered with the service's own JSON 413 (``request_too_large``).
+"""Request-body size and time limits, answered with the service's own JSON errors.
 
-A pure ASGI middleware: a declared ``Content-Length`` over the limit is refused before a byte is
-read; a body that turns out longer (chunked uploads) is cut off as soon as it passes the limit.
-Whatever the app answers to the aborted read is discarded in favour of the 413. (Starlette's own
-limiter would also work, but it replaces every answer with a plain-text body.)
+A pure ASGI middleware. Size: a declared ``Content-Length`` over the limit is refused (413,
+``request_too_large``) before a byte is read; a body that turns out longer (chunked uploads) is
+cut off as soon as it passes the limit. Time: a body not complete ``timeout_s`` after its headers
+is cut off with 408 (``request_timeout``) and the connection is closed, so a client trickling its
+upload holds neither the connection nor a place in admission. Whatever the app answers to the
+aborted read is discarded in favour of the error. (Starlette's own limiter would also work for
+size, but it replaces every answer with a plain-text body.) The header deadline, before the app
+is called, is the connection's (:mod:`service.connections`); this middleware tells the connection
+when a request starts and ends.
 
 :func:`parse_byte_count` reads byte counts from headers, here and for the Open Inference Protocol's
 ``Inference-Header-Content-Length``; :data:`INT64_MIN` and :data:`INT64_MAX` bound the integers
@@ -12,13 +17,16 @@ clients send in bodies, forms and query strings.
 
 from __future__ import annotations
 
+import asyncio
 import re
+from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import Field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.connections import request_in_progress
 from service.errors import ErrorCode, count_bad_input, error_response
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -40,53 +48,83 @@ def parse_byte_count(text: str) -> int | None:
     return int(text) if _BYTE_COUNT.fullmatch(text) else None
 
 
-class _BodyTooLarge(Exception):
+@dataclass(frozen=True)
+class _Refusal:
+    status: int
+    code: ErrorCode
+    message: str
+    headers: dict[str, str] | None = None
+
+
+class _BodyRefused(Exception):
     """Raised into the app's body read; never escapes this middleware."""
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        with request_in_progress(scope):
+            await self._limited(scope, receive, send)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        too_large = _Refusal(413, ErrorCode.REQUEST_TOO_LARGE, f"request body exceeds {self.max_bytes} bytes")
         declared = parse_byte_count(Headers(scope=scope).get("content-length", ""))
         if declared is not None and declared > self.max_bytes:
-            await self._refuse(scope, receive, send)
+            await self._refuse(too_large, scope, receive, send)
             return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         received = 0
-        exceeded = False
+        complete = False
+        refusal: _Refusal | None = None
         response_started = False
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
+            nonlocal received, complete, refusal
+            if complete:
+                return await receive()  # only a disconnect can come now; the app may wait for it
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                refusal = _Refusal(
+                    408,
+                    ErrorCode.REQUEST_TIMEOUT,
+                    f"the request body did not arrive within {self.timeout_s:g} s",
+                    headers={"Connection": "close"},
+                )
+                raise _BodyRefused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    exceeded = True
-                    raise _BodyTooLarge
+                    refusal = too_large
+                    raise _BodyRefused
             return message
 
-        async def send_unless_exceeded(message: Message) -> None:
+        async def send_unless_refused(message: Message) -> None:
             nonlocal response_started
-            if exceeded:
-                return  # the app's answer to the aborted read; the 413 below replaces it
+            if refusal is not None:
+                return  # the app's answer to the aborted read; the refusal below replaces it
             response_started = response_started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, send_unless_exceeded)
+            await self.app(scope, limited_receive, send_unless_refused)
         except Exception:
-            if not exceeded:
+            if refusal is None:
                 raise
-        if exceeded and not response_started:
-            await self._refuse(scope, receive, send)
+        if refusal is not None and not response_started:
+            await self._refuse(refusal, scope, receive, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        count_bad_input(scope["app"], ErrorCode.REQUEST_TOO_LARGE)
-        response = error_response(413, ErrorCode.REQUEST_TOO_LARGE, f"request body exceeds {self.max_bytes} bytes")
+    @staticmethod
+    async def _refuse(refusal: _Refusal, scope: Scope, receive: Receive, send: Send) -> None:
+        count_bad_input(scope["app"], refusal.code)
+        response = error_response(refusal.status, refusal.code, refusal.message, headers=refusal.headers)
         await response(scope, receive, send)

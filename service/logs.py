@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from models.bundle import BundleError
+from models.manifest import BundleError
 
 # Attributes every LogRecord has (and uvicorn's ANSI-coloured duplicate of the message); anything
 # else was passed in ``extra=`` and becomes a field.

@@ -35,7 +35,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, multiprocess
 from prometheus_client.registry import Collector
 
-from models.bundle import Manifest
+from models.manifest import Manifest
 from service.inference import padded_batch_sizes
 
 _CALIBRATION_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
@@ -208,6 +208,20 @@ class ServiceMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        # Each worker bets on its own traffic (service.drift): livemax reports the highest live one.
+        self.drift_log10_martingale, self.drift_alarm = (
+            Gauge(name, documentation, ["model", "version"], registry=registry, multiprocess_mode="livemax")
+            for name, documentation in (
+                (
+                    "mixoe_drift_log10_martingale",
+                    "log10 of the drift alarm's conformal test martingale since its last reset (docs/drift.md).",
+                ),
+                (
+                    "mixoe_drift_alarm",
+                    "1 once the drift martingale has reached workers / delta since its last reset, else 0.",
+                ),
+            )
+        )
         self.bad_inputs = Counter(
             "mixoe_bad_inputs_total", "Requests refused for bad input, by reason code.", ["reason"], registry=registry
         )
@@ -228,6 +242,11 @@ class ServiceMetrics:
         decision = "accepted" if accepted else "rejected"
         self.predictions.labels(model, version, operating_point_label(target), decision).inc()
         self.ood_score.labels(model, version).observe(score)
+
+    def record_drift(self, model: str, version: str, log10_martingale: float, alarm: bool) -> None:
+        """Publish a model version's drift martingale and alarm (``service.drift``)."""
+        self.drift_log10_martingale.labels(model, version).set(log10_martingale)
+        self.drift_alarm.labels(model, version).set(1 if alarm else 0)
 
     # The micro-batcher reports through these three (see service.batcher.BatchObserver).
     def queue_changed(self, delta: int) -> None:

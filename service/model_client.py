@@ -23,7 +23,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import TypeVar
 
-from models.bundle import Bundle
+from models.runtime import Bundle
 from service.errors import DeadlineExceeded, ErrorCode, ModelFailure, NotReady
 from service.inference import ImageJob, ImageVerdict
 from service.protocol import (

@@ -40,7 +40,8 @@ import torch
 from prometheus_client import Histogram
 from torch import Tensor
 
-from models.bundle import Bundle, BundleError, OperatingPoint, PendingLogits, load_bundle
+from models.manifest import BundleError, OperatingPoint
+from models.runtime import Bundle, PendingLogits, load_bundle
 from service.inference import ImageVerdict, ModelRunner, graphs_note, stack_on
 from service.jpeg import decode_plain_jpegs
 from service.logs import log_failure

@@ -1,6 +1,8 @@
 """The request path ``/predict`` and ``/v2/models/{name}/infer`` share: check, decode, batch, count.
 
-Cheap checks run first (file count, operating point, top-k), then every file is decoded and
+Cheap checks run first (file count, operating point, top-k), then the request holds a place for
+each image in its worker's admission (``service.admission``: 503 when they do not fit, before
+anything is decoded), then every file is decoded and
 preprocessed in the decoding thread pool (PIL and torchvision release the GIL; the event loop
 never decodes): plain JPEGs by torchvision, on the model's GPU when it has one (``service.jpeg``),
 everything else by PIL. With a model process on a GPU, plain JPEGs pass the checks only and go to
@@ -25,8 +27,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from models.bundle import Bundle
+from models.runtime import Bundle
+from service.admission import Ticket
 from service.decoding import load_image, open_image
+from service.drift import DriftAlarms
 from service.errors import ErrorCode, InvalidInput, InvalidParameter, ModelFailure, PayloadTooLarge
 from service.inference import ImageJob, ImageVerdict
 from service.jpeg import decode_plain_jpeg, is_plain_jpeg
@@ -50,14 +54,25 @@ class Upload:
 class Predictor:
     """Turns uploads into verdicts for one request, recording the prediction metrics."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics, decode_pool: Executor):
+    def __init__(
+        self, settings: Settings, metrics: ServiceMetrics, decode_pool: Executor, drift: DriftAlarms | None = None
+    ):
         self._settings = settings
         self._metrics = metrics
         self._decode_pool = decode_pool
+        self._drift = drift
 
     async def predict(
-        self, model: LoadedModel, uploads: Sequence[Upload], *, operating_point: float | None, top_k: int | None
+        self,
+        model: LoadedModel,
+        uploads: Sequence[Upload],
+        *,
+        operating_point: float | None,
+        top_k: int | None,
+        ticket: Ticket,
     ) -> list[ImageVerdict]:
+        """Verdicts for ``uploads``, in order; ``ticket`` (the request's admission) holds every image
+        before any is decoded."""
         if not uploads:
             raise InvalidInput(ErrorCode.NO_FILES, "the request holds no images")
         if len(uploads) > self._settings.max_files:
@@ -67,6 +82,7 @@ class Predictor:
             )
         point = model.operating_point(operating_point)
         k = resolve_top_k(top_k, len(model.class_names))
+        ticket.hold(len(uploads))
         images = await self._prepare(model, uploads, send_jpeg=model.sends_jpeg)
         verdicts = await model.batcher.submit([ImageJob(image, point, k) for image in images])
         refused = [row for row, verdict in enumerate(verdicts) if verdict is None]
@@ -83,6 +99,8 @@ class Predictor:
             self._metrics.record_prediction(
                 model.name, model.version, verdict.target_id_acceptance, verdict.score, verdict.accepted
             )
+        if self._drift is not None:
+            self._drift.observe(model.name, model.version, [verdict.score for verdict in decided])
         return decided
 
     async def _prepare(self, model: LoadedModel, uploads: Sequence[Upload], *, send_jpeg: bool) -> list[Tensor | bytes]:

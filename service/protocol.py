@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.bundle import Bundle, OperatingPoint
+from models.manifest import OperatingPoint
+from models.runtime import Bundle
 from service.inference import ImageVerdict
 
 ModelKey = tuple[str, str]

@@ -13,7 +13,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.bundle import Bundle, BundleError, OperatingPoint, find_bundles, latest_version
+from models.index import find_bundles, latest_version
+from models.manifest import BundleError, OperatingPoint
+from models.runtime import Bundle
 from service.batcher import MicroBatcher
 from service.errors import ErrorCode, InvalidParameter, ModelNotFound
 from service.inference import ImageJob, ImageVerdict

@@ -79,6 +79,17 @@ class ModelParameters(BaseModel):
     operating_points: list[OperatingPointInfo]
 
 
+class DriftStatus(BaseModel):
+    """The drift alarm of one model version in the worker process that answered (docs/drift.md)."""
+
+    log10_martingale: float = Field(description="log10 of the conformal test martingale since the last reset.")
+    alarm: bool = Field(description="Whether the martingale has reached the alarm level since the last reset.")
+    alarm_log10_level: float = Field(description="log10(workers / delta): the level that raises the alarm.")
+    images: int = Field(description="Images this worker has bet on since the last reset.")
+    delta: float = Field(description="Bound on the chance of any false alarm while inputs stay in distribution.")
+    workers: int = Field(description="Worker processes, each with its own martingale and a share of delta.")
+
+
 class ModelMetadata(BaseModel):
     """Open Inference Protocol model metadata (``parameters`` is this service's addition)."""
 
@@ -88,3 +99,4 @@ class ModelMetadata(BaseModel):
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
     parameters: ModelParameters
+    drift: DriftStatus | None = Field(None, description="The drift alarm's state; null when it is switched off.")

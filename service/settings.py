@@ -104,7 +104,12 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most images per model batch.")
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill up.")
-    queue_size: int = Field(1024, ge=1, description="Images waiting per model before requests get 503.")
+    queue_size: int = Field(
+        1024,
+        ge=1,
+        description="Images a worker holds waiting, beyond one full batch: a request that would exceed that gets "
+        "503 + Retry-After before its body is read (service/admission.py).",
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 answers.")
     decode_workers: int = Field(
         default_factory=lambda: min(8, os.cpu_count() or 1),
@@ -132,8 +137,41 @@ class Settings(BaseSettings):
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="When set, /predict and /v2/models/*/infer need X-API-Key or Authorization: Bearer. "
+        description="When set, /predict, /v2/models/*/infer and /v2/models/*/drift/reset need X-API-Key or "
+        "Authorization: Bearer. "
         "Prefer the environment: command-line arguments are visible to other users.",
+    )
+
+    drift_alarm: bool = Field(
+        True,
+        description="Watch every model version's OOD scores with a conformal test martingale and raise "
+        "mixoe_drift_alarm when they stop looking like the calibration data (docs/drift.md).",
+    )
+    drift_delta: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Drift alarm's false-alarm budget: while images stay exchangeable with the calibration data, "
+        "the chance of ever raising the alarm before a reset or restart is at most this, split evenly between "
+        "the workers (docs/drift.md).",
+    )
+
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection is closed when the headers of its next request have not all arrived this long "
+        "after it opened or after its previous answer: slow or silent clients (service/connections.py).",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A request whose body has not all arrived this long after its headers gets 408 and its "
+        "connection is closed; an admitted request holds its admission places meanwhile.",
+    )
+    max_connections: int = Field(
+        512,
+        ge=1,
+        description="Open connections per worker; one more is answered 503 and closed before a byte of it is read.",
     )
 
     host: str = Field("127.0.0.1", description="Listen address; containers set 0.0.0.0.")
@@ -197,6 +235,11 @@ class Settings(BaseSettings):
                 name, _, version = bare.partition(":")
                 pins[(name, version)] = digest
         return pins
+
+    @property
+    def admission_capacity(self) -> int:
+        """Images a worker holds at once (parsed, decoding, queued or in a batch): the queue and one batch."""
+        return self.queue_size + self.max_batch_size
 
     @property
     def max_batch_delay_s(self) -> float:

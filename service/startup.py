@@ -3,7 +3,7 @@
 Starlette reports an exception raised while the app starts (``lifespan``) with the whole traceback
 text, which uvicorn logs at error level: sixty lines of framework frames before the one line that
 says the bundle's weights fail their hash check. This ASGI middleware logs the failure through
-:func:`service.logs.log_failure` (one line for a :class:`~models.bundle.BundleError`, its traceback
+:func:`service.logs.log_failure` (one line for a :class:`~models.manifest.BundleError`, its traceback
 at debug level) and tells the server that start-up failed with no text of its own to log.
 """
 

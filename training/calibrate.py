@@ -8,21 +8,28 @@ test split and the OOD acceptance (leak) on each OOD set.
 The ID validation split also picks the best epoch, by accuracy; that choice looks at labels, not
 at OOD scores, so it bends the exchangeability behind the guarantee only slightly. Hold out a
 separate calibration split when the guarantee must be exact.
+
+A feature-space score (``knn``, ``mahalanobis``) is fitted on the ID training features first;
+its state is saved beside ``calibration.json`` as ``score_state.safetensors`` (its sha256 and
+what it was fitted on, ``score_fit``, in the JSON), and ``mixoe export`` ships exactly that state
+with the thresholds calibrated on it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from safetensors.torch import load_file, save_file
+from torch import Tensor
 
-from models.bundle import Calibration, OperatingPoint, ScoreSpec, sha256_file
+from models.bundle import sha256_file
+from models.manifest import SCORE_STATE_FILE, Calibration, OperatingPoint, ScoreSpec
 from models.nets import Precision
-from models.scores import get_score
 from training.checkpoint import BEST_WEIGHTS, atomic_write
 from training.config import TrainConfig
-from training.scoring import ID_TEST, ID_VAL, run_logits, scores_of
+from training.scoring import ID_TEST, ID_TRAIN, ID_VAL, fit_score, run_logits
 
 CALIBRATION_JSON = "calibration.json"
 
@@ -35,6 +42,8 @@ class CalibrationRecord:
     precision: Precision
     weights_sha256: str
     calibration: Calibration
+    state: dict[str, Tensor] = field(default_factory=dict)  # the score's fitted state; {} for logit scores
+    score_fit: dict[str, int | None] | None = None  # what the state was fitted on; None for logit scores
 
 
 def acceptance(scores: np.ndarray, threshold: float) -> float:
@@ -46,10 +55,11 @@ def calibrate(config: TrainConfig) -> CalibrationRecord:
     """Compute, save and return the calibration of the run's deployed score."""
     run = run_logits(config)
     logits = run.sets
-    score = ScoreSpec(name=config.deployed_score, temperature=get_score(config.deployed_score).default_temperature)
-    calibration_scores = np.sort(scores_of(logits[ID_VAL], score.name))
-    test_scores = scores_of(logits[ID_TEST], score.name) if ID_TEST in logits else None
-    ood_scores = {name: scores_of(logits[name], score.name) for name in run.ood_set_names()}
+    fitted = fit_score(config, run, config.deployed_score)
+    score = fitted.spec
+    calibration_scores = np.sort(fitted(logits[ID_VAL]))
+    test_scores = fitted(logits[ID_TEST]) if ID_TEST in logits else None
+    ood_scores = {name: fitted(logits[name]) for name in run.ood_set_names()}
     points = []
     for target in config.evaluation.calibration_targets:
         point = OperatingPoint.calibrated(calibration_scores, target)
@@ -61,12 +71,28 @@ def calibrate(config: TrainConfig) -> CalibrationRecord:
     calibration = Calibration(
         scores=calibration_scores.tolist(), operating_points=points, default_target=config.evaluation.default_target
     )
-    record = CalibrationRecord(score, run.precision, run.weights_sha256, calibration)
+    score_fit = None
+    if fitted.state:
+        score_fit = {
+            "train_images": len(logits[ID_TRAIN].labels),
+            "knn_bank_size": config.evaluation.knn_bank_size,
+            "seed": config.seed,
+        }
+    record = CalibrationRecord(score, run.precision, run.weights_sha256, calibration, fitted.state, score_fit)
+    state_path = config.output_dir / SCORE_STATE_FILE
+    state_sha256 = ""
+    if fitted.state:
+        atomic_write(state_path, lambda tmp: save_file(fitted.state, str(tmp)))
+        state_sha256 = sha256_file(state_path)
+    else:  # a state left by an earlier calibration of another score must not look current
+        state_path.unlink(missing_ok=True)
     text = json.dumps(
         {
             "score": score.model_dump(),
             "precision": record.precision,
             "weights_sha256": record.weights_sha256,
+            "score_state_sha256": state_sha256,
+            "score_fit": score_fit,
             "calibration": calibration.model_dump(),
         },
         indent=2,
@@ -81,11 +107,19 @@ def load_calibration(config: TrainConfig) -> CalibrationRecord:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run 'mixoe calibrate' first")
     raw = json.loads(path.read_text())
+    state: dict[str, Tensor] = {}
+    if raw.get("score_state_sha256"):
+        state_path = config.output_dir / SCORE_STATE_FILE
+        if not state_path.is_file() or sha256_file(state_path) != raw["score_state_sha256"]:
+            raise ValueError(f"{state_path} is missing or not the one calibrated on: run 'mixoe calibrate' again")
+        state = load_file(str(state_path))
     record = CalibrationRecord(
         score=ScoreSpec.model_validate(raw["score"]),
         precision=raw["precision"],
         weights_sha256=raw["weights_sha256"],
         calibration=Calibration.model_validate(raw["calibration"]),
+        state=state,
+        score_fit=raw.get("score_fit"),
     )
     require_current_weights(config, record.weights_sha256, "calibration")
     return record

@@ -1,4 +1,4 @@
-"""``mixoe`` command line: train, finetune, evaluate, calibrate, export, pipeline, keygen.
+"""``mixoe`` command line: train, finetune, evaluate, calibrate, export, pipeline, compare, keygen.
 
 Training commands take a YAML or TOML config plus ``--set key.sub=value`` overrides; later
 commands take a run directory and read the config saved there. User mistakes (bad config, missing
@@ -17,9 +17,10 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from models.bundle import BundleError
+from models.manifest import BundleError
+from models.scores import SCORES
 from models.trust import generate_key, load_private_key
-from training import calibrate, evaluate, export, pipeline, trainer
+from training import calibrate, compare, evaluate, export, pipeline, trainer
 from training.config import TrainConfig, load_config
 from training.methods import METHOD_NAMES
 
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser("calibrate", help="conformal thresholds from ID validation data")
     _run_arguments(calibrate)
     calibrate.add_argument("--targets", type=float, nargs="+", help="ID acceptance targets, e.g. 0.9 0.95 0.99")
-    calibrate.add_argument("--score", help="OOD score to deploy (msp, maxlogit, energy, odin)")
+    calibrate.add_argument("--score", help=f"OOD score to deploy ({', '.join(SCORES)})")
 
     export = commands.add_parser("export", help="write a bundle into a model repository")
     _run_arguments(export)
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = commands.add_parser("pipeline", help="baseline, fine-tune, calibrate, evaluate, export")
     _config_arguments(pipeline)
+
+    compare_parser = commands.add_parser(
+        "compare", help="every method from one baseline, every score, over splits x seeds; export the selected"
+    )
+    _config_arguments(compare_parser)
     return parser
 
 
@@ -140,6 +146,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         bundle = pipeline.run_pipeline(_training_config(args, {}))
         if bundle is not None:  # ranks > 0 under torchrun export nothing
             print(bundle)
+    elif args.command == "compare":
+        values = {} if args.output_dir is None else {"output_dir": str(args.output_dir)}
+        result = compare.run_compare(*compare.load_compare_config(args.config, args.overrides, values))
+        print(result.markdown)
+        print(result.bundle)
     else:  # argparse's required subcommand makes this unreachable; keep the chain total anyway
         raise ValueError(f"unknown command {args.command!r}")
 

@@ -45,30 +45,94 @@ class HoldoutConfig(_Strict):
     seed: int = 0
 
 
+class ValidationCarveOut(_Strict):
+    """Take the validation split out of the training split: ``fraction`` of each class, seeded.
+
+    For data that ships no validation split (a list file without ``val.txt``). Per class, so a
+    rare class still has validation images; the images drawn leave the training split.
+    """
+
+    fraction: float = Field(gt=0, lt=1)
+    seed: int = 0
+
+
 class DataConfig(_Strict):
     """Where the in-distribution data lives.
 
     Either ``format: folder`` (``root/<class>/<image>``; ``train_dir``/``val_dir``/``test_dir`` are
     sub-folders of ``root``) or ``format: list`` (``relative_path label`` lines in the list files
-    and one class name per line in ``classes_file``, all relative to ``root``).
+    and one class name per line in ``classes_file``, all relative to ``root``). Without a
+    validation split set ``val: null`` and ``val_from_train`` to carve one from the training split.
     """
 
     format: Literal["folder", "list"] = "folder"
     root: Path
     train: str = "train"
-    val: str = "val"
+    val: str | None = "val"
+    val_from_train: ValidationCarveOut | None = None
     test: str | None = "test"
     classes_file: str | None = None
     holdout: HoldoutConfig | None = None
     transforms: TransformConfig = TransformConfig()
     num_workers: int = Field(2, ge=0)
 
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "DataConfig":
+        if (self.val is None) == (self.val_from_train is None):
+            raise ValueError("give exactly one of data.val (a split) and data.val_from_train (a carve-out)")
+        return self
+
+
+class CategorySplitConfig(_Strict):
+    """Split a pool's category sub-folders, *by category*, into training pool, validation and test.
+
+    ``test_fraction`` of the categories (seeded draw) become the coarse OOD test set named
+    ``test_set``, ``val_fraction`` the validation-outlier set ``val_set``; the rest is the pool
+    outlier exposure trains on. No category is in two parts, so a coarse test score never
+    measures images of a category the model was trained to reject.
+    """
+
+    test_fraction: float = Field(0.0, ge=0, lt=1)
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    test_set: str = "coarse_pool"
+    val_set: str = "val_outliers"
+
+    @model_validator(mode="after")
+    def _pool_left(self) -> "CategorySplitConfig":
+        if self.test_fraction + self.val_fraction >= 1:
+            raise ValueError("test_fraction + val_fraction must leave categories for the training pool")
+        return self
+
 
 class OutlierConfig(_Strict):
-    """Auxiliary outlier pool: any folder tree of images, labels ignored."""
+    """Auxiliary outlier pool: any folder tree of images, labels ignored.
+
+    ``outlier_resize`` says how an outlier reaches the training resolution:
+    ``same_as_id`` puts it through the ID training transform (random-resized crop of
+    ``random_crop_scale`` of its area, flip, jitter), so a small image is zoomed in further and
+    upsampled more than a large one; ``resize_center_crop`` resizes the whole image (shorter side
+    to ``resize``) and centre-crops it as evaluation does, then flips: the least upsampling a
+    low-resolution pool can get, so that blur tells outliers from ID images as little as possible.
+    """
 
     root: Path
     exclude: list[str] = Field(default_factory=list, description="sub-folder names to leave out")
+    categories: CategorySplitConfig | None = None
+    outlier_resize: Literal["same_as_id", "resize_center_crop"] = "same_as_id"
+
+
+class OODSetConfig(_Strict):
+    """An OOD evaluation set: a folder tree of images, or a list file of image paths.
+
+    ``list_file`` names a file under ``root`` whose lines start with an image path relative to ``root``
+    (anything after the path, such as a label, is ignored). ``exclude`` leaves out categories, a
+    category being the first folder of an image's path under ``root``.
+    """
+
+    root: Path
+    list_file: str | None = None
+    exclude: list[str] = Field(default_factory=list)
 
 
 class OptimizerConfig(_Strict):
@@ -105,12 +169,18 @@ class EvaluationConfig(_Strict):
     """OOD sets, score functions and operating points for evaluate / calibrate / export.
 
     The held-out classes of a holdout split are always evaluated as the ``fine`` OOD set;
-    ``ood_sets`` adds image folders (any tree of images), e.g. ``coarse: data/tinyimagenet/val``.
+    ``ood_sets`` adds any number of sets, each an image folder (``coarse: data/tinyimagenet/val``)
+    or an :class:`OODSetConfig`; a pool's category split adds its validation and test parts.
     """
 
-    ood_sets: dict[str, Path] = Field(default_factory=dict)
+    ood_sets: dict[str, Path | OODSetConfig] = Field(default_factory=dict)
     max_images_per_set: int | None = Field(None, ge=1, description="seeded subsample of large OOD folders")
     score: str | None = Field(None, description="deployed OOD score; default energy for energy-oe, else msp")
+    knn_k: int = Field(10, ge=1, description="neighbour count of the knn score (its k-th nearest training feature)")
+    knn_bank_size: int | None = Field(
+        None, ge=1, description="KNN bank: a subsample of this many training features, seeded by the run's seed; "
+        "None = every training image"
+    )
     calibration_targets: list[float] = Field(default_factory=lambda: [0.90, 0.95, 0.99])
     default_target: float = 0.95
     paper_protocol: bool = Field(False, description="also report the MixOE paper's balanced 10-draw protocol")

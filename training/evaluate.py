@@ -1,4 +1,5 @@
-"""``mixoe evaluate``: ID accuracy and OOD-detection metrics for every score function.
+"""``mixoe evaluate``: ID accuracy and OOD-detection metrics for every registered score (logit
+and feature-space scores, :data:`models.scores.SCORES`).
 
 Conventions (see DESIGN.md): OOD scores are higher for more OOD-looking inputs; for the metrics ID
 is the positive class, so TNR@95TPR is the share of OOD rejected when 95% of ID test images are
@@ -16,7 +17,7 @@ from training.checkpoint import atomic_write
 from training.config import TrainConfig
 from training.metrics import accuracy, ood_metrics, paper_protocol_metrics
 from training.report import markdown_table
-from training.scoring import ID_TEST, run_logits, scores_of
+from training.scoring import ID_TEST, fit_score, run_logits
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
@@ -38,10 +39,11 @@ def evaluate(config: TrainConfig) -> dict[str, Any]:
         "scores": {},
     }
     for score_name in SCORES:
-        id_scores = scores_of(test, score_name)
+        score = fit_score(config, run, score_name)
+        id_scores = score(test)
         per_set = {}
         for name in run.ood_set_names():
-            ood_scores = scores_of(logits[name], score_name)
+            ood_scores = score(logits[name])
             per_set[name] = dataclasses.asdict(ood_metrics(id_scores, ood_scores))
             if config.evaluation.paper_protocol:
                 protocol = paper_protocol_metrics(id_scores, ood_scores)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from training.config import DataConfig
 from training.data import SplitData, holdout_split, load_split, restrict_to_classes
+from training.splits import carve_validation
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,10 @@ class ExperimentData:
 
 def load_experiment_data(config: DataConfig) -> ExperimentData:
     train = load_split(config, config.train)
-    val = load_split(config, config.val)
+    if config.val_from_train is not None:
+        train, val = carve_validation(train, config.val_from_train)
+    else:
+        val = load_split(config, config.val)
     test = load_split(config, config.test) if config.test else None
     total = len(train.class_names)
     if config.holdout is None:

@@ -14,22 +14,24 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.bundle import Manifest, save_bundle
+from models.bundle import save_bundle
+from models.manifest import Manifest
 from models.nets import build_network
 from training.calibrate import load_calibration, require_current_weights
 from training.checkpoint import BEST_INFO, load_best_weights
 from training.config import TrainConfig
-from training.data import Sample, fingerprint, outlier_files
+from training.data import Sample, fingerprint
 from training.transforms import preprocessing_of
 from training.evaluate import EVALUATION_JSON
 from training.experiment import load_experiment_data
 from training.report import write_report
-from training.scoring import ID_TEST, run_logits, scores_of
+from training.scoring import ID_TEST, FittedScore, run_logits
+from training.splits import pool_files
 
 
 def _pool_fingerprint(config: TrainConfig) -> str:
     """Fingerprint of the outlier pool the method trained against (MixOE's key input)."""
-    files = outlier_files(config.outliers.root, config.outliers.exclude)
+    files = pool_files(config.outliers)
     return fingerprint([Sample(path, -1) for path in files])
 
 
@@ -44,6 +46,8 @@ def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) 
     require_current_weights(config, evaluation["weights_sha256"], "evaluation")
     record = load_calibration(config)
     calibration, score_name = record.calibration, record.score.name
+    run = run_logits(config)
+    logits = run.sets
     data = load_experiment_data(config.data)
     model = build_network(config.architecture, data.num_classes)
     model.load_state_dict(load_best_weights(run_dir))
@@ -75,6 +79,7 @@ def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) 
             "outliers": None if config.outliers is None else config.outliers.model_dump(mode="json"),
             "init_checkpoint": None if config.init_checkpoint is None else str(config.init_checkpoint),
             "id_classes_original_indices": data.id_classes,
+            "score_fit": record.score_fit,
         },
         data_fingerprints={
             "train": fingerprint(data.train.samples),
@@ -83,8 +88,7 @@ def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) 
             **({"outliers": _pool_fingerprint(config)} if config.outliers is not None else {}),
         },
     )
-    run = run_logits(config)
-    logits = run.sets
+    score = FittedScore(record.score, record.state)
     with tempfile.TemporaryDirectory() as scratch:
         report_dir = Path(scratch)
         write_report(
@@ -103,11 +107,13 @@ def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) 
                 **evaluation,
                 "operating_points": [p.model_dump() for p in calibration.operating_points],
             },
-            id_scores=scores_of(logits[ID_TEST], score_name),
-            ood_scores={name: scores_of(logits[name], score_name) for name in run.ood_set_names()},
+            id_scores=score(logits[ID_TEST]),
+            ood_scores={name: score(logits[name]) for name in run.ood_set_names()},
             thresholds={p.target_id_acceptance: p.threshold for p in calibration.operating_points},
             score_name=score_name,
         )
         extra = {path.name: path for path in report_dir.iterdir()}
         target = Path(export_config.repository) / export_config.name / export_config.version
-        return save_bundle(target, model, manifest, extra_files=extra, signer=signer)
+        return save_bundle(
+            target, model, manifest, extra_files=extra, signer=signer, score_state=record.state or None
+        )

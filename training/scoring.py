@@ -1,11 +1,20 @@
-"""Logits of a trained run on every assessment set, computed once and cached in the run directory.
+"""Logits and features of a trained run on every assessment set, and every registered OOD score of them.
 
-Evaluation, calibration and export all need the same forward passes (ID validation, ID test, each
-OOD set). They share :func:`run_logits`, which caches the arrays in ``<run>/logits.npz`` keyed by
+Evaluation, calibration, export and comparison all need the same forward passes (ID training
+images for the feature-space scores' fit, ID validation, ID test, each OOD set). They share
+:func:`run_logits`, which caches logits and penultimate features in ``<run>/logits.npz`` keyed by
 everything they depend on (weights, preprocessing, precision, the images of every set), so a later
 stage never recomputes them and a changed input never reuses stale ones. Images go through
-:class:`models.preprocess.EvalTransform` and :func:`models.nets.deployed_logits`, exactly as in
+:class:`models.preprocess.EvalTransform` and :func:`models.nets.deployed_outputs`, exactly as in
 the service, at the precision the bundle will record.
+
+This module is the one place that scores a set by name, logit and feature scores alike::
+
+    run = run_logits(config)
+    for name in SCORES:                             # models.scores: every registered score
+        score = fit_score(config, run, name)        # fitted on run.sets[ID_TRAIN] where needed
+        id_scores = score(run.sets[ID_TEST])        # float64, higher = more OOD
+        ood = {s: score(run.sets[s]) for s in run.ood_set_names()}
 """
 
 from __future__ import annotations
@@ -20,40 +29,45 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.bundle import sha256_file
-from models.nets import Precision, build_network, default_precision, deployed_logits, resolve_device
+from models.feature_scores import FitData
+from models.manifest import ScoreSpec
+from models.nets import Classifier, Precision, build_network, default_precision, deployed_outputs, resolve_device
 from models.preprocess import EvalTransform, Preprocessing
-from models.scores import SCORES
+from models.scores import get_score
 from training.checkpoint import BEST_WEIGHTS, atomic_write, load_best_weights
 from training.config import TrainConfig
-from training.data import ImageDataset, Sample, collate_skipping_bad, fingerprint, list_images
+from training.data import ImageDataset, Sample, collate_skipping_bad, fingerprint
 from training.experiment import load_experiment_data
+from training.splits import ood_sets
 from training.transforms import preprocessing_of
 
-ID_VAL, ID_TEST, FINE = "id_val", "id_test", "fine"
+ID_TRAIN, ID_VAL, ID_TEST, FINE = "id_train", "id_val", "id_test", "fine"
+ID_SETS = (ID_TRAIN, ID_VAL, ID_TEST)
 CACHE = "logits.npz"
 
 
 @dataclass(frozen=True)
 class SetLogits:
+    """One set's network outputs: logits, penultimate features, labels."""
+
     logits: np.ndarray  # (N, K) float32
     labels: np.ndarray  # (N,) int64; -1 for OOD sets
+    features: np.ndarray  # (N, D) float32
 
 
 def assessment_sets(config: TrainConfig) -> dict[str, list[Sample]]:
-    """``id_val`` (calibration), ``id_test``, ``fine`` (held-out classes) and each named OOD folder."""
+    """``id_train`` (what feature scores are fitted on, evaluation transform), ``id_val``
+    (calibration), ``id_test``, ``fine`` (held-out classes) and each named OOD set."""
     data = load_experiment_data(config.data)
-    sets = {ID_VAL: data.val.samples}
+    sets = {ID_TRAIN: data.train.samples, ID_VAL: data.val.samples}
     if data.test is not None:
         sets[ID_TEST] = data.test.samples
     if data.fine_ood_test is not None:
         sets[FINE] = [Sample(s.path, -1) for s in data.fine_ood_test.samples]
     rng = np.random.default_rng(config.seed)
-    for name, root in config.evaluation.ood_sets.items():
+    for name, paths in ood_sets(config).items():
         if name in sets:
             raise ValueError(f"OOD set name {name!r} is reserved; choose another")
-        paths = list_images(Path(root))
-        if not paths:
-            raise ValueError(f"OOD set {name!r}: no images under {root}")
         limit = config.evaluation.max_images_per_set
         if limit is not None and len(paths) > limit:
             paths = [paths[i] for i in sorted(rng.choice(len(paths), limit, replace=False))]
@@ -62,7 +76,7 @@ def assessment_sets(config: TrainConfig) -> dict[str, list[Sample]]:
 
 
 def collect_logits(
-    model: torch.nn.Module, samples: list[Sample], preprocessing: Preprocessing, device: torch.device,
+    model: Classifier, samples: list[Sample], preprocessing: Preprocessing, device: torch.device,
     precision: Precision, batch_size: int, workers: int,
 ) -> SetLogits:
     dataset = ImageDataset(samples, EvalTransform(preprocessing))
@@ -72,17 +86,20 @@ def collect_logits(
     )
     cuda = device.type == "cuda"
     model.eval().to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
-    logits, labels = [], []
+    logits, features, labels = [], [], []
     for batch in loader:
         if batch is None:
             continue
         images, targets = batch
-        logits.append(deployed_logits(model, images, precision))
+        batch_logits, batch_features = deployed_outputs(model, images, precision)
+        logits.append(batch_logits)
+        features.append(batch_features)
         labels.append(targets)
-    num_classes = model.num_classes
+    feature_dim = model.head.in_features
     return SetLogits(
-        torch.cat(logits).numpy() if logits else np.zeros((0, num_classes), np.float32),
+        torch.cat(logits).numpy() if logits else np.zeros((0, model.num_classes), np.float32),
         torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
+        torch.cat(features).numpy() if features else np.zeros((0, feature_dim), np.float32),
     )
 
 
@@ -95,17 +112,57 @@ class RunLogits:
     precision: Precision
 
     def ood_set_names(self) -> list[str]:
-        return [name for name in self.sets if name not in (ID_VAL, ID_TEST)]
+        return [name for name in self.sets if name not in ID_SETS]
 
 
-def scores_of(set_logits: SetLogits, score_name: str) -> np.ndarray:
-    """OOD scores (float64) of one set under one score function at its default temperature."""
-    return SCORES[score_name](torch.from_numpy(set_logits.logits)).double().numpy()
+@dataclass(frozen=True)
+class FittedScore:
+    """A score with its settings (:class:`models.manifest.ScoreSpec`) and fitted state, ready to
+    score any set of the run; the state is what a bundle ships (empty for logit scores)."""
+
+    spec: ScoreSpec
+    state: dict[str, torch.Tensor]
+
+    def __call__(self, set_logits: SetLogits) -> np.ndarray:
+        """OOD scores (N,) float64 of one set; higher = more OOD."""
+        score = get_score(self.spec.name)
+        features = torch.from_numpy(set_logits.features) if score.needs_features else None
+        logits = torch.from_numpy(set_logits.logits)
+        return score.apply(logits, features, self.state, self.spec.temperature, self.spec.k).double().numpy()
+
+
+def scores_of(set_logits: SetLogits, score: str | FittedScore) -> np.ndarray:
+    """OOD scores (N,) float64 of one set: a logit score by name (default temperature), or any
+    :class:`FittedScore` (a feature score must be fitted first: :func:`fit_score`)."""
+    if isinstance(score, FittedScore):
+        return score(set_logits)
+    if get_score(score).needs_features:
+        raise ValueError(f"score {score!r} reads features and must be fitted first: use fit_score(config, run, {score!r})")
+    return FittedScore(ScoreSpec.default(score), {})(set_logits)
+
+
+def score_spec(config: TrainConfig, name: str) -> ScoreSpec:
+    """Score ``name`` at its default temperature, with the config's ``evaluation.knn_k`` if it takes a k."""
+    k = config.evaluation.knn_k if get_score(name).default_k is not None else None
+    return ScoreSpec.default(name, k)
+
+
+def fit_score(config: TrainConfig, run: RunLogits, score: str | ScoreSpec) -> FittedScore:
+    """Score ``score`` (a name, or settings) fitted on the run's ID training features; a seeded
+    subsample of ``evaluation.knn_bank_size`` of them for the KNN bank (seed: the run's)."""
+    spec = score_spec(config, score) if isinstance(score, str) else score
+    train = run.sets[ID_TRAIN]
+    data = FitData(
+        torch.from_numpy(train.features), torch.from_numpy(train.labels), train.logits.shape[1],
+        config.evaluation.knn_bank_size, config.seed,
+    )
+    return FittedScore(spec, get_score(spec.name).fit(data))
 
 
 def _cache_key(weights_hash: str, preprocessing: Preprocessing, precision: str, sets: dict[str, list[Sample]]) -> str:
     """Everything the logits depend on: new weights, preprocessing, precision or images miss the cache."""
     parts = {
+        "outputs": ["logits", "labels", "features"],
         "weights": weights_hash,
         "preprocessing": preprocessing.model_dump(mode="json"),
         "precision": precision,
@@ -120,7 +177,8 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def run_logits(config: TrainConfig) -> RunLogits:
-    """Logits of the run's best weights on every assessment set (cached per :func:`_cache_key`)."""
+    """Logits and features of the run's best weights on every assessment set (cached per
+    :func:`_cache_key`)."""
     run_dir = config.output_dir
     weights_hash = sha256_file(run_dir / BEST_WEIGHTS)
     sets = assessment_sets(config)
@@ -132,7 +190,9 @@ def run_logits(config: TrainConfig) -> RunLogits:
     if cache_path.is_file():
         with np.load(cache_path) as cached:
             if str(cached["key"]) == key:
-                logits = {n: SetLogits(cached[f"{n}.logits"], cached[f"{n}.labels"]) for n in sets}
+                logits = {
+                    n: SetLogits(cached[f"{n}.logits"], cached[f"{n}.labels"], cached[f"{n}.features"]) for n in sets
+                }
                 return RunLogits(logits, weights_hash, precision)
     model = build_network(config.architecture, len(load_experiment_data(config.data).class_names))
     model.load_state_dict(load_best_weights(run_dir))
@@ -146,5 +206,6 @@ def run_logits(config: TrainConfig) -> RunLogits:
     for name, set_logits in logits.items():
         arrays[f"{name}.logits"] = set_logits.logits
         arrays[f"{name}.labels"] = set_logits.labels
+        arrays[f"{name}.features"] = set_logits.features
     atomic_write(cache_path, lambda tmp: _save_npz(tmp, arrays))
     return RunLogits(logits, weights_hash, precision)

@@ -51,7 +51,10 @@ from training.data import ImageDataset, OutlierPool, SeededItems, collate_skippi
 from training.distributed import DistributedContext, ShardSampler, distributed_session
 from training.experiment import ExperimentData, load_experiment_data
 from training.methods import Method, build_method
-from training.transforms import build_eval_geometry, build_train_transform, preprocessing_of
+from training.splits import pool_exclusions
+from training.transforms import (
+    build_eval_geometry, build_outlier_transform, build_train_transform, preprocessing_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +277,10 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
     method = build_method(config.method)
     outlier_loader = None
     if method.outliers_per_id_image:
-        pool = OutlierPool(config.outliers.root, build_train_transform(transforms), exclude=config.outliers.exclude)
+        pool = OutlierPool(
+            config.outliers.root, build_outlier_transform(config.outliers, transforms),
+            exclude=pool_exclusions(config.outliers),
+        )
         outlier_loader = _loader(
             pool, batch * method.outliers_per_id_image, ctx, config.seed + 1, workers, shuffle=True
         )

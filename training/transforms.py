@@ -16,7 +16,7 @@ from __future__ import annotations
 from torchvision.transforms import v2
 
 from models.preprocess import EvalGeometry, EvalTransform, Preprocessing
-from training.config import TransformConfig
+from training.config import OutlierConfig, TransformConfig
 
 
 def preprocessing_of(cfg: TransformConfig) -> Preprocessing:
@@ -53,3 +53,21 @@ def build_train_transform(cfg: TransformConfig) -> v2.Compose:
         strength = cfg.color_jitter
         steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
     return v2.Compose(steps)
+
+
+def build_outlier_transform(outliers: OutlierConfig, cfg: TransformConfig) -> v2.Compose:
+    """How training outliers reach the input size (see :class:`training.config.OutlierConfig`).
+
+    ``same_as_id``: the ID training transform. ``resize_center_crop``: the evaluation geometry
+    (whole image, shorter side to ``resize``, centre crop) then the flip, uint8 out.
+    """
+    if outliers.outlier_resize == "same_as_id":
+        return build_train_transform(cfg)
+    if outliers.outlier_resize == "resize_center_crop":
+        steps: list[v2.Transform] = [v2.ToImage(), build_eval_geometry(cfg)]
+        if cfg.horizontal_flip:
+            steps.append(v2.RandomHorizontalFlip())
+        return v2.Compose(steps)
+    raise ValueError(
+        f"Invalid outlier_resize {outliers.outlier_resize!r}. Only same_as_id and resize_center_crop are supported."
+    )

@@ -12,15 +12,15 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from pydantic.json_schema import SkipJsonSchema
 
 from service.access import record_images
-from service.auth import ProtectedRoute
 from service.deps import ContextDep
 from service.errors import ERROR_RESPONSES, ErrorCode, InvalidInput
 from service.limits import ClientInt
 from service.predictor import Upload
+from service.routes.admitted import AdmittedRoute, admission_ticket
 from service.uploads import FILENAME_TOO_LONG, MAX_FILENAME_BYTES
 from service.schemas import ClassProbability, ImagePrediction, OODScore, PredictResponse
 
-router = APIRouter(route_class=ProtectedRoute, tags=["predict"])
+router = APIRouter(route_class=AdmittedRoute, tags=["predict"])
 
 @router.post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES)
 async def predict(
@@ -56,6 +56,7 @@ async def predict(
         uploads,
         operating_point=operating_point_form if operating_point_form is not None else operating_point,
         top_k=top_k_form if top_k_form is not None else top_k,
+        ticket=admission_ticket(request),
     )
     score_name = loaded.bundle.manifest.score.name
     return PredictResponse(

@@ -15,7 +15,6 @@ from importlib.metadata import version as package_version
 from fastapi import APIRouter, Request, Response
 
 from service.access import record_images
-from service.auth import ProtectedRoute
 from service.context import ServiceContext
 from service.deps import ContextDep
 from service.errors import ERROR_RESPONSES, LOOKUP_RESPONSES, ErrorCode, InvalidInput
@@ -24,6 +23,7 @@ from service.openapi import INFER_OK_RESPONSE, infer_openapi
 from service.oip import BINARY_EXTENSION, IMAGE_INPUT, OUTPUTS, encode_infer_response, parse_infer_request
 from service.predictor import Upload
 from service.registry import LoadedModel
+from service.routes.admitted import AdmittedRoute, admission_ticket
 from service.schemas import (
     ModelMetadata,
     ModelParameters,
@@ -37,7 +37,7 @@ SERVER_NAME = "mixoe-service"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
-infer_router = APIRouter(prefix="/v2", route_class=ProtectedRoute, tags=["open inference protocol"])
+infer_router = APIRouter(prefix="/v2", route_class=AdmittedRoute, tags=["open inference protocol"])
 
 
 def _server_version() -> str:
@@ -75,6 +75,7 @@ def _metadata(context: ServiceContext, name: str, version: str | None) -> ModelM
                 for point in calibration.operating_points
             ],
         ),
+        drift=context.drift.status(loaded.name, loaded.version),
     )
 
 
@@ -118,7 +119,9 @@ async def _infer(request: Request, context: ServiceContext, loaded: LoadedModel)
     )
     record_images(request, len(call.images))
     uploads = [Upload(f"image[{index}]", data) for index, data in enumerate(call.images)]
-    verdicts = await context.predictor.predict(loaded, uploads, operating_point=call.operating_point, top_k=1)
+    verdicts = await context.predictor.predict(
+        loaded, uploads, operating_point=call.operating_point, top_k=1, ticket=admission_ticket(request)
+    )
     point = loaded.operating_point(call.operating_point)
     body, json_length = encode_infer_response(
         model_name=loaded.name,

@@ -15,7 +15,14 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
 
 COUNTERS = ("mixoe_predictions_total", "mixoe_requests_total", "mixoe_bad_inputs_total")
-GAUGES = ("mixoe_threshold", "mixoe_expected_rejection_ratio", "mixoe_queue_depth", "mixoe_model_info")
+GAUGES = (
+    "mixoe_threshold",
+    "mixoe_expected_rejection_ratio",
+    "mixoe_queue_depth",
+    "mixoe_model_info",
+    "mixoe_drift_log10_martingale",
+    "mixoe_drift_alarm",
+)
 HISTOGRAMS = (
     "mixoe_ood_score",
     "mixoe_request_duration_seconds",

@@ -14,24 +14,13 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from models.bundle import (
-    MANIFEST_FILE,
-    WEIGHTS_FILE,
-    Bundle,
-    BundleError,
-    Calibration,
-    Manifest,
-    OperatingPoint,
-    ScoreSpec,
-    find_bundles,
-    latest_version,
-    load_bundle,
-    save_bundle,
-    sha256_file,
-)
+from models.bundle import save_bundle, sha256_file
 from models.conformal import conformal_p_values
+from models.index import find_bundles, latest_version
+from models.manifest import MANIFEST_FILE, WEIGHTS_FILE, BundleError, Calibration, Manifest, OperatingPoint, ScoreSpec
 from models.nets import Classifier, build_network
 from models.preprocess import Preprocessing, preprocess_batch
+from models.runtime import Bundle, load_bundle
 from models.scores import get_score
 
 SIZE = 32
@@ -165,7 +154,7 @@ def _edit_manifest(path: Path, **changes: Any) -> None:
         (lambda p: (p / WEIGHTS_FILE).unlink(), "weights.safetensors missing"),
         (lambda p: (p / MANIFEST_FILE).unlink(), "manifest.json missing"),
         (lambda p: (p / MANIFEST_FILE).write_text('{"schema_version": 1,'), "not valid JSON"),
-        (lambda p: _edit_manifest(p, schema_version=2), r"unsupported schema_version 2;.*version\(s\) 1"),
+        (lambda p: _edit_manifest(p, schema_version=3), r"unsupported schema_version 3;.*version\(s\) 1, 2"),
         (lambda p: _edit_manifest(p, num_classes=4, class_names=list("abcd")), "class count mismatch.*head has 3"),
         (lambda p: _edit_manifest(p, architecture="resnet34"), "do not fit architecture 'resnet34'"),
         (lambda p: _edit_manifest(p, score={"name": "entropy", "temperature": 1}), "(?s)invalid manifest.*Unknown OOD score .entropy."),

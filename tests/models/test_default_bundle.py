@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 import models
-from models.bundle import find_bundles, latest_version, load_bundle, sha256_file
+from models.bundle import sha256_file
+from models.index import find_bundles, latest_version
+from models.runtime import load_bundle
 
 REPOSITORY = Path(models.__file__).parent / "repository"
 

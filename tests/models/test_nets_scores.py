@@ -45,8 +45,8 @@ def test_energy_matches_the_free_energy_formula_at_a_temperature() -> None:
 
 
 def test_unknown_score_and_non_positive_temperature_are_refused() -> None:
-    with pytest.raises(ValueError, match="Unknown OOD score 'mahalanobis'. Supported: energy, maxlogit, msp, odin"):
-        get_score("mahalanobis")
+    with pytest.raises(ValueError, match="Unknown OOD score 'gram'. Supported: energy, knn, mahalanobis, maxlogit, msp, odin"):
+        get_score("gram")
     with pytest.raises(ValueError, match="temperature must be positive"):
         SCORES["energy"](FLAT, 0.0)
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from models.bundle import Bundle, Predictions, load_bundle
+from models.runtime import Bundle, Predictions, load_bundle
 from service.app import create_app
 from service.decoding import decode_image
 from service.settings import Settings, is_setting_variable

@@ -7,25 +7,34 @@ test knows which image each operating point accepts:
 * ``accepted``   - score below every threshold: accepted at 0.9, 0.95 and 0.99;
 * ``borderline`` - between the 0.9 and 0.95 thresholds: rejected at 0.9, accepted at 0.95 and 0.99;
 * ``rejected``   - above every threshold: rejected everywhere.
+
+The same holds for a feature-space score (``build_tiny_bundle(..., score="knn")``): its state is
+fitted on the features of a few noise images, and the thresholds sit between the anchors' scores.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+import struct
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx
 import numpy as np
 import torch
+from fastapi import FastAPI
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.http import InferInput
 
-from models.bundle import Calibration, Manifest, OperatingPoint, ScoreSpec, save_bundle
-from models.nets import build_network
+from models.bundle import save_bundle
+from models.feature_scores import FitData
+from models.manifest import Calibration, Manifest, OperatingPoint, ScoreSpec
+from models.nets import Classifier, build_network
 from models.preprocess import Preprocessing, preprocess_batch
 from models.scores import get_score
 
@@ -33,6 +42,7 @@ CLASS_NAMES = ["red", "green", "blue"]
 PREPROCESSING = Preprocessing(input_size=32, resize=36)
 TARGETS = (0.9, 0.95, 0.99)
 N_CALIBRATION = 200
+T = TypeVar("T")
 _ANCHOR_COLOURS = [(0, 255, 0), (0, 0, 255), (128, 128, 128)]
 
 
@@ -66,12 +76,25 @@ def _calibration_scores(t90: float, t95: float, t99: float) -> np.ndarray:
     return np.interp(np.arange(N_CALIBRATION), [0, 180, 190, 198, 199], [t90 - 0.3, t90, t95, t99, t99 + 0.01])
 
 
-def build_tiny_bundle(repository: Path, version: str = "1", seed: int = 0) -> TinyModel:
+def _fitted_state(network: Classifier, spec: ScoreSpec) -> dict[str, torch.Tensor]:
+    """The score's state fitted on 12 noise images labelled round-robin ({} for a logit score)."""
+    images = [noise_image(seed) for seed in range(100, 112)]
+    with torch.inference_mode():
+        _, features = network.forward_features(preprocess_batch(images, PREPROCESSING))
+    labels = torch.arange(len(images)) % len(CLASS_NAMES)
+    return get_score(spec.name).fit(FitData(features, labels, len(CLASS_NAMES)))
+
+
+def build_tiny_bundle(repository: Path, version: str = "1", seed: int = 0, score: str = "msp") -> TinyModel:
+    """The tiny bundle, deploying ``score`` (any registered score; ``knn`` at k=3)."""
     torch.manual_seed(seed)
     network = build_network("resnet18", len(CLASS_NAMES)).eval()
     anchors = [solid(colour) for colour in _ANCHOR_COLOURS]
+    spec = ScoreSpec.default(score, k=3 if get_score(score).default_k is not None else None)
+    state = _fitted_state(network, spec)
     with torch.inference_mode():
-        scores = get_score("msp")(network(preprocess_batch(anchors, PREPROCESSING))).double().tolist()
+        logits, features = network.forward_features(preprocess_batch(anchors, PREPROCESSING))
+        scores = get_score(score).apply(logits, features, state, spec.temperature, spec.k).double().tolist()
     order = np.argsort(scores)
     low, middle, high = (scores[i] for i in order)
     assert middle - low > 1e-3 and high - middle > 1e-3, f"reference scores too close to separate: {scores}"
@@ -88,12 +111,20 @@ def build_tiny_bundle(repository: Path, version: str = "1", seed: int = 0) -> Ti
         num_classes=len(CLASS_NAMES),
         class_names=CLASS_NAMES,
         preprocessing=PREPROCESSING,
-        score=ScoreSpec(name="msp", temperature=1.0),
+        score=spec,
         calibration=Calibration(scores=calibration.tolist(), operating_points=points, default_target=0.95),
     )
-    path = save_bundle(repository / "tiny" / version, network, manifest)
+    path = save_bundle(repository / "tiny" / version, network, manifest, score_state=state or None)
     roles = dict(zip(("accepted", "borderline", "rejected"), (encode(anchors[i]) for i in order), strict=True))
     return TinyModel(repository, path, roles)
+
+
+async def serve_in_process(app: FastAPI, scenario: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
+    """Run ``scenario`` against ``app`` in-process, with its lifespan (models, batchers) running."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            return await scenario(client)
 
 
 def sample_value(metrics_text: str, name: str, labels: dict[str, str] | None = None) -> float:

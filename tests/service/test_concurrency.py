@@ -8,20 +8,11 @@ from collections.abc import Callable, Sequence
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
-from models.bundle import Predictions
+from models.runtime import Predictions
 from service.app import create_app
 from service.settings import Settings
-from tests.service.helpers import encode, noise_image, sample_value
-
-
-async def _serve(app: FastAPI, scenario: Callable[[httpx.AsyncClient], object]) -> object:
-    """Run ``scenario`` against ``app`` in-process, with its lifespan (models, batchers) running."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-            return await scenario(client)  # type: ignore[misc]
+from tests.service.helpers import encode, noise_image, sample_value, serve_in_process
 
 
 def test_concurrent_clients_get_their_own_results_in_shared_batches(
@@ -37,7 +28,7 @@ def test_concurrent_clients_get_their_own_results_in_shared_batches(
         responses = await asyncio.gather(*(one(i) for i in range(len(images))))
         return list(responses), (await client.get("/metrics")).text
 
-    responses, metrics = asyncio.run(_serve(app, scenario))  # type: ignore[misc]
+    responses, metrics = asyncio.run(serve_in_process(app, scenario))
     expected = predict_direct(images, None)
     for index, response in enumerate(responses):
         assert response.status_code == 200
@@ -85,4 +76,4 @@ def test_a_full_queue_answers_503_with_retry_after(make_settings: Callable[..., 
         gate.set()
         assert (await first).status_code == 200 and (await second).status_code == 200
 
-    asyncio.run(_serve(app, scenario))
+    asyncio.run(serve_in_process(app, scenario))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from models.bundle import Bundle, PendingLogits, Predictions
+from models.runtime import Bundle, PendingLogits, Predictions
 from service.inference import ImageJob, ModelRunner, graphs_note, padded_batch_sizes
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.bundle import Bundle
+from models.runtime import Bundle
 from service.decoding import decode_image, open_image
 from service.errors import ErrorCode, InvalidInput
 from service.inference import stack_on

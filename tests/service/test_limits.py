@@ -42,5 +42,5 @@ def test_an_unreadable_content_length_leaves_the_limit_to_the_bytes_received(dec
 
     headers = [(b"content-length", declared.encode("latin-1"))]
     scope = {"type": "http", "method": "POST", "path": "/", "headers": headers}
-    asyncio.run(BodyLimitMiddleware(app, max_bytes=100)(scope, receive, send))
+    asyncio.run(BodyLimitMiddleware(app, max_bytes=100, timeout_s=30)(scope, receive, send))
     assert sent[0]["status"] == 204

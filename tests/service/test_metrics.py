@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from models.bundle import Bundle
+from models.manifest import SCHEMA_VERSION
+from models.runtime import Bundle
 from service.metrics import (
     MULTIPROCESS_DIRECTORY_VARIABLE,
     ServiceMetrics,
@@ -68,7 +69,8 @@ def test_each_instance_has_its_own_registry(bundle: Bundle) -> None:
     text = generate_latest(first.registry).decode()
     assert 'mixoe_expected_rejection_ratio{model="tiny",operating_point="0.95",version="1"} 0.05' in text
     assert (
-        'mixoe_model_info{architecture="resnet18",model="tiny",schema_version="1",score="msp",version="1"} 1.0' in text
+        f'mixoe_model_info{{architecture="resnet18",model="tiny",schema_version="{SCHEMA_VERSION}",score="msp",version="1"}} 1.0'
+        in text
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from models.bundle import Bundle
+from models.runtime import Bundle
 from service.app import create_app
 from service.settings import Settings
 from tests.service.helpers import TinyModel, infer_json, role_files, sample_value

@@ -25,18 +25,19 @@ import torch
 from prometheus_client import CollectorRegistry, Histogram
 
 import service.model_host
-from models.bundle import Bundle, load_bundle
+from models.runtime import Bundle, load_bundle
+from service.admission import Admission
 from service.batcher import MicroBatcher
 from service.decoding import decode_image
 from service.errors import ErrorCode, InvalidInput, NotReady
 from service.inference import ImageJob, ImageVerdict, ModelRunner
 from service.local import LocalServer, log_entries, start_local_server
 from service.metrics import ServiceMetrics, score_buckets
-from service.model_host import LoadDone, ModelHost, Release, Task
 from service.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
+from service.model_host import LoadDone, ModelHost, Release, Task
 from service.model_process import ModelProcess
-from service.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Reply, Run, model_key
 from service.predictor import Predictor, Upload
+from service.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Reply, Run, model_key
 from service.registry import LoadedModel
 from service.settings import Settings
 from tests.service.helpers import TinyModel, build_tiny_bundle, role_files, sample_value
@@ -249,7 +250,7 @@ def test_a_worker_lets_pil_decide_on_a_jpeg_the_model_process_refused(
             try:
                 model = LoadedModel(bundle, batcher, sends_jpeg=True)
                 return await Predictor(settings, metrics, decoding).predict(
-                    model, uploads, operating_point=None, top_k=None
+                    model, uploads, operating_point=None, top_k=None, ticket=Admission(64, 1).ticket()
                 )
             finally:
                 await batcher.stop()

@@ -24,7 +24,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from models.bundle import Bundle
+from models.runtime import Bundle
 from service.app import create_app
 from service.errors import DeadlineExceeded
 from service.inference import ModelRunner

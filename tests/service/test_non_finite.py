@@ -15,7 +15,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from models.bundle import Bundle, BundleError, save_bundle
+from models.bundle import save_bundle
+from models.manifest import BundleError
+from models.runtime import Bundle
 from service.app import create_app
 from service.settings import Settings
 from tests.service.helpers import encode, infer_json, solid

@@ -100,7 +100,13 @@ def test_read_only_routes_document_only_what_they_can_answer(make_settings: Call
 
 
 def test_api_key_schemes_are_documented_exactly_when_keys_are_set(make_settings: Callable[..., Settings]) -> None:
-    protected = {"/predict", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"}
+    protected = {
+        "/predict",
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
+        "/v2/models/{name}/drift/reset",
+        "/v2/models/{name}/versions/{version}/drift/reset",
+    }
     with_keys, without = _openapi(make_settings, api_keys=API_KEY), _openapi(make_settings)
     assert with_keys["components"]["securitySchemes"]["ApiKeyHeader"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
     assert with_keys["components"]["securitySchemes"]["BearerKey"]["scheme"] == "bearer"

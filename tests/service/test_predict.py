@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import pytest
 from fastapi.testclient import TestClient
 
-from models.bundle import Predictions
+from models.runtime import Predictions
 from tests.service.helpers import CLASS_NAMES, TinyModel, encode, noise_image, role_files
 
 ROLES = ("accepted", "borderline", "rejected")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from models.bundle import MANIFEST_FILE, Bundle, BundleError, load_bundle
+from models.manifest import MANIFEST_FILE, BundleError
+from models.runtime import Bundle, load_bundle
 from service.app import create_app
 from service.batcher import MicroBatcher
 from service.errors import InvalidParameter, ModelNotFound

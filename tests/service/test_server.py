@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from models.bundle import Predictions
+from models.runtime import Predictions
 from service.local import LocalProcessError, LocalServer, log_entries, start_local_server, started_workers
 from tests.service.helpers import TinyModel, build_tiny_bundle, role_files, triton_input
 

@@ -46,8 +46,14 @@ def test_lists_come_comma_separated_from_the_environment(monkeypatch: pytest.Mon
         {"max_request_bytes": 10, "max_upload_bytes": 100},
         {"max_batch_size": 0},
         {"unknown_option": 1},
+        {"header_timeout_s": 0},
+        {"body_timeout_s": -1},
+        {"max_connections": 0},
     ],
-    ids=["model-reference", "device", "queue-below-request", "request-below-file", "batch-size", "unknown-option"],
+    ids=[
+        "model-reference", "device", "queue-below-request", "request-below-file", "batch-size", "unknown-option",
+        "header-timeout", "body-timeout", "connections",
+    ],
 )
 def test_impossible_settings_are_refused(values: dict[str, object]) -> None:
     with pytest.raises(ValidationError):

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from models.bundle import load_bundle
+from models.runtime import load_bundle
 from tests.helpers.images import make_image_folder
 from tests.helpers.runs import tiny_config as shared_tiny_config
 from tests.training.ddp_entry import with_groupnorm

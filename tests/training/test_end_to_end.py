@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.bundle import load_bundle
+from models.runtime import load_bundle
 from tests.helpers.images import make_image_folder
 from tests.helpers.runs import kill_mid_write, tiny_config
 from training import trainer

@@ -1,0 +1,110 @@
+"""The drift alarm in the service: OOD-looking traffic raises it in /metrics and the model metadata,
+in-distribution traffic does not, the admin reset clears it (behind the API key when keys are
+set), and a reset reaches the other workers through the shared directory."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from models.runtime import Bundle
+from service.app import create_app
+from service.drift import DriftAlarms
+from service.metrics import ServiceMetrics, score_buckets
+from service.settings import Settings
+from tests.service.helpers import TinyModel, role_files, sample_value
+
+LABELS = {"model": "tiny", "version": "1"}
+KEY = "drift-secret"
+
+
+@pytest.fixture
+def fresh(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings())) as test_client:
+        yield test_client
+
+
+def _drift(client: TestClient) -> dict:
+    return client.get("/v2/models/tiny").json()["drift"]
+
+
+def _gauges(client: TestClient) -> tuple[float, float]:
+    text = client.get("/metrics").text
+    return sample_value(text, "mixoe_drift_log10_martingale", LABELS), sample_value(text, "mixoe_drift_alarm", LABELS)
+
+
+def test_ood_looking_images_raise_the_alarm_and_a_reset_clears_it(fresh: TestClient, tiny: TinyModel) -> None:
+    assert _drift(fresh) == {
+        "log10_martingale": 0.0, "alarm": False, "alarm_log10_level": 2.0, "images": 0, "delta": 0.01, "workers": 1,
+    }  # fmt: skip
+    # Every "rejected" image scores above 199 of the 200 calibration scores: p-value at most 2/201.
+    assert fresh.post("/predict", files=role_files(tiny, *["rejected"] * 12)).status_code == 200
+    drift = _drift(fresh)
+    assert drift["alarm"] and drift["images"] == 12 and drift["log10_martingale"] >= 2.0
+    assert _gauges(fresh) == (pytest.approx(drift["log10_martingale"]), 1.0)
+
+    reset = fresh.post("/v2/models/tiny/drift/reset")
+    assert reset.status_code == 200
+    assert (reset.json()["alarm"], reset.json()["images"], reset.json()["log10_martingale"]) == (False, 0, 0.0)
+    assert _gauges(fresh) == (0.0, 0.0)
+    assert _drift(fresh)["alarm"] is False
+
+
+def test_in_distribution_images_leave_the_alarm_down(fresh: TestClient, tiny: TinyModel) -> None:
+    assert fresh.post("/predict", files=role_files(tiny, *["accepted"] * 12)).status_code == 200
+    drift = _drift(fresh)
+    assert not drift["alarm"] and drift["images"] == 12 and drift["log10_martingale"] < 0.0
+    assert _gauges(fresh)[1] == 0.0
+
+
+def test_the_alarm_level_is_split_between_workers(make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings(workers=4, drift_delta=0.05))) as client:
+        assert _drift(client)["alarm_log10_level"] == pytest.approx(math.log10(4 / 0.05))
+
+
+def test_reset_needs_an_api_key_when_keys_are_set(make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings(api_keys=[KEY]))) as client:
+        refused = client.post("/v2/models/tiny/drift/reset")
+        assert (refused.status_code, refused.json()["code"]) == (401, "unauthorized")
+        assert client.post("/v2/models/tiny/versions/1/drift/reset", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert client.post("/v2/models/tiny/drift/reset", headers={"X-API-Key": KEY}).status_code == 200
+        assert client.get("/v2/models/tiny").status_code == 200  # metadata stays open
+
+
+def test_reset_of_an_unknown_model_is_404(fresh: TestClient) -> None:
+    response = fresh.post("/v2/models/nope/drift/reset")
+    assert (response.status_code, response.json()["code"]) == (404, "unknown_model")
+    response = fresh.post("/v2/models/tiny/versions/9/drift/reset")
+    assert (response.status_code, response.json()["code"]) == (404, "unknown_model")
+
+
+def test_switched_off_there_is_no_martingale(make_settings: Callable[..., Settings], tiny: TinyModel) -> None:
+    with TestClient(create_app(make_settings(drift_alarm=False))) as client:
+        assert client.post("/predict", files=role_files(tiny, *["rejected"] * 12)).status_code == 200
+        assert _drift(client) is None
+        assert "mixoe_drift_alarm{" not in client.get("/metrics").text
+        response = client.post("/v2/models/tiny/drift/reset")
+        assert (response.status_code, response.json()["code"]) == (422, "drift_alarm_off")
+
+
+def test_a_reset_in_one_worker_reaches_the_others(bundle: Bundle, tmp_path: Path) -> None:
+    manifest = bundle.manifest
+    workers = [
+        DriftAlarms(
+            [manifest], ServiceMetrics(score_buckets([manifest]), 4), delta=0.01, workers=2, shared_directory=tmp_path
+        )
+        for _ in range(2)
+    ]
+    high = manifest.calibration.scores[-1] + 1.0  # above every calibration score: p-value below 1/201
+    for alarms in workers:
+        alarms.observe("tiny", "1", [high] * 12)
+        assert alarms.status("tiny", "1").alarm  # type: ignore[union-attr]
+    workers[0].reset("tiny", "1")
+    other = workers[1].status("tiny", "1")
+    assert other is not None and (other.alarm, other.images) == (False, 0)
+    workers[1].observe("tiny", "1", [high])
+    assert workers[1].status("tiny", "1").images == 1  # type: ignore[union-attr]  # reset once, not at every look

@@ -1,0 +1,116 @@
+"""``mixoe compare``: the table's statistics, a tiny end-to-end comparison, and CLI misuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.runtime import load_bundle
+from tests.helpers.images import make_image_folder, make_list_dataset
+from training.cli import main
+from training.compare import default_methods
+from training.compare_table import Record, paired_differences, select, summarize
+from models.scores import SCORES
+
+
+def _records(a_minus_b: list[float]) -> list[Record]:
+    records = []
+    for unit, diff in enumerate(a_minus_b):
+        for method, value in (("a", 0.8 + diff), ("b", 0.8)):
+            ood = {"far": {"auroc": value, "tnr_at_95tpr": 0.5}}
+            records.append(Record(0, unit, method, "msp", 0.9, 0.9, 0.5, ood))
+    return records
+
+
+@pytest.mark.parametrize(
+    ("diffs", "verdict"), [([0.02, 0.03, 0.025], "win"), ([0.05, -0.03, 0.01], "tie"), ([-0.02, -0.03, -0.025], "loss")]
+)
+def test_a_difference_is_a_win_only_beyond_its_noise(diffs: list[float], verdict: str) -> None:
+    records = _records(diffs)
+    table = summarize(records, ["far"])
+    row = next(d for d in paired_differences(records, table, "far") if d["method"] == "a")
+    assert row["against"] == "b/msp"
+    assert row["difference"] == pytest.approx(sum(diffs) / 3)
+    assert row["verdict"] == verdict
+
+
+def test_selection_skips_rows_far_less_accurate_than_the_baseline() -> None:
+    table = [
+        {"method": "baseline", "score": "msp", "val_accuracy": 0.90, "criterion": 0.70},
+        {"method": "x", "score": "msp", "val_accuracy": 0.85, "criterion": 0.95},
+        {"method": "y", "score": "energy", "val_accuracy": 0.89, "criterion": 0.80},
+    ]
+    assert select(table, "baseline", 0.02)["method"] == "y"
+    assert select(table, "baseline", 0.10)["method"] == "x"
+
+
+CLASSES = ["amber", "blue", "crimson", "green"]
+
+
+@pytest.fixture(scope="module")
+def compare_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("compare")
+    make_list_dataset(root / "id", CLASSES, {"train": 10, "test": 4}, size=(36, 36), seed=1)
+    make_image_folder(root / "pool", [f"cat{i}" for i in range(8)], per_class=6, size=(48, 40), seed=2)
+    raw = {
+        "architecture": "resnet18",
+        "data": {"format": "list", "root": str(root / "id"), "classes_file": "classes.txt", "train": "train.txt",
+                 "val": None, "val_from_train": {"fraction": 0.3}, "test": "test.txt",
+                 "holdout": {"num_id_classes": 3}, "num_workers": 0,
+                 "transforms": {"input_size": 32, "resize": 36}},
+        "outliers": {"root": str(root / "pool"), "outlier_resize": "resize_center_crop",
+                     "categories": {"test_fraction": 0.25, "val_fraction": 0.25}},
+        "batch_size": 8, "epochs": 1, "device": "cpu", "optimizer": {"lr": 0.01},
+        "baseline": {"epochs": 1, "optimizer": {"lr": 0.01}},
+        "evaluation": {"calibration_targets": [0.8, 0.9], "default_target": 0.9},
+        "output_dir": str(root / "runs"),
+        "export": {"repository": str(root / "repo"), "name": "tiny", "version": "1"},
+        "compare": {"splits": [0], "seeds": [0]},
+    }
+    path = root / "compare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow
+def test_compare_tables_every_method_under_every_score_and_exports_the_selected(compare_file: Path, capsys) -> None:
+    assert main(["compare", str(compare_file)]) == 0
+    out = compare_file.parent / "runs"
+    summary = json.loads((out / "compare.json").read_text())
+    rows = {(r["method"], r["score"]) for r in summary["table"]}
+    assert rows == {(m, s) for m in default_methods() for s in SCORES}
+    assert set(summary["paired"]) == {"fine", "coarse_pool"}  # validation sets are not test columns
+    selected = summary["selected"]
+    assert selected["criterion"] == max(
+        r["criterion"] for r in summary["table"]
+        if r["val_accuracy"] >= next(b["val_accuracy"] for b in summary["table"] if b["method"] == "baseline") - 0.02
+    )
+    bundle = load_bundle(Path(summary["bundle"]))
+    assert bundle.manifest.score.name == selected["score"]
+    assert bundle.manifest.training["method"] == default_methods()[selected["method"]].model_dump(mode="json")
+    printed = capsys.readouterr().out
+    assert f"**{selected['method']} / {selected['score']}**" in printed
+    assert (out / "compare.md").read_text().strip() in printed
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"compare": {"splits": [0], "sedes": [1]}}, "invalid configuration: compare.sedes: Extra inputs"),
+        ({"outliers": None, "compare": {}}, "methods ['energy-oe', 'mixoe-cutmix', 'mixoe-mixup', 'oe'] need an"),
+        ({"compare": {"methods": {"msp": {"name": "baseline"}}}, "outliers": None}, "compare needs validation outliers"),
+    ],
+)
+def test_compare_misuse_is_one_line_and_exit_2(
+    compare_file: Path, tmp_path: Path, capsys, change: dict, message: str
+) -> None:
+    raw = {**yaml.safe_load(compare_file.read_text()), **change}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert main(["compare", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mixoe: error: {message}")
+    assert err.count("\n") == 1
