@@ -58,10 +58,16 @@ class Run:
     top_ks: list[int]
 
     def __post_init__(self) -> None:
-        if not len(self.images) == len(self.points) == len(self.top_ks):
-            raise ValueError(
-                f"{len(self.images)} images but {len(self.points)} operating points and {len(self.top_ks)} top-k sizes"
-            )
+        problem = self.problem()
+        if problem is not None:
+            raise ValueError(problem)
+
+    def problem(self) -> str | None:
+        """What makes this run unusable, else ``None`` (checked again on arrival: unpickling
+        builds no dataclass through ``__init__``)."""
+        if len(self.images) == len(self.points) == len(self.top_ks):
+            return None
+        return f"{len(self.images)} images but {len(self.points)} operating points and {len(self.top_ks)} top-k sizes"
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,10 @@ class Call:
 
     @property
     def valid(self) -> bool:
-        return isinstance(self.number, int) and isinstance(self.request, REQUESTS)
+        """Whether the model process may take it (else it drops the connection)."""
+        if not (isinstance(self.number, int) and isinstance(self.request, REQUESTS)):
+            return False
+        return not (isinstance(self.request, Run) and self.request.problem())
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,13 @@ from fastapi.testclient import TestClient
 
 from models.runtime import Bundle
 from service.app import create_app
-from service.errors import DeadlineExceeded
+from service.errors import DeadlineExceeded, NotReady
 from service.inference import ModelRunner
 from service.local import log_entries
 from service.model_host import ModelHost, Task
 from service.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
 from service.model_process import ModelProcess, _receive
-from service.protocol import Failed, Judged, Ping, model_key
+from service.protocol import Call, Failed, Judged, Ping, model_key
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files, sample_value
 from tests.service.test_model_process import (
@@ -226,3 +226,20 @@ def test_a_model_process_that_fails_mid_batch_fails_the_batch_and_stops_the_serv
     assert answer.status_code in expected and answer.json()["code"] in {"not_ready", "model_timeout"}
     said = {"killed": "status -9", "hung": "stopped answering"}[fault]
     assert any("the model process" in e["message"] and said in e["message"] for e in log_entries(log))
+
+
+def test_a_call_the_model_process_cannot_take_drops_only_that_connection(
+    tiny: TinyModel, bundle: Bundle, model_process_in_threads: ModelHost
+) -> None:
+    """A run whose lists disagree (built past ``__init__``, as unpickling does) never reaches a
+    batch where it would fail the other workers' runs."""
+    good = run(bundle, crops(bundle, tiny, ROLES))
+    bad = run(bundle, crops(bundle, tiny, ROLES[:1]))
+    object.__setattr__(bad, "top_ks", [])
+    assert Call(1, bad).valid is False and Call(1, good).valid is True
+    sender, other = (ModelProcessClient.from_environment(timeout_s=BOUND_S) for _ in range(2))
+    sender.load(model_key(bundle))
+    other.load(model_key(bundle))
+    with pytest.raises(NotReady, match="not answering"):
+        sender.run(bad)
+    assert [verdict.accepted for verdict in other.run(good)] == [True, True, False]
