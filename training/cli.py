@@ -69,7 +69,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         if config.init_checkpoint is None:
             raise ValueError("finetune needs --init RUN_DIR (or init_checkpoint in the config): the run to start from")
         if "baseline" in config.model_fields_set:
-            log.info("the config's baseline section is for 'mixoe train'; fine-tuning uses the top-level epochs and optimizer")
+            log.info("the config's baseline section is for 'mixoe train'; finetune uses the top-level settings")
         trainer.train(config)
     elif args.command == "evaluate":
         values = {}

@@ -47,8 +47,8 @@ def _command(
     commands: argparse._SubParsersAction, name: str, summary: str, details: str, example: str
 ) -> argparse.ArgumentParser:
     return commands.add_parser(
-        name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.\n\n{details}", epilog=f"example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.\n\n{details}",
+        epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
 
@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         "mixoe finetune my.yaml --method mixoe --mix cutmix --init runs/base --output-dir runs/mixoe",
     )
     _config_arguments(finetune)
-    finetune.add_argument("--method", choices=METHODS, help="outlier-exposure method (default: the config's method.name)")
+    finetune.add_argument(
+        "--method", choices=METHODS, help="outlier-exposure method (default: the config's method.name)"
+    )
     finetune.add_argument("--mix", choices=("mixup", "cutmix"), help="MixOE variant (default: the config's method.mix)")
     finetune.add_argument("--init", type=Path, metavar="RUN_DIR", help="run directory to start from (its best weights)")
 
@@ -105,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         "mixoe calibrate runs/mixoe --targets 0.9 0.95 0.99 --score energy",
     )
     _run_arguments(calibrate)
-    calibrate.add_argument("--targets", type=float, nargs="+", metavar="T", help="ID acceptance targets, e.g. 0.9 0.95 0.99")
+    calibrate.add_argument(
+        "--targets", type=float, nargs="+", metavar="T", help="ID acceptance targets, e.g. 0.9 0.95 0.99"
+    )
     calibrate.add_argument("--score", metavar="NAME", help=f"OOD score to deploy: {', '.join(SCORES)}")
 
     export = _command(
@@ -114,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         "mixoe export runs/mixoe --repository models/repository --name mymodel --version 1",
     )
     _run_arguments(export)
-    export.add_argument("--repository", type=Path, help="model repository folder (default: the config's export.repository)")
+    export.add_argument(
+        "--repository", type=Path, help="model repository folder (default: the config's export.repository)"
+    )
     export.add_argument("--name", help="model name in the repository (default: the config's export.name)")
     export.add_argument("--version", help="model version (default: the config's export.version)")
     export.add_argument(

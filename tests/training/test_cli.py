@@ -288,7 +288,8 @@ def test_calibration_table_rounds_to_four_significant_digits() -> None:
         scores, 0.9, measured_id_acceptance=0.8916666666666667, ood_acceptance={"coarse": 0.123456789}
     )
     record = CalibrationRecord(
-        ScoreSpec.default("msp"), "fp32", "0" * 64, Calibration(scores=scores, operating_points=[point], default_target=0.9)
+        ScoreSpec.default("msp"), "fp32", "0" * 64,
+        Calibration(scores=scores, operating_points=[point], default_target=0.9),
     )
     lines = calibration_markdown(record).splitlines()
     assert lines[0] == "score: msp"
