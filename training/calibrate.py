@@ -29,6 +29,7 @@ from models.manifest import SCORE_STATE_FILE, Calibration, OperatingPoint, Score
 from models.nets import Precision
 from training.checkpoint import BEST_WEIGHTS, atomic_write
 from training.config import TrainConfig
+from training.report import markdown_table
 from training.scoring import ID_TEST, ID_TRAIN, ID_VAL, fit_score, run_logits
 
 CALIBRATION_JSON = "calibration.json"
@@ -99,6 +100,21 @@ def calibrate(config: TrainConfig) -> CalibrationRecord:
     )
     atomic_write(config.output_dir / CALIBRATION_JSON, lambda tmp: tmp.write_text(text))
     return record
+
+
+def calibration_markdown(record: CalibrationRecord) -> str:
+    """The operating points as a table: acceptances as percentages, the threshold to 4 digits."""
+    rows = []
+    for point in record.calibration.operating_points:
+        row = {
+            "target": point.target_id_acceptance, "threshold": point.threshold,
+            "k of n": f"{point.k} of {point.n_calibration}", "ID test accepted": point.measured_id_acceptance,
+        }
+        row.update({f"{name} accepted": share for name, share in point.ood_acceptance.items()})
+        rows.append(row)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    percent = [column for column in columns if column == "target" or column.endswith("accepted")]
+    return f"score: {record.score.name}\n\n" + markdown_table(rows, columns, percent=percent)
 
 
 def load_calibration(config: TrainConfig) -> CalibrationRecord:

@@ -11,9 +11,12 @@ Two kinds live in a run directory:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+log = logging.getLogger(__name__)
 LAST = "last.pt"
 BEST_WEIGHTS = "best.safetensors"
 BEST_INFO = "best.json"
@@ -85,3 +89,20 @@ def load_best_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"No trained weights in {run_dir} (expected {BEST_WEIGHTS}): train it first")
     return load_file(str(path))
+
+
+@contextmanager
+def removed_if_failed(run_dir: Path, enabled: bool = True) -> Iterator[None]:
+    """Remove ``run_dir`` if the block created it and failed before writing anything but ``config.yaml``.
+
+    A run that fails while starting (bad data, missing weights, an interrupt in the first epoch)
+    then leaves no directory that looks like a run; one that wrote a checkpoint keeps it, to resume.
+    """
+    existed = run_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if enabled and not existed and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
+            shutil.rmtree(run_dir)
+            log.debug("removed %s: the run failed before it wrote anything but its config", run_dir)
+        raise

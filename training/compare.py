@@ -30,7 +30,7 @@ from models.preprocess import EvalGeometry
 from training.calibrate import calibrate
 from training.checkpoint import atomic_write
 from training.compare_table import Record, markdown, paired_differences, select, summarize
-from training.config import MethodConfig, TrainConfig, apply_overrides, read_config_file, set_dotted
+from training.config import MethodConfig, TrainConfig, read_raw, validated
 from training.data import ImageDataset, Sample
 from training.evaluate import evaluate
 from training.experiment import load_experiment_data
@@ -79,10 +79,7 @@ class _CompareFile(TrainConfig):
 def load_compare_config(path: Path, overrides: list[str] = (), values: dict[str, Any] | None = None
                         ) -> tuple[TrainConfig, CompareConfig]:
     """The file's run settings and its ``compare`` section (``--set compare.seeds=[0,1]`` works too)."""
-    raw = apply_overrides(read_config_file(path), list(overrides))
-    for key, value in (values or {}).items():
-        raw = set_dotted(raw, key, value)
-    whole = _CompareFile.model_validate(raw)
+    whole = validated(_CompareFile, read_raw(path, overrides, values))
     compare = whole.compare
     needing = sorted(label for label, method in compare.methods.items() if method.name != "baseline")
     if needing and whole.outliers is None:

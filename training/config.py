@@ -1,19 +1,27 @@
 """Typed run configuration, read from YAML or TOML and overridden by command-line flags.
 
 One pydantic model per concern; unknown keys are errors so that a typo never silently falls back
-to a default. The resolved configuration is saved in the run directory.
+to a default, and names (architecture, pretrained weights, score, method, optimizer) are checked
+against their registries as soon as the file is read, before any data is loaded. The resolved
+configuration is saved in the run directory.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.nets import get_architecture
 from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from models.scores import get_score
+from models.weights import check_pretrained
+from training.config_errors import ConfigError, explain
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -186,6 +194,13 @@ class EvaluationConfig(_Strict):
     paper_protocol: bool = Field(False, description="also report the MixOE paper's balanced 10-draw protocol")
     batch_size: int = Field(64, ge=1)
 
+    @field_validator("score")
+    @classmethod
+    def _known_score(cls, name: str | None) -> str | None:
+        if name is not None:
+            get_score(name)
+        return name
+
     @model_validator(mode="after")
     def _default_is_a_target(self) -> "EvaluationConfig":
         if self.default_target not in self.calibration_targets:
@@ -238,6 +253,17 @@ class TrainConfig(_Strict):
             return self.evaluation.score
         return "energy" if self.method.name == "energy-oe" else "msp"
 
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, name: str) -> str:
+        get_architecture(name)
+        return name
+
+    @model_validator(mode="after")
+    def _known_weights(self) -> "TrainConfig":
+        check_pretrained(self.architecture, self.pretrained)
+        return self
+
     @model_validator(mode="after")
     def _outliers_when_needed(self) -> "TrainConfig":
         if self.method.name != "baseline" and self.outliers is None:
@@ -279,7 +305,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: Path | None, overrides: list[str] = (), values: dict[str, Any] | None = None) -> TrainConfig:
+def read_raw(path: Path | None, overrides: list[str] = (), values: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config file, then ``--set`` overrides (YAML-parsed), then ``values`` taken as they are.
 
     ``values`` carries command-line flags such as ``--output-dir``: a path or a version like ``1``
@@ -288,7 +314,23 @@ def load_config(path: Path | None, overrides: list[str] = (), values: dict[str, 
     raw = apply_overrides(read_config_file(path) if path is not None else {}, list(overrides))
     for key, value in (values or {}).items():
         raw = set_dotted(raw, key, value)
-    return TrainConfig.model_validate(raw)
+    return raw
+
+
+def validated(model: type[Model], raw: dict[str, Any]) -> Model:
+    """``raw`` as a ``model``; a mistake is a :class:`ConfigError` with a one-line explanation."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(explain(model, error)) from error
+
+
+def load_config(path: Path | None, overrides: list[str] = (), values: dict[str, Any] | None = None) -> TrainConfig:
+    """A run's config from the file, ``--set`` overrides and flag ``values`` (:func:`read_raw`)."""
+    raw = read_raw(path, overrides, values)
+    if "compare" in raw:
+        raise ConfigError("the 'compare' section is read by 'mixoe compare' only: use that command or remove it")
+    return validated(TrainConfig, raw)
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

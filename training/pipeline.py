@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from training.calibrate import calibrate
+from training.checkpoint import removed_if_failed
 from training.config import MethodConfig, TrainConfig, save_config
 from training.distributed import distributed_session
 from training.evaluate import evaluate
@@ -27,18 +28,24 @@ log = logging.getLogger(__name__)
 STATE = "pipeline.json"
 
 
-def stage_configs(config: TrainConfig) -> tuple[TrainConfig, TrainConfig | None]:
-    """The baseline stage's config and, unless the method is the baseline itself, the fine-tune's."""
-    root = config.output_dir
-    baseline = config.model_copy(
+def baseline_config(config: TrainConfig, output_dir: Path) -> TrainConfig:
+    """The cross-entropy stage of ``config``: its ``baseline`` section's epochs and optimizer
+    (the top-level ones belong to the fine-tune), written to ``output_dir``."""
+    return config.model_copy(
         update={
             "method": MethodConfig(name="baseline"),
             "epochs": config.baseline.epochs,
             "optimizer": config.baseline.optimizer,
             "init_checkpoint": None,
-            "output_dir": root / "baseline",
+            "output_dir": output_dir,
         }
     )
+
+
+def stage_configs(config: TrainConfig) -> tuple[TrainConfig, TrainConfig | None]:
+    """The baseline stage's config and, unless the method is the baseline itself, the fine-tune's."""
+    root = config.output_dir
+    baseline = baseline_config(config, root / "baseline")
     if config.method.name == "baseline":
         return baseline, None
     finetune = config.model_copy(update={"init_checkpoint": root / "baseline", "output_dir": root / "finetune"})
@@ -62,7 +69,7 @@ def run_pipeline(config: TrainConfig) -> Path | None:
     done: dict[str, str] = json.loads(state_path.read_text()) if state_path.is_file() else {}
     baseline, finetune = stage_configs(config)
     final = finetune or baseline
-    with distributed_session(config.device) as ctx:
+    with distributed_session(config.device) as ctx, removed_if_failed(root, ctx.is_main):
         if ctx.is_main:  # under torchrun, rank 0 alone writes
             root.mkdir(parents=True, exist_ok=True)
             save_config(config, root / "config.yaml")

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from models.bundle import sha256_file
 from models.feature_scores import FitData
@@ -77,8 +79,9 @@ def assessment_sets(config: TrainConfig) -> dict[str, list[Sample]]:
 
 def collect_logits(
     model: Classifier, samples: list[Sample], preprocessing: Preprocessing, device: torch.device,
-    precision: Precision, batch_size: int, workers: int,
+    precision: Precision, batch_size: int, workers: int, description: str = "",
 ) -> SetLogits:
+    """Outputs of ``samples`` at ``precision``; a progress bar on a terminal (stderr), labelled ``description``."""
     dataset = ImageDataset(samples, EvalTransform(preprocessing))
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_bad,
@@ -87,7 +90,7 @@ def collect_logits(
     cuda = device.type == "cuda"
     model.eval().to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
     logits, features, labels = [], [], []
-    for batch in loader:
+    for batch in tqdm(loader, desc=description, leave=False, disable=not sys.stderr.isatty()):
         if batch is None:
             continue
         images, targets = batch
@@ -198,7 +201,8 @@ def run_logits(config: TrainConfig) -> RunLogits:
     model.load_state_dict(load_best_weights(run_dir))
     logits = {
         name: collect_logits(
-            model, samples, preprocessing, device, precision, config.evaluation.batch_size, config.data.num_workers
+            model, samples, preprocessing, device, precision, config.evaluation.batch_size, config.data.num_workers,
+            description=name,
         )
         for name, samples in sets.items()
     }

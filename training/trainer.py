@@ -37,11 +37,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from models.nets import build_network
+from models.weights import pretrained_file
 from models.preprocess import Normalization
 from training.checkpoint import (
     load_best_weights,
     load_training_state,
     remove_partial_writes,
+    removed_if_failed,
     save_best,
     save_training_state,
     unwrap,
@@ -124,9 +126,14 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
 
 
+def _imagenet_weights(config: TrainConfig) -> str | None:
+    """The ``pretrained`` weights this stage loads: none when it starts from another run's."""
+    return None if config.init_checkpoint else config.pretrained
+
+
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     """Pretrained backbone + fresh head, or (fine-tuning) a previous run's best weights."""
-    pretrained = None if config.init_checkpoint else config.pretrained
+    pretrained = _imagenet_weights(config)
     if pretrained is None and config.init_checkpoint is None:
         log.warning("no pretrained weights configured: %s starts from random initialisation", config.architecture)
     model = build_network(config.architecture, num_classes, pretrained)
@@ -233,7 +240,7 @@ def _outlier_batches(loader: DataLoader, seed: int, epoch: int) -> Iterator[Tens
 
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) one training stage described by ``config``; returns its best accuracy."""
-    with distributed_session(config.device) as ctx:
+    with distributed_session(config.device) as ctx, removed_if_failed(config.output_dir, ctx.is_main):
         return _train(config, ctx)
 
 
@@ -247,6 +254,8 @@ def config_fingerprint(config: TrainConfig) -> str:
 
 def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
     run_dir = config.output_dir
+    if _imagenet_weights(config) is not None:  # found (or downloaded) before any data is read
+        pretrained_file(config.architecture, _imagenet_weights(config))
     state = load_training_state(run_dir)
     fingerprint = config_fingerprint(config)
     if state is not None and state.get("config_sha256") != fingerprint:

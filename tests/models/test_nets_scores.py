@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from models.nets import ARCHITECTURES, build_network, offline_mobilenet_v2_weights
+from models.nets import ARCHITECTURES, build_network
 from models.scores import SCORES, get_score
+from models.weights import offline_mobilenet_v2_weights
 
 CONFIDENT = torch.tensor([[12.0, 0.0, 0.0, 0.0]])
 FLAT = torch.zeros(1, 4)

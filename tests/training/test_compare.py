@@ -99,7 +99,8 @@ def test_compare_tables_every_method_under_every_score_and_exports_the_selected(
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"compare": {"splits": [0], "sedes": [1]}}, "invalid configuration: compare.sedes: Extra inputs"),
+        ({"compare": {"splits": [0], "sedes": [1]}},
+         "invalid configuration: unknown key 'compare.sedes' (did you mean 'compare.seeds'?)"),
         ({"outliers": None, "compare": {}}, "methods ['energy-oe', 'mixoe-cutmix', 'mixoe-mixup', 'oe'] need an"),
         ({"compare": {"methods": {"msp": {"name": "baseline"}}}, "outliers": None}, "compare needs validation outliers"),
     ],
