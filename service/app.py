@@ -13,7 +13,7 @@ from service.context import ServiceContext
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
 from service.openapi import complete_openapi
-from service.routes import drift, ops, predict, v2
+from service.routes import docs, drift, ops, page, predict, v2
 from service.settings import Settings
 from service.startup import StartupFailureMiddleware
 
@@ -36,6 +36,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="MixOE OOD-aware image classification",
         summary="Class, OOD score and accept/reject per image; Open Inference Protocol; Prometheus metrics.",
         lifespan=lifespan,
+        docs_url=None,  # service.routes.docs serves them from local files
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.context = None
@@ -48,5 +50,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.infer_router)
     app.include_router(drift.router)
     app.include_router(ops.router)
+    app.include_router(page.router)
+    app.include_router(docs.router)
+    app.mount(page.STATIC_URL, page.static_files(), name="static")
+    app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
     complete_openapi(app, api_keys=bool(settings.api_keys))
     return app
