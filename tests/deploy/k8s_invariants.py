@@ -9,12 +9,18 @@ flight, then the batch queues, each up to ``MIXOE_SHUTDOWN_TIMEOUT_S``), the Doc
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tests.deploy.kustomize import split_image
+from tests.deploy.kustomize import render, split_image
 from tests.deploy.promql import ROOT
+
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+DEPLOYMENTS = {"overlays/gpu": 1, "overlays/cpu": 0, "kserve": 1}
+"""The kustomizations that deploy the service, with the GPUs each gives a pod."""
 
 SERVICE_PORT = 8000
 READY, LIVE = "/v2/health/ready", "/v2/health/live"
@@ -22,6 +28,16 @@ STARTUP_BUDGET_S = 180  # the Dockerfile HEALTHCHECK's start period: a cold node
 SERVER_READ_WINDOW_S = 0.5  # service.server reads requests this long after SIGTERM
 AUTOSCALING_METRIC = "mixoe_queue_depth_avg1m"
 GPU = "nvidia.com/gpu"
+
+
+@functools.cache
+def _rendered(kustomization: str) -> tuple[dict, ...]:
+    return tuple(render(KUBERNETES / kustomization))
+
+
+def objects_of(kustomization: str) -> list[dict]:
+    """The objects ``deploy/kubernetes/<kustomization>`` renders to, a fresh copy to change at will."""
+    return copy.deepcopy(list(_rendered(kustomization)))
 
 
 def image_user() -> int:
@@ -184,26 +200,26 @@ def _selects(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
 
 
+_POD_SELECTORS = {  # where each kind keeps the labels of the pods it reaches
+    "Service": lambda spec: spec.get("selector"),
+    "PodDisruptionBudget": lambda spec: spec.get("selector", {}).get("matchLabels"),
+    "NetworkPolicy": lambda spec: spec.get("podSelector", {}).get("matchLabels"),
+    "PodMonitor": lambda spec: spec.get("selector", {}).get("matchLabels"),
+}
+
+
 def check_selectors(objects: list[dict]) -> list[str]:
-    """The Service, the disruption budget, the network policy and the monitors reach the pods."""
-    problems = []
-    pods = list(servers(objects))
+    """The Service, the disruption budget, the network policy and the monitors reach the pods;
+    the network policy opens the service's port and no other."""
+    problems, pods = [], list(servers(objects))
     for manifest in objects:
-        kind, spec = manifest["kind"], manifest.get("spec", {})
-        selector = {
-            "Service": spec.get("selector"),
-            "PodDisruptionBudget": spec.get("selector", {}).get("matchLabels"),
-            "NetworkPolicy": spec.get("podSelector", {}).get("matchLabels"),
-            "PodMonitor": spec.get("selector", {}).get("matchLabels"),
-        }.get(kind, {})
-        if kind in ("Service", "PodDisruptionBudget", "NetworkPolicy", "PodMonitor") and not all(
-            _selects(selector, pod.pod_labels) for pod in pods
-        ):
-            problems.append(f"{kind}/{manifest['metadata']['name']} does not select every server pod")
+        kind, spec, name = manifest["kind"], manifest.get("spec", {}), manifest["metadata"]["name"]
+        if kind in _POD_SELECTORS and not all(_selects(_POD_SELECTORS[kind](spec), pod.pod_labels) for pod in pods):
+            problems.append(f"{kind}/{name} does not select every server pod")
         if kind == "NetworkPolicy":
-            ports = [port for rule in spec.get("ingress", []) for port in rule.get("ports", [])]
-            if not ports or any(port.get("port") != SERVICE_PORT for port in ports):
-                problems.append(f"NetworkPolicy/{manifest['metadata']['name']} must admit port {SERVICE_PORT} only")
+            rules = spec.get("ingress", [])
+            if not rules or any([p.get("port") for p in r.get("ports", [])] != [SERVICE_PORT] for r in rules):
+                problems.append(f"NetworkPolicy/{name} must admit port {SERVICE_PORT} only")
     return problems
 
 

@@ -12,9 +12,7 @@ from tests.deploy.promql import ROOT
 from tests.deploy.tools import run_tool
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
-KUSTOMIZATIONS = sorted(
-    str(path.parent.relative_to(KUBERNETES)) for path in KUBERNETES.rglob("kustomization.yaml")
-)
+KUSTOMIZATIONS = sorted(str(path.parent.relative_to(KUBERNETES)) for path in KUBERNETES.rglob("kustomization.yaml"))
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
