@@ -3,6 +3,7 @@ check notices its invariant being broken, and the KServe variant runs what the D
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -150,3 +151,21 @@ def test_monitoring_gives_the_job_the_alert_rules_expect() -> None:
     (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": job}]
     assert endpoint["port"] in {p["name"] for p in _server(objects_of("kserve")).container["ports"]}
+
+
+@pytest.mark.parametrize("kustomization", DEPLOYMENTS)
+def test_the_service_accepts_the_settings(kustomization: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ConfigMap variable names a setting (the service ignores unknown MIXOE_* variables, so a
+    typo would silently leave the default) with a value the service accepts (or every pod stops)."""
+    from service.settings import Settings  # imports torch: only here
+
+    variables = inv.settings(objects_of(kustomization))
+    assert {name.removeprefix("MIXOE_").lower() for name in variables} <= set(Settings.model_fields)
+    for name in [name for name in os.environ if name.upper().startswith("MIXOE_")]:
+        monkeypatch.delenv(name)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert str(settings.model_repository) == "/models"
+    assert settings.shutdown_timeout_s == float(variables["MIXOE_SHUTDOWN_TIMEOUT_S"])
+    assert settings.device == ("cuda" if DEPLOYMENTS[kustomization] else "cpu")
