@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -24,11 +24,13 @@ from models.conformal import conformal_threshold
 from models.nets import Precision, get_architecture
 from models.preprocess import Preprocessing
 from models.scores import get_score
+from models.selective import binomial_cdf
 
-# Schema 2 added ScoreSpec.k and Manifest.score_state_sha256 (feature-space scores); both have
-# defaults that describe a schema-1 bundle, so those still load.
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS = (1, SCHEMA_VERSION)
+# Schema 2 added ScoreSpec.k and Manifest.score_state_sha256 (feature-space scores); schema 3
+# added Manifest.selective (risk-controlled confidence thresholds). Each has a default that
+# describes an older bundle, so those still load.
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, SCHEMA_VERSION)
 WEIGHTS_FILE = "weights.safetensors"
 SCORE_STATE_FILE = "score_state.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -146,6 +148,63 @@ class Calibration(_Strict):
         return self
 
 
+class RiskLevel(_Strict):
+    """A confidence threshold certified for one maximum error rate (:mod:`models.selective`):
+    among ID images with confidence >= ``confidence_threshold``, at most ``max_risk`` are
+    misclassified, with probability >= 1 - delta over the calibration draw."""
+
+    max_risk: float = Field(gt=0, lt=1)
+    confidence_threshold: float = Field(ge=0, le=1)
+    n_accepted: int = Field(ge=1, description="calibration images at or above the threshold")
+    errors: int = Field(ge=0, description="misclassified calibration images among them")
+    measured_coverage: float | None = Field(None, ge=0, le=1, description="share of ID test images accepted")
+    measured_risk: float | None = Field(None, ge=0, le=1, description="error rate among the accepted ID test images")
+
+
+class UnsupportedRisk(_Strict):
+    """A requested maximum risk the calibration data could not certify, and why."""
+
+    max_risk: float = Field(gt=0, lt=1)
+    reason: str
+
+
+class SelectiveCalibration(_Strict):
+    """Risk-controlled abstention: confidence thresholds certified by Learn then Test on labelled
+    ID calibration images. The confidence is the max softmax probability at temperature 1 (the
+    ``probability`` an answer carries), whatever OOD score the bundle deploys."""
+
+    confidence: Literal["max_softmax"] = "max_softmax"
+    delta: float = Field(gt=0, lt=1, description="chance that a certified risk level does not hold")
+    n_calibration: int = Field(ge=1)
+    risk_levels: list[RiskLevel] = Field(default_factory=list)
+    default_max_risk: float | None = None
+    unsupported: list[UnsupportedRisk] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SelectiveCalibration:
+        risks = [level.max_risk for level in self.risk_levels]
+        if len(set(risks)) != len(risks):
+            raise ValueError(f"risk levels must be distinct, got {risks}")
+        if self.default_max_risk is not None and self.default_max_risk not in risks:
+            raise ValueError(f"default_max_risk {self.default_max_risk} is not one of the risk levels {risks}")
+        for level in self.risk_levels:
+            if not level.errors <= level.n_accepted <= self.n_calibration:
+                raise ValueError(
+                    f"risk level {level.max_risk}: need errors <= n_accepted <= n_calibration, got "
+                    f"{level.errors}, {level.n_accepted}, {self.n_calibration}"
+                )
+            if binomial_cdf(level.errors, level.n_accepted, level.max_risk) > self.delta:
+                raise ValueError(
+                    f"risk level {level.max_risk}: {level.errors} errors in {level.n_accepted} images do not "
+                    f"certify it at delta {self.delta}"
+                )
+        return self
+
+    def level(self, max_risk: float) -> RiskLevel | None:
+        """The risk level calibrated for ``max_risk`` (to 1e-9), or ``None``."""
+        return next((level for level in self.risk_levels if abs(level.max_risk - max_risk) <= 1e-9), None)
+
+
 class Manifest(_Strict):
     """Everything needed to rebuild, run and trust a model, stored as ``manifest.json``."""
 
@@ -167,6 +226,7 @@ class Manifest(_Strict):
     score_state_sha256: str = Field(
         "", pattern=r"^([0-9a-f]{64})?$", description=f"sha256 of {SCORE_STATE_FILE}; empty for logit scores"
     )
+    selective: SelectiveCalibration | None = Field(None, description="risk-controlled abstention; None before schema 3")
 
     @field_validator("created_at")
     @classmethod
@@ -191,4 +251,6 @@ class Manifest(_Strict):
             raise ValueError(f"num_classes={self.num_classes} but {len(self.class_names)} class_names")
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names must be distinct")
+        if self.selective is not None and self.schema_version < 3:
+            raise ValueError(f"selective needs schema_version 3 or later, got {self.schema_version}")
         return self

@@ -42,6 +42,7 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     INVALID_TOP_K = "invalid_top_k"
     UNKNOWN_OPERATING_POINT = "unknown_operating_point"
+    UNKNOWN_MAX_RISK = "unknown_max_risk"
     UNKNOWN_OUTPUT = "unknown_output"
     UNKNOWN_MODEL = "unknown_model"
     FILENAME_TOO_LONG = "filename_too_long"
@@ -84,7 +85,8 @@ class PayloadTooLarge(InvalidInput):
 
 
 class InvalidParameter(InvalidInput):
-    """A well-formed request asking for something this model does not have (top_k, operating point)."""
+    """A well-formed request asking for something this model does not have (top_k, operating point,
+    risk level)."""
 
 
 class ModelNotFound(ServiceError):

@@ -3,6 +3,10 @@
 A batch mixes requests that asked for different operating points and top-k sizes, so the model
 runs once and each image is then judged against its own threshold with the bundle's rule (accepted
 when ``score <= threshold``; scores are higher for more OOD inputs, see ``models.scores``).
+
+The risk level (``models.selective``) needs only a verdict's ``probability``, so the request path
+applies it to the finished verdicts (:meth:`ImageVerdict.at_risk`): batches, and the model process,
+never carry it.
 """
 
 from __future__ import annotations
@@ -10,14 +14,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 import torch
 from torch import Tensor
 
 from models.manifest import BundleError, OperatingPoint
+from models.manifest import RiskLevel
 from models.runtime import Bundle, PendingLogits
+from models.selective import Decision, decide
 
 logger = logging.getLogger("mixoe.inference")
 
@@ -47,6 +53,19 @@ class ImageVerdict:
     threshold: float
     target_id_acceptance: float
     accepted: bool
+    max_risk: float | None = None  # the risk level judged at (at_risk); None: accept/reject only
+    confidence_threshold: float | None = None
+
+    def at_risk(self, level: RiskLevel | None) -> ImageVerdict:
+        """This verdict judged at risk level ``level`` (``None``: none, accept or reject only)."""
+        if level is None:
+            return replace(self, max_risk=None, confidence_threshold=None)
+        return replace(self, max_risk=level.max_risk, confidence_threshold=level.confidence_threshold)
+
+    @property
+    def decision(self) -> Decision:
+        """``reject`` (OOD), ``uncertain`` (looks ID, but below the risk level's confidence) or ``accept``."""
+        return decide(self.accepted, self.probability, self.confidence_threshold)
 
     @property
     def finite(self) -> bool:

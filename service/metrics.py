@@ -6,6 +6,8 @@ HTTP method or ``other``: see :mod:`service.access`), never file names or reques
 ``operating_point`` label values are the target ID acceptance as text, e.g. ``"0.95"``
 (:func:`operating_point_label`).
 
+``decision`` is ``accepted``, ``uncertain`` (looks in-distribution, but below the confidence the
+request's risk level needs: ``models.selective``) or ``rejected`` (OOD).
 The rejection rate is ``mixoe_predictions_total{decision="rejected"}`` over all predictions; its
 calibrated expectation is ``mixoe_expected_rejection_ratio`` (= 1 - target ID acceptance) for the
 same operating point, so a dashboard can plot one against the other and alert on drift.
@@ -36,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metr
 from prometheus_client.registry import Collector
 
 from models.manifest import Manifest
+from models.selective import Decision
 from service.inference import padded_batch_sizes
 
 _CALIBRATION_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
@@ -47,6 +50,7 @@ _OPERATING_POINT_LABELS = ("model", "version", "operating_point")
 _REQUEST_LABELS = ("route", "method", "status")  # the order service.access passes them in
 MULTIPROCESS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 _LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
+_DECISION_LABELS: dict[Decision, str] = {"accept": "accepted", "uncertain": "uncertain", "reject": "rejected"}
 
 
 def operating_point_label(target_id_acceptance: float) -> str:
@@ -145,7 +149,8 @@ class ServiceMetrics:
             self.registry.register(_WorkersCollector(shared))
         self.predictions = Counter(
             "mixoe_predictions_total",
-            "Images classified, by accept/reject decision (OOD score above threshold = rejected).",
+            "Images classified, by decision: accepted, uncertain (below the risk level's confidence) or "
+            "rejected (OOD score above threshold).",
             ["model", "version", "operating_point", "decision"],
             registry=registry,
         )
@@ -237,10 +242,9 @@ class ServiceMetrics:
             self.threshold.labels(name, version, label).set(point.threshold)
             self.expected_rejection_ratio.labels(name, version, label).set(round(1.0 - point.target_id_acceptance, 12))
 
-    def record_prediction(self, model: str, version: str, target: float, score: float, accepted: bool) -> None:
-        """Count one classified image and observe its OOD score."""
-        decision = "accepted" if accepted else "rejected"
-        self.predictions.labels(model, version, operating_point_label(target), decision).inc()
+    def record_prediction(self, model: str, version: str, target: float, score: float, decision: Decision) -> None:
+        """Count one classified image by its decision and observe its OOD score."""
+        self.predictions.labels(model, version, operating_point_label(target), _DECISION_LABELS[decision]).inc()
         self.ood_score.labels(model, version).observe(score)
 
     def record_drift(self, model: str, version: str, log10_martingale: float, alarm: bool) -> None:

@@ -48,6 +48,7 @@ OUTPUTS: dict[str, OutputSpec] = {
     "ood_score": OutputSpec("FP32", lambda verdict: verdict.score),
     "p_value": OutputSpec("FP32", lambda verdict: verdict.p_value),
     "accepted": OutputSpec("BOOL", lambda verdict: verdict.accepted),
+    "decision": OutputSpec("BYTES", lambda verdict: verdict.decision),
 }
 
 _NUMPY_TYPES = {"INT64": "<i8", "FP32": "<f4", "BOOL": "?"}
@@ -56,7 +57,7 @@ _NUMPY_TYPES = {"INT64": "<i8", "FP32": "<f4", "BOOL": "?"}
 MAX_DIMENSIONS = 8
 """Most dimensions an input shape may have; the image tensor is ``[N]`` (tritonclient), rarely ``[1, N]``."""
 MAX_TENSORS = 32
-"""Most inputs, and most requested outputs, in one request (the model has one input and six outputs)."""
+"""Most inputs, and most requested outputs, in one request (the model has one input and seven outputs)."""
 MAX_PARAMETERS = 32
 MAX_NAME_LENGTH = 256
 MAX_PARAMETER_LENGTH = 1024
@@ -122,6 +123,7 @@ class InferCall:
     images: list[bytes]
     operating_point: float | None
     outputs: list[tuple[str, bool]]  # (output name, send as binary)
+    max_risk: float | None = None
 
 
 def parse_infer_request(body: bytes, header_length: int | None, *, max_images: int) -> InferCall:
@@ -139,7 +141,10 @@ def parse_infer_request(body: bytes, header_length: int | None, *, max_images: i
         raise InvalidInput(
             ErrorCode.INVALID_TENSOR, f"{len(tail) - used} bytes of binary data after the tensors belong to no input"
         )
-    return InferCall(request.id, images, _operating_point(request.parameters), _requested_outputs(request))
+    return InferCall(
+        request.id, images, _number_parameter(request.parameters, "operating_point", "0.95"),
+        _requested_outputs(request), _number_parameter(request.parameters, "max_risk", "0.05"),
+    )
 
 
 def _problems(error: ValidationError, shown: int = 3) -> str:
@@ -232,8 +237,9 @@ def _from_base64(element: Any, index: int) -> bytes:
         ) from None
 
 
-def _operating_point(parameters: dict[str, Any]) -> float | None:
-    value = parameters.get("operating_point")
+def _number_parameter(parameters: dict[str, Any], name: str, example: str) -> float | None:
+    """Request parameter ``name`` as a number (``None`` when absent), or a 422 showing ``example``."""
+    value = parameters.get(name)
     if value is None:
         return None
     if isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -242,7 +248,7 @@ def _operating_point(parameters: dict[str, Any]) -> float | None:
         except ValueError:  # "high"
             pass
     raise InvalidParameter(
-        ErrorCode.INVALID_REQUEST, f"parameter operating_point must be a number such as 0.95, got {value!r}"
+        ErrorCode.INVALID_REQUEST, f"parameter {name} must be a number such as {example}, got {value!r}"
     )
 
 

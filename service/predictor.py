@@ -70,9 +70,11 @@ class Predictor:
         operating_point: float | None,
         top_k: int | None,
         ticket: Ticket,
+        max_risk: float | None = None,
     ) -> list[ImageVerdict]:
-        """Verdicts for ``uploads``, in order; ``ticket`` (the request's admission) holds every image
-        before any is decoded."""
+        """Verdicts for ``uploads``, in order, judged at risk level ``max_risk`` (``None``: the
+        model's default, if any); ``ticket`` (the request's admission) holds every image before any
+        is decoded."""
         if not uploads:
             raise InvalidInput(ErrorCode.NO_FILES, "the request holds no images")
         if len(uploads) > self._settings.max_files:
@@ -81,6 +83,7 @@ class Predictor:
                 f"{len(uploads)} images in one request; the limit is {self._settings.max_files}",
             )
         point = model.operating_point(operating_point)
+        risk = model.risk_level(max_risk)
         k = resolve_top_k(top_k, len(model.class_names))
         ticket.hold(len(uploads))
         images = await self._prepare(model, uploads, send_jpeg=model.sends_jpeg)
@@ -93,11 +96,11 @@ class Predictor:
             again = await model.batcher.submit([ImageJob(crop, point, k) for crop in crops])
             for row, verdict in zip(refused, again, strict=True):
                 verdicts[row] = verdict
-        decided = cast(list[ImageVerdict], verdicts)
+        decided = [verdict.at_risk(risk) for verdict in cast(list[ImageVerdict], verdicts)]
         _check_finite(model, uploads, decided)
         for verdict in decided:
             self._metrics.record_prediction(
-                model.name, model.version, verdict.target_id_acceptance, verdict.score, verdict.accepted
+                model.name, model.version, verdict.target_id_acceptance, verdict.score, verdict.decision
             )
         if self._drift is not None:
             self._drift.observe(model.name, model.version, [verdict.score for verdict in decided])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.index import find_bundles, latest_version
-from models.manifest import BundleError, OperatingPoint
+from models.manifest import BundleError, OperatingPoint, RiskLevel
 from models.runtime import Bundle
 from service.batcher import MicroBatcher
 from service.errors import ErrorCode, InvalidParameter, ModelNotFound
@@ -88,6 +88,24 @@ class LoadedModel:
             ErrorCode.UNKNOWN_OPERATING_POINT,
             f"model {self.name}:{self.version} has no operating point {target:g}; available: {available}",
         )
+
+
+    def risk_level(self, max_risk: float | None) -> RiskLevel | None:
+        """The risk level for ``max_risk`` (``None``: the bundle's default, if it has one), or a
+        422 listing the calibrated ones."""
+        selective = self.bundle.manifest.selective
+        if max_risk is None:
+            return None if selective is None or selective.default_max_risk is None else selective.level(
+                selective.default_max_risk
+            )
+        level = None if selective is None else selective.level(max_risk)
+        if level is None:
+            calibrated = ", ".join(f"{level.max_risk:g}" for level in selective.risk_levels) if selective else ""
+            raise InvalidParameter(
+                ErrorCode.UNKNOWN_MAX_RISK,
+                f"model {self.name}:{self.version} has no risk level {max_risk:g}; calibrated: {calibrated or 'none'}",
+            )
+        return level
 
 
 class ModelRegistry:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -28,6 +30,18 @@ class ImagePrediction(BaseModel):
     operating_point: float = Field(description="Target share of in-distribution images accepted, e.g. 0.95.")
     p_value: float = Field(description="Conformal p-value: share of calibration ID images at least as OOD-looking.")
     accepted: bool = Field(description="ood_score <= threshold: the image looks in-distribution.")
+    decision: Literal["accept", "uncertain", "reject"] = Field(
+        description="reject: OOD (not accepted); uncertain: looks in-distribution but its probability is below "
+        "the risk level's confidence_threshold, so it is likely misclassified at max_risk; accept: otherwise. "
+        "Without a risk level only accept or reject."
+    )
+    max_risk: float | None = Field(
+        description="Risk level used: accepted answers are misclassified at most this often (docs/selective.md); "
+        "null when none."
+    )
+    confidence_threshold: float | None = Field(
+        description="Smallest probability accepted at max_risk; null when no risk level is used."
+    )
 
 
 class PredictResponse(BaseModel):
@@ -70,13 +84,20 @@ class OperatingPointInfo(BaseModel):
     n_calibration: int
 
 
+class RiskLevelInfo(BaseModel):
+    max_risk: float
+    confidence_threshold: float
+
+
 class ModelParameters(BaseModel):
-    """What a client needs beyond the tensors: classes, score convention, operating points."""
+    """What a client needs beyond the tensors: classes, score convention, operating points, risk levels."""
 
     class_names: list[str]
     score: str
     default_operating_point: float
     operating_points: list[OperatingPointInfo]
+    default_max_risk: float | None = Field(description="Risk level answers use unless a request sets max_risk.")
+    risk_levels: list[RiskLevelInfo] = Field(description="Calibrated risk levels a request may pick as max_risk.")
 
 
 class DriftStatus(BaseModel):

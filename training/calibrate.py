@@ -13,11 +13,18 @@ A feature-space score (``knn``, ``mahalanobis``) is fitted on the ID training fe
 its state is saved beside ``calibration.json`` as ``score_state.safetensors`` (its sha256 and
 what it was fitted on, ``score_fit``, in the JSON), and ``mixoe export`` ships exactly that state
 with the thresholds calibrated on it.
+
+Labelled ID validation images also certify confidence thresholds for selective classification
+(:mod:`models.selective`, Learn then Test): for each maximum risk epsilon, answers whose max
+softmax probability falls below the threshold are marked ``uncertain``, so that the error rate
+among the rest stays <= epsilon with probability >= 1 - ``risk_delta``. A risk the data cannot
+certify is skipped, with its reason stored in the calibration (and a warning logged).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,14 +32,24 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from models.bundle import sha256_file
-from models.manifest import SCORE_STATE_FILE, Calibration, OperatingPoint, ScoreSpec
+from models.manifest import (
+    SCORE_STATE_FILE,
+    Calibration,
+    OperatingPoint,
+    RiskLevel,
+    ScoreSpec,
+    SelectiveCalibration,
+    UnsupportedRisk,
+)
 from models.nets import Precision
+from models.selective import UnsupportedRiskError, selective_threshold
 from training.checkpoint import BEST_WEIGHTS, atomic_write
-from training.config import TrainConfig
+from training.config import EvaluationConfig, TrainConfig
 from training.report import markdown_table
-from training.scoring import ID_TEST, ID_TRAIN, ID_VAL, fit_score, run_logits
+from training.scoring import ID_TEST, ID_TRAIN, ID_VAL, SetLogits, confidences, fit_score, misclassified, run_logits
 
 CALIBRATION_JSON = "calibration.json"
+logger = logging.getLogger("mixoe.calibrate")
 
 
 @dataclass(frozen=True)
@@ -45,11 +62,50 @@ class CalibrationRecord:
     calibration: Calibration
     state: dict[str, Tensor] = field(default_factory=dict)  # the score's fitted state; {} for logit scores
     score_fit: dict[str, int | None] | None = None  # what the state was fitted on; None for logit scores
+    selective: SelectiveCalibration | None = None  # risk-controlled confidence thresholds; None when none asked
 
 
 def acceptance(scores: np.ndarray, threshold: float) -> float:
     """Share of ``scores`` accepted as ID at ``threshold`` (accepted when score <= threshold)."""
     return float(np.mean(scores <= threshold))
+
+
+def calibrate_selective(
+    evaluation: EvaluationConfig, validation: SetLogits, test: SetLogits | None
+) -> SelectiveCalibration | None:
+    """Confidence thresholds certified on ``validation`` for each of ``evaluation.max_risks``, with
+    their coverage and error rate measured on ``test``; ``None`` when no risk is asked for."""
+    if not evaluation.max_risks:
+        return None
+    confidence, wrong = confidences(validation), misclassified(validation)
+    levels, unsupported = [], []
+    for risk in evaluation.max_risks:
+        try:
+            found = selective_threshold(confidence, wrong, risk, evaluation.risk_delta)
+        except UnsupportedRiskError as error:
+            logger.warning("skipping max risk %g: %s", risk, error)
+            unsupported.append(UnsupportedRisk(max_risk=risk, reason=str(error)))
+            continue
+        measured: dict[str, float | None] = {"measured_coverage": None, "measured_risk": None}
+        if test is not None:
+            accepted = confidences(test) >= found.threshold
+            measured["measured_coverage"] = float(accepted.mean())
+            measured["measured_risk"] = float(misclassified(test)[accepted].mean()) if accepted.any() else None
+        levels.append(
+            RiskLevel(
+                max_risk=risk, confidence_threshold=found.threshold, n_accepted=found.n_accepted,
+                errors=found.errors, **measured,
+            )
+        )
+    certified = [level.max_risk for level in levels]
+    default = evaluation.default_max_risk if evaluation.default_max_risk in certified else None
+    if evaluation.default_max_risk is not None and default is None:
+        logger.warning("default max risk %g was not certified: the bundle has no default risk level",
+                       evaluation.default_max_risk)
+    return SelectiveCalibration(
+        delta=evaluation.risk_delta, n_calibration=len(confidence), risk_levels=levels,
+        default_max_risk=default, unsupported=unsupported,
+    )
 
 
 def calibrate(config: TrainConfig) -> CalibrationRecord:
@@ -79,7 +135,10 @@ def calibrate(config: TrainConfig) -> CalibrationRecord:
             "knn_bank_size": config.evaluation.knn_bank_size,
             "seed": config.seed,
         }
-    record = CalibrationRecord(score, run.precision, run.weights_sha256, calibration, fitted.state, score_fit)
+    selective = calibrate_selective(config.evaluation, logits[ID_VAL], logits.get(ID_TEST))
+    record = CalibrationRecord(
+        score, run.precision, run.weights_sha256, calibration, fitted.state, score_fit, selective
+    )
     state_path = config.output_dir / SCORE_STATE_FILE
     state_sha256 = ""
     if fitted.state:
@@ -95,6 +154,7 @@ def calibrate(config: TrainConfig) -> CalibrationRecord:
             "score_state_sha256": state_sha256,
             "score_fit": score_fit,
             "calibration": calibration.model_dump(),
+            "selective": None if selective is None else selective.model_dump(),
         },
         indent=2,
     )
@@ -114,7 +174,25 @@ def calibration_markdown(record: CalibrationRecord) -> str:
         rows.append(row)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     percent = [column for column in columns if column == "target" or column.endswith("accepted")]
-    return f"score: {record.score.name}\n\n" + markdown_table(rows, columns, percent=percent)
+    text = f"score: {record.score.name}\n\n" + markdown_table(rows, columns, percent=percent)
+    selective = record.selective
+    if selective is None:
+        return text
+    levels = [
+        {
+            "max risk": level.max_risk, "confidence threshold": level.confidence_threshold,
+            "errors of accepted": f"{level.errors} of {level.n_accepted}", "ID test coverage": level.measured_coverage,
+            "ID test risk": level.measured_risk,
+        }
+        for level in selective.risk_levels
+    ]
+    text += f"\n\nrisk levels (max softmax probability, delta {selective.delta:g}):\n\n" + markdown_table(
+        levels, ["max risk", "confidence threshold", "errors of accepted", "ID test coverage", "ID test risk"],
+        percent=("max risk", "ID test coverage", "ID test risk"),
+    )
+    for skipped in selective.unsupported:
+        text += f"\n\nskipped: {skipped.reason}"
+    return text
 
 
 def load_calibration(config: TrainConfig) -> CalibrationRecord:
@@ -136,6 +214,7 @@ def load_calibration(config: TrainConfig) -> CalibrationRecord:
         calibration=Calibration.model_validate(raw["calibration"]),
         state=state,
         score_fit=raw.get("score_fit"),
+        selective=None if raw.get("selective") is None else SelectiveCalibration.model_validate(raw["selective"]),
     )
     require_current_weights(config, record.weights_sha256, "calibration")
     return record

@@ -81,7 +81,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         result = evaluate.evaluate(_run_config(args, values))
         print(evaluate.evaluation_markdown(result))
     elif args.command == "calibrate":
-        values = _given(evaluation__score=args.score)
+        values = _given(evaluation__score=args.score, evaluation__risk_delta=args.risk_delta)
+        if args.risks:
+            values["evaluation.max_risks"] = list(args.risks)
+            values["evaluation.default_max_risk"] = 0.05 if 0.05 in args.risks else args.risks[0]
         if args.targets:
             values["evaluation.calibration_targets"] = list(args.targets)
             values["evaluation.default_target"] = 0.95 if 0.95 in args.targets else args.targets[0]

@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--targets", type=float, nargs="+", metavar="T", help="ID acceptance targets, e.g. 0.9 0.95 0.99"
     )
     calibrate.add_argument("--score", metavar="NAME", help=f"OOD score to deploy: {', '.join(SCORES)}")
+    calibrate.add_argument(
+        "--risks", type=float, nargs="+", metavar="EPSILON",
+        help="maximum error rates among accepted ID images to certify confidence thresholds for, e.g. 0.01 0.05",
+    )
+    calibrate.add_argument(
+        "--risk-delta", type=float, metavar="DELTA", help="chance that a certified risk does not hold (default 0.1)"
+    )
 
     export = _command(
         commands, "export", "write a calibrated run as a bundle into a model repository",

@@ -191,6 +191,12 @@ class EvaluationConfig(_Strict):
     )
     calibration_targets: list[float] = Field(default_factory=lambda: [0.90, 0.95, 0.99])
     default_target: float = 0.95
+    max_risks: list[float] = Field(
+        default_factory=lambda: [0.01, 0.05], description="error rates to certify confidence thresholds for "
+        "(models.selective); an empty list ships none"
+    )
+    default_max_risk: float | None = Field(0.05, description="the risk level answers use unless a request picks one")
+    risk_delta: float = Field(0.1, gt=0, lt=1, description="chance that a certified risk level does not hold")
     paper_protocol: bool = Field(False, description="also report the MixOE paper's balanced 10-draw protocol")
     batch_size: int = Field(64, ge=1)
 
@@ -202,9 +208,13 @@ class EvaluationConfig(_Strict):
         return name
 
     @model_validator(mode="after")
-    def _default_is_a_target(self) -> "EvaluationConfig":
+    def _defaults_are_listed(self) -> "EvaluationConfig":
         if self.default_target not in self.calibration_targets:
             raise ValueError(f"default_target {self.default_target} is not one of {self.calibration_targets}")
+        if not all(0.0 < risk < 1.0 for risk in self.max_risks):
+            raise ValueError(f"max_risks must lie strictly between 0 and 1, got {self.max_risks}")
+        if self.default_max_risk is not None and self.default_max_risk not in self.max_risks:
+            raise ValueError(f"default_max_risk {self.default_max_risk} is not one of {self.max_risks}")
         return self
 
 

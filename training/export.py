@@ -63,6 +63,7 @@ def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) 
         preprocessing=preprocessing_of(config.data.transforms),
         score=record.score,
         calibration=calibration,
+        selective=record.selective,
         precision=record.precision,
         metrics=evaluation,
         training={

@@ -134,6 +134,19 @@ class FittedScore:
         return score.apply(logits, features, self.state, self.spec.temperature, self.spec.k).double().numpy()
 
 
+def confidences(set_logits: SetLogits) -> np.ndarray:
+    """Max softmax probability (N,) at temperature 1, computed in float32 as the service computes
+    an answer's ``probability`` (:meth:`models.runtime.Bundle.finish`), returned as float64."""
+    return torch.from_numpy(set_logits.logits).softmax(dim=1).amax(dim=1).double().numpy()
+
+
+def misclassified(set_logits: SetLogits) -> np.ndarray:
+    """Whether the top-1 class differs from the label (N,) bool; ID sets only (OOD labels are -1)."""
+    if set_logits.labels.size and set_logits.labels.min() < 0:
+        raise ValueError("misclassification needs labelled ID images; this set is OOD")
+    return set_logits.logits.argmax(axis=1) != set_logits.labels
+
+
 def scores_of(set_logits: SetLogits, score: str | FittedScore) -> np.ndarray:
     """OOD scores (N,) float64 of one set: a logit score by name (default temperature), or any
     :class:`FittedScore` (a feature score must be fitted first: :func:`fit_score`)."""

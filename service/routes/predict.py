@@ -1,7 +1,7 @@
 """``POST /predict``: the human-friendly multipart route (one or more files in the field ``files``).
 
-``model``, ``top_k`` and ``operating_point`` may come as form fields or query parameters (the form
-wins). If any file is bad the whole request fails with a 4xx whose ``file`` names it.
+``model``, ``top_k``, ``operating_point`` and ``max_risk`` may come as form fields or query
+parameters (the form wins). If any file is bad the whole request fails with a 4xx whose ``file`` names it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ async def predict(
     model_form: Annotated[str | SkipJsonSchema[None], Form(alias="model")] = None,
     top_k_form: Annotated[ClientInt | SkipJsonSchema[None], Form(alias="top_k")] = None,
     operating_point_form: Annotated[float | SkipJsonSchema[None], Form(alias="operating_point")] = None,
+    max_risk_form: Annotated[float | SkipJsonSchema[None], Form(alias="max_risk")] = None,
     model: Annotated[
         str | SkipJsonSchema[None], Query(description='"name" or "name:version"; default: the default model.')
     ] = None,
@@ -42,8 +43,13 @@ async def predict(
     operating_point: Annotated[
         float | SkipJsonSchema[None], Query(description="Target ID acceptance, e.g. 0.95.")
     ] = None,
+    max_risk: Annotated[
+        float | SkipJsonSchema[None],
+        Query(description="Calibrated risk level, e.g. 0.05 (see /v2/models/{name}); default: the model's, if any."),
+    ] = None,
 ) -> PredictResponse:
-    """Classify each image and accept it (in-distribution) or reject it (OOD score above the threshold)."""
+    """Classify each image and accept it (in-distribution) or reject it (OOD score above the threshold);
+    with a risk level, an accepted image whose probability is too low to keep that risk is ``uncertain``."""
     record_images(request, len(files))
     loaded = context.registry.get(model_form or model)
     limit = context.settings.max_upload_bytes
@@ -57,6 +63,7 @@ async def predict(
         operating_point=operating_point_form if operating_point_form is not None else operating_point,
         top_k=top_k_form if top_k_form is not None else top_k,
         ticket=admission_ticket(request),
+        max_risk=max_risk_form if max_risk_form is not None else max_risk,
     )
     score_name = loaded.bundle.manifest.score.name
     return PredictResponse(
@@ -74,6 +81,9 @@ async def predict(
                 operating_point=verdict.target_id_acceptance,
                 p_value=verdict.p_value,
                 accepted=verdict.accepted,
+                decision=verdict.decision,
+                max_risk=verdict.max_risk,
+                confidence_threshold=verdict.confidence_threshold,
             )
             for upload, verdict in zip(uploads, verdicts, strict=True)
         ],

@@ -29,6 +29,7 @@ from service.schemas import (
     ModelParameters,
     ModelReadiness,
     OperatingPointInfo,
+    RiskLevelInfo,
     ServerMetadata,
     TensorMetadata,
 )
@@ -73,6 +74,11 @@ def _metadata(context: ServiceContext, name: str, version: str | None) -> ModelM
                     n_calibration=point.n_calibration,
                 )
                 for point in calibration.operating_points
+            ],
+            default_max_risk=None if manifest.selective is None else manifest.selective.default_max_risk,
+            risk_levels=[
+                RiskLevelInfo(max_risk=level.max_risk, confidence_threshold=level.confidence_threshold)
+                for level in (manifest.selective.risk_levels if manifest.selective is not None else [])
             ],
         ),
         drift=context.drift.status(loaded.name, loaded.version),
@@ -120,9 +126,11 @@ async def _infer(request: Request, context: ServiceContext, loaded: LoadedModel)
     record_images(request, len(call.images))
     uploads = [Upload(f"image[{index}]", data) for index, data in enumerate(call.images)]
     verdicts = await context.predictor.predict(
-        loaded, uploads, operating_point=call.operating_point, top_k=1, ticket=admission_ticket(request)
+        loaded, uploads, operating_point=call.operating_point, top_k=1, ticket=admission_ticket(request),
+        max_risk=call.max_risk,
     )
     point = loaded.operating_point(call.operating_point)
+    risk = loaded.risk_level(call.max_risk)
     body, json_length = encode_infer_response(
         model_name=loaded.name,
         model_version=loaded.version,
@@ -133,6 +141,7 @@ async def _infer(request: Request, context: ServiceContext, loaded: LoadedModel)
             "operating_point": point.target_id_acceptance,
             "threshold": point.threshold,
             "score": loaded.bundle.manifest.score.name,
+            **({} if risk is None else {"max_risk": risk.max_risk, "confidence_threshold": risk.confidence_threshold}),
         },
     )
     if json_length is None:

@@ -154,7 +154,7 @@ def _edit_manifest(path: Path, **changes: Any) -> None:
         (lambda p: (p / WEIGHTS_FILE).unlink(), "weights.safetensors missing"),
         (lambda p: (p / MANIFEST_FILE).unlink(), "manifest.json missing"),
         (lambda p: (p / MANIFEST_FILE).write_text('{"schema_version": 1,'), "not valid JSON"),
-        (lambda p: _edit_manifest(p, schema_version=3), r"unsupported schema_version 3;.*version\(s\) 1, 2"),
+        (lambda p: _edit_manifest(p, schema_version=4), r"unsupported schema_version 4;.*version\(s\) 1, 2, 3"),
         (lambda p: _edit_manifest(p, num_classes=4, class_names=list("abcd")), "class count mismatch.*head has 3"),
         (lambda p: _edit_manifest(p, architecture="resnet34"), "do not fit architecture 'resnet34'"),
         (lambda p: _edit_manifest(p, score={"name": "entropy", "temperature": 1}), "(?s)invalid manifest.*Unknown OOD score .entropy."),

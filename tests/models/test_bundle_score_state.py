@@ -41,7 +41,7 @@ def _edit_manifest(path: Path, **changes: object) -> None:
 
 def test_the_state_is_stored_as_given_and_covered_by_the_manifest(knn: TinyModel) -> None:
     manifest = json.loads((knn.path / MANIFEST_FILE).read_text())
-    assert manifest["schema_version"] == SCHEMA_VERSION == 2
+    assert manifest["schema_version"] == SCHEMA_VERSION == 3
     assert manifest["score"] == {"name": "knn", "temperature": 1.0, "k": 3}
     assert manifest["score_state_sha256"] == sha256_file(knn.path / SCORE_STATE_FILE)
     bank = load_file(str(knn.path / SCORE_STATE_FILE))["bank"]
@@ -101,7 +101,7 @@ def test_k_is_required_by_knn_and_refused_elsewhere() -> None:
 def test_a_schema_1_manifest_still_loads(msp: TinyModel, tmp_path: Path) -> None:
     copy = Path(shutil.copytree(msp.path, tmp_path / "tiny" / "1"))
     raw = json.loads((copy / MANIFEST_FILE).read_text())
-    del raw["score_state_sha256"]
+    del raw["score_state_sha256"], raw["selective"]
     (copy / MANIFEST_FILE).write_text(json.dumps({**raw, "schema_version": 1}))
     bundle = load_bundle(copy)
     assert (bundle.manifest.schema_version, bundle.manifest.score.k) == (1, None)

@@ -10,6 +10,13 @@ test knows which image each operating point accepts:
 
 The same holds for a feature-space score (``build_tiny_bundle(..., score="knn")``): its state is
 fitted on the features of a few noise images, and the thresholds sit between the anchors' scores.
+
+Risk levels (``Manifest.selective``) are placed the same way, between the anchors' max softmax
+probabilities. For the msp bundle (score = 1 - probability, so ``accepted`` is the more confident):
+
+* at max risk 0.05 (``STRICT_RISK``) ``accepted`` is ``accept``, ``borderline`` is ``uncertain``;
+* at max risk 0.2 (``LENIENT_RISK``) both are ``accept``;
+* ``rejected`` is ``reject`` at every operating point and risk level.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from tritonclient.http import InferInput
 
 from models.bundle import save_bundle
 from models.feature_scores import FitData
-from models.manifest import Calibration, Manifest, OperatingPoint, ScoreSpec
+from models.manifest import Calibration, Manifest, OperatingPoint, RiskLevel, ScoreSpec, SelectiveCalibration
 from models.nets import Classifier, build_network
 from models.preprocess import Preprocessing, preprocess_batch
 from models.scores import get_score
@@ -42,6 +49,7 @@ CLASS_NAMES = ["red", "green", "blue"]
 PREPROCESSING = Preprocessing(input_size=32, resize=36)
 TARGETS = (0.9, 0.95, 0.99)
 N_CALIBRATION = 200
+STRICT_RISK, LENIENT_RISK = 0.05, 0.2
 T = TypeVar("T")
 _ANCHOR_COLOURS = [(0, 255, 0), (0, 0, 255), (128, 128, 128)]
 
@@ -85,8 +93,25 @@ def _fitted_state(network: Classifier, spec: ScoreSpec) -> dict[str, torch.Tenso
     return get_score(spec.name).fit(FitData(features, labels, len(CLASS_NAMES)))
 
 
-def build_tiny_bundle(repository: Path, version: str = "1", seed: int = 0, score: str = "msp") -> TinyModel:
-    """The tiny bundle, deploying ``score`` (any registered score; ``knn`` at k=3)."""
+def _selective(confidence: dict[str, float], default_max_risk: float | None) -> SelectiveCalibration:
+    """Risk levels whose confidence thresholds sit between the ``accepted`` and ``borderline``
+    anchors' probabilities (strict) and below both (lenient); their counts certify them at delta 0.1."""
+    low, high = sorted((confidence["accepted"], confidence["borderline"]))
+    assert high - low > 1e-4, f"reference probabilities too close to separate: {confidence}"
+    levels = [
+        RiskLevel(max_risk=STRICT_RISK, confidence_threshold=(low + high) / 2, n_accepted=100, errors=1),
+        RiskLevel(max_risk=LENIENT_RISK, confidence_threshold=low / 2, n_accepted=150, errors=20),
+    ]
+    return SelectiveCalibration(
+        delta=0.1, n_calibration=N_CALIBRATION, risk_levels=levels, default_max_risk=default_max_risk
+    )
+
+
+def build_tiny_bundle(
+    repository: Path, version: str = "1", seed: int = 0, score: str = "msp", default_max_risk: float | None = None
+) -> TinyModel:
+    """The tiny bundle, deploying ``score`` (any registered score; ``knn`` at k=3), with the risk
+    levels of :func:`_selective` (``default_max_risk``: the one answers use unless asked)."""
     torch.manual_seed(seed)
     network = build_network("resnet18", len(CLASS_NAMES)).eval()
     anchors = [solid(colour) for colour in _ANCHOR_COLOURS]
@@ -95,6 +120,7 @@ def build_tiny_bundle(repository: Path, version: str = "1", seed: int = 0, score
     with torch.inference_mode():
         logits, features = network.forward_features(preprocess_batch(anchors, PREPROCESSING))
         scores = get_score(score).apply(logits, features, state, spec.temperature, spec.k).double().tolist()
+        probabilities = logits.softmax(dim=1).amax(dim=1).tolist()
     order = np.argsort(scores)
     low, middle, high = (scores[i] for i in order)
     assert middle - low > 1e-3 and high - middle > 1e-3, f"reference scores too close to separate: {scores}"
@@ -113,6 +139,9 @@ def build_tiny_bundle(repository: Path, version: str = "1", seed: int = 0, score
         preprocessing=PREPROCESSING,
         score=spec,
         calibration=Calibration(scores=calibration.tolist(), operating_points=points, default_target=0.95),
+        selective=_selective(
+            dict(zip(("accepted", "borderline"), (probabilities[i] for i in order[:2]), strict=True)), default_max_risk
+        ),
     )
     path = save_bundle(repository / "tiny" / version, network, manifest, score_state=state or None)
     roles = dict(zip(("accepted", "borderline", "rejected"), (encode(anchors[i]) for i in order), strict=True))

@@ -51,7 +51,7 @@ def test_operating_point_labels_read_like_the_targets() -> None:
 def test_each_instance_has_its_own_registry(bundle: Bundle) -> None:
     first, second = ServiceMetrics([0.5], 8), ServiceMetrics([0.5], 8)
     first.register_model(bundle.manifest)
-    first.record_prediction("tiny", "1", 0.95, 0.7, accepted=False)
+    first.record_prediction("tiny", "1", 0.95, 0.7, "reject")
     assert (
         first.registry.get_sample_value(
             "mixoe_predictions_total",
@@ -80,7 +80,7 @@ from service.metrics import ServiceMetrics
 
 metrics = ServiceMetrics([0.5], 8)
 for _ in range(int(sys.argv[1])):
-    metrics.record_prediction("tiny", "1", 0.95, 0.7, accepted=False)
+    metrics.record_prediction("tiny", "1", 0.95, 0.7, "reject")
 metrics.threshold.labels("tiny", "1", "0.95").set(0.6)
 metrics.queue_changed(int(sys.argv[2]))
 print("written", flush=True)

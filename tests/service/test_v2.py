@@ -33,9 +33,12 @@ def test_server_and_model_metadata(client: TestClient) -> None:
             "ood_score": "FP32",
             "p_value": "FP32",
             "accepted": "BOOL",
+            "decision": "BYTES",
         }
         assert metadata["parameters"]["class_names"] == ["red", "green", "blue"]
         assert [p["target_id_acceptance"] for p in metadata["parameters"]["operating_points"]] == [0.9, 0.95, 0.99]
+        assert [level["max_risk"] for level in metadata["parameters"]["risk_levels"]] == [0.05, 0.2]
+        assert metadata["parameters"]["default_max_risk"] is None
 
 
 def test_health_and_model_readiness(client: TestClient) -> None:
