@@ -4,6 +4,10 @@ and feature-space scores, :data:`models.scores.SCORES`).
 Conventions (see DESIGN.md): OOD scores are higher for more OOD-looking inputs; for the metrics ID
 is the positive class, so TNR@95TPR is the share of OOD rejected when 95% of ID test images are
 accepted, and FPR@95TPR = 1 - TNR@95TPR is the share of OOD that leaks through.
+
+Each score also ranks the labelled ID test images for selective classification: ``risk_coverage``
+holds its AURC and its risk-coverage curve (at most :data:`CURVE_POINTS` points, for the report's
+plot), computed by :func:`training.metrics.risk_coverage`.
 """
 
 from __future__ import annotations
@@ -12,15 +16,28 @@ import dataclasses
 import json
 from typing import Any
 
+import numpy as np
+
 from models.scores import SCORES
 from training.checkpoint import atomic_write
 from training.config import TrainConfig
-from training.metrics import accuracy, ood_metrics, paper_protocol_metrics
+from training.metrics import RiskCoverage, accuracy, ood_metrics, paper_protocol_metrics, risk_coverage
 from training.report import markdown_table
-from training.scoring import ID_TEST, fit_score, run_logits
+from training.scoring import ID_TEST, fit_score, misclassified, run_logits
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
+CURVE_POINTS = 100
+
+
+def _curve_summary(curve: RiskCoverage) -> dict[str, Any]:
+    """AURC, and the curve thinned to at most :data:`CURVE_POINTS` points (the last, full coverage, kept)."""
+    keep = np.unique(np.linspace(0, curve.coverage.size - 1, min(CURVE_POINTS, curve.coverage.size)).round().astype(int))
+    return {
+        "aurc": curve.aurc,
+        "coverage": [round(float(c), 6) for c in curve.coverage[keep]],
+        "risk": [round(float(r), 6) for r in curve.risk[keep]],
+    }
 
 
 def evaluate(config: TrainConfig) -> dict[str, Any]:
@@ -37,10 +54,13 @@ def evaluate(config: TrainConfig) -> dict[str, Any]:
         "num_images": {name: len(s.labels) for name, s in logits.items()},
         "conventions": "OOD score higher = more OOD; ID is the positive class; TPR = ID accepted",
         "scores": {},
+        "risk_coverage": {},
     }
+    errors = misclassified(test)
     for score_name in SCORES:
         score = fit_score(config, run, score_name)
         id_scores = score(test)
+        result["risk_coverage"][score_name] = _curve_summary(risk_coverage(id_scores, errors))
         per_set = {}
         for name in run.ood_set_names():
             ood_scores = score(logits[name])
@@ -67,9 +87,12 @@ def evaluation_markdown(result: dict[str, Any]) -> str:
         for name, metrics in per_set.items()
     ]
     columns = ["score", "ood_set", "tnr_at_95tpr", "fpr_at_95tpr", "auroc", "aupr_in", "aupr_out"]
+    aurc = [{"score": score, "aurc": curve["aurc"]} for score, curve in result.get("risk_coverage", {}).items()]
     return (
         f"ID top-1 accuracy: {result['id_accuracy']:.4f}\n\n"
         "OOD score higher = more OOD; ID is the positive class (TPR = share of ID accepted).\n\n"
         + markdown_table(rows, columns, percent=("tnr_at_95tpr", "fpr_at_95tpr"))
+        + "\n\nSelective classification on the ID test images (AURC: lower is better):\n\n"
+        + markdown_table(aurc, ["score", "aurc"])
         + "\n"
     )

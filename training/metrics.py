@@ -208,3 +208,34 @@ def accuracy(logits_or_predictions: ArrayLike, labels: ArrayLike) -> float:
     if predictions.shape[0] != targets.size or targets.size == 0:
         raise ValueError(f"need as many labels as predictions (and at least one): {predictions.shape[0]} vs {targets.size}")
     return float(np.mean(predictions == targets))
+
+
+@dataclass(frozen=True)
+class RiskCoverage:
+    """Selective-classification curve of one score on labelled ID images: accepting those with
+    ``score <= t`` for each distinct score ``t`` (lowest first), the share accepted (``coverage``,
+    ascending) and the error rate among them (``risk``); ``aurc`` is the area under it."""
+
+    coverage: NDArray[np.float64]
+    risk: NDArray[np.float64]
+    aurc: float
+
+
+def risk_coverage(scores: ArrayLike, errors: ArrayLike) -> RiskCoverage:
+    """The risk-coverage curve and its area, AURC (Geifman, Uziel, El-Yaniv, "Bias-Reduced
+    Uncertainty Estimation for Deep Neural Classifiers", ICLR 2019): the mean, over the images in
+    order of acceptance, of the error rate of the accepted set once that image joins it; tied
+    scores join together, each at their group's rate. Lower is better; its floor is set by the
+    accuracy, so compare scores on the same model. ``scores`` follow the OOD convention (higher =
+    less trusted), ``errors`` are the misclassified flags."""
+    score = _scores(scores, "scores")
+    wrong = np.asarray(errors, dtype=bool).ravel()
+    if wrong.size != score.size:
+        raise ValueError(f"need one error flag per score: {wrong.size} vs {score.size}")
+    order = np.argsort(score, kind="stable")
+    ranked = score[order]
+    group_ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))  # last index of each tie group
+    accepted = group_ends + 1
+    risk = np.cumsum(wrong[order])[group_ends] / accepted
+    group_sizes = np.diff(np.concatenate([[0], accepted]))
+    return RiskCoverage(accepted / score.size, risk, float(np.sum(risk * group_sizes) / score.size))

@@ -1,4 +1,4 @@
-"""PNG plots for reports: ROC curves and OOD-score histograms.
+"""PNG plots for reports: ROC curves, OOD-score histograms and risk-coverage curves.
 
 Conventions: an OOD score is higher for more-OOD inputs, an input is accepted as ID when
 ``score <= threshold``, and ID is the positive class (TPR = ID accepted, FPR = OOD accepted).
@@ -91,4 +91,17 @@ def plot_score_histogram(
     axes.set(title=f"{score_name}: ID vs {ood_name}", ylabel="density",
              xlabel=f"OOD score {score_name} (higher = more OOD; accepted when <= t)")
     axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_risk_coverage(curves: Mapping[str, tuple[ArrayLike, ArrayLike, float]], path: Path | str, title: str) -> Path:
+    """One risk-coverage curve per score, ``curves[name] = (coverage, risk, aurc)``: accepting the
+    images a score trusts most first, the error rate among those accepted (y) against their share (x)."""
+    figure = _new_figure()
+    axes = figure.add_subplot()
+    for name, (coverage, risk, aurc) in curves.items():
+        axes.plot(coverage, risk, label=f"{name} (AURC {aurc:.4f})")
+    axes.set(xlim=(0, 1), ylim=(0, None), title=title, xlabel="coverage: share of ID test images accepted",
+             ylabel="risk: error rate among accepted")
+    axes.legend(loc="upper left", fontsize="small")
     return _save(figure, path)

@@ -8,7 +8,9 @@ accepted as ID when ``score <= threshold``, and ID is the positive class for the
     {"id_accuracy": float,
      "scores": {score_name: {ood_set: {"tnr_at_95tpr", "fpr_at_95tpr", "auroc", "aupr_in", "aupr_out"}}},
      "operating_points": [{"target_id_acceptance", "threshold", "measured_id_acceptance",
-                           "ood_acceptance": {ood_set: float}}]}   # optional
+                           "ood_acceptance": {ood_set: float}}],   # optional
+     "risk_coverage": {score_name: {"aurc", "coverage": [...], "risk": [...]}},   # optional
+     "risk_levels": [{"max_risk", "confidence_threshold", "measured_coverage", "measured_risk"}]}   # optional
 
 :func:`markdown_table` is public so that other commands print the same tables.
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 from numpy.typing import ArrayLike
 
-from training.plots import plot_roc_curves, plot_score_histogram
+from training.plots import plot_risk_coverage, plot_roc_curves, plot_score_histogram
 
 # evaluation key -> column header; rates read best as percentages, areas as plain numbers.
 METRIC_HEADERS = {
@@ -129,6 +131,43 @@ def _operating_point_section(points: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
 
 
+def _selective_section(evaluation: Mapping[str, Any], out_dir: Path) -> list[str]:
+    """Risk levels (if any) and, per score, AURC and the risk-coverage plot ``risk_coverage.png``."""
+    lines = ["## Selective classification (ID test)", ""]
+    if evaluation.get("risk_levels"):
+        columns = ["Max risk", "Confidence threshold", "Measured coverage", "Measured risk"]
+        rows = [
+            dict(zip(columns, (level["max_risk"], level["confidence_threshold"], level.get("measured_coverage"),
+                               level.get("measured_risk")), strict=True))
+            for level in evaluation["risk_levels"]
+        ]
+        lines += [
+            "Risk levels: an accepted image whose max softmax probability is below the threshold is answered "
+            "`uncertain`; among the rest, at most the max risk are misclassified, with probability >= 1 - delta "
+            "(docs/selective.md).",
+            "",
+            markdown_table(rows, columns, percent=("Max risk", "Measured coverage", "Measured risk")),
+            "",
+        ]
+    curves = evaluation.get("risk_coverage") or {}
+    if curves:
+        plot_risk_coverage(
+            {name: (c["coverage"], c["risk"], c["aurc"]) for name, c in curves.items()},
+            out_dir / "risk_coverage.png", title="Risk-coverage on ID test images",
+        )
+        rows = [{"Score": name, "AURC": curve["aurc"]} for name, curve in curves.items()]
+        lines += [
+            "Accepting the images each score trusts most first: the error rate among the accepted against their "
+            "share; AURC is the area under that curve (lower is better).",
+            "",
+            markdown_table(rows, ["Score", "AURC"]),
+            "",
+            "![Risk-coverage curves](risk_coverage.png)",
+            "",
+        ]
+    return lines if len(lines) > 2 else []
+
+
 def write_report(
     out_dir: Path,
     title: str,
@@ -139,7 +178,8 @@ def write_report(
     thresholds: Mapping[float, float],
     score_name: str,
 ) -> Path:
-    """Write ``report.md``, ``roc.png`` and one ``hist_<set>.png`` per OOD set into ``out_dir``.
+    """Write ``report.md``, ``roc.png``, one ``hist_<set>.png`` per OOD set and, when ``evaluation``
+    has risk-coverage curves, ``risk_coverage.png`` into ``out_dir``.
 
     ``summary`` is free-form key/value (model, method, ...); ``evaluation`` is described in the
     module docstring; ``id_scores``/``ood_scores`` are the ``score_name`` scores the plots show
@@ -177,6 +217,7 @@ def write_report(
     ]
     if evaluation.get("operating_points"):
         lines += _operating_point_section(evaluation["operating_points"])
+    lines += _selective_section(evaluation, out_dir)
     lines += [f"## ROC curves ({score_name})", "", "![ROC curves](roc.png)", "", f"## Score histograms ({score_name})", ""]
     for set_name, file_name in hist_files.items():
         alt_text = re.sub(r"[\[\]\n]", " ", f"{score_name} histogram: ID vs {set_name}")

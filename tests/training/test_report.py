@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.metrics import ood_metrics
+from training.evaluate import _curve_summary
+from training.metrics import ood_metrics, risk_coverage
 from training.report import markdown_table, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -30,6 +31,10 @@ def _inputs() -> tuple[np.ndarray, dict[str, np.ndarray], dict[float, float], di
                 "ood_acceptance": {name: float(np.mean(s <= thresholds[0.95])) for name, s in ood.items()},
             }
         ],
+        "risk_coverage": {"msp": _curve_summary(risk_coverage(id_scores, rng.random(400) < 0.1 + 0.1 * id_scores))},
+        "risk_levels": [
+            {"max_risk": 0.05, "confidence_threshold": 0.9, "measured_coverage": 0.4321, "measured_risk": 0.0432}
+        ],
     }
     return id_scores, ood, thresholds, evaluation
 
@@ -48,7 +53,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_report_links_one_roc_and_one_histogram_per_set_all_real_pngs(report: tuple[Path, dict]) -> None:
     path, _ = report
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", path.read_text(encoding="utf-8"))
-    assert sorted(links) == ["hist_coarse.png", "hist_fine_held-out_.png", "roc.png"]
+    assert sorted(links) == ["hist_coarse.png", "hist_fine_held-out_.png", "risk_coverage.png", "roc.png"]
     for link in links:
         assert (path.parent / link).read_bytes()[:8] == PNG_SIGNATURE
 
@@ -64,14 +69,18 @@ def test_report_states_conventions_and_shows_summary_and_metric_values(report: t
     assert f"{100 * coarse['tnr_at_95tpr']:.2f}%" in row and f"{coarse['auroc']:.4g}" in row
     assert f"{coarse['aupr_in']:.4g}" in row and f"{coarse['aupr_out']:.4g}" in row
     assert "## Operating points" in text and "95.25%" in text
+    aurc = evaluation["risk_coverage"]["msp"]["aurc"]
+    assert f"| msp | {aurc:.4g} |" in text
+    assert "| 5.00% | 0.9 | 43.21% | 4.32% |" in text  # the risk level and what it measured
 
 
 def test_report_without_operating_points_omits_that_section(tmp_path: Path) -> None:
     id_scores, ood, thresholds, evaluation = _inputs()
-    del evaluation["operating_points"]
+    del evaluation["operating_points"], evaluation["risk_coverage"], evaluation["risk_levels"]
     one_set = {"fine (held-out)": ood["fine (held-out)"]}
     text = write_report(tmp_path, "t", {}, evaluation, id_scores, one_set, thresholds, "msp").read_text()
     assert "Operating points" not in text and "| msp | fine (held-out) |" in text
+    assert "Selective classification" not in text and not (tmp_path / "risk_coverage.png").exists()
 
 
 def test_report_refuses_incomplete_evaluation_and_colliding_set_names(tmp_path: Path) -> None:
