@@ -50,3 +50,15 @@ def test_confidences_are_the_float32_softmax_the_service_reports() -> None:
     expected = np.exp(validation.logits.astype(np.float64))
     expected = (expected / expected.sum(axis=1, keepdims=True)).max(axis=1)
     np.testing.assert_allclose(confidences(validation), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"max_risks": [0.05, 1.0]}, "max_risks must lie strictly between 0 and 1"),
+        ({"max_risks": [0.01], "default_max_risk": 0.05}, "default_max_risk 0.05 is not one of"),
+    ],
+)
+def test_impossible_risk_settings_are_refused(values: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EvaluationConfig(**values)
