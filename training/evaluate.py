@@ -32,7 +32,8 @@ CURVE_POINTS = 100
 
 def _curve_summary(curve: RiskCoverage) -> dict[str, Any]:
     """AURC, and the curve thinned to at most :data:`CURVE_POINTS` points (the last, full coverage, kept)."""
-    keep = np.unique(np.linspace(0, curve.coverage.size - 1, min(CURVE_POINTS, curve.coverage.size)).round().astype(int))
+    points = min(CURVE_POINTS, curve.coverage.size)
+    keep = np.unique(np.linspace(0, curve.coverage.size - 1, points).round().astype(int))
     return {
         "aurc": curve.aurc,
         "coverage": [round(float(c), 6) for c in curve.coverage[keep]],

@@ -107,7 +107,7 @@ def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) 
             evaluation={
                 **evaluation,
                 "operating_points": [p.model_dump() for p in calibration.operating_points],
-                "risk_levels": [level.model_dump() for level in record.selective.risk_levels] if record.selective else [],
+                "risk_levels": [level.model_dump() for level in (record.selective.risk_levels if record.selective else [])],
             },
             id_scores=score(logits[ID_TEST]),
             ood_scores={name: score(logits[name]) for name in run.ood_set_names()},

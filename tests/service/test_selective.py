@@ -14,7 +14,15 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service.helpers import LENIENT_RISK, STRICT_RISK, TinyModel, build_tiny_bundle, infer_json, role_files, sample_value
+from tests.service.helpers import (
+    LENIENT_RISK,
+    STRICT_RISK,
+    TinyModel,
+    build_tiny_bundle,
+    infer_json,
+    role_files,
+    sample_value,
+)
 
 ROLES = ("accepted", "borderline", "rejected")
 
