@@ -91,9 +91,12 @@ function element(tag, className, text) {
   return node;
 }
 
+// The service's ``decision`` (docs/selective.md), worded as the metrics label it: accept/uncertain/reject.
+const DECISION_WORDS = { accept: "accepted", uncertain: "uncertain", reject: "rejected" };
+
 function card(prediction, file, scale) {
   // ``decision`` is shown where the service sends one; ``accepted`` alone decides otherwise.
-  const verdict = typeof prediction.decision === "string" ? prediction.decision : (prediction.accepted ? "accepted" : "rejected");
+  const verdict = DECISION_WORDS[prediction.decision] ?? (prediction.accepted ? "accepted" : "rejected");
   const result = element("article", `result ${prediction.accepted ? "accepted" : "rejected"}`);
   result.dataset.filename = prediction.filename;
   const image = element("img", "thumbnail");

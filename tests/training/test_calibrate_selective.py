@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from models.manifest import Calibration, OperatingPoint, ScoreSpec
 from models.selective import binomial_cdf
 from tests.helpers.logits import synthetic_logits
-from training.calibrate import calibrate_selective
+from training.calibrate import CalibrationRecord, calibrate_selective, calibration_markdown
 from training.config import EvaluationConfig
 from training.scoring import SetLogits, confidences, misclassified
 
@@ -62,3 +63,18 @@ def test_confidences_are_the_float32_softmax_the_service_reports() -> None:
 def test_impossible_risk_settings_are_refused(values: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EvaluationConfig(**values)
+
+
+def test_the_printed_calibration_tables_the_risk_levels_and_says_why_one_was_skipped() -> None:
+    config = EvaluationConfig(max_risks=[0.001, 0.05], default_max_risk=0.05)
+    selective = calibrate_selective(config, _set(400, seed=0), _set(400, seed=1))
+    scores = np.linspace(0.0, 1.0, 100)
+    calibration = Calibration(
+        scores=scores.tolist(), operating_points=[OperatingPoint.calibrated(scores, 0.9)], default_target=0.9
+    )
+    record = CalibrationRecord(ScoreSpec.default("msp"), "fp32", "0" * 64, calibration, selective=selective)
+    text = calibration_markdown(record)
+    (level,) = selective.risk_levels
+    row = next(line for line in text.splitlines() if line.startswith("| 5.00% |"))
+    assert f"| {level.errors} of {level.n_accepted} |" in row and f"{level.confidence_threshold:.4g}" in row
+    assert "skipped: max risk 0.001 cannot be certified" in text
