@@ -26,10 +26,12 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
 from training.config import TrainConfig
+from training.config_errors import models_in
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "config-reference.md"
 _SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path", type(None): "null"}
-_BOUNDS = {annotated_types.Ge: ">=", annotated_types.Gt: ">", annotated_types.Le: "<=", annotated_types.Lt: "<"}
+_BOUNDS = {annotated_types.Ge: (">=", "ge"), annotated_types.Gt: (">", "gt"), annotated_types.Le: ("<=", "le"),
+           annotated_types.Lt: ("<", "lt")}
 _ROLE = re.compile(r":\w+:`~?([^`]+)`")
 
 HEADER = """\
@@ -55,15 +57,6 @@ class Section:
     default: BaseModel | None
 
 
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models an annotation may hold: itself, a union member, a mapping's values."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType, dict):
-        return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
-    return []
-
-
 def type_name(annotation: Any) -> str:
     """``annotation`` as a user writes it in YAML: ``integer``, ``list of string``, ``"sgd" or "adamw"``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -87,14 +80,15 @@ def type_name(annotation: Any) -> str:
 def _bounds(field: FieldInfo) -> str:
     """The field's numeric bounds, ``>= 0, < 1``, or nothing."""
     return ", ".join(
-        f"{symbol} {getattr(rule, rule.__class__.__name__.lower())}"
+        f"{symbol} {getattr(rule, attribute)}"
         for rule in field.metadata
-        for kind, symbol in _BOUNDS.items()
+        for kind, (symbol, attribute) in _BOUNDS.items()
         if isinstance(rule, kind)
     )
 
 
 def _value(value: Any) -> str:
+    """A default as written in YAML (``null``, ``[0.9, 0.95]``), or ``required``."""
     if value is PydanticUndefined:
         return "required"
     plain = to_jsonable_python(value)
@@ -102,19 +96,18 @@ def _value(value: Any) -> str:
 
 
 def _text(docstring: str | None) -> str:
-    """A docstring as Markdown paragraphs: ``code`` and :class:`roles` as `code`, lines joined."""
-    paragraphs = (docstring or "").strip().split("\n\n")
-    joined = ("\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)).replace("``", "`")
-    return _ROLE.sub(r"`\1`", joined).replace("\n", "\n\n")
+    """A docstring as Markdown paragraphs: each on one line, ``code`` and :class:`roles` as `code`."""
+    paragraphs = [" ".join(line.strip() for line in p.splitlines()) for p in (docstring or "").strip().split("\n\n")]
+    return _ROLE.sub(r"`\1`", "\n\n".join(paragraphs).replace("``", "`"))
 
 
 def description(field: FieldInfo) -> str:
     """The field's own description, else (for a section) the first sentence of its model's docstring."""
     if field.description:
         return html.escape(field.description, quote=False)  # plain text: <class> is no HTML tag
-    models = _models_in(field.annotation)
+    models = models_in(field.annotation)
     if models and models[0].__doc__:
-        return _text(models[0].__doc__).split("\n")[0].split(". ")[0].rstrip(".")
+        return _text(models[0].__doc__).split("\n\n")[0].split(". ")[0].rstrip(".")
     return ""
 
 
@@ -127,12 +120,16 @@ def _default(section: Section, name: str, field: FieldInfo) -> Any:
     return field.default
 
 
+def _dotted(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def sections(root: Section) -> Iterator[Section]:
     """``root`` and every section below it, depth first, in field order."""
     yield root
     for name, field in root.model.model_fields.items():
-        for model in _models_in(field.annotation):
-            key = f"{root.key}.{name}" if root.key else name
+        for model in models_in(field.annotation):
+            key = _dotted(root.key, name)
             if typing.get_origin(field.annotation) is dict:
                 yield from sections(Section(f"{key}.<name>", model, None))
             else:
@@ -144,7 +141,7 @@ def table(section: Section) -> str:
     """The section's keys: key, type (with bounds), default, description."""
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     for name, field in section.model.model_fields.items():
-        key = f"{section.key}.{name}" if section.key else name
+        key = _dotted(section.key, name)
         kind = ", ".join(part for part in (type_name(field.annotation), _bounds(field)) if part)
         value = _default(section, name, field)
         default = "see below" if isinstance(value, BaseModel) else _value(value)
