@@ -31,13 +31,15 @@ class _Strict(BaseModel):
 class TransformConfig(_Strict):
     """Image transforms. Training: random-resized crop + flip (+ jitter); evaluation: resize + centre crop."""
 
-    input_size: int = Field(224, ge=8)
-    resize: int = Field(256, ge=8)
-    random_crop_scale: tuple[float, float] = (0.5, 1.0)
-    horizontal_flip: bool = True
+    input_size: int = Field(224, ge=8, description="side of the square image the network sees, in pixels")
+    resize: int = Field(256, ge=8, description="evaluation: the shorter side is resized to this before the centre crop")
+    random_crop_scale: tuple[float, float] = Field(
+        (0.5, 1.0), description="training: the random-resized crop covers this range of the image's area"
+    )
+    horizontal_flip: bool = Field(True, description="training: flip half of the images left to right")
     color_jitter: float = Field(0.0, ge=0.0, description="brightness/contrast/saturation strength, 0 = off")
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="per-channel normalisation mean (RGB, 0-1)")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="per-channel normalisation standard deviation")
 
     @model_validator(mode="after")
     def _valid_eval_preprocessing(self) -> "TransformConfig":
@@ -49,8 +51,8 @@ class TransformConfig(_Strict):
 class HoldoutConfig(_Strict):
     """The MixOE paper's split: RandomState(seed).choice(range(N), num_id_classes, replace=False)."""
 
-    num_id_classes: int = Field(ge=1)
-    seed: int = 0
+    num_id_classes: int = Field(ge=1, description="classes kept as in-distribution; the rest are the fine OOD set")
+    seed: int = Field(0, description="the split: which classes are kept")
 
 
 class ValidationCarveOut(_Strict):
@@ -60,29 +62,29 @@ class ValidationCarveOut(_Strict):
     rare class still has validation images; the images drawn leave the training split.
     """
 
-    fraction: float = Field(gt=0, lt=1)
-    seed: int = 0
+    fraction: float = Field(gt=0, lt=1, description="share of each class's training images moved to validation")
+    seed: int = Field(0, description="seed of the draw")
 
 
 class DataConfig(_Strict):
     """Where the in-distribution data lives.
 
-    Either ``format: folder`` (``root/<class>/<image>``; ``train_dir``/``val_dir``/``test_dir`` are
-    sub-folders of ``root``) or ``format: list`` (``relative_path label`` lines in the list files
+    Either ``format: folder`` (``root/<class>/<image>``; ``train``/``val``/``test`` are sub-folders
+    of ``root``) or ``format: list`` (``relative_path label`` lines in the list files
     and one class name per line in ``classes_file``, all relative to ``root``). Without a
     validation split set ``val: null`` and ``val_from_train`` to carve one from the training split.
     """
 
-    format: Literal["folder", "list"] = "folder"
-    root: Path
-    train: str = "train"
-    val: str | None = "val"
+    format: Literal["folder", "list"] = Field("folder", description="folder: root/<class>/<image>; list: list files")
+    root: Path = Field(description="directory the splits, list files and images are relative to")
+    train: str = Field("train", description="training split: a sub-folder (folder) or a list file (list)")
+    val: str | None = Field("val", description="validation split, as train; null with val_from_train")
     val_from_train: ValidationCarveOut | None = None
-    test: str | None = "test"
-    classes_file: str | None = None
+    test: str | None = Field("test", description="test split, as train; null: no test split")
+    classes_file: str | None = Field(None, description="format list: class names, one per line (needed there)")
     holdout: HoldoutConfig | None = None
     transforms: TransformConfig = TransformConfig()
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(2, ge=0, description="data-loading processes per training or scoring process")
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> "DataConfig":
@@ -100,11 +102,11 @@ class CategorySplitConfig(_Strict):
     measures images of a category the model was trained to reject.
     """
 
-    test_fraction: float = Field(0.0, ge=0, lt=1)
-    val_fraction: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
-    test_set: str = "coarse_pool"
-    val_set: str = "val_outliers"
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="share of the categories that become the test set")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of the categories that become the validation set")
+    seed: int = Field(0, description="seed of the draw of categories")
+    test_set: str = Field("coarse_pool", description="name of the coarse OOD test set")
+    val_set: str = Field("val_outliers", description="name of the validation-outlier set")
 
     @model_validator(mode="after")
     def _pool_left(self) -> "CategorySplitConfig":
@@ -124,10 +126,12 @@ class OutlierConfig(_Strict):
     low-resolution pool can get, so that blur tells outliers from ID images as little as possible.
     """
 
-    root: Path
+    root: Path = Field(description="folder tree of outlier images")
     exclude: list[str] = Field(default_factory=list, description="sub-folder names to leave out")
     categories: CategorySplitConfig | None = None
-    outlier_resize: Literal["same_as_id", "resize_center_crop"] = "same_as_id"
+    outlier_resize: Literal["same_as_id", "resize_center_crop"] = Field(
+        "same_as_id", description="how an outlier reaches the training resolution (see above)"
+    )
 
 
 class OODSetConfig(_Strict):
@@ -138,33 +142,37 @@ class OODSetConfig(_Strict):
     category being the first folder of an image's path under ``root``.
     """
 
-    root: Path
-    list_file: str | None = None
-    exclude: list[str] = Field(default_factory=list)
+    root: Path = Field(description="folder of the images")
+    list_file: str | None = Field(None, description="file under root listing the images; null: every image under root")
+    exclude: list[str] = Field(default_factory=list, description="categories (first folders under root) to leave out")
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(1e-3, gt=0)
-    min_lr: float = Field(1e-6, ge=0)
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = Field(1e-5, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    """The optimizer and its per-step cosine learning-rate schedule; the defaults are the MixOE paper's."""
+
+    name: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
+    lr: float = Field(1e-3, gt=0, description="learning rate at the start of the cosine schedule")
+    min_lr: float = Field(1e-6, ge=0, description="learning rate the cosine schedule ends at")
+    momentum: float = Field(0.9, description="SGD momentum")
+    nesterov: bool = Field(True, description="SGD with Nesterov momentum")
+    weight_decay: float = Field(1e-5, ge=0, description="weight decay")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up before the cosine schedule")
 
 
 class MethodConfig(_Strict):
     """The fine-tuning objective and its weights; the defaults are the MixOE paper's."""
 
-    name: Literal["baseline", "mixoe", "oe", "energy-oe"] = "baseline"
-    mix: Literal["mixup", "cutmix"] = "mixup"
+    name: Literal["baseline", "mixoe", "oe", "energy-oe"] = Field(
+        "baseline", description="baseline = cross-entropy only; the others need an outliers section"
+    )
+    mix: Literal["mixup", "cutmix"] = Field("mixup", description="MixOE: how ID images and outliers are mixed")
     alpha: float | None = Field(None, gt=0, description="Beta(alpha, alpha); default 1 for mixup, 2 for cutmix")
     beta: float = Field(5.0, ge=0, description="weight of the soft-target loss on mixed samples")
-    oe_weight: float = Field(1.0, ge=0)
+    oe_weight: float = Field(1.0, ge=0, description="OE: weight of the uniform-target loss on outliers")
     oe_outlier_ratio: int = Field(2, ge=1, description="outliers per ID image for OE / Energy-OE")
-    energy_weight: float = Field(0.1, ge=0)
-    m_in: float = -13.0
-    m_out: float = -6.0
+    energy_weight: float = Field(0.1, ge=0, description="Energy-OE: weight of the energy hinge loss")
+    m_in: float = Field(-13.0, description="Energy-OE: ID energies above this margin are penalised")
+    m_out: float = Field(-6.0, description="Energy-OE: outlier energies below this margin are penalised")
 
     @property
     def mix_alpha(self) -> float:
@@ -181,16 +189,20 @@ class EvaluationConfig(_Strict):
     or an :class:`OODSetConfig`; a pool's category split adds its validation and test parts.
     """
 
-    ood_sets: dict[str, Path | OODSetConfig] = Field(default_factory=dict)
+    ood_sets: dict[str, Path | OODSetConfig] = Field(
+        default_factory=dict, description="OOD sets by name: an image folder or an OOD set section"
+    )
     max_images_per_set: int | None = Field(None, ge=1, description="seeded subsample of large OOD folders")
     score: str | None = Field(None, description="deployed OOD score; default energy for energy-oe, else msp")
     knn_k: int = Field(10, ge=1, description="neighbour count of the knn score (its k-th nearest training feature)")
     knn_bank_size: int | None = Field(
         None, ge=1, description="KNN bank: a subsample of this many training features, seeded by the run's seed; "
-        "None = every training image"
+        "null = every training image"
     )
-    calibration_targets: list[float] = Field(default_factory=lambda: [0.90, 0.95, 0.99])
-    default_target: float = 0.95
+    calibration_targets: list[float] = Field(
+        default_factory=lambda: [0.90, 0.95, 0.99], description="operating points: target shares of ID images accepted"
+    )
+    default_target: float = Field(0.95, description="operating point used when a request names none")
     max_risks: list[float] = Field(
         default_factory=lambda: [0.01, 0.05], description="error rates to certify confidence thresholds for "
         "(models.selective); an empty list ships none"
@@ -198,7 +210,7 @@ class EvaluationConfig(_Strict):
     default_max_risk: float | None = Field(0.05, description="the risk level answers use unless a request picks one")
     risk_delta: float = Field(0.1, gt=0, lt=1, description="chance that a certified risk level does not hold")
     paper_protocol: bool = Field(False, description="also report the MixOE paper's balanced 10-draw protocol")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="images per batch when scoring")
 
     @field_validator("score")
     @classmethod
@@ -221,22 +233,22 @@ class EvaluationConfig(_Strict):
 class ExportConfig(_Strict):
     """Where ``mixoe export`` writes the bundle: ``<repository>/<name>/<version>/``."""
 
-    repository: Path = Path("models/repository")
-    name: str = "model"
-    version: str = "1"
+    repository: Path = Field(Path("models/repository"), description="model repository the bundle is written into")
+    name: str = Field("model", description="model name")
+    version: str = Field("1", description="model version")
 
 
 class BaselineStageConfig(_Strict):
     """The cross-entropy stage that ``mixoe pipeline`` runs before fine-tuning."""
 
-    epochs: int = Field(10, ge=1)
-    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-2)
+    epochs: int = Field(10, ge=1, description="epochs of the cross-entropy stage")
+    optimizer: OptimizerConfig = Field(OptimizerConfig(lr=1e-2), description="the cross-entropy stage's optimizer")
 
 
 class TrainConfig(_Strict):
     """A whole run: model, data, method, optimisation."""
 
-    architecture: str = "resnet50"
+    architecture: str = Field("resnet50", description="torchvision architecture name (models/nets.py)")
     pretrained: str | None = Field(
         None, description="torchvision weight name (e.g. IMAGENET1K_V1) or a local weights file"
     )
@@ -244,15 +256,19 @@ class TrainConfig(_Strict):
     data: DataConfig
     outliers: OutlierConfig | None = None
     method: MethodConfig = MethodConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    channels_last: bool = True
-    bf16: bool = True
-    sync_batchnorm: bool = False
-    output_dir: Path = Path("runs/default")
+    optimizer: OptimizerConfig = Field(
+        OptimizerConfig(), description="mixoe pipeline: the fine-tune's; the baseline stage reads baseline.optimizer"
+    )
+    epochs: int = Field(
+        10, ge=1, description="training epochs (mixoe pipeline: the fine-tune's; baseline.epochs: the baseline's)"
+    )
+    batch_size: int = Field(32, ge=1, description="ID images per step, over all processes together")
+    seed: int = Field(0, description="seed of initialisation, shuffling, augmentation and mixing")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    channels_last: bool = Field(True, description="on CUDA: channels-last memory format")
+    bf16: bool = Field(True, description="on CUDA: bfloat16 autocast")
+    sync_batchnorm: bool = Field(False, description="several GPUs: BatchNorm statistics over all processes")
+    output_dir: Path = Field(Path("runs/default"), description="run directory: checkpoints, metrics, report")
     evaluation: EvaluationConfig = EvaluationConfig()
     export: ExportConfig = ExportConfig()
     baseline: BaselineStageConfig = BaselineStageConfig()

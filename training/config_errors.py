@@ -20,12 +20,12 @@ class ConfigError(ValueError):
     """A configuration the command cannot run with; the message is one line for the user."""
 
 
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
+def models_in(annotation: Any) -> list[type[BaseModel]]:
     """The pydantic models an annotation can hold: itself, union members, dict values, list items."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType, dict, list, tuple):
-        return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+        return [model for arg in typing.get_args(annotation) for model in models_in(arg)]
     return []
 
 
@@ -37,7 +37,7 @@ def _all_models(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
         model = pending.pop()
         if model.__name__ not in found:
             found[model.__name__] = model
-            pending.extend(m for field in model.model_fields.values() for m in _models_in(field.annotation))
+            pending.extend(m for field in model.model_fields.values() for m in models_in(field.annotation))
     return found
 
 
@@ -47,7 +47,7 @@ def _fields_at(root: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
     for part in path:
         fields = {name: field for model in models for name, field in model.model_fields.items()}
         if part in fields:
-            models = _models_in(fields[part].annotation)
+            models = models_in(fields[part].annotation)
     return sorted({name for model in models for name in model.model_fields})
 
 

@@ -9,7 +9,6 @@ their CRDs kept in tests/deploy/crd_schemas. No cluster is involved.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import yaml
 from tests.deploy import k8s_invariants as inv
 from tests.deploy.k8s_invariants import DEPLOYMENTS, KUBERNETES, objects_of
 from tests.deploy.kustomize import load_documents
-from tests.deploy.promql import GAUGES, ROOT, rule_groups
+from tests.deploy.promql import GAUGES, rule_groups
+from tests.helpers.scripts import load_script
 
 SCHEMAS = Path(__file__).parent / "crd_schemas"
 # The oldest release with the preStop sleep action on by default, and the newest kubernetes-validate
@@ -37,10 +37,7 @@ CRD_SCHEMA_FILES = {
 
 
 def _load_k8s_rules_script():
-    spec = importlib.util.spec_from_file_location("k8s_rules", ROOT / "scripts" / "k8s_rules.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("k8s_rules")
 
 
 @functools.cache

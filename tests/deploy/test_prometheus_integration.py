@@ -7,7 +7,6 @@ and keeps its data in a temporary directory.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +19,9 @@ import pytest
 import yaml
 
 from service.local import free_port, start_local_server, stop_process, wait_until_ok
-from tests.deploy.promql import EXPORTED_SERIES, ROOT, RULES_DIR
+from tests.deploy.promql import EXPORTED_SERIES, RULES_DIR
 from tests.deploy.tools import find_tool
+from tests.helpers.scripts import load_script
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +39,7 @@ class Tiny:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     """The smoke-test bundle of scripts/make_tiny_bundle.py (also used by scripts/build_image.sh)."""
-    spec = importlib.util.spec_from_file_location("make_tiny_bundle", ROOT / "scripts" / "make_tiny_bundle.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_tiny_bundle")
     repository, images = tmp_path_factory.mktemp("repository"), tmp_path_factory.mktemp("images")
     module.make_tiny_bundle(repository, images)
     return Tiny(repository, (images / "accept.png").read_bytes(), (images / "reject.png").read_bytes())
