@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 from pytorch_ood.detector import KNN, Mahalanobis
+from sklearn.covariance import ledoit_wolf
+from torch import Tensor
 
 from models.feature_scores import (
     FitData,
     fit_knn_bank,
     fit_tied_gaussian,
+    ledoit_wolf_shrinkage,
     knn_distance,
     mahalanobis_distance,
     normalized,
@@ -71,7 +74,7 @@ def test_mahalanobis_matches_a_float64_computation_with_pseudo_inverse() -> None
     """Fewer images than dimensions (a singular covariance, as on small fine-grained sets)."""
     train, labels = _clusters(40, 64, 4, seed=7)
     queries, _ = _clusters(10, 64, 4, seed=8)
-    means, precision = fit_tied_gaussian(train, labels, 4)
+    means, precision = fit_tied_gaussian(train, labels, 4, shrinkage=0.0)
     f, y = train.double().numpy(), labels.numpy()
     mu = np.stack([f[y == c].mean(axis=0) for c in range(4)])
     centred = f - mu[y]
@@ -88,8 +91,47 @@ def test_mahalanobis_agrees_with_pytorch_ood_up_to_its_scaling() -> None:
     queries, _ = _clusters(50, 16, 3, seed=10)
     detector = Mahalanobis(None).fit_features(train, labels)
     theirs = detector.predict_features(queries).double().numpy()
-    ours = mahalanobis_distance(queries, *fit_tied_gaussian(train, labels, 3)).double().numpy()
+    ours = mahalanobis_distance(queries, *fit_tied_gaussian(train, labels, 3, shrinkage=0.0)).double().numpy()
     np.testing.assert_allclose(ours / (2 * len(train)), theirs, rtol=1e-3)
+
+
+def test_shrinkage_is_ledoit_wolf_as_scikit_learn_computes_it() -> None:
+    """The default fit shrinks by scikit-learn's Ledoit-Wolf estimate on the class-centred features."""
+    train, labels = _clusters(40, 64, 4, seed=7)
+    f, y = train.double().numpy(), labels.numpy()
+    mu = np.stack([f[y == c].mean(axis=0) for c in range(4)])
+    centred = f - mu[y]
+    _, shrinkage = ledoit_wolf(centred, assume_centered=True)
+    assert ledoit_wolf_shrinkage(torch.from_numpy(centred)) == pytest.approx(shrinkage, rel=1e-9)
+    assert 0.0 < shrinkage < 1.0
+    expected_covariance, _ = ledoit_wolf(centred, assume_centered=True)
+    _, precision = fit_tied_gaussian(train, labels, 4)
+    np.testing.assert_allclose(precision.double().numpy(), np.linalg.inv(expected_covariance), rtol=1e-3, atol=1e-4)
+
+
+def test_shrunk_mahalanobis_separates_where_the_singular_fit_does_not() -> None:
+    """Fewer training images than dimensions: held-out ID images are off the span of the training
+    set, so the pseudo-inverse of the singular covariance scores them like outliers, while the
+    shrunk covariance ranks a shifted cluster above them."""
+    generator = torch.Generator().manual_seed(21)
+    dims, classes = 128, 4
+    centres = 3.0 * torch.randn(classes, dims, generator=generator)
+
+    def draw(n: int, shift: float) -> tuple[Tensor, Tensor]:
+        labels = torch.arange(n) % classes
+        return centres[labels] + shift + torch.randn(n, dims, generator=generator), labels
+
+    train, labels = draw(60, 0.0)
+    held_out, _ = draw(200, 0.0)
+    outliers, _ = draw(200, 0.5)
+
+    def auroc(shrinkage: float | None) -> float:
+        state = fit_tied_gaussian(train, labels, classes, shrinkage=shrinkage)
+        inside, outside = mahalanobis_distance(held_out, *state), mahalanobis_distance(outliers, *state)
+        return float((outside[:, None] > inside[None, :]).double().mean())
+
+    assert auroc(None) > 0.8  # measured 0.846 at this seed
+    assert auroc(None) > auroc(0.0) + 0.08  # the singular fit: 0.716
 
 
 def test_subsample_is_seeded_sorted_and_sized() -> None:
@@ -107,6 +149,8 @@ def test_impossible_fits_and_neighbour_counts_are_refused() -> None:
         knn_distance(train, fit_knn_bank(train), 21)
     with pytest.raises(ValueError, match=r"no training features for classes \[2\]"):
         fit_tied_gaussian(train, labels, 3)
+    with pytest.raises(ValueError, match=r"shrinkage must lie in \[0, 1\], got 1.5"):
+        fit_tied_gaussian(train, labels, 2, shrinkage=1.5)
 
 
 @pytest.mark.parametrize("name", sorted(SCORES))
