@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.uploads import MAX_FILENAME_BYTES
+from service.api.uploads import MAX_FILENAME_BYTES
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files
 

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from tritonclient.http import InferenceServerClient
 
 from service.app import create_app
-from service.oip import InferCall, parse_infer_request
-from service.routes import v2
+from service.api.oip import InferCall, parse_infer_request
+from service.api.routes import v2
 from service.settings import Settings
 from tests.service.helpers import TinyModel, infer_json, role_files, triton_input
 
