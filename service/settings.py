@@ -17,8 +17,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import models
-from models.network.images import MAX_IMAGE_PIXELS
 from models.contract.trust import load_public_keys
+from models.network.images import MAX_IMAGE_PIXELS
 
 EMBEDDED_REPOSITORY = Path(models.__file__).resolve().parent / "repository"
 """The model repository shipped inside the ``models`` package (``models/repository``)."""

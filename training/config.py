@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models.network.nets import get_architecture
 from models.network.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from models.scoring.scores import get_score
 from models.network.weights import check_pretrained
+from models.scoring.scores import get_score
 from training.config_errors import ConfigError, explain
 
 Model = TypeVar("Model", bound=BaseModel)

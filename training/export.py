@@ -18,15 +18,15 @@ from models.contract.bundle import save_bundle
 from models.contract.manifest import Manifest
 from models.network.nets import build_network
 from training.assess.calibrate import load_calibration, require_current_weights
-from training.fit.checkpoint import BEST_INFO, load_best_weights
-from training.config import TrainConfig
-from training.data.datasets import Sample, fingerprint
-from training.data.transforms import preprocessing_of
 from training.assess.evaluate import EVALUATION_JSON
-from training.data.experiment import load_experiment_data
 from training.assess.report import write_report
 from training.assess.scoring import ID_TEST, FittedScore, run_logits
+from training.config import TrainConfig
+from training.data.datasets import Sample, fingerprint
+from training.data.experiment import load_experiment_data
 from training.data.splits import pool_files
+from training.data.transforms import preprocessing_of
+from training.fit.checkpoint import BEST_INFO, load_best_weights
 
 
 def _pool_fingerprint(config: TrainConfig) -> str:

@@ -17,11 +17,11 @@ from functools import partial
 from pathlib import Path
 
 from training.assess.calibrate import calibrate
-from training.fit.checkpoint import removed_if_failed
-from training.config import MethodConfig, TrainConfig, save_config
-from training.fit.distributed import distributed_session
 from training.assess.evaluate import evaluate
+from training.config import MethodConfig, TrainConfig, save_config
 from training.export import export
+from training.fit.checkpoint import removed_if_failed
+from training.fit.distributed import distributed_session
 from training.fit.trainer import train
 
 log = logging.getLogger(__name__)

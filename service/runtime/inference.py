@@ -20,10 +20,10 @@ from typing import cast
 import torch
 from torch import Tensor
 
+from models.calibration.selective import Decision, decide
 from models.contract.manifest import BundleError, OperatingPoint
 from models.contract.manifest import RiskLevel
 from models.runtime import Bundle, PendingLogits
-from models.calibration.selective import Decision, decide
 
 logger = logging.getLogger("mixoe.inference")
 

@@ -42,9 +42,9 @@ from torch import Tensor
 
 from models.contract.manifest import BundleError, OperatingPoint
 from models.runtime import Bundle, PendingLogits, load_bundle
+from service.monitoring.logs import log_failure
 from service.runtime.inference import ImageVerdict, ModelRunner, graphs_note, stack_on
 from service.runtime.jpeg import decode_plain_jpegs
-from service.monitoring.logs import log_failure
 from service.runtime.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request, Run, model_key
 
 logger = logging.getLogger("mixoe.model_process")

@@ -29,12 +29,12 @@ from torch import Tensor
 
 from models.runtime import Bundle
 from service.api.admission import Ticket
-from service.runtime.decoding import load_image, open_image
-from service.monitoring.drift import DriftAlarms
 from service.api.errors import ErrorCode, InvalidInput, InvalidParameter, ModelFailure, PayloadTooLarge
+from service.monitoring.drift import DriftAlarms
+from service.monitoring.metrics import ServiceMetrics
+from service.runtime.decoding import load_image, open_image
 from service.runtime.inference import ImageJob, ImageVerdict
 from service.runtime.jpeg import decode_plain_jpeg, is_plain_jpeg
-from service.monitoring.metrics import ServiceMetrics
 from service.runtime.registry import LoadedModel
 from service.settings import Settings
 

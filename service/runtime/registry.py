@@ -16,8 +16,8 @@ from pathlib import Path
 from models.contract.index import find_bundles, latest_version
 from models.contract.manifest import BundleError, OperatingPoint, RiskLevel
 from models.runtime import Bundle
-from service.runtime.batcher import MicroBatcher
 from service.api.errors import ErrorCode, InvalidParameter, ModelNotFound
+from service.runtime.batcher import MicroBatcher
 from service.runtime.inference import ImageJob, ImageVerdict
 from service.settings import split_pin
 

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from models.contract.bundle import save_bundle, sha256_file
 from models.calibration.conformal import conformal_p_values
+from models.contract.bundle import save_bundle, sha256_file
 from models.contract.index import find_bundles, latest_version
 from models.contract.manifest import MANIFEST_FILE, WEIGHTS_FILE, BundleError, Calibration, Manifest, OperatingPoint, ScoreSpec
 from models.network.nets import Classifier, build_network

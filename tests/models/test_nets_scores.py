@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models.network.nets import ARCHITECTURES, build_network
-from models.scoring.scores import SCORES, get_score
 from models.network.weights import offline_mobilenet_v2_weights
+from models.scoring.scores import SCORES, get_score
 
 CONFIDENT = torch.tensor([[12.0, 0.0, 0.0, 0.0]])
 FLAT = torch.zeros(1, 4)

@@ -39,10 +39,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.http import InferInput
 
 from models.contract.bundle import save_bundle
-from models.scoring.feature_scores import FitData
 from models.contract.manifest import Calibration, Manifest, OperatingPoint, RiskLevel, ScoreSpec, SelectiveCalibration
 from models.network.nets import Classifier, build_network
 from models.network.preprocess import Preprocessing, preprocess_batch
+from models.scoring.feature_scores import FitData
 from models.scoring.scores import get_score
 
 CLASS_NAMES = ["red", "green", "blue"]

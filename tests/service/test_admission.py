@@ -17,10 +17,10 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import service.runtime.predictor
 from service.api.admission import Admission
-from service.app import create_app
 from service.api.errors import Overloaded
+from service.app import create_app
+import service.runtime.predictor
 from service.settings import Settings
 from tests.service.helpers import TinyModel, infer_json, role_files, serve_in_process
 

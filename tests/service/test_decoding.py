@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from models.network.images import MAX_IMAGE_PIXELS
-from service.runtime.decoding import decode_image
 from service.api.errors import ErrorCode, InvalidInput, PayloadTooLarge
+from service.runtime.decoding import decode_image
 from service.settings import Settings
 from tests.helpers.images import png_claiming
 from tests.service.helpers import encode, noise_image, solid

@@ -9,9 +9,9 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
-from models.scoring.feature_scores import knn_distance
 from models.contract.manifest import SCORE_STATE_FILE
 from models.runtime import load_bundle
+from models.scoring.feature_scores import knn_distance
 from service.app import create_app
 from service.runtime.decoding import decode_image
 from service.settings import Settings

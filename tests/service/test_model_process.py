@@ -24,16 +24,16 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, Histogram
 
-import service.runtime.model_host
 from models.runtime import Bundle, load_bundle
 from service.api.admission import Admission
-from service.runtime.batcher import MicroBatcher
-from service.runtime.decoding import decode_image
 from service.api.errors import ErrorCode, InvalidInput, NotReady
-from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner
 from service.local import LocalServer, log_entries, start_local_server
 from service.monitoring.metrics import ServiceMetrics, score_buckets
+from service.runtime.batcher import MicroBatcher
+from service.runtime.decoding import decode_image
+from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner
 from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
+import service.runtime.model_host
 from service.runtime.model_host import LoadDone, ModelHost, Release, Task
 from service.runtime.model_process import ModelProcess
 from service.runtime.predictor import Predictor, Upload

@@ -25,12 +25,12 @@ import torch
 from fastapi.testclient import TestClient
 
 from models.runtime import Bundle
-from service.app import create_app
 from service.api.errors import DeadlineExceeded, NotReady
-from service.runtime.inference import ModelRunner
+from service.app import create_app
 from service.local import log_entries
-from service.runtime.model_host import ModelHost, Task
+from service.runtime.inference import ModelRunner
 from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
+from service.runtime.model_host import ModelHost, Task
 from service.runtime.model_process import ModelProcess, _receive
 from service.runtime.protocol import Call, Failed, Judged, Ping, model_key
 from service.settings import Settings

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from torch import nn
 
-from training.fit import trainer
 from training.config import TrainConfig, load_config
+from training.fit import trainer
 from training.fit.distributed import distributed_session
 
 ModelBuilder = Callable[[TrainConfig, int], nn.Module]

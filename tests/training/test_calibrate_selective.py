@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.contract.manifest import Calibration, OperatingPoint, ScoreSpec
 from models.calibration.selective import binomial_cdf
+from models.contract.manifest import Calibration, OperatingPoint, ScoreSpec
 from tests.helpers.logits import synthetic_logits
 from training.assess.calibrate import CalibrationRecord, calibrate_selective, calibration_markdown
-from training.config import EvaluationConfig
 from training.assess.scoring import SetLogits, confidences, misclassified
+from training.config import EvaluationConfig
 
 
 def _set(n: int, seed: int) -> SetLogits:

@@ -24,12 +24,12 @@ from models.network.weights import offline_mobilenet_v2_weights, pretrained_file
 from tests.helpers.images import make_image_folder
 from tests.helpers.runs import REPO, tiny_config
 from training import cli_parser
-from training.data import experiment
-from training.fit import trainer
 from training.assess.calibrate import CalibrationRecord, calibration_markdown
 from training.cli import main
-from training.pipeline import stage_configs
+from training.data import experiment
+from training.fit import trainer
 from training.fit.trainer import config_fingerprint
+from training.pipeline import stage_configs
 
 
 def _error_line(capsys: pytest.CaptureFixture) -> str:

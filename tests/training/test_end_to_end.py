@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from models.runtime import load_bundle
 from tests.helpers.images import make_image_folder
 from tests.helpers.runs import kill_mid_write, tiny_config
-from training.fit import trainer
 from training.cli import main
+from training.fit import trainer
 
 CLASSES = ["amber", "blue", "crimson", "green"]
 

@@ -15,9 +15,9 @@ from models.runtime import load_bundle
 from models.scoring.scores import SCORES
 from tests.helpers.images import make_image_folder
 from tests.helpers.runs import tiny_config
-from training.fit import trainer
 from training.cli import main
 from training.config import save_config
+from training.fit import trainer
 
 CLASSES = ["amber", "blue", "crimson"]
 

@@ -31,6 +31,7 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from models.calibration.selective import UnsupportedRiskError, selective_threshold
 from models.contract.bundle import sha256_file
 from models.contract.manifest import (
     SCORE_STATE_FILE,
@@ -42,11 +43,10 @@ from models.contract.manifest import (
     UnsupportedRisk,
 )
 from models.network.nets import Precision
-from models.calibration.selective import UnsupportedRiskError, selective_threshold
-from training.fit.checkpoint import BEST_WEIGHTS, atomic_write
-from training.config import EvaluationConfig, TrainConfig
 from training.assess.report import markdown_table
 from training.assess.scoring import ID_TEST, ID_TRAIN, ID_VAL, SetLogits, confidences, fit_score, misclassified, run_logits
+from training.config import EvaluationConfig, TrainConfig
+from training.fit.checkpoint import BEST_WEIGHTS, atomic_write
 
 CALIBRATION_JSON = "calibration.json"
 logger = logging.getLogger("mixoe.calibrate")

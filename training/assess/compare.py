@@ -28,20 +28,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.network.preprocess import EvalGeometry
 from training.assess.calibrate import calibrate
-from training.fit.checkpoint import atomic_write
 from training.assess.compare_table import Record, markdown, paired_differences, select, summarize
+from training.assess.evaluate import evaluate
+from training.assess.metrics import accuracy, auroc
+from training.assess.scoring import ID_VAL, fit_score, run_logits
 from training.config import MethodConfig, TrainConfig, read_raw, validated
 from training.data.datasets import ImageDataset, Sample
-from training.assess.evaluate import evaluate
 from training.data.experiment import load_experiment_data
-from training.export import export
-from training.fit.methods import METHOD_NAMES
-from training.assess.metrics import accuracy, auroc
-from training.pipeline import stage_configs
-from training.assess.scoring import ID_VAL, fit_score, run_logits
 from training.data.splits import ood_sets
-from training.fit.trainer import train
 from training.data.transforms import preprocessing_of
+from training.export import export
+from training.fit.checkpoint import atomic_write
+from training.fit.methods import METHOD_NAMES
+from training.fit.trainer import train
+from training.pipeline import stage_configs
 
 log = logging.getLogger(__name__)
 BLEND = "val_blend"

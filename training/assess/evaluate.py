@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from models.scoring.scores import SCORES
-from training.fit.checkpoint import atomic_write
-from training.config import TrainConfig
 from training.assess.metrics import RiskCoverage, accuracy, ood_metrics, paper_protocol_metrics, risk_coverage
 from training.assess.report import markdown_table
 from training.assess.scoring import ID_TEST, fit_score, misclassified, run_logits
+from training.config import TrainConfig
+from training.fit.checkpoint import atomic_write
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"

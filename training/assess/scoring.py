@@ -31,17 +31,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.contract.bundle import sha256_file
-from models.scoring.feature_scores import FitData
 from models.contract.manifest import ScoreSpec
 from models.network.nets import Classifier, Precision, build_network, default_precision, deployed_outputs, resolve_device
 from models.network.preprocess import EvalTransform, Preprocessing
+from models.scoring.feature_scores import FitData
 from models.scoring.scores import get_score
-from training.fit.checkpoint import BEST_WEIGHTS, atomic_write, load_best_weights
 from training.config import TrainConfig
 from training.data.datasets import ImageDataset, Sample, collate_skipping_bad, fingerprint
 from training.data.experiment import load_experiment_data
 from training.data.splits import ood_sets
 from training.data.transforms import preprocessing_of
+from training.fit.checkpoint import BEST_WEIGHTS, atomic_write, load_best_weights
 
 ID_TRAIN, ID_VAL, ID_TEST, FINE = "id_train", "id_val", "id_test", "fine"
 ID_SETS = (ID_TRAIN, ID_VAL, ID_TEST)

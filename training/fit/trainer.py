@@ -37,8 +37,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from models.network.nets import build_network
-from models.network.weights import pretrained_file
 from models.network.preprocess import Normalization
+from models.network.weights import pretrained_file
+from training.config import TrainConfig, save_config
+from training.data.datasets import ImageDataset, OutlierPool, SeededItems, collate_skipping_bad
+from training.data.experiment import ExperimentData, load_experiment_data
+from training.data.splits import pool_exclusions
+from training.data.transforms import (
+    build_eval_geometry, build_outlier_transform, build_train_transform, preprocessing_of,
+)
 from training.fit.checkpoint import (
     load_best_weights,
     load_training_state,
@@ -48,15 +55,8 @@ from training.fit.checkpoint import (
     save_training_state,
     unwrap,
 )
-from training.config import TrainConfig, save_config
-from training.data.datasets import ImageDataset, OutlierPool, SeededItems, collate_skipping_bad
 from training.fit.distributed import DistributedContext, ShardSampler, distributed_session
-from training.data.experiment import ExperimentData, load_experiment_data
 from training.fit.methods import Method, build_method
-from training.data.splits import pool_exclusions
-from training.data.transforms import (
-    build_eval_geometry, build_outlier_transform, build_train_transform, preprocessing_of,
-)
 
 log = logging.getLogger(__name__)
 
