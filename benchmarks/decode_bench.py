@@ -1,7 +1,7 @@
 """Upload bytes -> model crop: PIL beside torchvision's JPEG decoder on the CPU (and nvjpeg on a GPU).
 
 The service turns each upload into the uint8 crop the model was calibrated on in its decoding
-thread pool (``service.predictor.prepare_image``). This times that step alone, on real JPEGs, for
+thread pool (``service.runtime.predictor.prepare_image``). This times that step alone, on real JPEGs, for
 each decoder path and thread count, in one run (compare the ratios):
 
 * ``pil``          PIL decode -> ``Bundle.pixels`` (the calibration pipeline);
@@ -33,12 +33,12 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from machine import machine_name
-from models.nets import resolve_device
+from models.network.nets import resolve_device
 from models.runtime import Bundle, load_bundle
 from serve_bench import DECODE_LIMITS, DEFAULT_IMAGES, ROOT, default_bundle, load_jpegs
-from service.decoding import decode_image, open_image
-from service.jpeg import is_plain_jpeg
-from service.predictor import Upload, prepare_image
+from service.runtime.decoding import decode_image, open_image
+from service.runtime.jpeg import is_plain_jpeg
+from service.runtime.predictor import Upload, prepare_image
 from service.settings import Settings
 
 

@@ -3,9 +3,9 @@
 Simulated OOD scores (higher = more OOD): in-distribution scores ~ N(0, 1), OOD scores ~ N(2, 1)
 (an AUROC of 0.92). Every stream gets its own fresh calibration set of n ID scores, from which
 the service's quantities follow: the smoothed p-value of each input, fed to the martingale
-(``models.drift``, alarm at M >= 1/delta) twice, once against the fixed calibration set (as the
-served p-values are: ``models.conformal``) and once in the online mode the service bets on
-(against the calibration set and every earlier input: ``models.online_conformal``); and the 0.95
+(``models.calibration.drift``, alarm at M >= 1/delta) twice, once against the fixed calibration set (as the
+served p-values are: ``models.calibration.conformal``) and once in the online mode the service bets on
+(against the calibration set and every earlier input: ``models.calibration.online_conformal``); and the 0.95
 operating point's threshold
 (``conformal_threshold``), whose rejections feed ``MixOERejectionRatioHigh`` as Prometheus would
 evaluate it: at a traffic of ``r`` images per minute, every ``r`` images the rejection ratio over
@@ -35,9 +35,9 @@ from numpy.typing import NDArray
 
 from machine import machine_name
 
-from models.conformal import conformal_threshold, smoothed_p_values
-from models.drift import DEFAULT_JUMP_RATE, PowerJumper, alarm_log10_level
-from models.online_conformal import OnlineConformal
+from models.calibration.conformal import conformal_threshold, smoothed_p_values
+from models.calibration.drift import DEFAULT_JUMP_RATE, PowerJumper, alarm_log10_level
+from models.calibration.online_conformal import OnlineConformal
 
 ROOT = Path(__file__).resolve().parents[1]
 OOD_MEAN = 2.0

@@ -30,15 +30,15 @@ import torch
 import yaml
 from PIL import Image
 
-from models.nets import build_network, deployed_logits
-from models.scores import get_score
-from models.preprocess import EvalTransform
-from training.checkpoint import load_best_weights
+from models.network.nets import build_network, deployed_logits
+from models.network.preprocess import EvalTransform
+from models.scoring.scores import get_score
+from training.assess.metrics import auroc
+from training.assess.scoring import FINE, ID_TEST, ID_VAL, assessment_sets, run_logits, scores_of
 from training.config import TrainConfig
-from training.experiment import load_experiment_data
-from training.metrics import auroc
-from training.scoring import FINE, ID_TEST, ID_VAL, assessment_sets, run_logits, scores_of
-from training.transforms import preprocessing_of
+from training.data.experiment import load_experiment_data
+from training.data.transforms import preprocessing_of
+from training.fit.checkpoint import load_best_weights
 
 CRITERIA = ("val_outliers", "mixed", "shuffled")
 TILES = 4

@@ -64,7 +64,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # Fail now, not after minutes of training, if a package the later steps import is missing.
 "$PYTHON" -c "import service.app, service.__main__, training.cli, httpx, uvicorn"
 GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
-WEIGHTS=$("$PYTHON" -c "from models.weights import offline_mobilenet_v2_weights as w; print(w())")
+WEIGHTS=$("$PYTHON" -c "from models.network.weights import offline_mobilenet_v2_weights as w; print(w())")
 echo "gpu_check: $GPUS GPU(s); output in $OUT_DIR"
 
 # A device session is short and may not come twice: a failed step is reported and the steps that

@@ -3,7 +3,7 @@
 Every configuration runs ``bundle.predict`` on the same preprocessed batch of real photos (the
 model's whole serving step: forward pass, score, p-values, accept flags, results on the CPU). MSP
 scores the logits; KNN computes the penultimate features in the same pass and scores them with one
-matrix product against the bank and a top-k (``models.feature_scores.knn_distance``). Banks:
+matrix product against the bank and a top-k (``models.scoring.feature_scores.knn_distance``). Banks:
 
 * ``knn-train``: the normalised features of ``--bank-images`` training photos of the data set,
   as ``mixoe calibrate`` would fit them;
@@ -35,10 +35,10 @@ from PIL import Image
 
 from machine import machine_name  # a sibling module: the script's directory is on sys.path
 
-from models.feature_scores import fit_knn_bank, knn_distance, normalized
-from models.manifest import ScoreSpec
+from models.contract.manifest import ScoreSpec
 from models.runtime import Bundle, load_bundle
-from models.scores import msp
+from models.scoring.feature_scores import fit_knn_bank, knn_distance, normalized
+from models.scoring.scores import msp
 
 ROOT = Path(__file__).resolve().parents[1]
 

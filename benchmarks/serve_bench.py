@@ -53,12 +53,12 @@ from torch import Tensor
 
 from load_generator import LoadGenerator, request_bodies
 from machine import machine_name
-from models.manifest import BundleError
-from models.nets import resolve_device
+from models.contract.manifest import BundleError
+from models.network.nets import resolve_device
 from models.runtime import Bundle, load_bundle
-from service.decoding import decode_image
 from service.local import start_local_server
-from service.registry import select_bundles
+from service.runtime.decoding import decode_image
+from service.runtime.registry import select_bundles
 from service.settings import EMBEDDED_REPOSITORY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ class ModelProcessSampler:
 
 
 def _function(frame: str) -> str:
-    """``ModelHost.step (service/model_host.py:151)`` -> ``ModelHost.step (model_host.py)``."""
+    """``ModelHost.step (service/runtime/model_host.py:151)`` -> ``ModelHost.step (model_host.py)``."""
     name, _, where = frame.partition(" (")
     return f"{name} ({Path(where.rsplit(':', 1)[0]).name})" if where else name
 

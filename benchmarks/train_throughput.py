@@ -35,12 +35,12 @@ from torch.utils.data import DataLoader, RandomSampler
 from torchvision.transforms import v2
 
 from machine import machine_name
-from models.nets import build_network, resolve_device
-from models.preprocess import Normalization
+from models.network.nets import build_network, resolve_device
+from models.network.preprocess import Normalization
 from training.config import DataConfig, MethodConfig, TransformConfig
-from training.data import ImageDataset, OutlierPool, collate_skipping_bad, load_split
-from training.methods import build_method
-from training.transforms import build_train_transform, preprocessing_of
+from training.data.datasets import ImageDataset, OutlierPool, collate_skipping_bad, load_split
+from training.data.transforms import build_train_transform, preprocessing_of
+from training.fit.methods import build_method
 
 
 def reference_transform(cfg: TransformConfig) -> v2.Compose:

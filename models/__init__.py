@@ -3,8 +3,9 @@
 Shared by ``training`` (which writes bundles) and ``service`` (which loads them); depends on torch,
 torchvision, numpy, pillow, pydantic and safetensors only.
 
-A bundle is four modules, each importing only those before it: ``manifest`` (the contract: file
-layout and schema), ``bundle`` (writing and verified reading of the files), ``index`` (which
-bundles a repository holds) and ``runtime`` (a loaded bundle predicting on its device). Training
-needs the first two only.
+Grouped by role: ``network`` (backbone, weights, preprocessing, CUDA graphs), ``scoring`` (OOD
+scores), ``calibration`` (conformal thresholds and p-values, selective risk, drift), ``contract``
+(the bundle: manifest, trust, files, index) and ``runtime`` (a loaded bundle predicting on its
+device). Training writes bundles with ``contract.manifest`` and ``contract.bundle`` and never loads
+``runtime``.
 """

@@ -1,14 +1,14 @@
 """A loaded bundle on its device: preprocessing, forward pass, OOD scores and accept/reject.
 
-:func:`load_bundle` puts the files :func:`models.bundle.read_bundle` verified onto a device as a
+:func:`load_bundle` puts the files :func:`models.contract.bundle.read_bundle` verified onto a device as a
 :class:`Bundle`; :meth:`Bundle.start` launches a batch (replaying a CUDA graph where one was
 captured) and :meth:`Bundle.finish` turns its :class:`PendingLogits` into :class:`Predictions`.
-Only the service runs models this way; training imports :mod:`models.manifest` and
-:mod:`models.bundle`, never this module.
+Only the service runs models this way; training imports :mod:`models.contract.manifest` and
+:mod:`models.contract.bundle`, never this module.
 
-Scores follow :mod:`models.scores` (higher = more OOD): an input is accepted when its score is at
+Scores follow :mod:`models.scoring.scores` (higher = more OOD): an input is accepted when its score is at
 most the operating point's conformal threshold, and its p-value comes from the same calibration
-scores (:mod:`models.conformal`).
+scores (:mod:`models.calibration.conformal`).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from models.bundle import read_bundle
-from models.conformal import conformal_p_values
-from models.graphs import GraphedForward
-from models.manifest import BundleError, Manifest, OperatingPoint
-from models.nets import Classifier, device_logits, device_outputs
-from models.preprocess import EvalGeometry, Normalization, preprocess_batch
-from models.scores import get_score
-from models.trust import BundleTrust
+from models.calibration.conformal import conformal_p_values
+from models.contract.bundle import read_bundle
+from models.contract.manifest import BundleError, Manifest, OperatingPoint
+from models.contract.trust import BundleTrust
+from models.network.graphs import GraphedForward
+from models.network.nets import Classifier, device_logits, device_outputs
+from models.network.preprocess import EvalGeometry, Normalization, preprocess_batch
+from models.scoring.scores import get_score
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Bundle:
 
     def capture_graph(self, batch_size: int) -> None:
         """Record the forward pass of uint8 batches of ``batch_size`` as a CUDA graph (CUDA only),
-        which :meth:`predict` then replays for such batches (see ``models.graphs``)."""
+        which :meth:`predict` then replays for such batches (see ``models.network.graphs``)."""
         if self._graphs is None:
             self._graphs = GraphedForward(self._device_pixels, self.device)
         size = self.manifest.preprocessing.input_size
@@ -220,7 +220,7 @@ def _pinned_copy(tensor: Tensor) -> Tensor:
 
 
 def load_bundle(path: Path, device: str | torch.device = "cpu", trust: BundleTrust | None = None) -> Bundle:
-    """The bundle at ``path``, verified by :func:`models.bundle.read_bundle` (any problem raises
-    :class:`~models.manifest.BundleError` before anything is built), ready to predict on ``device``."""
+    """The bundle at ``path``, verified by :func:`models.contract.bundle.read_bundle` (any problem raises
+    :class:`~models.contract.manifest.BundleError` before anything is built), ready to predict on ``device``."""
     stored = read_bundle(path, trust)
     return Bundle(stored.path, stored.manifest, stored.model, torch.device(device), stored.score_state)

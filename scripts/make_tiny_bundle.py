@@ -3,7 +3,7 @@
 
 For smoke tests of a deployment (``scripts/build_image.sh``, ``tests/deploy/``) where the real
 default model may not exist yet, or is too slow to load: a randomly initialised MobileNetV2 with a
-2-way head at 32 px, saved with :func:`models.bundle.save_bundle`. The thresholds are not
+2-way head at 32 px, saved with :func:`models.contract.bundle.save_bundle`. The thresholds are not
 calibrated on data; they are placed between the OOD scores that the saved bundle itself gives two
 generated images, so the outcome is known in advance:
 
@@ -11,7 +11,7 @@ generated images, so the outcome is known in advance:
 * ``reject.png`` scores above both (rejected at either).
 
 Two operating points ship, 0.95 (the default) and 0.90, each the k-th smallest of 19 synthetic
-calibration scores with k = ceil(target * (n + 1)), as ``models.manifest`` requires.
+calibration scores with k = ceil(target * (n + 1)), as ``models.contract.manifest`` requires.
 
     .venv/bin/python scripts/make_tiny_bundle.py /tmp/repository --images /tmp/images
 """
@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout: make `models` importable
     sys.path.insert(0, str(ROOT))
 
-from models.bundle import save_bundle  # noqa: E402
-from models.manifest import Calibration, Manifest, OperatingPoint, ScoreSpec  # noqa: E402
-from models.nets import build_network  # noqa: E402
-from models.preprocess import Preprocessing  # noqa: E402
+from models.contract.bundle import save_bundle  # noqa: E402
+from models.contract.manifest import Calibration, Manifest, OperatingPoint, ScoreSpec  # noqa: E402
+from models.network.nets import build_network  # noqa: E402
+from models.network.preprocess import Preprocessing  # noqa: E402
 from models.runtime import load_bundle  # noqa: E402
 
 N_CALIBRATION = 19

@@ -3,9 +3,9 @@
 One process serves one device by default (run one container per GPU): concurrency comes from the
 micro-batcher. When one Python process cannot keep a GPU busy (its event loop parses every upload
 and its threads share one interpreter lock), ``MIXOE_WORKERS=N`` starts N processes on the same
-device and port, and the metrics of all of them are merged (:mod:`service.metrics`). On a CUDA
+device and port, and the metrics of all of them are merged (:mod:`service.monitoring.metrics`). On a CUDA
 device (or with ``MIXOE_MODEL_PROCESS=true``) one more process then holds the models and runs the
-batches of all workers together (:mod:`service.model_process`); with
+batches of all workers together (:mod:`service.runtime.model_process`); with
 ``MIXOE_MODEL_PROCESS=false`` each worker holds its own copy of the models and forms its own
 batches. On SIGTERM the server stops accepting
 connections, reads requests on those it accepted for half a second more (:mod:`service.server`),
@@ -31,11 +31,11 @@ from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess, multiprocess
 
+from service.api.connections import GuardedHttpProtocol
 from service.app import create_app
-from service.connections import GuardedHttpProtocol
-from service.logs import configure_logging
-from service.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
-from service.model_process import ModelProcess
+from service.monitoring.logs import configure_logging
+from service.monitoring.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
+from service.runtime.model_process import ModelProcess
 from service.server import DrainingServer, DrainingWorker
 from service.settings import Settings, is_setting_variable
 
@@ -125,10 +125,10 @@ def _server_options(settings: Settings) -> dict[str, Any]:
         "port": settings.port,
         "log_config": None,  # keep the JSON handlers configured above
         "log_level": settings.log_level,
-        "access_log": False,  # service.access logs each request once, as JSON
+        "access_log": False,  # service.api.access logs each request once, as JSON
         "timeout_graceful_shutdown": math.ceil(settings.shutdown_timeout_s),
         "server_header": False,
-        "http": GuardedHttpProtocol,  # header deadline and connection cap (service.connections)
+        "http": GuardedHttpProtocol,  # header deadline and connection cap (service.api.connections)
     }
 
 

@@ -7,15 +7,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.access import AccessMiddleware
-from service.connections import LIMITS_STATE_KEY, connection_limits
+from service.api.access import AccessMiddleware
+from service.api.connections import LIMITS_STATE_KEY, connection_limits
+from service.api.errors import install_error_handlers
+from service.api.limits import BodyLimitMiddleware
+from service.api.openapi import complete_openapi
+from service.api.routes import docs, drift, ops, page, predict, v2
+from service.api.startup import StartupFailureMiddleware
 from service.context import ServiceContext
-from service.errors import install_error_handlers
-from service.limits import BodyLimitMiddleware
-from service.openapi import complete_openapi
-from service.routes import docs, drift, ops, page, predict, v2
 from service.settings import Settings
-from service.startup import StartupFailureMiddleware
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -27,7 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         context = await ServiceContext.start(settings)
         app.state.context = context
         try:
-            # Lifespan state reaches the server's connection protocol (service.connections).
+            # Lifespan state reaches the server's connection protocol (service.api.connections).
             yield {LIMITS_STATE_KEY: connection_limits(settings)}
         finally:
             await context.stop()
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="MixOE OOD-aware image classification",
         summary="Class, OOD score and accept/reject per image; Open Inference Protocol; Prometheus metrics.",
         lifespan=lifespan,
-        docs_url=None,  # service.routes.docs serves them from local files
+        docs_url=None,  # service.api.routes.docs serves them from local files
         redoc_url=None,
     )
     app.state.settings = settings

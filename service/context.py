@@ -1,6 +1,6 @@
 """Everything a running app owns (models, batchers, thread pools, metrics), started and stopped together.
 
-Start-up loads every selected bundle (hash-checked by ``models.bundle``, and signature-checked
+Start-up loads every selected bundle (hash-checked by ``models.contract.bundle``, and signature-checked
 or digest-pinned as the settings ask; any failure stops the process before it reports ready), warms each model up once, then starts the batchers. Shutdown
 marks the service not ready, lets each batcher finish its queue, then joins the threads.
 
@@ -12,7 +12,7 @@ which owns the connection) until it answers again.
 All models share ONE inference thread: a GPU runs one batch at a time anyway, and a single
 thread keeps CUDA streams and CPU thread pools from contending. Decoding has its own pool. With
 ``MIXOE_MODEL_PROCESS`` that thread hands each batch to the model process instead
-(:mod:`service.model_process`), and the models here stay on the CPU for preprocessing and metadata.
+(:mod:`service.runtime.model_process`), and the models here stay on the CPU for preprocessing and metadata.
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ from dataclasses import dataclass
 
 import torch
 
-from models.nets import resolve_device
+from models.contract.trust import BundleTrust, load_public_keys
+from models.network.nets import resolve_device
 from models.runtime import Bundle, load_bundle
-from models.trust import BundleTrust, load_public_keys
-from service.admission import Admission
-from service.batcher import MicroBatcher
-from service.drift import DriftAlarms
-from service.errors import ServiceError
-from service.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
-from service.metrics import ServiceMetrics, multiprocess_directory, score_buckets
-from service.model_client import HostedModelRunner, ModelProcessClient
-from service.predictor import Predictor
-from service.registry import LoadedModel, ModelRegistry, select_bundles
+from service.api.admission import Admission
+from service.api.errors import ServiceError
+from service.monitoring.drift import DriftAlarms
+from service.monitoring.metrics import ServiceMetrics, multiprocess_directory, score_buckets
+from service.runtime.batcher import MicroBatcher
+from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
+from service.runtime.model_client import HostedModelRunner, ModelProcessClient
+from service.runtime.predictor import Predictor
+from service.runtime.registry import LoadedModel, ModelRegistry, select_bundles
 from service.settings import Settings
 
 logger = logging.getLogger("mixoe.service")

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from service.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
+from service.monitoring.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
 from service.settings import is_setting_variable
 
 ROOT = Path(__file__).resolve().parents[1]

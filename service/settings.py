@@ -17,8 +17,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import models
-from models.images import MAX_IMAGE_PIXELS
-from models.trust import load_public_keys
+from models.contract.trust import load_public_keys
+from models.network.images import MAX_IMAGE_PIXELS
 
 EMBEDDED_REPOSITORY = Path(models.__file__).resolve().parent / "repository"
 """The model repository shipped inside the ``models`` package (``models/repository``)."""
@@ -108,7 +108,7 @@ class Settings(BaseSettings):
         1024,
         ge=1,
         description="Images a worker holds waiting, beyond one full batch: a request that would exceed that gets "
-        "503 + Retry-After before its body is read (service/admission.py).",
+        "503 + Retry-After before its body is read (service/api/admission.py).",
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 answers.")
     decode_workers: int = Field(
@@ -160,7 +160,7 @@ class Settings(BaseSettings):
         10.0,
         gt=0,
         description="A connection is closed when the headers of its next request have not all arrived this long "
-        "after it opened or after its previous answer: slow or silent clients (service/connections.py).",
+        "after it opened or after its previous answer: slow or silent clients (service/api/connections.py).",
     )
     body_timeout_s: float = Field(
         30.0,

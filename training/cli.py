@@ -18,11 +18,13 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from models.manifest import BundleError
-from models.trust import generate_key, load_private_key
-from training import calibrate, compare, evaluate, export, pipeline, trainer
+from models.contract.manifest import BundleError
+from models.contract.trust import generate_key, load_private_key
+from training import export, pipeline
+from training.assess import calibrate, compare, evaluate
 from training.cli_parser import METHODS, build_parser
 from training.config import TrainConfig, load_config
+from training.fit import trainer
 
 log = logging.getLogger("mixoe")
 

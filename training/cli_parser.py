@@ -11,8 +11,8 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
-from models.scores import SCORES
-from training.methods import METHOD_NAMES
+from models.scoring.scores import SCORES
+from training.fit.methods import METHOD_NAMES
 
 METHODS = tuple(name for name in METHOD_NAMES if name != "baseline")
 PACKAGE = "mixoe-service"

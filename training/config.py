@@ -15,10 +15,10 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.nets import get_architecture
-from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from models.scores import get_score
-from models.weights import check_pretrained
+from models.network.nets import get_architecture
+from models.network.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from models.network.weights import check_pretrained
+from models.scoring.scores import get_score
 from training.config_errors import ConfigError, explain
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -205,7 +205,7 @@ class EvaluationConfig(_Strict):
     default_target: float = Field(0.95, description="operating point used when a request names none")
     max_risks: list[float] = Field(
         default_factory=lambda: [0.01, 0.05], description="error rates to certify confidence thresholds for "
-        "(models.selective); an empty list ships none"
+        "(models.calibration.selective); an empty list ships none"
     )
     default_max_risk: float | None = Field(0.05, description="the risk level answers use unless a request picks one")
     risk_delta: float = Field(0.1, gt=0, lt=1, description="chance that a certified risk level does not hold")

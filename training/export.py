@@ -14,19 +14,19 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.bundle import save_bundle
-from models.manifest import Manifest
-from models.nets import build_network
-from training.calibrate import load_calibration, require_current_weights
-from training.checkpoint import BEST_INFO, load_best_weights
+from models.contract.bundle import save_bundle
+from models.contract.manifest import Manifest
+from models.network.nets import build_network
+from training.assess.calibrate import load_calibration, require_current_weights
+from training.assess.evaluate import EVALUATION_JSON
+from training.assess.report import write_report
+from training.assess.scoring import ID_TEST, FittedScore, run_logits
 from training.config import TrainConfig
-from training.data import Sample, fingerprint
-from training.transforms import preprocessing_of
-from training.evaluate import EVALUATION_JSON
-from training.experiment import load_experiment_data
-from training.report import write_report
-from training.scoring import ID_TEST, FittedScore, run_logits
-from training.splits import pool_files
+from training.data.datasets import Sample, fingerprint
+from training.data.experiment import load_experiment_data
+from training.data.splits import pool_files
+from training.data.transforms import preprocessing_of
+from training.fit.checkpoint import BEST_INFO, load_best_weights
 
 
 def _pool_fingerprint(config: TrainConfig) -> str:
@@ -37,7 +37,7 @@ def _pool_fingerprint(config: TrainConfig) -> str:
 
 def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) -> Path:
     """Write the run's bundle and return its directory; ``signer`` (an Ed25519 private key's
-    ``sign``) also writes its ``manifest.sig`` (see ``models.trust``)."""
+    ``sign``) also writes its ``manifest.sig`` (see ``models.contract.trust``)."""
     run_dir = config.output_dir
     evaluation_path = run_dir / EVALUATION_JSON
     if not evaluation_path.is_file():

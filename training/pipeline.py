@@ -4,7 +4,7 @@ Each finished stage is recorded in ``<output_dir>/pipeline.json`` and skipped on
 interrupted training stage resumes from its own ``last.pt``.
 
 Under ``torchrun`` every rank trains both stages inside one process-group session (re-creating the
-group between stages is unreliable, see :mod:`training.distributed`); rank 0 alone then
+group between stages is unreliable, see :mod:`training.fit.distributed`); rank 0 alone then
 calibrates, evaluates and exports.
 """
 
@@ -16,13 +16,13 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from training.calibrate import calibrate
-from training.checkpoint import removed_if_failed
+from training.assess.calibrate import calibrate
+from training.assess.evaluate import evaluate
 from training.config import MethodConfig, TrainConfig, save_config
-from training.distributed import distributed_session
-from training.evaluate import evaluate
 from training.export import export
-from training.trainer import train
+from training.fit.checkpoint import removed_if_failed
+from training.fit.distributed import distributed_session
+from training.fit.trainer import train
 
 log = logging.getLogger(__name__)
 STATE = "pipeline.json"

@@ -3,7 +3,7 @@
 Each ``check_*`` returns a list of problems (empty when the objects are fine), so that a test can
 both require none on the committed manifests and show that each check notices its invariant being
 broken (``tests/deploy/test_kubernetes.py``). The numbers come from the service and the image:
-the probe routes of ``service/routes/ops.py``, the drain of ``service/__main__.py`` (requests in
+the probe routes of ``service/api/routes/ops.py``, the drain of ``service/__main__.py`` (requests in
 flight, then the batch queues, each up to ``MIXOE_SHUTDOWN_TIMEOUT_S``), the Dockerfile's user.
 """
 

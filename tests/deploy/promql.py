@@ -1,6 +1,6 @@
 """What the deployment files may query: the service's metric names, and a PromQL name extractor.
 
-The names are the contract between ``service/metrics.py`` and ``deploy/`` (alert rules, Grafana);
+The names are the contract between ``service/monitoring/metrics.py`` and ``deploy/`` (alert rules, Grafana);
 ``test_prometheus_integration.py`` checks them against a real service scraped by a real Prometheus.
 """
 

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 _KILLED_WRITE = """
 import os, signal, sys
 from pathlib import Path
-from training.checkpoint import atomic_write
+from training.fit.checkpoint import atomic_write
 
 def write(tmp):
     tmp.write_bytes(b"the first half of a checkpoint")
@@ -52,6 +52,6 @@ atomic_write(Path(sys.argv[1]), write)
 
 
 def kill_mid_write(path: Path) -> None:
-    """SIGKILL a process while ``training.checkpoint.atomic_write`` writes ``path``, as a lost node would."""
+    """SIGKILL a process while ``training.fit.checkpoint.atomic_write`` writes ``path``, as a lost node would."""
     result = subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(path)], cwd=REPO, timeout=120)
     assert result.returncode == -signal.SIGKILL

@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from models.bundle import save_bundle, sha256_file
-from models.conformal import conformal_p_values
-from models.index import find_bundles, latest_version
-from models.manifest import MANIFEST_FILE, WEIGHTS_FILE, BundleError, Calibration, Manifest, OperatingPoint, ScoreSpec
-from models.nets import Classifier, build_network
-from models.preprocess import Preprocessing, preprocess_batch
+from models.calibration.conformal import conformal_p_values
+from models.contract.bundle import save_bundle, sha256_file
+from models.contract.index import find_bundles, latest_version
+from models.contract.manifest import MANIFEST_FILE, WEIGHTS_FILE, BundleError, Calibration, Manifest, OperatingPoint, ScoreSpec
+from models.network.nets import Classifier, build_network
+from models.network.preprocess import Preprocessing, preprocess_batch
 from models.runtime import Bundle, load_bundle
-from models.scores import get_score
+from models.scoring.scores import get_score
 
 SIZE = 32
 TARGETS = (0.5, 0.9, 0.95)
@@ -209,7 +209,7 @@ def test_a_save_failing_midway_removes_its_temporary_directory(
     def disk_full(*args: Any, **kwargs: Any) -> None:
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("models.bundle.save_file", disk_full)
+    monkeypatch.setattr("models.contract.bundle.save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         save_bundle(tmp_path / "flowers" / "1", *calibrated)
     assert list((tmp_path / "flowers").iterdir()) == []

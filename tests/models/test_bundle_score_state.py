@@ -11,10 +11,10 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from models.bundle import save_bundle, sha256_file
-from models.feature_scores import knn_distance
-from models.manifest import MANIFEST_FILE, SCHEMA_VERSION, SCORE_STATE_FILE, BundleError, ScoreSpec
+from models.contract.bundle import save_bundle, sha256_file
+from models.contract.manifest import MANIFEST_FILE, SCHEMA_VERSION, SCORE_STATE_FILE, BundleError, ScoreSpec
 from models.runtime import load_bundle
+from models.scoring.feature_scores import knn_distance
 from tests.service.helpers import TinyModel, build_tiny_bundle, noise_image
 
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import models
-from models.bundle import sha256_file
-from models.index import find_bundles, latest_version
+from models.contract.bundle import sha256_file
+from models.contract.index import find_bundles, latest_version
 from models.runtime import load_bundle
 
 REPOSITORY = Path(models.__file__).parent / "repository"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from models.conformal import smoothed_p_values
-from models.drift import DEFAULT_KAPPAS, PowerJumper, alarm_log10_level
+from models.calibration.conformal import smoothed_p_values
+from models.calibration.drift import DEFAULT_KAPPAS, PowerJumper, alarm_log10_level
 
 
 def _jumper_by_hand(p_values: list[float], kappas: tuple[float, ...], jump: float) -> list[float]:

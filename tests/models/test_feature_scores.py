@@ -10,7 +10,7 @@ from pytorch_ood.detector import KNN, Mahalanobis
 from sklearn.covariance import ledoit_wolf
 from torch import Tensor
 
-from models.feature_scores import (
+from models.scoring.feature_scores import (
     FitData,
     fit_knn_bank,
     fit_tied_gaussian,
@@ -20,7 +20,7 @@ from models.feature_scores import (
     normalized,
     subsample,
 )
-from models.scores import SCORES, get_score
+from models.scoring.scores import SCORES, get_score
 
 
 def _clusters(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

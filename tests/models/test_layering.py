@@ -1,8 +1,8 @@
 """The layers of ``models`` stay apart: no import cycle, and training never loads the runtime.
 
-Training writes bundles with the contract (``models.manifest``) and the writer (``models.bundle``)
-only; the device runtime (``models.runtime``) is the service's. A cycle or a stray import would
-still run today, so these tests check the import graph itself.
+Training writes bundles with the contract (``models.contract.manifest``) and the writer
+(``models.contract.bundle``) only; the device runtime (``models.runtime``) is the service's. A cycle
+or a stray import would still run today, so these tests check the import graph itself.
 """
 
 from __future__ import annotations
@@ -26,31 +26,39 @@ _IMPORT_WITHOUT_RUNTIME = """
 import importlib, pkgutil, sys
 sys.modules["models.runtime"] = None
 import training
-names = ["training"] + [f"training.{info.name}" for info in pkgutil.iter_modules(training.__path__)
-    if info.name != "__main__"]
+names = ["training"] + [info.name for info in pkgutil.walk_packages(training.__path__, "training.")
+    if info.name != "training.__main__"]
 for name in names:
     importlib.import_module(name)
 print(" ".join(names))
 try:
-    importlib.import_module("service.registry")
+    importlib.import_module("service.runtime.registry")
 except ImportError as error:
     print("blocked:", error)
 """
 
 
 def _models_imports(path: Path) -> set[str]:
-    """The ``models.<module>`` names that the file at ``path`` imports."""
+    """The names under ``models.`` (``contract.bundle``) that the file at ``path`` imports; for
+    ``from models.<package> import <name>`` both the package and ``<package>.<name>``."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("models."):
-            found.add(node.module.split(".")[1])
+            package = node.module.removeprefix("models.")
+            found.add(package)
+            found.update(f"{package}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("models."))
+            found.update(alias.name.removeprefix("models.") for alias in node.names if alias.name.startswith("models."))
     return found
 
 
+def _module_name(path: Path) -> str:
+    """``models/contract/bundle.py`` -> ``contract.bundle``."""
+    return ".".join(path.relative_to(MODELS).with_suffix("").parts)
+
+
 def _import_graph() -> dict[str, set[str]]:
-    return {path.stem: _models_imports(path) for path in MODELS.glob("*.py") if path.stem != "__init__"}
+    return {_module_name(path): _models_imports(path) for path in MODELS.rglob("*.py") if path.stem != "__init__"}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -90,14 +98,14 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 def test_models_modules_import_each_other_without_a_cycle() -> None:
     graph = _import_graph()
-    assert {"manifest", "bundle", "index", "runtime"} <= graph.keys()
+    assert {"contract.manifest", "contract.bundle", "contract.index", "runtime"} <= graph.keys()
     assert _cycle(graph) is None, f"import cycle in models/: {' -> '.join(_cycle(graph) or [])}"
 
 
 def test_the_contract_and_the_writer_do_not_import_the_runtime_or_the_index() -> None:
     graph = _import_graph()
-    assert graph["manifest"].isdisjoint({"bundle", "index", "runtime"})
-    assert graph["bundle"].isdisjoint({"index", "runtime"})
+    assert graph["contract.manifest"].isdisjoint({"contract.bundle", "contract.index", "runtime"})
+    assert graph["contract.bundle"].isdisjoint({"contract.index", "runtime"})
 
 
 def test_every_training_module_imports_with_the_runtime_blocked(
@@ -106,6 +114,7 @@ def test_every_training_module_imports_with_the_runtime_blocked(
     assert without_runtime.returncode == 0, without_runtime.stderr
     imported = without_runtime.stdout.splitlines()[0].split()
     assert "training.export" in imported  # the writer's user was among them
+    assert "training.fit.trainer" in imported  # and the modules of the subpackages
 
 
 def test_the_block_does_stop_a_module_that_needs_the_runtime(

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from models.bundle import read_bundle
-from models.manifest import MANIFEST_FILE, BundleError, RiskLevel, SelectiveCalibration
+from models.contract.bundle import read_bundle
+from models.contract.manifest import MANIFEST_FILE, BundleError, RiskLevel, SelectiveCalibration
 from models.runtime import load_bundle
 from tests.service.helpers import TinyModel, build_tiny_bundle
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from models.nets import ARCHITECTURES, build_network
-from models.scores import SCORES, get_score
-from models.weights import offline_mobilenet_v2_weights
+from models.network.nets import ARCHITECTURES, build_network
+from models.network.weights import offline_mobilenet_v2_weights
+from models.scoring.scores import SCORES, get_score
 
 CONFIDENT = torch.tensor([[12.0, 0.0, 0.0, 0.0]])
 FLAT = torch.zeros(1, 4)
@@ -101,7 +101,7 @@ def test_offline_mobilenet_v2_file_loads_the_torchvision_backbone() -> None:
 def test_preprocessing_refuses_what_would_silently_break_a_bundle(fields: dict, message: str) -> None:
     from pydantic import ValidationError
 
-    from models.preprocess import Preprocessing
+    from models.network.preprocess import Preprocessing
 
     with pytest.raises(ValidationError, match=message):
         Preprocessing(**fields)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import binom
 
-from models.conformal import smoothed_p_values
-from models.drift import PowerJumper, alarm_log10_level
-from models.online_conformal import OnlineConformal, score_bins
+from models.calibration.conformal import smoothed_p_values
+from models.calibration.drift import PowerJumper, alarm_log10_level
+from models.calibration.online_conformal import OnlineConformal, score_bins
 
 
 def test_bins_follow_the_order_of_scores() -> None:

@@ -1,7 +1,7 @@
 """The evaluation preprocessing equals torchvision's transforms bit for bit, on every input it takes.
 
 torchvision's ``v2`` pipeline is the specification here: calibration and the service used it
-before ``models.preprocess`` called the kernels directly, so bundles calibrated then must see
+before ``models.network.preprocess`` called the kernels directly, so bundles calibrated then must see
 the same pixels now.
 """
 
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from models.preprocess import EvalGeometry, EvalTransform, Normalization, Preprocessing
+from models.network.preprocess import EvalGeometry, EvalTransform, Normalization, Preprocessing
 
 PREPROCESSING = Preprocessing(input_size=24, resize=28, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
 

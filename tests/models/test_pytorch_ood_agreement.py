@@ -1,4 +1,4 @@
-"""The OOD scores of ``models.scores`` against pytorch-ood's detectors, on the same seeded logits.
+"""The OOD scores of ``models.scoring.scores`` against pytorch-ood's detectors, on the same seeded logits.
 
 Both libraries orient scores the same way (higher = more OOD), so the mapping is:
 
@@ -25,7 +25,7 @@ import torch
 from pytorch_ood.detector import ODIN, EnergyBased, MaxLogit, MaxSoftmax
 from torch import Tensor, nn
 
-from models.scores import get_score
+from models.scoring.scores import get_score
 from tests.helpers.logits import synthetic_logits
 
 ATOL = 1e-6  # float32 rounding of values of order 1-10; the score spreads are >= 1e-3

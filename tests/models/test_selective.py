@@ -1,4 +1,4 @@
-"""Learn-then-Test selective thresholds (models.selective), checked by simulation and against scipy.
+"""Learn-then-Test selective thresholds (models.calibration.selective), checked by simulation and against scipy.
 
 Simulation: a confidence ``c ~ Uniform(0, 1)`` is wrong with probability ``(1 - c)^2``, so the
 error rate among images with ``c >= lambda`` is ``R(lambda) = (1 - lambda)^2 / 3`` exactly; at
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from models.selective import (
+from models.calibration.selective import (
     UnsupportedRiskError,
     accepted_counts,
     binomial_cdf,

@@ -15,11 +15,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from safetensors.torch import save_file
 
-from models.bundle import save_bundle, sha256_file
-from models.manifest import MANIFEST_FILE, WEIGHTS_FILE, BundleError
-from models.nets import build_network
+from models.contract.bundle import save_bundle, sha256_file
+from models.contract.manifest import MANIFEST_FILE, WEIGHTS_FILE, BundleError
+from models.contract.trust import SIGNATURE_FILE, BundleTrust, TrustError, load_public_keys
+from models.network.nets import build_network
 from models.runtime import load_bundle
-from models.trust import SIGNATURE_FILE, BundleTrust, TrustError, load_public_keys
 from tests.models.test_bundle import calibrated  # noqa: F401  (a fixture: the tiny network and its manifest)
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))

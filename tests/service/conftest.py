@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from models.runtime import Bundle, Predictions, load_bundle
 from service.app import create_app
-from service.decoding import decode_image
+from service.runtime.decoding import decode_image
 from service.settings import Settings, is_setting_variable
 from tests.service.helpers import TinyModel, build_tiny_bundle
 

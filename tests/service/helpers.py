@@ -38,12 +38,12 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.http import InferInput
 
-from models.bundle import save_bundle
-from models.feature_scores import FitData
-from models.manifest import Calibration, Manifest, OperatingPoint, RiskLevel, ScoreSpec, SelectiveCalibration
-from models.nets import Classifier, build_network
-from models.preprocess import Preprocessing, preprocess_batch
-from models.scores import get_score
+from models.contract.bundle import save_bundle
+from models.contract.manifest import Calibration, Manifest, OperatingPoint, RiskLevel, ScoreSpec, SelectiveCalibration
+from models.network.nets import Classifier, build_network
+from models.network.preprocess import Preprocessing, preprocess_batch
+from models.scoring.feature_scores import FitData
+from models.scoring.scores import get_score
 
 CLASS_NAMES = ["red", "green", "blue"]
 PREPROCESSING = Preprocessing(input_size=32, resize=36)

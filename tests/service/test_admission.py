@@ -17,10 +17,10 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import service.predictor
-from service.admission import Admission
+from service.api.admission import Admission
+from service.api.errors import Overloaded
 from service.app import create_app
-from service.errors import Overloaded
+import service.runtime.predictor
 from service.settings import Settings
 from tests.service.helpers import TinyModel, infer_json, role_files, serve_in_process
 
@@ -51,7 +51,7 @@ class DecodeGate:
         self.open = threading.Event()
         self.calls = 0
         self._lock = threading.Lock()
-        self._real = service.predictor.prepare_image
+        self._real = service.runtime.predictor.prepare_image
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
@@ -63,7 +63,7 @@ class DecodeGate:
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[DecodeGate]:
     gate = DecodeGate()
-    monkeypatch.setattr(service.predictor, "prepare_image", gate)
+    monkeypatch.setattr(service.runtime.predictor, "prepare_image", gate)
     yield gate
     gate.open.set()  # never leave a decoding thread waiting
 

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from fastapi.testclient import TestClient
 
+from service.api.uploads import MAX_FILENAME_BYTES
 from service.app import create_app
-from service.uploads import MAX_FILENAME_BYTES
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.api.errors import NotReady, Overloaded
 from service.app import create_app
-from service.batcher import MicroBatcher
-from service.errors import NotReady, Overloaded
+from service.runtime.batcher import MicroBatcher
 from service.settings import Settings
 from tests.service.helpers import Recorder, TinyModel, role_files
 

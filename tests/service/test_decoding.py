@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from models.images import MAX_IMAGE_PIXELS
-from service.decoding import decode_image
-from service.errors import ErrorCode, InvalidInput, PayloadTooLarge
+from models.network.images import MAX_IMAGE_PIXELS
+from service.api.errors import ErrorCode, InvalidInput, PayloadTooLarge
+from service.runtime.decoding import decode_image
 from service.settings import Settings
 from tests.helpers.images import png_claiming
 from tests.service.helpers import encode, noise_image, solid
@@ -127,7 +127,7 @@ def test_bomb_is_refused_from_its_header_alone(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_the_default_limit_is_the_one_training_applies() -> None:
-    """What training skips (``models.images``) is what the service refuses by default."""
+    """What training skips (``models.network.images``) is what the service refuses by default."""
     side = math.isqrt(MAX_IMAGE_PIXELS) + 1
     with pytest.raises(PayloadTooLarge, match=f"the limit is {MAX_IMAGE_PIXELS}"):
         decode(png_claiming(side, side), max_pixels=Settings().max_image_pixels)

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from models.runtime import Bundle
 from service.app import create_app
-from service.drift import DriftAlarms
-from service.metrics import ServiceMetrics, score_buckets
+from service.monitoring.drift import DriftAlarms
+from service.monitoring.metrics import ServiceMetrics, score_buckets
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files, sample_value
 

@@ -9,11 +9,11 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
-from models.feature_scores import knn_distance
-from models.manifest import SCORE_STATE_FILE
+from models.contract.manifest import SCORE_STATE_FILE
 from models.runtime import load_bundle
+from models.scoring.feature_scores import knn_distance
 from service.app import create_app
-from service.decoding import decode_image
+from service.runtime.decoding import decode_image
 from service.settings import Settings
 from tests.service.helpers import TinyModel, build_tiny_bundle, role_files
 

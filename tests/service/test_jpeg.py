@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from models.runtime import Bundle
-from service.decoding import decode_image, open_image
-from service.errors import ErrorCode, InvalidInput
-from service.inference import stack_on
-from service.jpeg import decode_plain_jpeg, is_plain_jpeg
-from service.predictor import Upload, prepare_image
+from service.api.errors import ErrorCode, InvalidInput
+from service.runtime.decoding import decode_image, open_image
+from service.runtime.inference import stack_on
+from service.runtime.jpeg import decode_plain_jpeg, is_plain_jpeg
+from service.runtime.predictor import Upload, prepare_image
 from service.settings import Settings
 from tests.service.helpers import encode, noise_image
 
@@ -101,7 +101,7 @@ def test_jpegs_decode_on_the_models_gpu_unless_disabled(
         devices.append(device)
         return decode_plain_jpeg(data, CPU)  # no GPU here: decode on the CPU, remember where it was sent
 
-    monkeypatch.setattr("service.predictor.decode_plain_jpeg", record)
+    monkeypatch.setattr("service.runtime.predictor.decode_plain_jpeg", record)
     gpu_bundle = SimpleNamespace(
         device=torch.device("cuda", 0), manifest=SimpleNamespace(preprocessing=SimpleNamespace(resize=32)),
         pixels=lambda image: image,

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from service.limits import BodyLimitMiddleware, parse_byte_count
+from service.api.limits import BodyLimitMiddleware, parse_byte_count
 
 
 @pytest.mark.parametrize(("text", "expected"), [("0", 0), ("1024", 1024), ("007", 7), ("9" * 18, 10**18 - 1)])

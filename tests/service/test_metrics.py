@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from models.manifest import SCHEMA_VERSION
+from models.contract.manifest import SCHEMA_VERSION
 from models.runtime import Bundle
-from service.metrics import (
+from service.monitoring.metrics import (
     MULTIPROCESS_DIRECTORY_VARIABLE,
     ServiceMetrics,
     operating_point_label,
@@ -76,7 +76,7 @@ def test_each_instance_has_its_own_registry(bundle: Bundle) -> None:
 
 _WORKER = """
 import sys
-from service.metrics import ServiceMetrics
+from service.monitoring.metrics import ServiceMetrics
 
 metrics = ServiceMetrics([0.5], 8)
 for _ in range(int(sys.argv[1])):

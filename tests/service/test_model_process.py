@@ -24,21 +24,21 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, Histogram
 
-import service.model_host
 from models.runtime import Bundle, load_bundle
-from service.admission import Admission
-from service.batcher import MicroBatcher
-from service.decoding import decode_image
-from service.errors import ErrorCode, InvalidInput, NotReady
-from service.inference import ImageJob, ImageVerdict, ModelRunner
+from service.api.admission import Admission
+from service.api.errors import ErrorCode, InvalidInput, NotReady
 from service.local import LocalServer, log_entries, start_local_server
-from service.metrics import ServiceMetrics, score_buckets
-from service.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
-from service.model_host import LoadDone, ModelHost, Release, Task
-from service.model_process import ModelProcess
-from service.predictor import Predictor, Upload
-from service.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Reply, Run, model_key
-from service.registry import LoadedModel
+from service.monitoring.metrics import ServiceMetrics, score_buckets
+from service.runtime.batcher import MicroBatcher
+from service.runtime.decoding import decode_image
+from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner
+from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
+import service.runtime.model_host
+from service.runtime.model_host import LoadDone, ModelHost, Release, Task
+from service.runtime.model_process import ModelProcess
+from service.runtime.predictor import Predictor, Upload
+from service.runtime.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Reply, Run, model_key
+from service.runtime.registry import LoadedModel
 from service.settings import Settings
 from tests.service.helpers import TinyModel, build_tiny_bundle, role_files, sample_value
 
@@ -276,13 +276,13 @@ def test_a_model_still_loading_holds_up_no_run_of_another(
     serving, rolling = Inbox(), Inbox()
     loaded_by(host, model_key(bundle), serving)
     release_load = threading.Event()
-    real_load = service.model_host.load_bundle
+    real_load = service.runtime.model_host.load_bundle
 
     def slow_load(path: Path, device: torch.device) -> Bundle:
         assert release_load.wait(30)
         return real_load(path, device)
 
-    monkeypatch.setattr(service.model_host, "load_bundle", slow_load)
+    monkeypatch.setattr(service.runtime.model_host, "load_bundle", slow_load)
     # Three warm-up batch sizes, as a GPU model would have (on a CPU there is one).
     monkeypatch.setattr(
         ModelRunner, "for_device", lambda bundle, max_batch_size, cuda_graphs: ModelRunner(bundle, [1, 2, 4])
@@ -327,13 +327,13 @@ def test_workers_waiting_on_one_load_get_one_copy_and_one_that_left_meanwhile_ge
     host, _ = host_with_batches(max_batch_size=4)
     first, second, third = Inbox(), Inbox(), Inbox()
     loads = []
-    real_load = service.model_host.load_bundle
+    real_load = service.runtime.model_host.load_bundle
 
     def counted_load(path: Path, device: torch.device) -> Bundle:
         loads.append(path)
         return real_load(path, device)
 
-    monkeypatch.setattr(service.model_host, "load_bundle", counted_load)
+    monkeypatch.setattr(service.runtime.model_host, "load_bundle", counted_load)
     for inbox in (first, second, third):
         host.submit(Task(inbox, Load(model_key(bundle))))
         host.step()

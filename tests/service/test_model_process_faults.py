@@ -25,14 +25,14 @@ import torch
 from fastapi.testclient import TestClient
 
 from models.runtime import Bundle
+from service.api.errors import DeadlineExceeded, NotReady
 from service.app import create_app
-from service.errors import DeadlineExceeded, NotReady
-from service.inference import ModelRunner
 from service.local import log_entries
-from service.model_host import ModelHost, Task
-from service.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
-from service.model_process import ModelProcess, _receive
-from service.protocol import Call, Failed, Judged, Ping, model_key
+from service.runtime.inference import ModelRunner
+from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
+from service.runtime.model_host import ModelHost, Task
+from service.runtime.model_process import ModelProcess, _receive
+from service.runtime.protocol import Call, Failed, Judged, Ping, model_key
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files, sample_value
 from tests.service.test_model_process import (

@@ -15,8 +15,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from models.bundle import save_bundle
-from models.manifest import BundleError
+from models.contract.bundle import save_bundle
+from models.contract.manifest import BundleError
 from models.runtime import Bundle
 from service.app import create_app
 from service.settings import Settings

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
 
-from service.errors import ErrorCode, InvalidInput, InvalidParameter, PayloadTooLarge
-from service.inference import ImageVerdict
-from service.oip import OUTPUTS, encode_infer_response, parse_infer_request
+from service.api.errors import ErrorCode, InvalidInput, InvalidParameter, PayloadTooLarge
+from service.api.oip import OUTPUTS, encode_infer_response, parse_infer_request
+from service.runtime.inference import ImageVerdict
 from tests.service.helpers import triton_input
 
 IMAGES = [b"\x89PNG first", b"\xff\xd8 second \x00 with a zero byte"]

@@ -19,8 +19,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.core.failures import Failure, FailureGroup
 
+from service.api.errors import ErrorCode
 from service.app import create_app
-from service.errors import ErrorCode
 from service.settings import Settings
 
 API_KEY = "schema-test-key"

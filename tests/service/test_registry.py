@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from models.manifest import MANIFEST_FILE, BundleError
+from models.contract.manifest import MANIFEST_FILE, BundleError
 from models.runtime import Bundle, load_bundle
+from service.api.errors import InvalidParameter, ModelNotFound
 from service.app import create_app
-from service.batcher import MicroBatcher
-from service.errors import InvalidParameter, ModelNotFound
-from service.registry import LoadedModel, ModelRegistry, select_bundles
+from service.runtime.batcher import MicroBatcher
+from service.runtime.registry import LoadedModel, ModelRegistry, select_bundles
 from service.settings import Settings
 from tests.service.helpers import Recorder, TinyModel
 

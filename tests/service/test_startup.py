@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from models.manifest import BundleError
+from models.contract.manifest import BundleError
 from service.app import create_app
 from service.context import ServiceContext
 from service.settings import Settings

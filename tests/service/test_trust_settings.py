@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from models.manifest import MANIFEST_FILE, BundleError
+from models.contract.manifest import MANIFEST_FILE, BundleError
 from service.app import create_app
 from service.settings import Settings
 from tests.service.helpers import TinyModel

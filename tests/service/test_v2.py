@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from tritonclient.http import InferenceServerClient
 
+from service.api.oip import InferCall, parse_infer_request
+from service.api.routes import v2
 from service.app import create_app
-from service.oip import InferCall, parse_infer_request
-from service.routes import v2
 from service.settings import Settings
 from tests.service.helpers import TinyModel, infer_json, role_files, triton_input
 

@@ -1,7 +1,7 @@
 """Entry point that the DDP tests launch under torchrun: ``mixoe train`` plus two test-only switches.
 
 ``python -m torch.distributed.run --nproc_per_node=2 -m tests.training.ddp_entry CONFIG... [options]``
-trains each ``CONFIG`` in turn with :func:`training.trainer.train`, as ``mixoe train`` does, inside
+trains each ``CONFIG`` in turn with :func:`training.fit.trainer.train`, as ``mixoe train`` does, inside
 one process-group session (as the pipeline runs its stages; it also spares the tests a launch),
 optionally with
 
@@ -26,15 +26,15 @@ from pathlib import Path
 
 from torch import nn
 
-from training import trainer
 from training.config import TrainConfig, load_config
-from training.distributed import distributed_session
+from training.fit import trainer
+from training.fit.distributed import distributed_session
 
 ModelBuilder = Callable[[TrainConfig, int], nn.Module]
 
 
 def with_groupnorm(build: ModelBuilder) -> ModelBuilder:
-    """``build`` (e.g. :func:`training.trainer.build_model`), then every BatchNorm2d replaced by a
+    """``build`` (e.g. :func:`training.fit.trainer.build_model`), then every BatchNorm2d replaced by a
     ``GroupNorm(32, C)``, which normalises each image on its own: the network's output for an image
     no longer depends on the other images of its batch, hence not on how a batch is split."""
 

@@ -1,16 +1,16 @@
-"""mixoe calibrate's risk levels (training.calibrate.calibrate_selective) on synthetic labelled logits."""
+"""mixoe calibrate's risk levels (training.assess.calibrate.calibrate_selective) on synthetic labelled logits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from models.manifest import Calibration, OperatingPoint, ScoreSpec
-from models.selective import binomial_cdf
+from models.calibration.selective import binomial_cdf
+from models.contract.manifest import Calibration, OperatingPoint, ScoreSpec
 from tests.helpers.logits import synthetic_logits
-from training.calibrate import CalibrationRecord, calibrate_selective, calibration_markdown
+from training.assess.calibrate import CalibrationRecord, calibrate_selective, calibration_markdown
+from training.assess.scoring import SetLogits, confidences, misclassified
 from training.config import EvaluationConfig
-from training.scoring import SetLogits, confidences, misclassified
 
 
 def _set(n: int, seed: int) -> SetLogits:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from models.conformal import UnsupportedTargetError, conformal_p_values, conformal_threshold
+from models.calibration.conformal import UnsupportedTargetError, conformal_p_values, conformal_threshold
 
 N_CALIBRATION = 100
 TARGET = 0.95

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.helpers.runs import kill_mid_write
-from training.checkpoint import LAST, PARTIAL_SUFFIX, atomic_write, remove_partial_writes
+from training.fit.checkpoint import LAST, PARTIAL_SUFFIX, atomic_write, remove_partial_writes
 
 
 def test_a_killed_write_leaves_the_old_file_and_an_orphan_that_clean_up_removes(tmp_path: Path) -> None:

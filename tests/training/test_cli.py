@@ -19,15 +19,17 @@ import torch
 import yaml
 from torchvision import models as tv_models
 
-from models.manifest import Calibration, OperatingPoint, ScoreSpec
-from models.weights import offline_mobilenet_v2_weights, pretrained_file
+from models.contract.manifest import Calibration, OperatingPoint, ScoreSpec
+from models.network.weights import offline_mobilenet_v2_weights, pretrained_file
 from tests.helpers.images import make_image_folder
 from tests.helpers.runs import REPO, tiny_config
-from training import cli_parser, experiment, trainer
-from training.calibrate import CalibrationRecord, calibration_markdown
+from training import cli_parser
+from training.assess.calibrate import CalibrationRecord, calibration_markdown
 from training.cli import main
+from training.data import experiment
+from training.fit import trainer
+from training.fit.trainer import config_fingerprint
 from training.pipeline import stage_configs
-from training.trainer import config_fingerprint
 
 
 def _error_line(capsys: pytest.CaptureFixture) -> str:

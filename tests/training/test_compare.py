@@ -10,10 +10,10 @@ import yaml
 
 from models.runtime import load_bundle
 from tests.helpers.images import make_image_folder, make_list_dataset
+from models.scoring.scores import SCORES
+from training.assess.compare import default_methods
+from training.assess.compare_table import Record, paired_differences, select, summarize
 from training.cli import main
-from training.compare import default_methods
-from training.compare_table import Record, paired_differences, select, summarize
-from models.scores import SCORES
 
 
 def _records(a_minus_b: list[float]) -> list[Record]:

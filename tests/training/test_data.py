@@ -1,4 +1,4 @@
-"""Tests for training.data and training.transforms on tiny generated images."""
+"""Tests for training.data.datasets and training.data.transforms on tiny generated images."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import v2
 
-from models.images import MAX_IMAGE_PIXELS
-from models.preprocess import EvalTransform
+from models.network.images import MAX_IMAGE_PIXELS
+from models.network.preprocess import EvalTransform
 from tests.helpers.images import (
     make_image_folder,
     make_list_dataset,
@@ -24,7 +24,7 @@ from tests.helpers.images import (
     write_truncated_jpeg,
 )
 from training.config import DataConfig, TransformConfig
-from training.data import (
+from training.data.datasets import (
     ImageDataset,
     OutlierPool,
     Sample,
@@ -38,7 +38,7 @@ from training.data import (
     read_list_file,
     restrict_to_classes,
 )
-from training.transforms import build_eval_geometry, build_eval_transform, build_train_transform, preprocessing_of
+from training.data.transforms import build_eval_geometry, build_eval_transform, build_train_transform, preprocessing_of
 
 SMALL = TransformConfig(input_size=16, resize=18)
 
@@ -196,7 +196,7 @@ def damaged_folder(tmp_path) -> SplitData:
 
 
 def test_bad_images_are_skipped_counted_and_warned_about(damaged_folder, caplog):
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="training.data.datasets"):
         dataset = ImageDataset(damaged_folder.samples, build_eval_transform(SMALL))
         loader = DataLoader(dataset, batch_size=4, collate_fn=collate_skipping_bad)
         batches = list(loader)
@@ -214,7 +214,7 @@ def test_images_over_the_services_pixel_limit_are_skipped_from_their_header(tmp_
     make_image_folder(tmp_path, ["a"], per_class=2)
     side = math.isqrt(MAX_IMAGE_PIXELS) + 1  # just over the limit; far under PIL's own bomb limit
     (tmp_path / "a" / "bomb.png").write_bytes(png_claiming(side, side))
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="training.data.datasets"):
         dataset = ImageDataset(read_class_folder(tmp_path).samples, build_eval_transform(SMALL))
     assert [p.name for p in dataset.bad_files] == ["bomb.png"]
     assert len(dataset) == 2

@@ -26,9 +26,9 @@ from models.runtime import load_bundle
 from tests.helpers.images import make_image_folder
 from tests.helpers.runs import tiny_config as shared_tiny_config
 from tests.training.ddp_entry import with_groupnorm
-from training import trainer
 from training.config import TrainConfig, save_config
-from training.distributed import DistributedContext
+from training.fit import trainer
+from training.fit.distributed import DistributedContext
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["amber", "blue", "crimson", "green"]

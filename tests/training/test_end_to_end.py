@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from models.runtime import load_bundle
 from tests.helpers.images import make_image_folder
 from tests.helpers.runs import kill_mid_write, tiny_config
-from training import trainer
 from training.cli import main
+from training.fit import trainer
 
 CLASSES = ["amber", "blue", "crimson", "green"]
 
@@ -194,8 +194,8 @@ def test_export_refuses_a_calibration_of_other_weights(data_root: Path, tmp_path
     """Thresholds belong to the weights they were calibrated on; new weights need a new calibration."""
     from safetensors.torch import save_file
 
-    from training.calibrate import calibrate
-    from training.evaluate import evaluate
+    from training.assess.calibrate import calibrate
+    from training.assess.evaluate import evaluate
 
     run = tmp_path / "run"
     config = tiny_config(data_root, run, epochs=1)

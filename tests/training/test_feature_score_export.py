@@ -10,14 +10,14 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from models.manifest import SCORE_STATE_FILE
+from models.contract.manifest import SCORE_STATE_FILE
 from models.runtime import load_bundle
-from models.scores import SCORES
+from models.scoring.scores import SCORES
 from tests.helpers.images import make_image_folder
 from tests.helpers.runs import tiny_config
-from training import trainer
 from training.cli import main
 from training.config import save_config
+from training.fit import trainer
 
 CLASSES = ["amber", "blue", "crimson"]
 

@@ -1,4 +1,4 @@
-"""Tests for training.methods: every objective against a hand computation on a tiny linear model.
+"""Tests for training.fit.methods: every objective against a hand computation on a tiny linear model.
 
 The expected values are computed with explicit loops in float64 Python arithmetic (logits as sums of
 weight * pixel, log-softmax by its definition), independently of the code under test.
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.config import MethodConfig
-from training.methods import (
+from training.fit.methods import (
     METHOD_NAMES,
     Baseline,
     EnergyOE,
@@ -26,7 +26,7 @@ from training.methods import (
     soft_cross_entropy,
     uniform_cross_entropy,
 )
-from training.mixing import cutmix_box, sample_lambda
+from training.fit.mixing import cutmix_box, sample_lambda
 
 B, C, H, W, K = 3, 2, 4, 5, 4
 SEED = 11

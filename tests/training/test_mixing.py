@@ -1,4 +1,4 @@
-"""Tests for training.mixing: the Beta draw, the CutMix box, mixup/cutmix and the soft targets."""
+"""Tests for training.fit.mixing: the Beta draw, the CutMix box, mixup/cutmix and the soft targets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.mixing import cutmix, cutmix_box, mixed_targets, mixup, sample_lambda
+from training.fit.mixing import cutmix, cutmix_box, mixed_targets, mixup, sample_lambda
 
 
 def _generator(seed: int) -> torch.Generator:

@@ -1,4 +1,4 @@
-"""The OE and Energy-OE objectives of ``training.methods`` against pytorch-ood's losses.
+"""The OE and Energy-OE objectives of ``training.fit.methods`` against pytorch-ood's losses.
 
 pytorch-ood's losses take one batch of logits with targets, OOD rows marked by a negative target
 (here ``-1``); the project's methods take the ID images with labels and the outlier images apart.
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from tests.helpers.logits import LabelledLogits, synthetic_logits
 from training.config import MethodConfig
-from training.methods import build_method
+from training.fit.methods import build_method
 
 N_IN, N_OUT, K = 32, 64, 10
 RTOL = 1e-5  # float32 sums over ~100 rows, computed in a different order

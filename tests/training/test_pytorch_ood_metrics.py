@@ -1,4 +1,4 @@
-"""``training.metrics`` against pytorch-ood's metrics, on scores of the same seeded logits.
+"""``training.assess.metrics`` against pytorch-ood's metrics, on scores of the same seeded logits.
 
 Both libraries take scores with higher = more OOD, but they label and count differently:
 
@@ -33,9 +33,9 @@ from numpy.typing import NDArray
 from pytorch_ood.metrics import FPRAtTPR, OODMetrics
 from pytorch_ood.metrics.functional import pr_curve
 
-from models.scores import get_score
+from models.scoring.scores import get_score
 from tests.helpers.logits import synthetic_logits
-from training.metrics import aupr_in, aupr_out, auroc, fpr_at_tpr, ood_metrics
+from training.assess.metrics import aupr_in, aupr_out, auroc, fpr_at_tpr, ood_metrics
 
 ScoreSet = tuple[NDArray[np.float64], NDArray[np.float64], torch.Tensor]
 

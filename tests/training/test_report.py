@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.evaluate import _curve_summary
-from training.metrics import ood_metrics, risk_coverage
-from training.report import markdown_table, write_report
+from training.assess.evaluate import _curve_summary
+from training.assess.metrics import ood_metrics, risk_coverage
+from training.assess.report import markdown_table, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

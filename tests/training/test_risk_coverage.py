@@ -1,12 +1,12 @@
-"""Risk-coverage curves and AURC (training.metrics.risk_coverage) against hand computations."""
+"""Risk-coverage curves and AURC (training.assess.metrics.risk_coverage) against hand computations."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from training.evaluate import CURVE_POINTS, _curve_summary
-from training.metrics import risk_coverage
+from training.assess.evaluate import CURVE_POINTS, _curve_summary
+from training.assess.metrics import risk_coverage
 
 
 def test_without_ties_aurc_is_the_mean_risk_of_the_top_i_images() -> None:

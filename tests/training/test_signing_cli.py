@@ -1,4 +1,4 @@
-"""``mixoe keygen`` and ``mixoe export --sign``: keys for signing bundles (models.trust)."""
+"""``mixoe keygen`` and ``mixoe export --sign``: keys for signing bundles (models.contract.trust)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from models.trust import TrustError, generate_key, load_private_key, load_public_keys
+from models.contract.trust import TrustError, generate_key, load_private_key, load_public_keys
 from training.cli import main as mixoe
 
 

@@ -12,10 +12,10 @@ from tests.helpers.images import make_image_folder, make_list_dataset
 from training.config import (
     CategorySplitConfig, DataConfig, OODSetConfig, OutlierConfig, TransformConfig, ValidationCarveOut,
 )
-from training.data import read_list_file
-from training.experiment import load_experiment_data
-from training.splits import carve_validation, ood_set_files, pool_exclusions, pool_files, split_categories
-from training.transforms import build_eval_geometry, build_outlier_transform
+from training.data.datasets import read_list_file
+from training.data.experiment import load_experiment_data
+from training.data.splits import carve_validation, ood_set_files, pool_exclusions, pool_files, split_categories
+from training.data.transforms import build_eval_geometry, build_outlier_transform
 
 CLASSES = ["a", "b", "c"]
 

@@ -1,0 +1,1 @@
+"""Statistics on calibration scores: conformal thresholds and p-values, selective risk, drift."""

@@ -1,0 +1,1 @@
+"""The network and its inputs: backbone builder, pretrained weights, preprocessing, CUDA graphs."""

@@ -1,0 +1,1 @@
+"""OOD scores by name, on logits and on penultimate features: higher = more OOD."""

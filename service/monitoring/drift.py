@@ -1,0 +1,160 @@
+"""Drift alarms of the served models: one conformal test martingale per model version, in this process.
+
+Every classified image's OOD score becomes a smoothed online conformal p-value
+(:class:`models.calibration.online_conformal.OnlineConformal`: ranked against the bundle's calibration scores
+and every image this process classified before it since the last reset; the uniform draws from a
+generator seeded by the model's name and version), and the model version's
+:class:`models.calibration.drift.PowerJumper` bets on it. The served p-values, against the calibration scores
+alone, are dependent through that one set, which a long stream exposes as false alarms. The alarm is raised once the
+martingale reaches the alarm level and stays raised until reset; the statistics and what they
+promise are in ``docs/drift.md``.
+
+With several worker processes each worker watches its own share of the traffic with its own
+martingale; each alarms at ``workers / delta``, so the chance that any of them raises a false alarm
+stays at most ``delta`` (union bound). ``mixoe_drift_alarm`` is then 1 when any live worker's alarm
+is raised, ``mixoe_drift_log10_martingale`` the largest of them (``livemax``: a dead worker's state
+is gone with it). A reset (:meth:`DriftAlarms.reset`, the admin route) resets this process at once
+and, through a marker file in the shared metrics directory, every other worker before it next
+counts an image or answers for its state. Nothing is kept across restarts: a restarted service, or
+a newly loaded version, starts from capital 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from models.calibration.drift import PowerJumper, alarm_log10_level
+from models.calibration.online_conformal import OnlineConformal
+from models.contract.manifest import Manifest
+from service.api.errors import ErrorCode, InvalidParameter
+from service.api.schemas import DriftStatus
+from service.monitoring.metrics import ServiceMetrics
+
+
+def _digest(name: str, version: str) -> bytes:
+    return hashlib.sha256(f"{name}:{version}".encode()).digest()
+
+
+class DriftMonitor:
+    """One model version's martingale and raised-alarm flag in this process."""
+
+    def __init__(self, manifest: Manifest, level: float):
+        self._calibration = np.asarray(manifest.calibration.scores, dtype=np.float64)
+        self._seed = int.from_bytes(_digest(manifest.name, manifest.version)[:8], "big")
+        self.level = level
+        self.reset()
+
+    def reset(self) -> None:
+        self._martingale = PowerJumper()
+        self._bag = OnlineConformal(self._calibration)
+        self._uniforms = np.random.default_rng(self._seed)
+        self.images = 0
+        self.alarm = False
+
+    @property
+    def log10_martingale(self) -> float:
+        return float(self._martingale.log10_capital[0])
+
+    def observe(self, scores: Sequence[float]) -> None:
+        """Bet on the smoothed p-values of ``scores`` (OOD scores, in the order they were served)."""
+        p_values = self._bag.p_values(scores, 1.0 - self._uniforms.random(len(scores)))
+        for p in p_values:  # the alarm latches on any crossing, not only the batch's last value
+            self.alarm |= bool(self._martingale.update([p])[0] >= self.level)
+        self.images += len(scores)
+
+
+class DriftAlarms:
+    """The drift monitors of every loaded model version (none when the alarm is switched off)."""
+
+    def __init__(
+        self,
+        manifests: Iterable[Manifest],
+        metrics: ServiceMetrics,
+        *,
+        delta: float,
+        workers: int,
+        shared_directory: Path | None = None,
+    ):
+        self.delta = delta
+        self.workers = workers
+        level = alarm_log10_level(delta, workers)
+        self._monitors = {(m.name, m.version): DriftMonitor(m, level) for m in manifests}
+        self._metrics = metrics
+        self._shared = shared_directory
+        self._seen_resets: dict[tuple[str, str], str | None] = {}
+        for key in self._monitors:
+            self._seen_resets[key] = self._reset_token(*key)
+            self._publish(*key)
+
+    def observe(self, name: str, version: str, scores: Sequence[float]) -> None:
+        """Count a request's images, in order; nothing when the alarm is off."""
+        monitor = self._monitors.get((name, version))
+        if monitor is None:
+            return
+        self._apply_shared_reset(name, version)
+        monitor.observe(scores)
+        self._publish(name, version)
+
+    def status(self, name: str, version: str) -> DriftStatus | None:
+        """This process's state for a model version; ``None`` when the alarm is off."""
+        monitor = self._monitors.get((name, version))
+        if monitor is None:
+            return None
+        self._apply_shared_reset(name, version)
+        return self._describe(monitor)
+
+    def _describe(self, monitor: DriftMonitor) -> DriftStatus:
+        return DriftStatus(
+            log10_martingale=monitor.log10_martingale,
+            alarm=monitor.alarm,
+            alarm_log10_level=monitor.level,
+            images=monitor.images,
+            delta=self.delta,
+            workers=self.workers,
+        )
+
+    def reset(self, name: str, version: str) -> DriftStatus:
+        """Back to capital 1 and no alarm, here and (at their next image or status) in every worker."""
+        monitor = self._monitors.get((name, version))
+        if monitor is None:
+            raise InvalidParameter(ErrorCode.DRIFT_ALARM_OFF, "the drift alarm is switched off (MIXOE_DRIFT_ALARM)")
+        monitor.reset()
+        if self._shared is not None:
+            token = uuid.uuid4().hex
+            marker = self._marker(self._shared, name, version)
+            temporary = marker.with_name(f"{marker.name}.{os.getpid()}")
+            temporary.write_text(token, encoding="ascii")
+            os.replace(temporary, marker)  # other workers read either the old token or the new one
+            self._seen_resets[(name, version)] = token
+        self._publish(name, version)
+        return self._describe(monitor)
+
+    def _publish(self, name: str, version: str) -> None:
+        monitor = self._monitors[(name, version)]
+        self._metrics.record_drift(name, version, monitor.log10_martingale, monitor.alarm)
+
+    @staticmethod
+    def _marker(directory: Path, name: str, version: str) -> Path:
+        return directory / f"drift-reset-{_digest(name, version).hex()[:16]}"
+
+    def _reset_token(self, name: str, version: str) -> str | None:
+        if self._shared is None:
+            return None
+        try:
+            return self._marker(self._shared, name, version).read_text(encoding="ascii")
+        except FileNotFoundError:
+            return None
+
+    def _apply_shared_reset(self, name: str, version: str) -> None:
+        """Reset when another worker has reset this model version since this one last looked."""
+        token = self._reset_token(name, version)
+        if token != self._seen_resets[(name, version)]:
+            self._seen_resets[(name, version)] = token
+            self._monitors[(name, version)].reset()
+            self._publish(name, version)

@@ -1,1 +1,0 @@
-"""HTTP routers: thin adapters from HTTP to :mod:`service.predictor` and the registry."""

@@ -1,0 +1,438 @@
+"""The model process's loop: load bundles for the workers, merge their runs into batches, answer.
+
+Tasks (messages from workers, see :mod:`service.runtime.model_process` for the protocol) go through one
+queue and one thread, so batches run one at a time, as in a single-process server. A run takes
+along the runs queued behind it for the same model, up to ``max_batch_size`` images: that merging
+is the point of the model process. While runs keep coming, one batch is in flight: the loop
+launches batch n+1 before it waits for batch n's logits, so the GPU computes while the loop
+decodes and crops. The loop thread alone touches its state and its connections (it also closes
+them), so no lock is needed.
+
+Loading a bundle (hash check, weights) happens in a thread of its own, so that a SIGHUP
+roll-over's new workers asking for a new version do not stall the batches of the workers still
+serving the old one. Its warm-up (one throw-away batch per padded batch size, about 2 s each on a
+GPU) must run in this loop's thread, which serves it: PyTorch caches cuDNN's plans per thread, and
+an H200 run with the warm-up in the loading thread stalled serving for 2 to 3 s at each batch
+size's first use. So each warm-up batch is a task of its own, queued behind the runs already
+waiting: another model's runs wait for one warm-up batch at most, not for all of them.
+
+A model is keyed by its bundle's path *and* a digest of its manifest: a version republished in
+place under the same path is another model, never the old one in the new one's name.
+
+Every run the loop takes is owed an answer until it gets one: whatever fails in a step (a batch's
+forward pass, judging it, answering one worker) answers each run still owed, of every worker whose
+run was merged into that batch or the one in flight, with the error; none is left waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import numpy as np
+import torch
+from prometheus_client import Histogram
+from torch import Tensor
+
+from models.contract.manifest import BundleError, OperatingPoint
+from models.runtime import Bundle, PendingLogits, load_bundle
+from service.monitoring.logs import log_failure
+from service.runtime.inference import ImageVerdict, ModelRunner, graphs_note, stack_on
+from service.runtime.jpeg import decode_plain_jpegs
+from service.runtime.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request, Run, model_key
+
+logger = logging.getLogger("mixoe.model_process")
+
+
+class Replies(Protocol):
+    """Where a task's answer goes: a worker's connection (anything with ``send`` and ``close``, in tests)."""
+
+    def send(self, obj: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Nobody:
+    """The origin of the loop's own tasks (a finished load), which answer no one."""
+
+    def send(self, obj: Any) -> None:
+        raise AssertionError(f"an internal task has no one to answer: {obj!r}")
+
+    def close(self) -> None:
+        pass
+
+
+_NOBODY = _Nobody()
+
+
+@dataclass(frozen=True)
+class Release:
+    """The worker has disconnected (its reader queues this after all its requests)."""
+
+
+@dataclass(frozen=True)
+class LoadDone:
+    """The loop's own task: ``model`` loaded in the loading thread, still to warm up here."""
+
+    model: ModelKey
+    runner: ModelRunner
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """The loop's own task: ``model`` could not be loaded, for the reason in ``message``."""
+
+    model: ModelKey
+    message: str
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """The loop's own task: the next warm-up batch of ``model``."""
+
+    model: ModelKey
+
+
+Message = Request | Release | LoadDone | LoadFailed | WarmUp
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """A message, where its answer goes, and the number of the worker's call it answers
+    (:class:`~service.runtime.protocol.Call`); compared by identity (a task is owed one answer)."""
+
+    origin: Replies
+    message: Message
+    call: int = 0
+
+    @property
+    def images(self) -> int:
+        return len(self.message.images) if isinstance(self.message, Run) else 0
+
+
+def error_reply(error: BaseException) -> Failed:
+    return Failed(_error_text(error))
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+class ModelHost:
+    """Loads bundles on request, merges runs into batches, answers each worker its share."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        max_batch_size: int,
+        batch_sizes: Histogram | None = None,
+        decodes_jpeg: bool = False,
+        cuda_graphs: bool = True,
+    ):
+        self._device = device
+        self._cuda_graphs = cuda_graphs
+        self._max_batch_size = max_batch_size
+        self._batch_sizes = batch_sizes
+        self._decodes_jpeg = decodes_jpeg
+        self._tasks: queue.Queue[Task] = queue.Queue()
+        self._next: Task | None = None  # taken from the queue, but it did not join the last batch
+        self._in_flight: _InFlight | None = None  # launched on the device, not yet answered
+        self._runners: dict[ModelKey, ModelRunner] = {}
+        self._users: dict[ModelKey, set[Replies]] = {}
+        self._loading: dict[ModelKey, list[Task]] = {}  # workers' loads waiting for a load in progress
+        self._warming: dict[ModelKey, _WarmingUp] = {}  # loaded, not yet warm: still in _loading
+        self._owed: dict[int, Task] = {}  # runs taken from the queue and not yet answered, by id
+        self._handlers: dict[type, Callable[[Task], None]] = {
+            Run: lambda task: self._run(self._gather(task)),
+            Load: self._load,
+            Ping: lambda task: _reply(task, Pong()),
+            LoadDone: self._loaded,
+            WarmUp: self._warm,
+            LoadFailed: self._load_failed,
+            Release: lambda task: self._release(task.origin),
+        }
+
+    def submit(self, task: Task) -> None:
+        self._tasks.put(task)
+
+    @property
+    def loaded(self) -> list[ModelKey]:
+        return list(self._runners)
+
+    def serve_forever(self) -> None:
+        while True:
+            self.step()
+
+    def step(self) -> None:
+        """Take the next task (waiting for one) and carry it out."""
+        if self._next is not None:
+            task, self._next = self._next, None
+        else:
+            task = self._tasks.get()
+        kind = type(task.message).__name__
+        try:
+            self._handlers[type(task.message)](task)
+        except Exception as error:
+            logger.exception("model process task %s failed", kind)
+            if isinstance(task.message, Run):
+                self._in_flight = None
+                self._fail_owed(error)
+            elif task.origin is not _NOBODY:
+                _reply(task, error_reply(error))
+
+    def _fail_owed(self, error: Exception) -> None:
+        """Answer every run still owed an answer with ``error``: a step failed with them in it."""
+        owed, self._owed = list(self._owed.values()), {}
+        for task in owed:
+            _reply(task, error_reply(error))
+
+    def _gather(self, first: Task) -> list[Task]:
+        """``first`` and the runs already queued behind it for the same model, up to
+        ``max_batch_size`` images in all. It stops at the first task that does not join, which
+        goes next: no task overtakes another."""
+        batch = [first]
+        self._owed[id(first)] = first
+        model = _run_of(first).model
+        images = first.images
+        while images < self._max_batch_size:
+            task = self._poll()
+            if task is None:
+                break
+            if (
+                isinstance(task.message, Run)
+                and task.message.model == model
+                and images + task.images <= self._max_batch_size
+            ):
+                self._owed[id(task)] = task
+                batch.append(task)
+                images += task.images
+            else:
+                self._next = task
+                break
+        return batch
+
+    def _run(self, batch: list[Task]) -> None:
+        """Launch ``batch`` on the device, then answer the batch launched before it, if any.
+
+        On a GPU the loop thus prepares batch n+1 (decoding, cropping, stacking) while the GPU
+        runs batch n. A batch stays in flight only while another run is next in line, so an idle
+        host answers at once."""
+        launched = self._launch(batch)
+        self._answer_in_flight()
+        self._in_flight = launched
+        if self._next is None:
+            self._next = self._poll()
+        if self._next is None or not isinstance(self._next.message, Run):
+            self._answer_in_flight()
+
+    def _poll(self) -> Task | None:
+        """The next task queued, without waiting for one."""
+        try:
+            return self._tasks.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _launch(self, batch: list[Task]) -> _InFlight | None:
+        """Start ``batch``'s forward pass; ``None`` (each worker told why) if that fails."""
+        runs = [_run_of(task) for task in batch]
+        try:
+            runner = self._runners.get(runs[0].model)
+            if runner is None:
+                raise RuntimeError(f"model {runs[0].model[0]} is not loaded (send a load request first)")
+            crops = self._crops(runner.bundle, [image for run in runs for image in run.images])
+            points = [point for run in runs for point in run.points]
+            top_ks = [top_k for run in runs for top_k in run.top_ks]
+            rows = [row for row, crop in enumerate(crops) if crop is not None]
+            pending = runner.start(stack_on(self._device, [cast(Tensor, crops[row]) for row in rows])) if rows else None
+        except Exception as error:
+            self._fail_batch(batch, error)
+            return None
+        return _InFlight(batch, runner, pending, rows, [points[row] for row in rows], [top_ks[row] for row in rows])
+
+    def _answer_in_flight(self) -> None:
+        """Wait for the batch in flight, if any, and answer each of its workers its share."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return
+        verdicts: list[ImageVerdict | None] = [None] * sum(task.images for task in flight.batch)
+        if flight.pending is not None:
+            try:
+                decided = flight.runner.judge(flight.pending, flight.points, flight.top_ks)
+            except Exception as error:
+                self._fail_batch(flight.batch, error)
+                return
+            for row, verdict in zip(flight.rows, decided, strict=True):
+                verdicts[row] = verdict
+            if self._batch_sizes is not None:
+                self._batch_sizes.observe(len(flight.rows))
+        start = 0
+        for task in flight.batch:
+            self._answer(task, Judged(verdicts[start : start + task.images]))
+            start += task.images
+
+    def _answer(self, task: Task, reply: Reply) -> None:
+        """Answer a run: it is owed nothing more (still owed if sending fails other than on a
+        closed connection: the step's failure then answers it)."""
+        _reply(task, reply)
+        del self._owed[id(task)]
+
+    def _fail_batch(self, batch: list[Task], error: Exception) -> None:
+        logger.exception("batch of %d requests failed", len(batch), exc_info=error)
+        for task in batch:
+            self._answer(task, error_reply(error))
+
+    def _crops(self, bundle: Bundle, images: list[np.ndarray | bytes]) -> list[Tensor | None]:
+        """Each image as the model's uint8 crop: arrays as they came, JPEGs decoded here in one
+        call and resized on the device; ``None`` for a JPEG the decoder refused."""
+        crops: list[Tensor | None] = [None if isinstance(image, bytes) else torch.from_numpy(image) for image in images]
+        jpeg_rows = [row for row, image in enumerate(images) if isinstance(image, bytes)]
+        decoded = decode_plain_jpegs([cast(bytes, images[row]) for row in jpeg_rows], self._device)
+        for row, pixels in zip(jpeg_rows, decoded, strict=True):
+            crops[row] = None if pixels is None else _crop(bundle, pixels)
+        return crops
+
+    def _load(self, task: Task) -> None:
+        assert isinstance(task.message, Load)
+        key = task.message.model
+        if key in self._runners:
+            self._users[key].add(task.origin)
+            _reply(task, Loaded(self._decodes_jpeg))
+        elif key in self._loading:
+            self._loading[key].append(task)
+        else:
+            loader = threading.Thread(target=self._load_in_background, args=(key,), name="mixoe-load", daemon=True)
+            loader.start()
+            self._loading[key] = [task]  # the loader's answer is a task: this loop runs it later
+
+    def _load_in_background(self, key: ModelKey) -> None:
+        path, digest = key
+        try:
+            bundle = load_bundle(Path(path), self._device)
+            if model_key(bundle)[1] != digest:
+                raise BundleError(f"bundle {path} changed on disk after the worker loaded it; restart that worker")
+            runner = ModelRunner.for_device(bundle, self._max_batch_size, self._cuda_graphs)
+        except Exception as error:
+            log_failure(logger, f"model process could not load {path}", error)
+            self.submit(Task(_NOBODY, LoadFailed(key, _error_text(error))))
+            return
+        self.submit(Task(_NOBODY, LoadDone(key, runner)))
+
+    def _loaded(self, task: Task) -> None:
+        assert isinstance(task.message, LoadDone)
+        runner = task.message.runner
+        self._warming[task.message.model] = _WarmingUp(runner, list(runner.warm_up_sizes))
+        self.submit(Task(_NOBODY, WarmUp(task.message.model)))
+
+    def _warm(self, task: Task) -> None:
+        """One warm-up batch of a model just loaded; the next is queued behind the runs waiting."""
+        assert isinstance(task.message, WarmUp)
+        key = task.message.model
+        warming = self._warming[key]
+        if not self._loading[key]:  # every worker that asked has gone meanwhile
+            self._discard_load(key)
+            return
+        try:
+            warming.runner.warm_up(warming.sizes[:1])
+        except Exception as error:
+            log_failure(logger, f"model process could not warm up {key[0]}", error)
+            self._fail_load(key, _error_text(error))
+            return
+        del warming.sizes[0]
+        if warming.sizes:
+            self.submit(task)
+            return
+        bundle = warming.runner.bundle
+        logger.info(
+            "model process loaded %s:%s from %s on %s (warm-up %.1f s%s)",
+            bundle.name, bundle.version, key[0], self._device, time.perf_counter() - warming.started,
+            graphs_note(bundle),
+        )
+        del self._warming[key]
+        waiting = self._loading.pop(key)
+        self._runners[key] = warming.runner
+        self._users[key] = {load.origin for load in waiting}
+        for load in waiting:
+            _reply(load, Loaded(self._decodes_jpeg))
+
+    def _load_failed(self, task: Task) -> None:
+        assert isinstance(task.message, LoadFailed)
+        self._fail_load(task.message.model, task.message.message)
+
+    def _fail_load(self, key: ModelKey, message: str) -> None:
+        for load in self._discard_load(key):
+            _reply(load, Failed(message))
+
+    def _discard_load(self, key: ModelKey) -> list[Task]:
+        """Give up ``key``'s load, freeing what it holds: the workers that were waiting for it."""
+        if self._warming.pop(key, None) is not None and self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        return self._loading.pop(key)
+
+    def _release(self, origin: Replies) -> None:
+        """``origin`` has disconnected (its release comes after all its tasks): close it here, where
+        it is written to, and drop it as a user."""
+        origin.close()
+        for waiting in self._loading.values():
+            waiting[:] = [load for load in waiting if load.origin is not origin]
+        for key in [key for key, users in self._users.items() if origin in users]:
+            self._users[key].discard(origin)
+            if not self._users[key]:
+                self._forget(key)
+
+    def _forget(self, key: ModelKey) -> None:
+        del self._users[key], self._runners[key]
+        logger.info("model process released %s: no worker uses it any more", key[0])
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A batch launched on the device: its runs, and what judging it needs. ``rows`` are the
+    images the decoder took, with their operating points and top-k sizes; ``pending`` is
+    ``None`` when it took none."""
+
+    batch: list[Task]
+    runner: ModelRunner
+    pending: PendingLogits | None
+    rows: list[int]
+    points: list[OperatingPoint]
+    top_ks: list[int]
+
+
+@dataclass
+class _WarmingUp:
+    """A model loaded but not yet warm: its runner and the batch sizes still to run."""
+
+    runner: ModelRunner
+    sizes: list[int]
+    started: float = field(default_factory=time.perf_counter)
+
+
+def _run_of(task: Task) -> Run:
+    assert isinstance(task.message, Run)
+    return task.message
+
+
+def _reply(task: Task, reply: Reply) -> None:
+    """Answer a worker's call; one that has gone away meanwhile is released when its reader sees it."""
+    try:
+        task.origin.send(Answer(task.call, reply))
+    except OSError:
+        pass
+
+
+def _crop(bundle: Bundle, pixels: Tensor) -> Tensor | None:
+    """A decoded JPEG as the model's crop; ``None`` if that fails, so that one odd file fails its
+    own request (the worker retries it on the CPU) and not a batch of every worker's."""
+    try:
+        return bundle.pixels(pixels)
+    except Exception:
+        logger.exception("model process could not crop a decoded JPEG of shape %s", tuple(pixels.shape))
+        return None

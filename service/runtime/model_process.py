@@ -1,0 +1,245 @@
+"""One process that holds the models on the device and runs the batches of every worker together.
+
+With ``MIXOE_WORKERS=N`` each worker otherwise holds its own copy of every model and sends the
+device its own small batches. On an H200, four such workers kept the GPU 56-83 % busy at 0.35 of
+the raw model rate: four CUDA contexts took turns with batches of a few images each. With
+``MIXOE_MODEL_PROCESS=true`` the workers keep HTTP, input checks, micro-batching and (but for
+plain JPEGs on a GPU, see below) decoding, on the CPU, and hand each batch of images to this
+process over a Unix socket; it merges what
+arrives from all of them into batches of up to ``max_batch_size`` images, runs them with the same
+:class:`~service.runtime.inference.ModelRunner` (so verdicts are the in-process ones), and answers each
+worker with its share (:mod:`service.runtime.model_host` is its loop).
+
+Protocol: the typed messages of :mod:`service.runtime.protocol`, one call at a time per connection (a
+worker's single inference thread owns its connection). Every call has a deadline, kept by the
+worker's side (:mod:`service.runtime.model_client`); here a connection's handshake has
+``_HANDSHAKE_TIMEOUT_S``. A call past its deadline fails its requests with a 504, a connection
+that breaks with a 503; the worker then reports not ready and pings until the model process
+answers again (:class:`~service.context.ServiceContext`).
+
+On a GPU with ``MIXOE_GPU_JPEG_DECODE=true`` workers send plain JPEGs undecoded: this
+process decodes each batch's JPEGs in one nvjpeg call and resizes them on the GPU, so the workers'
+CPUs only parse requests and check headers.
+
+A model stays loaded while a connected worker has loaded it; when the last such worker
+disconnects (a SIGHUP roll-over to new versions retires the old workers) it is released.
+
+Lifecycle: the parent (``mixoe-serve``) starts this process before any worker (:class:`ModelProcess`)
+and tells the workers where to connect through two environment variables. The process ignores
+SIGINT, SIGTERM and SIGHUP, which a terminal, an init system or ``kill`` may send to the whole
+process group: the workers are still draining their queues through it then. It exits when the
+parent closes the control pipe, which the parent does once the workers have stopped, and the
+operating system does if the parent dies. If it dies, or stops answering the parent's
+heartbeat (a :class:`~service.runtime.protocol.Ping` every ``HEARTBEAT_INTERVAL_S``, through the loop that runs
+the batches) for ``MIXOE_MODEL_PROCESS_TIMEOUT_S`` (the parent then kills it), the parent stops
+the service with exit status 1, so that a supervisor restarts the whole: a hang is noticed within
+that timeout plus ``HEARTBEAT_INTERVAL_S``. The workers' connections then break, and every request
+still waiting on it gets a 503. The model process is not restarted in place: the workers hold
+models loaded in it, and a GPU may free a killed process's memory only later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.util
+import os
+import secrets
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+
+import torch
+
+from models.network.nets import resolve_device
+from service.api.errors import ServiceError
+from service.monitoring.logs import configure_logging
+from service.monitoring.metrics import model_process_batch_size
+from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient, set_timeouts
+from service.runtime.model_host import ModelHost, Release, Task
+from service.runtime.protocol import Call
+from service.settings import Settings
+
+logger = logging.getLogger("mixoe.model_process")
+
+_START_TIMEOUT_S = 120.0
+_HANDSHAKE_TIMEOUT_S = 10.0
+_STOP_TIMEOUT_S = 10.0
+HEARTBEAT_INTERVAL_S = 1.0
+
+
+class ModelProcess:
+    """The parent's handle on the model process: start it, publish its address, notice if it
+    dies or hangs.
+
+    :meth:`start` starts the process and waits until it listens; :meth:`stop` stops it. If it
+    exits while the service runs, or misses a heartbeat's deadline (it is then killed),
+    ``on_failure`` runs (by default the parent sends itself SIGTERM: the server drains and stops)
+    and :attr:`died` says so, for ``mixoe-serve`` to exit with a failure status."""
+
+    def __init__(self, settings: Settings, on_failure: Callable[[], None] | None = None):
+        self._settings = settings
+        self._on_failure = on_failure or (lambda: os.kill(os.getpid(), signal.SIGTERM))
+        self._directory: tempfile.TemporaryDirectory[str] | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._control: Connection | None = None
+        self._finalizer: multiprocessing.util.Finalize | None = None
+        self._stopping = threading.Event()
+        self.died = False
+
+    def start(self) -> None:
+        """Start the process and wait until it listens; :class:`RuntimeError` if it does not."""
+        # A private directory: only this user can reach the socket; the key authenticates as well.
+        self._directory = tempfile.TemporaryDirectory(prefix="mixoe-model-process-")
+        address = str(Path(self._directory.name) / "socket")
+        key = secrets.token_bytes(32)
+        context = multiprocessing.get_context("spawn")
+        self._control, control_there = context.Pipe()
+        self._process = context.Process(
+            target=_serve, args=(self._settings, address, key, control_there), name="mixoe-model-process"
+        )
+        self._process.start()
+        control_there.close()  # from now on only the child holds that end: closing ours tells it to exit
+        # At interpreter exit multiprocessing joins its children, and this one would wait for its
+        # control pipe to close: a finaliser with a priority runs before that join.
+        self._finalizer = multiprocessing.util.Finalize(self, self.stop, exitpriority=100)
+        if not self._control.poll(_START_TIMEOUT_S):
+            self.stop()
+            raise RuntimeError(f"the model process did not start within {_START_TIMEOUT_S:.0f} s")
+        try:
+            self._control.recv()
+        except EOFError:
+            self.stop()
+            raise RuntimeError(f"the model process exited at start (status {self._process.exitcode})") from None
+        os.environ[ADDRESS_VARIABLE] = address
+        os.environ[KEY_VARIABLE] = key.hex()
+        heartbeat = ModelProcessClient(address, key, self._settings.model_process_timeout_s)
+        threading.Thread(target=self._watch, args=(heartbeat,), name="mixoe-model-process-watch", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop the process (its workers have stopped: nothing is lost) and forget its address."""
+        self._stopping.set()
+        os.environ.pop(ADDRESS_VARIABLE, None)
+        os.environ.pop(KEY_VARIABLE, None)
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._process is not None:
+            self._process.join(_STOP_TIMEOUT_S)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+        if self._directory is not None:
+            self._directory.cleanup()
+        if self._finalizer is not None:
+            self._finalizer.cancel()
+
+    def _watch(self, heartbeat: ModelProcessClient) -> None:
+        """Until :meth:`stop`: wait ``HEARTBEAT_INTERVAL_S`` for the process to exit, else ping it."""
+        process = self._process
+        assert process is not None
+        with contextlib.closing(heartbeat):
+            while True:
+                # Waiting on the sentinel, not join(): stop() reaps the process.
+                exited = multiprocessing.connection.wait([process.sentinel], HEARTBEAT_INTERVAL_S)
+                if self._stopping.is_set():
+                    return
+                if exited:
+                    process.join(1)  # reaped, for its exit status
+                    what = f"exited with status {process.exitcode}"
+                    break
+                try:
+                    heartbeat.ping()
+                except ServiceError as error:
+                    if self._stopping.is_set():  # stop() closed it meanwhile
+                        return
+                    process.kill()
+                    what = f"stopped answering ({error.message}), so it was killed"
+                    break
+        self.died = True
+        logger.error("the model process (pid %s) %s; stopping the service", process.pid, what)
+        self._on_failure()
+
+
+def _serve(settings: Settings, address: str, key: bytes, control: Connection) -> None:
+    """The model process: listen, accept workers, and run their tasks in this thread."""
+    configure_logging(settings.log_level)
+    for name in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(name, signal.SIG_IGN)  # see the module docstring: the control pipe stops us
+    device = resolve_device(settings.device)
+    if device.type == "cuda":
+        # This process's CPU work is stacking crops and feeding the GPU: the cores are the workers'.
+        torch.set_num_threads(1)
+    host = ModelHost(
+        device,
+        settings.max_batch_size,
+        model_process_batch_size(settings.max_batch_size),
+        decodes_jpeg=device.type == "cuda" and settings.gpu_jpeg_decode,
+        cuda_graphs=settings.cuda_graphs,
+    )
+    listener = Listener(address, family="AF_UNIX", backlog=64)  # authenticated per connection, in its own thread
+    logger.info("model process listening on %s, device %s", address, device)
+    control.send(os.getpid())
+    threading.Thread(target=_exit_when_closed, args=(control,), name="mixoe-control", daemon=True).start()
+    threading.Thread(target=_accept, args=(listener, key, host), name="mixoe-accept", daemon=True).start()
+    host.serve_forever()
+
+
+def _exit_when_closed(control: Connection) -> None:
+    try:
+        control.recv()
+    except (EOFError, OSError):
+        pass
+    logger.info("model process stopping: the service has stopped")
+    os._exit(0)
+
+
+def _accept(listener: Listener, key: bytes, host: ModelHost) -> None:
+    while True:
+        try:
+            connection = listener.accept()
+        except OSError as error:  # out of file descriptors, say: try again shortly
+            logger.warning("model process could not accept a connection: %r", error)
+            time.sleep(0.1)
+            continue
+        threading.Thread(target=_receive, args=(connection, key, host), name="mixoe-receive", daemon=True).start()
+
+
+def _receive(connection: Connection, key: bytes, host: ModelHost) -> None:
+    """Authenticate one worker, then queue each of its messages; once it disconnects, its release.
+
+    The handshake runs here, with a time limit, so a peer that stalls or drops halfway holds up
+    no other connection."""
+    try:
+        with socket.socket(fileno=os.dup(connection.fileno())) as raw:
+            # A receive timeout on the socket itself (settimeout would make the shared file
+            # description non-blocking, and so may creating this object: undone at once): a
+            # stalled read fails with an OSError.
+            raw.setblocking(True)
+            set_timeouts(raw, _HANDSHAKE_TIMEOUT_S, (socket.SO_RCVTIMEO,))
+            multiprocessing.connection.deliver_challenge(connection, key)
+            multiprocessing.connection.answer_challenge(connection, key)
+            set_timeouts(raw, 0, (socket.SO_RCVTIMEO,))
+    except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
+        logger.warning("model process refused a connection: %r", error)
+        connection.close()
+        return
+    try:
+        while True:
+            message = connection.recv()
+            if not (isinstance(message, Call) and message.valid):
+                raise ValueError(f"not a call: {message!r:.80}")
+            host.submit(Task(connection, message.request, message.number))
+    except (EOFError, OSError):
+        pass
+    except Exception:
+        logger.exception("model process dropped a worker's connection")
+    host.submit(Task(connection, Release()))  # the loop closes the connection: it writes to it
+

@@ -1,0 +1,1 @@
+"""Assessing a trained run: scores, metrics, calibration, evaluation, comparison and the report."""

@@ -1,0 +1,54 @@
+"""The data of one experiment: ID splits after the holdout-class split, and the outlier pool.
+
+Training, evaluation and calibration all go through :func:`load_experiment_data`, so the ID
+classes, their order and the held-out (fine-grained OOD) classes are decided in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from training.config import DataConfig
+from training.data.datasets import SplitData, holdout_split, load_split, restrict_to_classes
+from training.data.splits import carve_validation
+
+
+@dataclass(frozen=True)
+class ExperimentData:
+    """ID splits remapped to ``0..K-1`` and, with a holdout split, the held-out classes' test data."""
+
+    class_names: list[str]
+    id_classes: list[int]  # original class indices of the ID classes, sorted
+    ood_classes: list[int]  # original indices of held-out classes (empty without a holdout split)
+    train: SplitData
+    val: SplitData
+    test: SplitData | None
+    fine_ood_test: SplitData | None  # test images of the held-out classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_experiment_data(config: DataConfig) -> ExperimentData:
+    train = load_split(config, config.train)
+    if config.val_from_train is not None:
+        train, val = carve_validation(train, config.val_from_train)
+    else:
+        val = load_split(config, config.val)
+    test = load_split(config, config.test) if config.test else None
+    total = len(train.class_names)
+    if config.holdout is None:
+        id_classes, ood_classes = list(range(total)), []
+    else:
+        id_classes, ood_classes = holdout_split(total, config.holdout.num_id_classes, config.holdout.seed)
+    fine = restrict_to_classes(test, ood_classes) if test is not None and ood_classes else None
+    return ExperimentData(
+        class_names=[train.class_names[c] for c in id_classes],
+        id_classes=id_classes,
+        ood_classes=ood_classes,
+        train=restrict_to_classes(train, id_classes),
+        val=restrict_to_classes(val, id_classes),
+        test=restrict_to_classes(test, id_classes) if test is not None else None,
+        fine_ood_test=fine,
+    )
