@@ -16,7 +16,7 @@ from service.settings import EMBEDDED_REPOSITORY, Settings, is_setting_variable
 
 def test_defaults_point_at_the_embedded_repository() -> None:
     settings = Settings()
-    assert EMBEDDED_REPOSITORY.name == "repository" and (EMBEDDED_REPOSITORY.parent / "bundle.py").is_file()
+    assert EMBEDDED_REPOSITORY.name == "repository" and (EMBEDDED_REPOSITORY.parent / "runtime.py").is_file()
     assert settings.model_repository == EMBEDDED_REPOSITORY
     assert (settings.max_batch_size, settings.max_batch_delay_ms, settings.models, settings.api_keys) == (
         32,
