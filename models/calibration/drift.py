@@ -98,10 +98,9 @@ class PowerJumper:
         self._log_capital += np.log(growth)
         return self.log10_capital
 
-    def update_many(self, p_values: ArrayLike) -> float:
-        """Feed a single stream (``runs == 1``) several p-values in order; returns its ``log10 M``."""
+    def update_many(self, p_values: ArrayLike) -> NDArray[np.float64]:
+        """Feed a single stream (``runs == 1``) several p-values in order; returns ``log10 M`` after
+        each of them, so that a caller can tell whether the stream crossed a level on the way."""
         if self._runs != 1:
             raise ValueError("update_many feeds a single stream")
-        for p in np.asarray(p_values, dtype=np.float64).ravel():
-            self.update(p)
-        return float(self.log10_capital[0])
+        return np.array([self.update(p)[0] for p in np.asarray(p_values, dtype=np.float64).ravel()])

@@ -64,8 +64,8 @@ class DriftMonitor:
     def observe(self, scores: Sequence[float]) -> None:
         """Bet on the smoothed p-values of ``scores`` (OOD scores, in the order they were served)."""
         p_values = self._bag.p_values(scores, 1.0 - self._uniforms.random(len(scores)))
-        for p in p_values:  # the alarm latches on any crossing, not only the batch's last value
-            self.alarm |= bool(self._martingale.update([p])[0] >= self.level)
+        path = self._martingale.update_many(p_values)  # the alarm latches on any crossing, not only the last
+        self.alarm |= bool(path.size and path.max() >= self.level)
         self.images += len(scores)
 
 
