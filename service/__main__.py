@@ -29,15 +29,15 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.supervisors import Multiprocess, multiprocess
 
 from service.api.connections import GuardedHttpProtocol
 from service.app import create_app
 from service.monitoring.logs import configure_logging
 from service.monitoring.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
 from service.runtime.model_process import ModelProcess
-from service.server import DrainingServer, DrainingWorker
+from service.server import DrainingServer
 from service.settings import Settings, is_setting_variable
+from service.supervisor import Supervisor
 
 
 def main() -> None:
@@ -75,17 +75,10 @@ def _exit_if_died(model_process: ModelProcess | None) -> None:
 
 def worker_app() -> FastAPI:
     """The app of one worker process under the supervisor (``MIXOE_WORKERS`` > 1 or ``MIXOE_MODEL_PROCESS``),
-    configured by the parent's variables.
-
-    A failure here exits with uvicorn's start-up failure status, which stops the supervisor; any
-    other status would make it restart the worker, and fail again, forever."""
-    try:
-        settings = Settings()
-        configure_logging(settings.log_level)
-        return create_app(settings)
-    except Exception:
-        logging.getLogger("mixoe.service").exception("worker %d could not build the app", os.getpid())
-        raise SystemExit(STARTUP_FAILURE) from None
+    configured by the variables the parent exported (:func:`export_settings`)."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
 
 
 def export_settings(settings: Settings) -> None:
@@ -99,24 +92,15 @@ def export_settings(settings: Settings) -> None:
 
 
 def _serve_workers(settings: Settings) -> None:
-    """uvicorn's supervisor over ``settings.workers`` spawned processes sharing one listening socket.
+    """``settings.workers`` spawned processes sharing one listening socket (:mod:`service.supervisor`).
 
-    ``uvicorn.run`` would return normally when a worker fails to start (a bad bundle, say); here
-    that is exit status 3, as with one process, so restart policies and scripts see the failure."""
+    A worker that cannot start (a bad bundle, say) stops the server with exit status 3, as with one
+    process, so restart policies and scripts see the failure."""
     export_settings(settings)
-    config = uvicorn.Config(
-        "service.__main__:worker_app",
-        factory=True,
-        workers=settings.workers,
-        timeout_worker_healthcheck=settings.worker_timeout_s,  # uvicorn's 5 s is short for a GPU model
-        **_server_options(settings),
-    )
-    # The supervisor makes its workers from this module-level name; it offers no other hook.
-    multiprocess.Process = DrainingWorker  # type: ignore[misc]
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
-    supervisor.run()
-    if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
-        raise SystemExit(STARTUP_FAILURE)
+    config = uvicorn.Config("service.__main__:worker_app", factory=True, **_server_options(settings))
+    status = Supervisor(config, settings.workers, settings.worker_timeout_s).run()
+    if status != 0:
+        raise SystemExit(status)
 
 
 def _server_options(settings: Settings) -> dict[str, Any]:

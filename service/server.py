@@ -1,8 +1,8 @@
-"""The uvicorn server the service runs on, and the worker process that runs it under uvicorn's
-supervisor (``MIXOE_WORKERS`` > 1, or a model process).
+"""The uvicorn server the service runs on, alone or in each worker of :mod:`service.supervisor`.
 
-Its own module, not ``service.__main__``: worker processes are spawned, and a spawned process can
-import the class it runs from a module, never from a package's ``__main__``.
+It overrides :meth:`uvicorn.Server.shutdown`, a public method whose behaviour this relies on:
+pyproject.toml bounds uvicorn to the versions tested, and ``tests/service/test_uvicorn_api.py``
+fails if the signatures used here change.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 import socket
 
 import uvicorn
-from uvicorn.supervisors import multiprocess
 
 # How long a stopping server goes on reading requests on connections it has already accepted.
 ACCEPTED_CONNECTION_GRACE_S = 0.5
@@ -38,12 +37,3 @@ class DrainingServer(uvicorn.Server):
         await asyncio.sleep(ACCEPTED_CONNECTION_GRACE_S)
         await super().shutdown(sockets)
 
-
-class DrainingWorker(multiprocess.Process):
-    """A worker process of uvicorn's supervisor that runs a :class:`DrainingServer`."""
-
-    @property
-    def server(self) -> uvicorn.Server:
-        if self._server is None:
-            self._server = DrainingServer(config=self.config)
-        return self._server

@@ -88,9 +88,9 @@ class Settings(BaseSettings):
     worker_timeout_s: int = Field(
         30,
         ge=1,
-        description="Under the supervisor (several workers, or a model process): a worker that does not answer "
-        "the supervisor's ping, or is not serving this long after a restart (SIGHUP), is killed and replaced; a "
-        "worker that died goes unnoticed up to this long.",
+        description="Under the supervisor (several workers, or a model process): a worker not serving this long after "
+        "it was started (at start, replacing one that died, or in a SIGHUP roll-over) has failed to start and is "
+        "killed. A worker that dies is noticed at once and replaced.",
     )
     model_process_timeout_s: float = Field(
         30.0,

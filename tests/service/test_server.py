@@ -199,8 +199,7 @@ def test_several_workers_serve_one_port_and_report_one_set_of_metrics(tiny: Tiny
 def test_killed_workers_are_replaced_and_counts_never_go_back(tiny: TinyModel, tmp_path: Path) -> None:
     """Both workers are killed: the supervisor starts two new ones, which serve, and /metrics still
     counts what the dead ones answered (a counter that fell back would read as a reset)."""
-    # A short ping timeout: uvicorn may notice a killed worker only when a ping to it times out.
-    served = start_server(tiny.repository, tmp_path / "killed.log", workers="2", worker_timeout_s="5")
+    served = start_server(tiny.repository, tmp_path / "killed.log", workers="2")
     try:
         files = role_files(tiny, "accepted")
 
@@ -312,7 +311,14 @@ def test_sighup_rolls_the_workers_onto_a_new_bundle_and_keeps_them_when_it_is_br
 
 
 def test_a_worker_that_cannot_start_stops_the_server_with_status_3(tmp_path: Path) -> None:
-    """A bad repository fails every worker's start-up; the supervisor must not exit 0 (restart policies
-    and scripts would take that for a clean stop)."""
+    """A bad repository fails every worker's start-up (in its lifespan); the supervisor must not exit 0
+    (restart policies and scripts would take that for a clean stop). The worker says so, so the
+    first failure decides: no worker is restarted, and no timeout is involved (the default 30 s)."""
+    log = tmp_path / "failing.log"
     with pytest.raises(LocalProcessError, match="exited with 3"):
-        start_server(tmp_path / "missing", tmp_path / "failing.log", workers="2", worker_timeout_s="3")
+        start_server(tmp_path / "missing", log, workers="2")
+    messages = [str(entry["message"]) for entry in log_entries(log) if entry["logger"] == "mixoe.supervisor"]
+    assert sum(message.startswith("Started worker process") for message in messages) == 2
+    [failure] = [message for message in messages if "stopping the server" in message]
+    assert "failed to start: it could not load or start its application" in failure
+    assert any(str(entry["message"]).startswith("the service could not start") for entry in log_entries(log))
