@@ -105,7 +105,8 @@ def load(host: ModelHost, model: ModelKey, inbox: Inbox) -> None:
 def loaded_by(host: ModelHost, model: ModelKey, *inboxes: Inbox, decodes_jpeg: bool = False) -> None:
     for inbox in inboxes:
         load(host, model, inbox)
-        assert inbox.replies.pop() == Loaded(decodes_jpeg)
+        reply = inbox.replies.pop()
+        assert isinstance(reply, Loaded) and reply.decodes_jpeg == decodes_jpeg
 
 
 def batch_total(batches: Histogram, suffix: str = "_count") -> float:
@@ -285,7 +286,7 @@ def test_a_model_still_loading_holds_up_no_run_of_another(
     monkeypatch.setattr(service.runtime.model_host, "load_bundle", slow_load)
     # Three warm-up batch sizes, as a GPU model would have (on a CPU there is one).
     monkeypatch.setattr(
-        ModelRunner, "for_device", lambda bundle, max_batch_size, cuda_graphs: ModelRunner(bundle, [1, 2, 4])
+        ModelRunner, "for_device", lambda bundle, max_batch_size, cuda_graphs, tune: ModelRunner(bundle, [1, 2, 4])
     )
     host.submit(Task(rolling, Load(model_key(load_bundle(other.path)))))
     host.step()  # the load starts, in its own thread
@@ -300,7 +301,7 @@ def test_a_model_still_loading_holds_up_no_run_of_another(
     assert [type(reply) for reply in serving.replies] == [Judged, Judged] and rolling.replies == []
     host.step()
     host.step()
-    assert rolling.replies == [Loaded(False)]
+    assert rolling.replies == [Loaded(False, 4)]
 
 
 def test_the_warm_up_runs_in_the_thread_that_serves(
@@ -342,7 +343,7 @@ def test_workers_waiting_on_one_load_get_one_copy_and_one_that_left_meanwhile_ge
     host.step()  # the load's end
     host.step()  # its warm-up (one batch size on a CPU)
     assert loads == [tiny.path] and second.closed and second.replies == []
-    assert first.replies == third.replies == [Loaded(False)]
+    assert first.replies == third.replies == [Loaded(False, 4)]
     for inbox in (first, third):
         host.submit(Task(inbox, Release()))
         host.step()
@@ -357,7 +358,7 @@ def test_workers_waiting_on_one_load_get_one_copy_and_one_that_left_meanwhile_ge
     assert host.loaded == [] and len(loads) == 2
     again = Inbox()
     load(host, model_key(bundle), again)  # loaded afresh, not stuck behind the load given up
-    assert again.replies == [Loaded(False)] and len(loads) == 3
+    assert again.replies == [Loaded(False, 4)] and len(loads) == 3
 
 
 def test_a_model_is_released_when_the_last_worker_that_loaded_it_disconnects(tiny: TinyModel, bundle: Bundle) -> None:
@@ -425,7 +426,7 @@ def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
         with socket.socket(socket.AF_UNIX) as stalled:  # connects and says nothing: holds up no one else
             stalled.connect(address)
             client = ModelProcessClient.from_environment(timeout_s=10)
-            assert client.load(model_key(bundle)) is False
+            assert client.load(model_key(bundle)).decodes_jpeg is False
             verdicts = client.run(run(bundle, crops(bundle, tiny, ROLES)))
             assert [verdict.accepted for verdict in verdicts] == [True, True, False]
             client.close()
@@ -437,7 +438,7 @@ def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
 def start_with_model_process(tiny: TinyModel, log: Path, workers: str, timeout_s: str = "30") -> LocalServer:
     return start_local_server(
         {"model_repository": str(tiny.repository), "device": "cpu", "decode_workers": "2", "workers": workers,
-         "model_process": "true", "model_process_timeout_s": timeout_s},
+         "model_process": "true", "model_process_timeout_s": timeout_s, "batch_size_tuning": "false"},
         log,
         timeout_s=90,
     )
