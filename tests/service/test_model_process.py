@@ -34,6 +34,7 @@ from service.runtime.decoding import decode_image
 from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner
 from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
 import service.runtime.model_host
+import service.runtime.predictor
 from service.runtime.model_host import LoadDone, ModelHost, Release, Task
 from service.runtime.model_process import ModelProcess
 from service.runtime.predictor import Predictor, Upload
@@ -224,20 +225,37 @@ class RefusingModelProcess:
     def __init__(self, bundle: Bundle):
         self._runner = ModelRunner(bundle)
         self.refused = 0
+        self.crops = 0
 
     def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict | None]:
         self.refused += sum(isinstance(job.pixels, bytes) for job in jobs)
+        self.crops += sum(not isinstance(job.pixels, bytes) for job in jobs)
         crops = [job for job in jobs if not isinstance(job.pixels, bytes)]
         decided = iter(self._runner(crops) if crops else [])
         return [None if isinstance(job.pixels, bytes) else next(decided) for job in jobs]
 
 
 def test_a_worker_lets_pil_decide_on_a_jpeg_the_model_process_refused(
-    tiny: TinyModel, bundle: Bundle, make_settings: Callable[..., Settings]
+    tiny: TinyModel, bundle: Bundle, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A JPEG the GPU decoder refused gets PIL's verdict: decoded and classified as any other image
-    when PIL reads it, and the client error naming the file when PIL cannot either."""
+    """A JPEG the GPU decoder refused gets PIL's verdict: decoded once (by PIL, not by torchvision
+    first) and classified as any other image when PIL reads it, and the client error naming the
+    file when PIL cannot either."""
     runner = RefusingModelProcess(bundle)
+    decoded: list[str] = []  # by whom, each time a worker decodes a file
+    real_load_image = service.runtime.predictor.load_image
+    real_decode_plain_jpeg = service.runtime.predictor.decode_plain_jpeg
+
+    def counted_load_image(image: Any, filename: str) -> Any:
+        decoded.append(f"PIL {filename}")
+        return real_load_image(image, filename)
+
+    def counted_decode_plain_jpeg(data: bytes, device: torch.device) -> Any:
+        decoded.append("torchvision")
+        return real_decode_plain_jpeg(data, device)
+
+    monkeypatch.setattr(service.runtime.predictor, "load_image", counted_load_image)
+    monkeypatch.setattr(service.runtime.predictor, "decode_plain_jpeg", counted_decode_plain_jpeg)
     settings = make_settings()
     metrics = ServiceMetrics(score_buckets([bundle.manifest]), 8)
 
@@ -259,13 +277,16 @@ def test_a_worker_lets_pil_decide_on_a_jpeg_the_model_process_refused(
     verdicts = asyncio.run(
         predict([Upload("accepted.jpg", jpeg(tiny, "accepted")), Upload("rejected.png", tiny.images["rejected"])])
     )
-    assert runner.refused == 1
+    assert (runner.refused, runner.crops) == (1, 2)  # the JPEG's bytes once, then its crop once
+    assert sorted(decoded) == ["PIL accepted.jpg", "PIL rejected.png"]
     pil_crop = bundle.pixels(decode_image(jpeg(tiny, "accepted"), max_bytes=10**8, max_pixels=10**8))
     assert_same_verdict(verdicts[0], ModelRunner(bundle)([ImageJob(pil_crop, bundle.operating_point(None), 3)])[0])
     assert [verdict.accepted for verdict in verdicts] == [True, False]
     with pytest.raises(InvalidInput) as refused:
-        asyncio.run(predict([Upload("cut.jpg", jpeg(tiny, "accepted")[:300])]))
+        cut = jpeg(tiny, "accepted")
+        asyncio.run(predict([Upload("cut.jpg", cut[: cut.index(b"\xff\xda") + 20])]))  # cut in its scan
     assert (refused.value.code, refused.value.file) == (ErrorCode.TRUNCATED_IMAGE, "cut.jpg")
+    assert decoded[2:] == ["PIL cut.jpg"] and runner.refused == 2  # refused, then decoded once, never resent
 
 
 def test_a_model_still_loading_holds_up_no_run_of_another(
