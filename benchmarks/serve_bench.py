@@ -12,8 +12,13 @@ Three measurements of one bundle on one machine, in one run (compare ratios, not
                each N > 1 in ``--workers``; ``batched-Nw-mp`` for each N in ``--model-process``,
                with ``MIXOE_MODEL_PROCESS=true``: one process holds the model and runs the
                batches of all N workers together (the mean batch is then the model process's);
+               Each batched run measures its batch sizes at start (``MIXOE_BATCH_SIZE_TUNING``,
+               ``service/runtime/tuning.py``); the ``limit`` column is the largest batch it then
+               forms, from its log;
+* ``batched-untuned`` (``--untuned``) the ``batched`` run with ``MIXOE_BATCH_SIZE_TUNING=false``:
+               batches of up to ``--max-batch-size`` whatever their speed;
 * ``naive``    the same server with ``max_batch_size=1``: one forward pass per image, which is what a
-               server without batching does;
+               server without batching does; every server's rate is also given as a ratio to it;
 * ``batched-nvjpeg`` (CUDA only) the run with the most ``--model-process`` workers (or, without
                any, the most ``--workers``) again with ``MIXOE_GPU_JPEG_DECODE=true``: JPEGs
                decoded and resized by nvjpeg on the GPU instead of on the CPU (by the workers).
@@ -44,7 +49,7 @@ import statistics
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -85,6 +90,7 @@ class RunResult:
     busiest_client_share: float | None = None
     gpu_busy_share: float | None = None
     model_process_profile: list[tuple[str, float]] | None = None  # (function, share of samples), --py-spy
+    batch_limit: int | None = None  # the largest batch the server forms, as its warm-up measured
 
 
 class GpuBusy:
@@ -265,6 +271,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--skip-naive", action="store_true", help="only raw and batched")
     parser.add_argument(
+        "--untuned", action="store_true",
+        help="also run the batched server with MIXOE_BATCH_SIZE_TUNING=false (batches up to --max-batch-size)",
+    )
+    parser.add_argument(
         "--py-spy", type=Path, metavar="PATH",
         help="a py-spy binary: sample the model process during each measured model-process run and report "
         "where its time went (the functions on the most samples)",
@@ -428,12 +438,21 @@ def measure_server(
         busiest_client_share=measured.busiest_client_share,
         gpu_busy_share=gpu.share,
         model_process_profile=sampler.profile() if sampler else None,
+        batch_limit=logged_batch_limit(server.log),
     )
 
 
+def logged_batch_limit(log: Path) -> int | None:
+    """The batch size limit the server's warm-up chose (its JSON log line); ``None`` when it timed nothing."""
+    for line in log.read_text(errors="replace").splitlines():
+        if '"batch_size_limit"' in line:
+            return int(json.loads(line)["batch_size_limit"])
+    return None
+
+
 _COLUMNS = (
-    "config", "batch", "requests", "errors", "img/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "cpu ms/img",
-    "loop busy", "client busy", "gpu busy", "vs raw", "vs graphs",
+    "config", "batch", "limit", "requests", "errors", "img/s", "p50 ms", "p95 ms", "p99 ms", "mean batch",
+    "cpu ms/img", "loop busy", "client busy", "gpu busy", "vs raw", "vs graphs", "vs naive",
 )
 
 
@@ -445,6 +464,7 @@ def print_table(results: list[RunResult], references: Baselines) -> None:
         (
             r.config,
             str(r.max_batch_size),
+            "-" if r.batch_limit is None else str(r.batch_limit),
             str(r.requests),
             str(r.errors),
             f"{r.images_per_s:.1f}",
@@ -491,23 +511,27 @@ def server_runs(args: argparse.Namespace, device: str) -> list[tuple[str, int, f
         with_model_process = str(bool(args.model_process)).lower()
         settings = {"workers": str(most), "gpu_jpeg_decode": "true", "model_process": with_model_process}
         runs.append((name, *batched, settings))
+    if args.untuned:
+        runs.append(("batched-untuned", *batched, {"model_process": "false", "batch_size_tuning": "false"}))
     if not args.skip_naive:
-        runs.append(("naive", 1, 0.0, {"model_process": "false"}))
+        runs.append(("naive", 1, 0.0, {"model_process": "false", "batch_size_tuning": "false"}))
     return runs
 
 
 @dataclass(frozen=True)
 class Baselines:
-    """The raw rates a server is compared with: eager ``raw@M`` (the reference) and, on CUDA,
-    ``raw@M-graphs``, the fastest the model goes."""
+    """The rates a server is compared with: eager ``raw@M`` (the reference), on CUDA
+    ``raw@M-graphs``, the fastest the model goes, and the naive server once it has run."""
 
     eager: float
     graphs: float | None
+    naive: float | None = None
 
     def ratios(self, result: RunResult) -> dict[str, float | None]:
         return {
             "vs_raw": result.images_per_s / self.eager,
             "vs_raw_graphs": result.images_per_s / self.graphs if self.graphs else None,
+            "vs_naive": result.images_per_s / self.naive if self.naive else None,
         }
 
     def describe(self, result: RunResult) -> str:
@@ -575,6 +599,9 @@ def main() -> None:
             for function, share in result.model_process_profile or []:
                 print(f"    {100 * share:5.1f}%  {function}", flush=True)
             write_report(args, bundle_path, device, len(jpegs), raw, references, results)
+    naive = next((r.images_per_s for r in results if r.config == "naive"), None)
+    references = replace(references, naive=naive)
+    write_report(args, bundle_path, device, len(jpegs), raw, references, results)
     print_table(results, references)
     print(f"wrote {args.out}")
 

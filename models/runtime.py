@@ -63,8 +63,11 @@ class Bundle:
         memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         self.model = model.to(device=device, memory_format=memory_format).eval()
         self._score = get_score(manifest.score.name)
-        # float32 once here (the values calibration computed with), not a cast of the bank per batch
-        self._score_state = {key: value.to(device, torch.float32) for key, value in (score_state or {}).items()}
+        # float32 once here (the values calibration computed with), not a cast of the bank per batch;
+        # then what the score reuses across batches (the KNN bank's norms), computed once too
+        self._score_state = self._score.prepare(
+            {key: value.to(device, torch.float32) for key, value in (score_state or {}).items()}
+        )
         self._geometry = EvalGeometry(manifest.preprocessing)
         self._normalize = Normalization(manifest.preprocessing)
         self._calibration_scores = np.asarray(manifest.calibration.scores, dtype=np.float64)

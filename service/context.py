@@ -163,7 +163,9 @@ async def _start_models(
         if model_process is not None:
             runner = HostedModelRunner(model_process, bundle)
         else:
-            runner = ModelRunner.for_device(bundle, settings.max_batch_size, settings.cuda_graphs)
+            runner = ModelRunner.for_device(
+                bundle, settings.max_batch_size, settings.cuda_graphs, settings.batch_size_tuning
+            )
         started = time.perf_counter()
         await loop.run_in_executor(inference_pool, runner.warm_up)
         warm_up_s = time.perf_counter() - started
@@ -171,7 +173,7 @@ async def _start_models(
             runner,
             executor=inference_pool,
             observer=metrics,
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=runner.batch_limit(settings.max_batch_size),  # as measured at warm-up
             max_delay_s=settings.max_batch_delay_s,
             queue_size=settings.admission_capacity,  # whatever admission let in fits: never refused here
             retry_after_s=settings.retry_after_s,

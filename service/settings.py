@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     )
 
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most images per model batch.")
+    batch_size_tuning: bool = Field(
+        True,
+        description="At start, time each model at batch sizes 1, 2, 4, ... up to max_batch_size (three runs "
+        "each, the median) and never form a batch larger than the size with the most images per second on this "
+        "device, which on a CPU can be far below max_batch_size (service/runtime/tuning.py); false: batches of up "
+        "to max_batch_size.",
+    )
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill up.")
     queue_size: int = Field(
         1024,

@@ -38,18 +38,27 @@ def normalized(features: Tensor) -> Tensor:
     return torch.nn.functional.normalize(features.float(), dim=1)
 
 
-def knn_distance(features: Tensor, bank: Tensor, k: int) -> Tensor:
+def squared_norms(bank: Tensor) -> Tensor:
+    """``|b|^2`` of each row of ``bank`` (N, D), in float32 (N,)."""
+    rows = bank.float()
+    return (rows * rows).sum(dim=1)
+
+
+def knn_distance(features: Tensor, bank: Tensor, k: int, bank_squared_norms: Tensor | None = None) -> Tensor:
     """Euclidean distance of each normalised row of ``features`` (B, D) to its ``k``-th nearest row
     of ``bank`` (N, D, normalised when fitted). One matrix product and a top-k: no per-image loop.
 
     The squared distance is expanded as ``|z|^2 - 2 z.b + |b|^2`` with the bank's own norms, so a
     bank stored at lower precision (norms not exactly 1) still gives true distances to its rows.
+    ``bank_squared_norms`` (:func:`squared_norms` of ``bank``) saves computing them per batch; a
+    loaded bundle passes them (:meth:`KNNScore.prepare`).
     """
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k={k} must lie between 1 and the bank size {bank.shape[0]}")
     z = normalized(features)
     rows = bank.to(device=z.device, dtype=torch.float32)
-    squared = (z * z).sum(dim=1, keepdim=True) - 2.0 * z @ rows.T + (rows * rows).sum(dim=1)
+    norms = squared_norms(rows) if bank_squared_norms is None else bank_squared_norms.to(z.device)
+    squared = (z * z).sum(dim=1, keepdim=True) - 2.0 * z @ rows.T + norms
     kth_nearest = squared.topk(k, dim=1, largest=False).values[:, -1]
     return kth_nearest.clamp(min=0.0).sqrt()
 
@@ -155,12 +164,17 @@ class KNNScore:
     def fit(self, data: FitData) -> dict[str, Tensor]:
         return {"bank": fit_knn_bank(data.features, data.bank_size, data.seed)}
 
+    def prepare(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The stored state and the bank's squared row norms, computed once (from the bank as
+        stored, float16 values included) rather than per batch."""
+        return {**state, "bank_squared_norms": squared_norms(state["bank"])}
+
     def apply(
         self, logits: Tensor, features: Tensor | None, state: Mapping[str, Tensor], temperature: float, k: int | None
     ) -> Tensor:
         if features is None or k is None:
             raise ValueError("the knn score needs features and k")
-        return knn_distance(features, state["bank"], k)
+        return knn_distance(features, state["bank"], k, state.get("bank_squared_norms"))
 
 
 @dataclass(frozen=True)
@@ -176,6 +190,9 @@ class MahalanobisScore:
     def fit(self, data: FitData) -> dict[str, Tensor]:
         means, precision = fit_tied_gaussian(data.features, data.labels, data.num_classes)
         return {"means": means, "precision": precision}
+
+    def prepare(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return dict(state)
 
     def apply(
         self, logits: Tensor, features: Tensor | None, state: Mapping[str, Tensor], temperature: float, k: int | None

@@ -63,6 +63,10 @@ class Score(Protocol):
     def fit(self, data: FitData) -> dict[str, Tensor]:
         """The state :meth:`apply` needs, from training features; ``{}`` when it needs none."""
 
+    def prepare(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` (as :meth:`fit` made it) with whatever :meth:`apply` can reuse across batches
+        computed once, for a loaded bundle; :meth:`apply` also accepts ``state`` unprepared."""
+
     def apply(
         self, logits: Tensor, features: Tensor | None, state: Mapping[str, Tensor], temperature: float, k: int | None
     ) -> Tensor:
@@ -87,6 +91,9 @@ class ScoreFunction:
 
     def fit(self, data: FitData) -> dict[str, Tensor]:
         return {}
+
+    def prepare(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return dict(state)
 
     def apply(
         self, logits: Tensor, features: Tensor | None, state: Mapping[str, Tensor], temperature: float, k: int | None

@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import cast
 
 import torch
@@ -24,6 +25,7 @@ from models.calibration.selective import Decision, decide
 from models.contract.manifest import BundleError, OperatingPoint
 from models.contract.manifest import RiskLevel
 from models.runtime import Bundle, PendingLogits
+from service.runtime.tuning import BatchSizeTuning
 
 logger = logging.getLogger("mixoe.inference")
 
@@ -120,21 +122,34 @@ class ModelRunner:
     rows are dropped from the answer; without, the model runs at whatever size the batcher formed
     (right on a CPU, where a new shape costs little and padding would cost compute). With
     ``cuda_graphs`` as well, :meth:`warm_up` records the forward pass at each padded size as a
-    CUDA graph, which every batch then replays (``models.network.graphs``)."""
+    CUDA graph, which every batch then replays (``models.network.graphs``). With ``tuning``,
+    :meth:`warm_up` also times each of its sizes, and :meth:`batch_limit` caps batches at the
+    fastest per image (``service.runtime.tuning``)."""
 
-    def __init__(self, bundle: Bundle, padded_sizes: list[int] | None = None, cuda_graphs: bool = False):
+    def __init__(
+        self,
+        bundle: Bundle,
+        padded_sizes: list[int] | None = None,
+        cuda_graphs: bool = False,
+        tuning: BatchSizeTuning | None = None,
+    ):
         self._bundle = bundle
         self._class_names = bundle.manifest.class_names
         self._padded_sizes = sorted(padded_sizes or [])
         self._cuda_graphs = cuda_graphs and bool(self._padded_sizes)
+        self._tuning = tuning
 
     @classmethod
-    def for_device(cls, bundle: Bundle, max_batch_size: int, cuda_graphs: bool = True) -> ModelRunner:
+    def for_device(
+        cls, bundle: Bundle, max_batch_size: int, cuda_graphs: bool = True, tune: bool = False
+    ) -> ModelRunner:
         """The runner for ``bundle`` on its device: padded batches on a GPU (replayed from CUDA
-        graphs unless ``cuda_graphs`` is false), as they come elsewhere."""
+        graphs unless ``cuda_graphs`` is false), as they come elsewhere; with ``tune``, each
+        padded size (on any device) timed at warm-up."""
+        tuning = BatchSizeTuning(padded_batch_sizes(max_batch_size)) if tune else None
         if bundle.device.type != "cuda":
-            return cls(bundle)
-        return cls(bundle, padded_batch_sizes(max_batch_size), cuda_graphs)
+            return cls(bundle, tuning=tuning)
+        return cls(bundle, padded_batch_sizes(max_batch_size), cuda_graphs, tuning)
 
     @property
     def bundle(self) -> Bundle:
@@ -206,28 +221,40 @@ class ModelRunner:
 
     @property
     def warm_up_sizes(self) -> list[int]:
-        """The batch sizes :meth:`warm_up` runs: each padded size, or one image."""
-        return self._padded_sizes or [1]
+        """The batch sizes :meth:`warm_up` runs: each padded size and each size to time, or one image."""
+        timed = self._tuning.sizes if self._tuning is not None else []
+        return sorted(set(self._padded_sizes) | set(timed)) or [1]
+
+    def batch_limit(self, configured: int) -> int:
+        """The most images a batch should hold: ``configured``, or less where the warm-up timed a
+        smaller batch size that gives more images per second."""
+        return configured if self._tuning is None else self._tuning.limit(configured)
 
     def warm_up(self, sizes: Sequence[int] | None = None) -> None:
         """Throw-away batches of ``sizes`` (default :attr:`warm_up_sizes`), so that no request pays
         for lazy initialisation or a first shape; a model whose outputs are NaN or infinite on a
-        blank image is refused here (:class:`BundleError`), before it serves.
+        blank image is refused here (:class:`BundleError`), before it serves. A size to time is then
+        timed (:class:`~service.runtime.tuning.BatchSizeTuning`); the table is logged once complete.
 
         Run it in the thread that will serve: PyTorch caches cuDNN's execution plans per thread,
         so after a warm-up in another thread the serving thread built each plan again on its
         first batch of each size (2 to 3 s per size for MobileNetV2 on an H200, measured)."""
         size = self._bundle.manifest.preprocessing.input_size
+        bundle, tuning = self._bundle, self._tuning
         for rows in self.warm_up_sizes if sizes is None else sizes:
             if self._cuda_graphs:
                 self._capture_graph(rows)
-            predictions = self._bundle.predict(torch.zeros(rows, 3, size, size, dtype=torch.uint8))
+            blank = torch.zeros(rows, 3, size, size, dtype=torch.uint8)
+            predictions = bundle.predict(blank)
             if not (predictions.logits.isfinite().all() and predictions.scores.isfinite().all()):
-                bundle = self._bundle
                 raise BundleError(
                     f"model {bundle.name}:{bundle.version} ({bundle.path}) gives non-finite logits or OOD scores "
                     "(NaN or infinity) on a blank image; its weights are unusable"
                 )
+            if tuning is not None and rows in tuning.sizes:
+                tuning.time(rows, partial(bundle.predict, blank))
+                if tuning.complete:
+                    tuning.log(logger, f"{bundle.name}:{bundle.version}")
 
     def _capture_graph(self, rows: int) -> None:
         """Record batches of ``rows`` as a CUDA graph; if the GPU refuses, they run eagerly."""

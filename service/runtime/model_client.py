@@ -45,7 +45,7 @@ class HostedModelRunner:
     def __init__(self, client: ModelProcessClient, bundle: Bundle):
         self._client = client
         self._key = model_key(bundle)
-        self.decodes_jpeg = False  # known once warm_up has asked the model process
+        self._loaded: Loaded | None = None  # known once warm_up has asked the model process
 
     def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict | None]:
         images = [job.pixels if isinstance(job.pixels, bytes) else job.pixels.numpy() for job in jobs]
@@ -54,7 +54,16 @@ class HostedModelRunner:
 
     def warm_up(self) -> None:
         """Have the model process load (and warm up) this model, unless another worker did."""
-        self.decodes_jpeg = self._client.load(self._key)
+        self._loaded = self._client.load(self._key)
+
+    @property
+    def decodes_jpeg(self) -> bool:
+        """Whether to send plain JPEGs undecoded (false until :meth:`warm_up`)."""
+        return self._loaded is not None and self._loaded.decodes_jpeg
+
+    def batch_limit(self, configured: int) -> int:
+        """``configured``, or the model process's smaller limit for this model (its warm-up's timings)."""
+        return configured if self._loaded is None else min(configured, self._loaded.batch_limit)
 
 
 class ModelProcessClient:
@@ -85,11 +94,12 @@ class ModelProcessClient:
             )
         return cls(address, bytes.fromhex(key), timeout_s)
 
-    def load(self, model: ModelKey) -> bool:
-        """Load ``model`` in the model process; whether to send it plain JPEGs undecoded."""
+    def load(self, model: ModelKey) -> Loaded:
+        """Load ``model`` in the model process; its answer says whether to send it plain JPEGs
+        undecoded, and how many images a run may hold."""
         loaded = self._call(Load(model), Loaded, _LOAD_TIMEOUT_S)
         self._loaded.add(model)
-        return loaded.decodes_jpeg
+        return loaded
 
     def run(self, run: Run) -> list[ImageVerdict | None]:
         """The verdicts of ``run`` (the batcher checks that there is one per image)."""

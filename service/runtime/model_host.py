@@ -134,9 +134,11 @@ class ModelHost:
         batch_sizes: Histogram | None = None,
         decodes_jpeg: bool = False,
         cuda_graphs: bool = True,
+        batch_size_tuning: bool = False,
     ):
         self._device = device
         self._cuda_graphs = cuda_graphs
+        self._batch_size_tuning = batch_size_tuning
         self._max_batch_size = max_batch_size
         self._batch_sizes = batch_sizes
         self._decodes_jpeg = decodes_jpeg
@@ -193,21 +195,22 @@ class ModelHost:
             _reply(task, error_reply(error))
 
     def _gather(self, first: Task) -> list[Task]:
-        """``first`` and the runs already queued behind it for the same model, up to
-        ``max_batch_size`` images in all. It stops at the first task that does not join, which
-        goes next: no task overtakes another."""
+        """``first`` and the runs already queued behind it for the same model, up to the model's
+        batch limit (``max_batch_size``, or less as its warm-up measured) in all. It stops at the
+        first task that does not join, which goes next: no task overtakes another."""
         batch = [first]
         self._owed[id(first)] = first
         model = _run_of(first).model
+        limit = self._batch_limit(model)
         images = first.images
-        while images < self._max_batch_size:
+        while images < limit:
             task = self._poll()
             if task is None:
                 break
             if (
                 isinstance(task.message, Run)
                 and task.message.model == model
-                and images + task.images <= self._max_batch_size
+                and images + task.images <= limit
             ):
                 self._owed[id(task)] = task
                 batch.append(task)
@@ -216,6 +219,10 @@ class ModelHost:
                 self._next = task
                 break
         return batch
+
+    def _batch_limit(self, model: ModelKey) -> int:
+        runner = self._runners.get(model)
+        return self._max_batch_size if runner is None else runner.batch_limit(self._max_batch_size)
 
     def _run(self, batch: list[Task]) -> None:
         """Launch ``batch`` on the device, then answer the batch launched before it, if any.
@@ -302,7 +309,7 @@ class ModelHost:
         key = task.message.model
         if key in self._runners:
             self._users[key].add(task.origin)
-            _reply(task, Loaded(self._decodes_jpeg))
+            _reply(task, self._loaded_reply(key))
         elif key in self._loading:
             self._loading[key].append(task)
         else:
@@ -316,7 +323,7 @@ class ModelHost:
             bundle = load_bundle(Path(path), self._device)
             if model_key(bundle)[1] != digest:
                 raise BundleError(f"bundle {path} changed on disk after the worker loaded it; restart that worker")
-            runner = ModelRunner.for_device(bundle, self._max_batch_size, self._cuda_graphs)
+            runner = ModelRunner.for_device(bundle, self._max_batch_size, self._cuda_graphs, self._batch_size_tuning)
         except Exception as error:
             log_failure(logger, f"model process could not load {path}", error)
             self.submit(Task(_NOBODY, LoadFailed(key, _error_text(error))))
@@ -358,7 +365,10 @@ class ModelHost:
         self._runners[key] = warming.runner
         self._users[key] = {load.origin for load in waiting}
         for load in waiting:
-            _reply(load, Loaded(self._decodes_jpeg))
+            _reply(load, self._loaded_reply(key))
+
+    def _loaded_reply(self, key: ModelKey) -> Loaded:
+        return Loaded(self._decodes_jpeg, self._batch_limit(key))
 
     def _load_failed(self, task: Task) -> None:
         assert isinstance(task.message, LoadFailed)

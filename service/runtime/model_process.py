@@ -183,6 +183,7 @@ def _serve(settings: Settings, address: str, key: bytes, control: Connection) ->
         model_process_batch_size(settings.max_batch_size),
         decodes_jpeg=device.type == "cuda" and settings.gpu_jpeg_decode,
         cuda_graphs=settings.cuda_graphs,
+        batch_size_tuning=settings.batch_size_tuning,
     )
     listener = Listener(address, family="AF_UNIX", backlog=64)  # authenticated per connection, in its own thread
     logger.info("model process listening on %s, device %s", address, device)

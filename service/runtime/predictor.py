@@ -6,8 +6,8 @@ anything is decoded), then every file is decoded and
 preprocessed in the decoding thread pool (PIL and torchvision release the GIL; the event loop
 never decodes): plain JPEGs by torchvision, on the model's GPU when it has one (``service.runtime.jpeg``),
 everything else by PIL. With a model process on a GPU, plain JPEGs pass the checks only and go to
-it undecoded; the few its decoder refuses come back and are decoded here. Then the images join the
-model's micro-batch queue. A request with one bad file fails as a whole with a 4xx naming that
+it undecoded; the few its decoder refuses come back and are decoded here, once, by PIL alone.
+Then the images join the model's micro-batch queue. A request with one bad file fails as a whole with a 4xx naming that
 file: a client sending a batch gets all verdicts or a precise reason, never a partial answer to
 reconcile.
 """
@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 from typing import cast
 
@@ -41,6 +42,18 @@ from service.settings import Settings
 DEFAULT_TOP_K = 5
 
 logger = logging.getLogger("mixoe.predictor")
+
+
+class Jpeg(Enum):
+    """What :func:`prepare_image` does with a plain JPEG (``service.runtime.jpeg``)."""
+
+    DECODE = "decode"
+    """torchvision's decoder (on the model's GPU when allowed), PIL where it refuses the file."""
+    SEND = "send"
+    """Nothing: its bytes go to the model process, whose GPU decodes them."""
+    PIL = "pil"
+    """PIL alone: the model process's decoder refused the file; PIL, the reference decoder,
+    decodes it or words the client's error."""
 
 
 @dataclass(frozen=True)
@@ -86,13 +99,13 @@ class Predictor:
         risk = model.risk_level(max_risk)
         k = resolve_top_k(top_k, len(model.class_names))
         ticket.hold(len(uploads))
-        images = await self._prepare(model, uploads, send_jpeg=model.sends_jpeg)
+        images = await self._prepare(model, uploads, Jpeg.SEND if model.sends_jpeg else Jpeg.DECODE)
         verdicts = await model.batcher.submit([ImageJob(image, point, k) for image in images])
         refused = [row for row, verdict in enumerate(verdicts) if verdict is None]
         if refused:
-            # The model process's JPEG decoder refused these files: they are decoded here as without
-            # a model process (PIL, the reference decoder, words the client error if there is one).
-            crops = await self._prepare(model, [uploads[row] for row in refused], send_jpeg=False)
+            # The model process's JPEG decoder refused these files: PIL decodes them here, and their
+            # crops (never the same bytes again) go to the model.
+            crops = await self._prepare(model, [uploads[row] for row in refused], Jpeg.PIL)
             again = await model.batcher.submit([ImageJob(crop, point, k) for crop in crops])
             for row, verdict in zip(refused, again, strict=True):
                 verdicts[row] = verdict
@@ -106,11 +119,11 @@ class Predictor:
             self._drift.observe(model.name, model.version, [verdict.score for verdict in decided])
         return decided
 
-    async def _prepare(self, model: LoadedModel, uploads: Sequence[Upload], *, send_jpeg: bool) -> list[Tensor | bytes]:
+    async def _prepare(self, model: LoadedModel, uploads: Sequence[Upload], jpeg: Jpeg) -> list[Tensor | bytes]:
         """Every upload through :func:`prepare_image` in the decoding pool; the first bad file, in
         upload order, fails the request."""
         loop = asyncio.get_running_loop()
-        prepare = partial(prepare_image, bundle=model.bundle, settings=self._settings, send_jpeg=send_jpeg)
+        prepare = partial(prepare_image, bundle=model.bundle, settings=self._settings, jpeg=jpeg)
         outcomes = await asyncio.gather(
             *(loop.run_in_executor(self._decode_pool, prepare, upload) for upload in uploads), return_exceptions=True
         )
@@ -132,18 +145,18 @@ def _check_finite(model: LoadedModel, uploads: Sequence[Upload], verdicts: Seque
             )
 
 
-def prepare_image(upload: Upload, bundle: Bundle, settings: Settings, send_jpeg: bool = False) -> Tensor | bytes:
+def prepare_image(upload: Upload, bundle: Bundle, settings: Settings, jpeg: Jpeg = Jpeg.DECODE) -> Tensor | bytes:
     """Bytes -> the uint8 (3, S, S) crop the model was calibrated on; runs in the decoding pool.
 
-    Normalisation happens batched on the model's device (:meth:`Bundle.predict`). With
-    ``send_jpeg`` a plain JPEG passes every check here and stays undecoded, for the model
-    process's GPU (``service.runtime.model_process``)."""
+    Normalisation happens batched on the model's device (:meth:`Bundle.predict`). A plain JPEG
+    is decoded as ``jpeg`` says; with :attr:`Jpeg.SEND` it passes every check here and stays
+    undecoded, for the model process's GPU (``service.runtime.model_process``)."""
     image = open_image(
         upload.data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels, filename=upload.filename
     )
     _check_resizable(image, bundle.manifest.preprocessing.resize, settings.max_image_pixels, upload.filename)
-    if is_plain_jpeg(image):
-        if send_jpeg:
+    if jpeg is not Jpeg.PIL and is_plain_jpeg(image):
+        if jpeg is Jpeg.SEND:
             return upload.data
         on_gpu = bundle.device.type == "cuda" and settings.gpu_jpeg_decode
         pixels = decode_plain_jpeg(upload.data, bundle.device if on_gpu else torch.device("cpu"))

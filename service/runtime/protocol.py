@@ -96,9 +96,12 @@ class Call:
 
 @dataclass(frozen=True)
 class Loaded:
-    """The model is loaded and warm; ``decodes_jpeg``: send plain JPEGs undecoded."""
+    """The model is loaded and warm; ``decodes_jpeg``: send plain JPEGs undecoded;
+    ``batch_limit``: the most images per run the model process merges for it (its
+    :meth:`~service.runtime.inference.ModelRunner.batch_limit`)."""
 
     decodes_jpeg: bool
+    batch_limit: int
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from models.contract.bundle import save_bundle, sha256_file
 from models.contract.manifest import MANIFEST_FILE, SCHEMA_VERSION, SCORE_STATE_FILE, BundleError, ScoreSpec
 from models.runtime import load_bundle
+from models.scoring import feature_scores
 from models.scoring.feature_scores import knn_distance
 from tests.service.helpers import TinyModel, build_tiny_bundle, noise_image
 
@@ -62,6 +63,25 @@ def test_start_and_finish_score_on_the_device_path_like_the_pure_function(knn: T
         finished = bundle.finish(pending)
         torch.testing.assert_close(finished.scores, expected, rtol=0, atol=1e-5)
         assert finished.accepted.tolist() == (finished.scores.double() <= finished.operating_point.threshold).tolist()
+
+
+def test_a_loaded_bundle_computes_the_bank_norms_once_not_per_batch(
+    knn: TinyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    computed: list[int] = []
+    real = feature_scores.squared_norms
+
+    def counted(bank: torch.Tensor) -> torch.Tensor:
+        computed.append(len(bank))
+        return real(bank)
+
+    monkeypatch.setattr(feature_scores, "squared_norms", counted)
+    bundle = load_bundle(knn.path)
+    assert computed == [12]  # at load, for the bank's 12 rows
+    pixels = torch.stack([bundle.pixels(noise_image(seed)) for seed in (1, 2)])
+    first, second = bundle.predict(pixels), bundle.predict(pixels)
+    assert computed == [12]
+    torch.testing.assert_close(first.scores, second.scores, rtol=0, atol=0)
 
 
 def test_a_tampered_or_missing_state_is_refused(knn_copy: Path) -> None:

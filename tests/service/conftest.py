@@ -43,6 +43,9 @@ def make_settings(tiny: TinyModel) -> Callable[..., Settings]:
             "model_repository": repository or tiny.repository,
             "device": "cpu",
             "decode_workers": 2,
+            # Batches as the tests configure them, not as timings on a loaded machine would cap them
+            # (test_batch_size_tuning.py turns it on, with fake timings).
+            "batch_size_tuning": False,
         }
         return Settings(**(values | overrides))
 

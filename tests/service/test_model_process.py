@@ -34,6 +34,7 @@ from service.runtime.decoding import decode_image
 from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner
 from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
 import service.runtime.model_host
+import service.runtime.predictor
 from service.runtime.model_host import LoadDone, ModelHost, Release, Task
 from service.runtime.model_process import ModelProcess
 from service.runtime.predictor import Predictor, Upload
@@ -105,7 +106,8 @@ def load(host: ModelHost, model: ModelKey, inbox: Inbox) -> None:
 def loaded_by(host: ModelHost, model: ModelKey, *inboxes: Inbox, decodes_jpeg: bool = False) -> None:
     for inbox in inboxes:
         load(host, model, inbox)
-        assert inbox.replies.pop() == Loaded(decodes_jpeg)
+        reply = inbox.replies.pop()
+        assert isinstance(reply, Loaded) and reply.decodes_jpeg == decodes_jpeg
 
 
 def batch_total(batches: Histogram, suffix: str = "_count") -> float:
@@ -223,20 +225,37 @@ class RefusingModelProcess:
     def __init__(self, bundle: Bundle):
         self._runner = ModelRunner(bundle)
         self.refused = 0
+        self.crops = 0
 
     def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict | None]:
         self.refused += sum(isinstance(job.pixels, bytes) for job in jobs)
+        self.crops += sum(not isinstance(job.pixels, bytes) for job in jobs)
         crops = [job for job in jobs if not isinstance(job.pixels, bytes)]
         decided = iter(self._runner(crops) if crops else [])
         return [None if isinstance(job.pixels, bytes) else next(decided) for job in jobs]
 
 
 def test_a_worker_lets_pil_decide_on_a_jpeg_the_model_process_refused(
-    tiny: TinyModel, bundle: Bundle, make_settings: Callable[..., Settings]
+    tiny: TinyModel, bundle: Bundle, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A JPEG the GPU decoder refused gets PIL's verdict: decoded and classified as any other image
-    when PIL reads it, and the client error naming the file when PIL cannot either."""
+    """A JPEG the GPU decoder refused gets PIL's verdict: decoded once (by PIL, not by torchvision
+    first) and classified as any other image when PIL reads it, and the client error naming the
+    file when PIL cannot either."""
     runner = RefusingModelProcess(bundle)
+    decoded: list[str] = []  # by whom, each time a worker decodes a file
+    real_load_image = service.runtime.predictor.load_image
+    real_decode_plain_jpeg = service.runtime.predictor.decode_plain_jpeg
+
+    def counted_load_image(image: Any, filename: str) -> Any:
+        decoded.append(f"PIL {filename}")
+        return real_load_image(image, filename)
+
+    def counted_decode_plain_jpeg(data: bytes, device: torch.device) -> Any:
+        decoded.append("torchvision")
+        return real_decode_plain_jpeg(data, device)
+
+    monkeypatch.setattr(service.runtime.predictor, "load_image", counted_load_image)
+    monkeypatch.setattr(service.runtime.predictor, "decode_plain_jpeg", counted_decode_plain_jpeg)
     settings = make_settings()
     metrics = ServiceMetrics(score_buckets([bundle.manifest]), 8)
 
@@ -258,13 +277,16 @@ def test_a_worker_lets_pil_decide_on_a_jpeg_the_model_process_refused(
     verdicts = asyncio.run(
         predict([Upload("accepted.jpg", jpeg(tiny, "accepted")), Upload("rejected.png", tiny.images["rejected"])])
     )
-    assert runner.refused == 1
+    assert (runner.refused, runner.crops) == (1, 2)  # the JPEG's bytes once, then its crop once
+    assert sorted(decoded) == ["PIL accepted.jpg", "PIL rejected.png"]
     pil_crop = bundle.pixels(decode_image(jpeg(tiny, "accepted"), max_bytes=10**8, max_pixels=10**8))
     assert_same_verdict(verdicts[0], ModelRunner(bundle)([ImageJob(pil_crop, bundle.operating_point(None), 3)])[0])
     assert [verdict.accepted for verdict in verdicts] == [True, False]
     with pytest.raises(InvalidInput) as refused:
-        asyncio.run(predict([Upload("cut.jpg", jpeg(tiny, "accepted")[:300])]))
+        cut = jpeg(tiny, "accepted")
+        asyncio.run(predict([Upload("cut.jpg", cut[: cut.index(b"\xff\xda") + 20])]))  # cut in its scan
     assert (refused.value.code, refused.value.file) == (ErrorCode.TRUNCATED_IMAGE, "cut.jpg")
+    assert decoded[2:] == ["PIL cut.jpg"] and runner.refused == 2  # refused, then decoded once, never resent
 
 
 def test_a_model_still_loading_holds_up_no_run_of_another(
@@ -285,7 +307,7 @@ def test_a_model_still_loading_holds_up_no_run_of_another(
     monkeypatch.setattr(service.runtime.model_host, "load_bundle", slow_load)
     # Three warm-up batch sizes, as a GPU model would have (on a CPU there is one).
     monkeypatch.setattr(
-        ModelRunner, "for_device", lambda bundle, max_batch_size, cuda_graphs: ModelRunner(bundle, [1, 2, 4])
+        ModelRunner, "for_device", lambda bundle, max_batch_size, cuda_graphs, tune: ModelRunner(bundle, [1, 2, 4])
     )
     host.submit(Task(rolling, Load(model_key(load_bundle(other.path)))))
     host.step()  # the load starts, in its own thread
@@ -300,7 +322,7 @@ def test_a_model_still_loading_holds_up_no_run_of_another(
     assert [type(reply) for reply in serving.replies] == [Judged, Judged] and rolling.replies == []
     host.step()
     host.step()
-    assert rolling.replies == [Loaded(False)]
+    assert rolling.replies == [Loaded(False, 4)]
 
 
 def test_the_warm_up_runs_in_the_thread_that_serves(
@@ -342,7 +364,7 @@ def test_workers_waiting_on_one_load_get_one_copy_and_one_that_left_meanwhile_ge
     host.step()  # the load's end
     host.step()  # its warm-up (one batch size on a CPU)
     assert loads == [tiny.path] and second.closed and second.replies == []
-    assert first.replies == third.replies == [Loaded(False)]
+    assert first.replies == third.replies == [Loaded(False, 4)]
     for inbox in (first, third):
         host.submit(Task(inbox, Release()))
         host.step()
@@ -357,7 +379,7 @@ def test_workers_waiting_on_one_load_get_one_copy_and_one_that_left_meanwhile_ge
     assert host.loaded == [] and len(loads) == 2
     again = Inbox()
     load(host, model_key(bundle), again)  # loaded afresh, not stuck behind the load given up
-    assert again.replies == [Loaded(False)] and len(loads) == 3
+    assert again.replies == [Loaded(False, 4)] and len(loads) == 3
 
 
 def test_a_model_is_released_when_the_last_worker_that_loaded_it_disconnects(tiny: TinyModel, bundle: Bundle) -> None:
@@ -425,7 +447,7 @@ def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
         with socket.socket(socket.AF_UNIX) as stalled:  # connects and says nothing: holds up no one else
             stalled.connect(address)
             client = ModelProcessClient.from_environment(timeout_s=10)
-            assert client.load(model_key(bundle)) is False
+            assert client.load(model_key(bundle)).decodes_jpeg is False
             verdicts = client.run(run(bundle, crops(bundle, tiny, ROLES)))
             assert [verdict.accepted for verdict in verdicts] == [True, True, False]
             client.close()
@@ -437,7 +459,7 @@ def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
 def start_with_model_process(tiny: TinyModel, log: Path, workers: str, timeout_s: str = "30") -> LocalServer:
     return start_local_server(
         {"model_repository": str(tiny.repository), "device": "cpu", "decode_workers": "2", "workers": workers,
-         "model_process": "true", "model_process_timeout_s": timeout_s},
+         "model_process": "true", "model_process_timeout_s": timeout_s, "batch_size_tuning": "false"},
         log,
         timeout_s=90,
     )

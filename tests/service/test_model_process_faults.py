@@ -139,7 +139,7 @@ def test_a_call_past_its_deadline_leaves_the_connection_and_its_models_usable(
     tiny: TinyModel, bundle: Bundle, model_process_in_threads: ModelHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = ModelProcessClient.from_environment(timeout_s=1.0)
-    assert client.load(model_key(bundle)) is False
+    assert client.load(model_key(bundle)).decodes_jpeg is False
     hang = Hang(monkeypatch)
     with pytest.raises(DeadlineExceeded, match="did not answer a Run call"):
         client.run(run(bundle, crops(bundle, tiny, ROLES[:1])))

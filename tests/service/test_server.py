@@ -34,7 +34,10 @@ ROLES = ("accepted", "borderline", "rejected")
 
 def start_server(repository: Path, log: Path, **settings: str) -> LocalServer:
     return start_local_server(
-        {"model_repository": str(repository), "device": "cpu", "decode_workers": "2"} | settings, log, timeout_s=90
+        {"model_repository": str(repository), "device": "cpu", "decode_workers": "2", "batch_size_tuning": "false"}
+        | settings,
+        log,
+        timeout_s=90,
     )
 
 
