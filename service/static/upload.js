@@ -39,9 +39,27 @@ async function loadModels() {
   await loadOperatingPoints();
 }
 
-async function loadOperatingPoints() {
+async function modelMetadata() {
   const [name, version] = $("model").value.split(":");
-  const metadata = await call(`v2/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version)}`);
+  return call(`v2/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version)}`);
+}
+
+// The model version's drift alarm (docs/drift.md), as the worker that answered sees it.
+function showDrift(drift) {
+  if (!drift) {
+    $("drift").textContent = "Drift alarm: off";
+    return;
+  }
+  const images = `${drift.images} image${drift.images === 1 ? "" : "s"} since the last reset`;
+  const level = `log10 martingale ${drift.log10_martingale.toFixed(2)}, alarm at ${drift.alarm_log10_level.toFixed(2)}`;
+  $("drift").textContent = drift.alarm
+    ? `Drift alarm: RAISED, the inputs no longer look like the calibration images (${level}; ${images})`
+    : `Drift alarm: quiet (${level}; ${images})`;
+}
+
+async function loadOperatingPoints() {
+  const metadata = await modelMetadata();
+  showDrift(metadata.drift);
   const parameters = metadata.parameters;
   thresholds = parameters.operating_points.map((point) => point.threshold);
   $("operating-point").replaceChildren(...parameters.operating_points.map((point) => option(
@@ -75,6 +93,7 @@ async function classify(files) {
     const scale = gaugeScale(answer.predictions);
     $("results").replaceChildren(...answer.predictions.map((p, i) => card(p, files[i], scale)));
     $("status").textContent = `${files.length} image${files.length === 1 ? "" : "s"} classified by ${answer.model}:${answer.version}`;
+    showDrift((await modelMetadata()).drift);
   } catch (error) {
     $("results").replaceChildren();
     $("status").textContent = "";

@@ -133,6 +133,12 @@ def test_the_page_shows_each_images_verdict_and_label(page: WebDriver, server: L
     assert _selected(page, "model") == "tiny:1"
     assert _selected(page, "operating-point").startswith("95% ID accepted")
     _upload(page, files["accepted"], files["rejected"])
+    drift = httpx.get(f"{server.url}/v2/models/tiny/versions/1", timeout=30).json()["drift"]
+    assert drift["images"] >= 2  # the page's two images, at least, were bet on
+    assert page.find_element(By.ID, "drift").text == (
+        f"Drift alarm: quiet (log10 martingale {drift['log10_martingale']:.2f}, alarm at "
+        f"{drift['alarm_log10_level']:.2f}; {drift['images']} images since the last reset)"
+    )
     expected = _server_answer(server, role_files(tiny, "accepted", "rejected")).json()["predictions"]
     assert _error(page) == ""
     assert _cards(page) == {
