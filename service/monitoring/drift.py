@@ -100,7 +100,12 @@ class DriftAlarms:
         level = alarm_log10_level(delta, workers)
         self._monitors = {(m.name, m.version): DriftMonitor(m, level) for m in manifests}
         self._metrics = metrics
-        self._shared = shared_directory
+        # Each model version's reset marker in the shared directory, named once: looked at per request.
+        self._marker_files: dict[tuple[str, str], Path] = {}
+        if shared_directory is not None:
+            self._marker_files = {
+                key: shared_directory / f"drift-reset-{_digest(*key).hex()[:16]}" for key in self._monitors
+            }
         self._seen_resets: dict[tuple[str, str], _Marker | None] = {}
         for key in self._monitors:
             self._seen_resets[key] = self._reset_marker(*key)
@@ -139,8 +144,8 @@ class DriftAlarms:
         if monitor is None:
             raise InvalidParameter(ErrorCode.DRIFT_ALARM_OFF, "the drift alarm is switched off (MIXOE_DRIFT_ALARM)")
         monitor.reset()
-        if self._shared is not None:
-            marker = self._marker(self._shared, name, version)
+        marker = self._marker_files.get((name, version))
+        if marker is not None:
             temporary = marker.with_name(f"{marker.name}.{os.getpid()}")
             temporary.write_text(uuid.uuid4().hex, encoding="ascii")
             now = time.time_ns()
@@ -154,16 +159,13 @@ class DriftAlarms:
         monitor = self._monitors[(name, version)]
         self._metrics.record_drift(name, version, monitor.log10_martingale, monitor.alarm)
 
-    @staticmethod
-    def _marker(directory: Path, name: str, version: str) -> Path:
-        return directory / f"drift-reset-{_digest(name, version).hex()[:16]}"
-
     def _reset_marker(self, name: str, version: str) -> _Marker | None:
         """The current reset marker's identity, from one ``stat`` (never read: this runs per request)."""
-        if self._shared is None:
+        marker = self._marker_files.get((name, version))
+        if marker is None:
             return None
         try:
-            return _Marker.of(os.stat(self._marker(self._shared, name, version)))
+            return _Marker.of(os.stat(marker))
         except FileNotFoundError:
             return None
 

@@ -122,7 +122,7 @@ def test_an_unchanged_reset_marker_is_not_read_and_every_reset_still_arrives(
     resetter.reset("tiny", "1")
     opened: list[Path] = []
     real_open = Path.open
-    monkeypatch.setattr(Path, "open", lambda path, *args, **kwargs: opened.append(path) or real_open(path, *args, **kwargs))
+    monkeypatch.setattr(Path, "open", lambda path, *a, **kw: opened.append(path) or real_open(path, *a, **kw))
     for _ in range(3):  # several resets in quick succession, each applied exactly once
         worker.observe("tiny", "1", [0.5, 0.5])
         worker.observe("tiny", "1", [0.5])
