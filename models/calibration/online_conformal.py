@@ -13,8 +13,8 @@ The bag grows with the stream, so scores are counted in bins: the 65 536 float16
 order. Rounding to float16 is a fixed monotone map applied to every score alike, so the binned
 scores stay exchangeable, and the random tie-breaking of smoothed p-values keeps them exact; a
 bin is 2**-11 of a score's magnitude wide. A Fenwick tree (Fenwick, "A new data structure for
-cumulative frequency tables", 1994) counts the bins: rank and insert in 17 steps, for ``runs``
-independent bags at once.
+cumulative frequency tables", 1994) counts the bins: rank and insert touch at most 17 nodes
+each, all of them in a few array operations, for ``runs`` independent bags at once.
 """
 
 from __future__ import annotations
