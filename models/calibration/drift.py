@@ -87,20 +87,37 @@ class PowerJumper:
 
     def update(self, p_values: ArrayLike) -> NDArray[np.float64]:
         """Bet on one p-value per stream (each in (0, 1]); returns the new ``log10 M`` per stream."""
-        p = np.asarray(p_values, dtype=np.float64).reshape(self._runs, 1)
-        if not np.all((p > 0.0) & (p <= 1.0)):
-            raise ValueError("p-values must lie in (0, 1]")
-        k = self._exponents
-        weights = (1.0 - self._jump_rate) * self._weights + self._jump_rate / k.size
-        payoffs = k * p ** (k - 1.0)  # (runs, K): f_kappa(p) for every betting function
-        growth = (weights * payoffs).sum(axis=1)
-        self._weights = weights * payoffs / growth[:, None]
-        self._log_capital += np.log(growth)
+        self._log_capital += np.log(self._bet(self._payoffs(np.reshape(p_values, self._runs))))
         return self.log10_capital
 
     def update_many(self, p_values: ArrayLike) -> NDArray[np.float64]:
         """Feed a single stream (``runs == 1``) several p-values in order; returns ``log10 M`` after
-        each of them, so that a caller can tell whether the stream crossed a level on the way."""
+        each of them, so that a caller can tell whether the stream crossed a level on the way.
+
+        The same arithmetic as one :meth:`update` per p-value, with the payoffs and logarithms
+        computed for all of them at once: only the redistribution has to go one by one."""
         if self._runs != 1:
             raise ValueError("update_many feeds a single stream")
-        return np.array([self.update(p)[0] for p in np.asarray(p_values, dtype=np.float64).ravel()])
+        payoffs = self._payoffs(p_values)  # (B, K)
+        growth = np.array([self._bet(row[None, :])[0] for row in payoffs])
+        path = np.cumsum(np.concatenate((self._log_capital, np.log(growth))))[1:]  # summed in order, as update does
+        if path.size:
+            self._log_capital[0] = path[-1]
+        return path / math.log(10.0)
+
+    def _payoffs(self, p_values: ArrayLike) -> NDArray[np.float64]:
+        """``f_kappa(p)`` for every p-value (rows) and betting function (columns)."""
+        p = np.asarray(p_values, dtype=np.float64).reshape(-1, 1)
+        if not np.all((p > 0.0) & (p <= 1.0)):
+            raise ValueError("p-values must lie in (0, 1]")
+        k = self._exponents
+        return k * p ** (k - 1.0)
+
+    def _bet(self, payoffs: NDArray[np.float64]) -> NDArray[np.float64]:
+        """One step per stream (``payoffs``: (runs, K)): redistribute, bet, keep the new split;
+        returns each stream's capital growth factor."""
+        weights = (1.0 - self._jump_rate) * self._weights + self._jump_rate / self._exponents.size
+        weights *= payoffs
+        growth = weights.sum(axis=1)
+        self._weights = weights / growth[:, None]
+        return growth

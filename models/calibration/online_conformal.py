@@ -13,8 +13,8 @@ The bag grows with the stream, so scores are counted in bins: the 65 536 float16
 order. Rounding to float16 is a fixed monotone map applied to every score alike, so the binned
 scores stay exchangeable, and the random tie-breaking of smoothed p-values keeps them exact; a
 bin is 2**-11 of a score's magnitude wide. A Fenwick tree (Fenwick, "A new data structure for
-cumulative frequency tables", 1994) counts the bins: rank and insert in 17 steps, for ``runs``
-independent bags at once.
+cumulative frequency tables", 1994) counts the bins: rank and insert touch at most 17 nodes
+each, all of them in a few array operations, for ``runs`` independent bags at once.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 BINS = 1 << 16
-_LEVELS = BINS.bit_length()  # enough Fenwick steps to walk any index in 1..BINS
+_SHIFTS = np.arange(BINS.bit_length())  # the Fenwick levels: indices 1..BINS have bits 0..16
 
 
 def score_bins(scores: ArrayLike) -> NDArray[np.int64]:
@@ -60,28 +60,30 @@ class OnlineConformal:
         b = score_bins(scores).reshape(runs, -1)
         u = np.asarray(uniforms, dtype=np.float64).reshape(runs, -1)
         earlier = np.tri(b.shape[1], k=-1, dtype=bool)  # [j, i]: item i comes before item j
-        at_most = self._count_up_to(b) + np.sum(earlier & (b[:, None, :] <= b[:, :, None]), axis=2)
-        below = self._count_up_to(b - 1) + np.sum(earlier & (b[:, None, :] < b[:, :, None]), axis=2)
+        at_most, below = self._count_up_to(np.stack((b, b - 1)))  # bag scores in bins <= b, < b
+        at_most += np.sum(earlier & (b[:, None, :] <= b[:, :, None]), axis=2)
+        below += np.sum(earlier & (b[:, None, :] < b[:, :, None]), axis=2)
         size = self._size[:, None] + np.arange(b.shape[1])
         p = (size - at_most + u * (at_most - below + 1.0)) / (size + 1.0)
         self._insert(b)
         return p.reshape(np.shape(scores))
 
     def _count_up_to(self, bins: NDArray[np.int64]) -> NDArray[np.int64]:
-        """Bag scores in bins ``<= bins`` (shape (runs, B); 0 for bin -1)."""
-        i = bins + 1
-        total = np.zeros_like(i)
-        rows = self._rows[:, None]
-        for _ in range(_LEVELS):
-            total += np.where(i > 0, self._tree[rows, i], 0)
-            i = i - (i & -i)
-        return total
+        """Bag scores in bins ``<= bins`` (shape (..., runs, B); 0 for bin -1).
+
+        The prefix of index ``i`` is the sum of the nodes ``i`` with its lowest set bits cleared
+        one by one: ``(i >> j) << j`` for every set bit ``j``. All of them at once, in a few array
+        operations rather than one round per level (node 0 is never written, so it adds 0)."""
+        shifted = (bins + 1)[..., None] >> _SHIFTS  # (..., runs, B, levels)
+        nodes = np.where(shifted & 1 == 1, shifted << _SHIFTS, 0)
+        return self._tree[self._rows[:, None, None], nodes].sum(axis=-1)
 
     def _insert(self, bins: NDArray[np.int64]) -> None:
-        i = bins + 1
-        rows = np.broadcast_to(self._rows[:, None], i.shape)
-        for _ in range(_LEVELS):
-            inside = i <= BINS
-            np.add.at(self._tree, (rows[inside], i[inside]), 1)  # repeated bins in a batch each count
-            i = np.where(inside, i + (i & -i), i)
+        """Count ``bins`` in the bag. The nodes covering index ``i`` are ``c << j`` for each level ``j``
+        where ``c = ceil(i / 2**j)`` is odd (a node with lowest set bit ``2**j`` covers the
+        ``2**j`` indices up to it); all of them are at most ``BINS``."""
+        ceiling = (bins[..., None] >> _SHIFTS) + 1  # bins = i - 1: ceil(i / 2**j)
+        covering = ceiling & 1 == 1
+        rows = np.broadcast_to(self._rows[:, None, None], covering.shape)
+        np.add.at(self._tree, (rows[covering], (ceiling << _SHIFTS)[covering]), 1)  # repeated bins each count
         self._size += bins.shape[1]

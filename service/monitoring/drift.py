@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,6 +37,18 @@ from models.contract.manifest import Manifest
 from service.api.errors import ErrorCode, InvalidParameter
 from service.api.schemas import DriftStatus
 from service.monitoring.metrics import ServiceMetrics
+
+
+class _Marker(NamedTuple):
+    """Which reset marker file is in place: each reset writes a new file (a new inode, while the old
+    one is still in place) stamped with the time to the nanosecond, so no two resets look alike."""
+
+    inode: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> _Marker:
+        return cls(stat.st_ino, stat.st_mtime_ns)
 
 
 def _digest(name: str, version: str) -> bytes:
@@ -86,10 +100,15 @@ class DriftAlarms:
         level = alarm_log10_level(delta, workers)
         self._monitors = {(m.name, m.version): DriftMonitor(m, level) for m in manifests}
         self._metrics = metrics
-        self._shared = shared_directory
-        self._seen_resets: dict[tuple[str, str], str | None] = {}
+        # Each model version's reset marker in the shared directory, named once: looked at per request.
+        self._marker_files: dict[tuple[str, str], Path] = {}
+        if shared_directory is not None:
+            self._marker_files = {
+                key: shared_directory / f"drift-reset-{_digest(*key).hex()[:16]}" for key in self._monitors
+            }
+        self._seen_resets: dict[tuple[str, str], _Marker | None] = {}
         for key in self._monitors:
-            self._seen_resets[key] = self._reset_token(*key)
+            self._seen_resets[key] = self._reset_marker(*key)
             self._publish(*key)
 
     def observe(self, name: str, version: str, scores: Sequence[float]) -> None:
@@ -125,13 +144,14 @@ class DriftAlarms:
         if monitor is None:
             raise InvalidParameter(ErrorCode.DRIFT_ALARM_OFF, "the drift alarm is switched off (MIXOE_DRIFT_ALARM)")
         monitor.reset()
-        if self._shared is not None:
-            token = uuid.uuid4().hex
-            marker = self._marker(self._shared, name, version)
+        marker = self._marker_files.get((name, version))
+        if marker is not None:
             temporary = marker.with_name(f"{marker.name}.{os.getpid()}")
-            temporary.write_text(token, encoding="ascii")
-            os.replace(temporary, marker)  # other workers read either the old token or the new one
-            self._seen_resets[(name, version)] = token
+            temporary.write_text(uuid.uuid4().hex, encoding="ascii")
+            now = time.time_ns()
+            os.utime(temporary, ns=(now, now))  # to the nanosecond: a coarse file-system clock could repeat
+            self._seen_resets[(name, version)] = _Marker.of(os.stat(temporary))
+            os.replace(temporary, marker)  # other workers see either the old file or the new one
         self._publish(name, version)
         return self._describe(monitor)
 
@@ -139,22 +159,20 @@ class DriftAlarms:
         monitor = self._monitors[(name, version)]
         self._metrics.record_drift(name, version, monitor.log10_martingale, monitor.alarm)
 
-    @staticmethod
-    def _marker(directory: Path, name: str, version: str) -> Path:
-        return directory / f"drift-reset-{_digest(name, version).hex()[:16]}"
-
-    def _reset_token(self, name: str, version: str) -> str | None:
-        if self._shared is None:
+    def _reset_marker(self, name: str, version: str) -> _Marker | None:
+        """The current reset marker's identity, from one ``stat`` (never read: this runs per request)."""
+        marker = self._marker_files.get((name, version))
+        if marker is None:
             return None
         try:
-            return self._marker(self._shared, name, version).read_text(encoding="ascii")
+            return _Marker.of(os.stat(marker))
         except FileNotFoundError:
             return None
 
     def _apply_shared_reset(self, name: str, version: str) -> None:
         """Reset when another worker has reset this model version since this one last looked."""
-        token = self._reset_token(name, version)
-        if token != self._seen_resets[(name, version)]:
-            self._seen_resets[(name, version)] = token
+        marker = self._reset_marker(name, version)
+        if marker != self._seen_resets[(name, version)]:
+            self._seen_resets[(name, version)] = marker
             self._monitors[(name, version)].reset()
             self._publish(name, version)

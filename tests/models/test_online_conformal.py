@@ -4,6 +4,7 @@ p-values against one fixed calibration set, a martingale on them keeps Ville's b
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy.stats import binom
 
 from models.calibration.conformal import smoothed_p_values
@@ -60,3 +61,21 @@ def test_online_p_values_keep_villes_bound_where_a_fixed_calibration_set_breaks_
     bound = binom.ppf(1 - 1e-6, 150, 0.05)
     assert _false_alarms(online=True) <= bound
     assert _false_alarms(online=False) > bound
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e9 is float16's infinity
+def test_the_first_and_last_bins_are_ranked_and_counted() -> None:
+    """Scores at both ends of the order (infinities, beyond float16's range, its largest finite
+    values), repeated within batches, against the sorted-bag oracle: the lowest and highest bins a
+    score reaches, whose Fenwick paths run through the most levels."""
+    rng = np.random.default_rng(2)
+    ends = np.array([-np.inf, np.inf, -1e9, 1e9, 65504.0, -65504.0, 0.0])
+    calibration = rng.choice(ends, 30)
+    online = OnlineConformal(calibration)
+    bag = list(np.float16(calibration).astype(np.float64))
+    for _ in range(20):
+        scores, uniforms = rng.choice(ends, 4), 1.0 - rng.random(4)
+        got = online.p_values(scores, uniforms)
+        for score, u, p in zip(np.float16(scores).astype(np.float64), uniforms, got, strict=True):
+            assert abs(p - smoothed_p_values(score, np.sort(bag), u)) < 1e-12
+            bag.append(score)

@@ -5,6 +5,7 @@ set), and a reset reaches the other workers through the shared directory."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -108,3 +109,24 @@ def test_a_reset_in_one_worker_reaches_the_others(bundle: Bundle, tmp_path: Path
     assert other is not None and (other.alarm, other.images) == (False, 0)
     workers[1].observe("tiny", "1", [high])
     assert workers[1].status("tiny", "1").images == 1  # type: ignore[union-attr]  # reset once, not at every look
+
+
+def test_an_unchanged_reset_marker_is_not_read_and_every_reset_still_arrives(
+    bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = bundle.manifest
+    metrics = ServiceMetrics(score_buckets([manifest]), 4)
+    resetter, worker = (
+        DriftAlarms([manifest], metrics, delta=0.01, workers=2, shared_directory=tmp_path) for _ in range(2)
+    )
+    resetter.reset("tiny", "1")
+    opened: list[Path] = []
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda path, *a, **kw: opened.append(path) or real_open(path, *a, **kw))
+    for _ in range(3):  # several resets in quick succession, each applied exactly once
+        worker.observe("tiny", "1", [0.5, 0.5])
+        worker.observe("tiny", "1", [0.5])
+        assert worker.status("tiny", "1").images == 3  # type: ignore[union-attr]
+        resetter.reset("tiny", "1")
+        assert worker.status("tiny", "1").images == 0  # type: ignore[union-attr]
+    assert not [path for path in opened if path.parent == tmp_path and not path.name.endswith(f".{os.getpid()}")]
