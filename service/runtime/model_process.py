@@ -73,6 +73,7 @@ _START_TIMEOUT_S = 120.0
 _HANDSHAKE_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 1.0
+EXIT_GRACE_S = 1.0  # how long a process whose connection broke is given to show its exit
 
 
 class ModelProcess:
@@ -160,8 +161,14 @@ class ModelProcess:
                 except ServiceError as error:
                     if self._stopping.is_set():  # stop() closed it meanwhile
                         return
-                    process.kill()
-                    what = f"stopped answering ({error.message}), so it was killed"
+                    # A process that dies while a ping is out breaks the connection as it exits, and
+                    # its sentinel closes in the same exit: report the death, not a hang.
+                    if multiprocessing.connection.wait([process.sentinel], EXIT_GRACE_S):
+                        process.join(1)
+                        what = f"exited with status {process.exitcode}"
+                    else:
+                        process.kill()
+                        what = f"stopped answering ({error.message}), so it was killed"
                     break
         self.died = True
         logger.error("the model process (pid %s) %s; stopping the service", process.pid, what)

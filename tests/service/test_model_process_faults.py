@@ -8,6 +8,7 @@ machine passes as surely as an idle one.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -25,7 +26,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from models.runtime import Bundle
-from service.api.errors import DeadlineExceeded, NotReady
+from service.api.errors import DeadlineExceeded, ErrorCode, NotReady
 from service.app import create_app
 from service.local import log_entries
 from service.runtime.inference import ModelRunner
@@ -189,6 +190,33 @@ def test_the_watchdog_kills_a_model_process_that_stops_answering(make_settings: 
         assert process.exitcode == -signal.SIGKILL
     finally:
         model_process.stop()
+
+
+def test_a_model_process_that_dies_while_a_heartbeat_is_out_is_reported_dead_not_hung(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    failed = threading.Event()
+    model_process = ModelProcess(make_settings(), on_failure=failed.set)
+    killed: list[int] = []
+
+    def dies_during_the_ping(client: ModelProcessClient) -> None:
+        process = model_process._process
+        assert process is not None and process.pid is not None
+        os.kill(process.pid, signal.SIGKILL)
+        killed.append(process.pid)
+        raise NotReady(ErrorCode.NOT_READY, "the model process is not answering (EOFError())")
+
+    monkeypatch.setattr(ModelProcessClient, "ping", dies_during_the_ping)
+    with caplog.at_level(logging.ERROR, logger="mixoe.model_process"):
+        model_process.start()
+        try:
+            assert failed.wait(BOUND_S), "the watchdog did not notice the death"
+        finally:
+            model_process.stop()
+    assert model_process.died
+    assert [r.getMessage() for r in caplog.records if "stopping the service" in r.getMessage()] == [
+        f"the model process (pid {killed[0]}) exited with status {-signal.SIGKILL}; stopping the service"
+    ]
 
 
 def batches_started(url: str) -> float:
