@@ -51,12 +51,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
 from torch import Tensor
 
-from load_generator import LoadGenerator, request_bodies
+from load_generator import Load, LoadGenerator, request_bodies
 from machine import machine_name
 from models.contract.manifest import BundleError
 from models.network.nets import resolve_device
@@ -420,8 +421,27 @@ def measure_server(
         images_after, batches_after = batch_totals(url, histogram)
     finally:
         server.stop(timeout_s=60)
-    images = len(measured.latencies) * args.images_per_request
-    cpu_ms_per_image, busiest_loop_share = cpu_columns(cpu_before, cpu_after, images, measured.seconds)
+    return server_result(
+        config, max_batch_size, measured, args.images_per_request,
+        (images_after - images_before) / max(1.0, batches_after - batches_before), (cpu_before, cpu_after),
+        gpu_busy_share=gpu.share,
+        model_process_profile=sampler.profile() if sampler else None,
+        batch_limit=logged_batch_limit(server.log),
+    )
+
+
+def server_result(
+    config: str,
+    max_batch_size: int,
+    measured: Load,
+    images_per_request: int,
+    mean_batch_size: float,
+    cpu: tuple[dict[int, ProcessCpu] | None, dict[int, ProcessCpu] | None],
+    **extra: Any,
+) -> RunResult:
+    """A server run's row from what the clients saw and the server's CPU use before and after."""
+    images = len(measured.latencies) * images_per_request
+    cpu_ms_per_image, busiest_loop_share = cpu_columns(*cpu, images, measured.seconds)
     return RunResult(
         config=config,
         max_batch_size=max_batch_size,
@@ -431,14 +451,12 @@ def measure_server(
         p50_ms=percentile(measured.latencies, 50),
         p95_ms=percentile(measured.latencies, 95),
         p99_ms=percentile(measured.latencies, 99),
-        mean_batch_size=(images_after - images_before) / max(1.0, batches_after - batches_before),
+        mean_batch_size=mean_batch_size,
         seconds=measured.seconds,
         cpu_ms_per_image=cpu_ms_per_image,
         busiest_loop_share=busiest_loop_share,
         busiest_client_share=measured.busiest_client_share,
-        gpu_busy_share=gpu.share,
-        model_process_profile=sampler.profile() if sampler else None,
-        batch_limit=logged_batch_limit(server.log),
+        **extra,
     )
 
 
