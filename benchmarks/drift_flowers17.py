@@ -36,11 +36,10 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
-from PIL import Image
 
 from drift import delays, rule_first_alarm
+from flowers17_sets import DATA, held_out_images, id_images, predict_files
 from machine import machine_name
 from serve_bench import default_bundle
 
@@ -49,7 +48,6 @@ from models.calibration.online_conformal import OnlineConformal
 from models.runtime import Bundle, load_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 OPERATING_POINT = 0.95
 MARTINGALE = "martingale (service)"
 
@@ -73,27 +71,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def score_files(bundle: Bundle, files: list[Path], batch_size: int = 32) -> NDArray[np.float32]:
-    """The bundle's OOD score of each image, as the service computes it."""
-    scores = []
-    with torch.inference_mode():
-        for start in range(0, len(files), batch_size):
-            images = [Image.open(file) for file in files[start : start + batch_size]]
-            scores.append(bundle.predict(bundle.preprocess(images)).scores.numpy())
-    return np.concatenate(scores).astype(np.float32)
-
-
 def image_sets(bundle: Bundle, flowers: Path, tiny: Path) -> dict[str, list[Path]]:
     """ID test images of the bundle's classes, all images of the other species, every 10th Tiny-ImageNet image."""
-    known = set(bundle.manifest.class_names)
-    classes = (flowers / "classes.txt").read_text().split()
-    test = [line.split() for line in (flowers / "test.txt").read_text().splitlines() if line.strip()]
-    species = sorted(path.name for path in (flowers / "images").iterdir() if path.is_dir())
-    if not known <= set(classes):
-        raise SystemExit(f"the bundle's classes {sorted(known - set(classes))} are not Flowers-17 species")
     return {
-        "id": [flowers / path for path, label in test if classes[int(label)] in known],
-        "held_out": sorted(p for name in species if name not in known for p in (flowers / "images" / name).glob("*.jpg")),
+        "id": id_images(bundle, flowers, ("test.txt",))[0],
+        "held_out": held_out_images(bundle, flowers),
         "tiny": sorted(tiny.glob("*/*.jpg"))[::10],
     }
 
@@ -106,7 +88,8 @@ def load_scores(args: argparse.Namespace) -> tuple[dict[str, NDArray[np.float32]
     cache = args.work / "scores.npz"
     if cache.exists():
         return dict(np.load(cache)), calibration, threshold
-    scores = {name: score_files(bundle, files) for name, files in image_sets(bundle, args.flowers, args.tiny).items()}
+    scores = {name: predict_files(bundle, files).scores.numpy()
+              for name, files in image_sets(bundle, args.flowers, args.tiny).items()}
     args.work.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **scores)
     return scores, calibration, threshold
