@@ -35,9 +35,12 @@ from service.app import create_app
 from service.monitoring.logs import configure_logging
 from service.monitoring.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
 from service.runtime.model_process import ModelProcess
-from service.server import DrainingServer
+from service.server import ACCEPTED_CONNECTION_GRACE_S, DrainingServer
 from service.settings import Settings, is_setting_variable
 from service.supervisor import Supervisor
+
+
+_STOP_MARGIN_S = 10.0  # beyond a draining worker's own deadlines, before it counts as stuck
 
 
 def main() -> None:
@@ -98,7 +101,11 @@ def _serve_workers(settings: Settings) -> None:
     process, so restart policies and scripts see the failure."""
     export_settings(settings)
     config = uvicorn.Config("service.__main__:worker_app", factory=True, **_server_options(settings))
-    status = Supervisor(config, settings.workers, settings.worker_timeout_s).run()
+    # A draining worker reads its accepted connections, waits for in-flight requests (at most the
+    # shutdown timeout) and drains its batch queues (as long again); one still running after that
+    # and a margin is stuck, and is killed.
+    stop_timeout_s = ACCEPTED_CONNECTION_GRACE_S + 2 * math.ceil(settings.shutdown_timeout_s) + _STOP_MARGIN_S
+    status = Supervisor(config, settings.workers, settings.worker_timeout_s, stop_timeout_s).run()
     if status != 0:
         raise SystemExit(status)
 

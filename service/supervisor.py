@@ -10,7 +10,8 @@ failure, exits before it serves, or stays silent for the start-up timeout failed
 - At start, and when a worker that served has died and is replaced, a start-up failure stops
   every worker and :meth:`Supervisor.run` returns uvicorn's ``STARTUP_FAILURE`` (3): a bad bundle
   fails every new worker the same way, so restarting it would only loop.
-- SIGTERM or SIGINT: every worker drains (as a single server does) and ``run`` returns 0.
+- SIGTERM or SIGINT: every worker drains (as a single server does) and ``run`` returns 0; a worker
+  still running ``stop_timeout_s`` later is stuck in its drain, and is killed.
 - SIGHUP: the workers are replaced one at a time, each new one serving before an old one stops,
   so new bundle versions go live without a refused request. If a new one cannot start, the
   roll-over stops and the workers still running keep serving.
@@ -135,9 +136,15 @@ class _Worker:
         else:
             self.process.kill()
 
-    def join(self) -> None:
-        self.process.join()
+    def join(self, timeout_s: float | None = None) -> bool:
+        """Wait until it has exited; one still running after ``timeout_s`` is killed (``False``)."""
+        self.process.join(timeout_s)
+        in_time = not self.process.is_alive()
+        if not in_time:
+            self.process.kill()
+            self.process.join()
         self.reports.close()
+        return in_time
 
 
 class Supervisor:
@@ -146,10 +153,11 @@ class Supervisor:
     ``config.app`` must be an import string (workers are spawned and import it), with
     ``factory=True`` for an app factory."""
 
-    def __init__(self, config: uvicorn.Config, workers: int, start_timeout_s: float):
+    def __init__(self, config: uvicorn.Config, workers: int, start_timeout_s: float, stop_timeout_s: float | None = None):
         self._config = config
         self._count = workers
         self._start_timeout_s = start_timeout_s
+        self._stop_timeout_s = stop_timeout_s  # None: wait for a draining worker however long it takes
         self._sockets: list[socket.socket] = []
         self._workers: list[_Worker] = []
         self._signals: set[int] = set()  # received, not yet acted on
@@ -226,11 +234,14 @@ class Supervisor:
         logger.info("All workers replaced")
 
     def _stop(self, workers: list[_Worker]) -> None:
-        """Stop ``workers`` together: they drain in parallel."""
+        """Stop ``workers`` together: they drain in parallel, each killed if still running
+        ``stop_timeout_s`` after it was asked to stop (stuck in its drain)."""
         for worker in workers:
             worker.stop()
+        deadline = None if self._stop_timeout_s is None else time.monotonic() + self._stop_timeout_s
         for worker in workers:
-            worker.join()
+            if not worker.join(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                logger.error("Worker process [%d] did not stop within %g s; killed it", worker.pid, self._stop_timeout_s)
 
     def _stop_requested(self) -> bool:
         return any(received in _STOP_SIGNALS for received in self._signals)

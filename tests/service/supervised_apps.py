@@ -21,3 +21,12 @@ async def failing_lifespan(scope: dict[str, Any], receive: Any, send: Any) -> No
     if scope["type"] == "lifespan":
         await receive()
         await send({"type": "lifespan.startup.failed", "message": "no bundle"})
+
+
+async def stuck_shutdown(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An ASGI app that starts, then never finishes its lifespan shutdown (its event loop blocked)."""
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        time.sleep(3600)

@@ -9,6 +9,9 @@ The supervisor runs here in the test process, over tiny apps (:mod:`tests.servic
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 
 import pytest
 import uvicorn
@@ -57,3 +60,19 @@ def test_a_worker_silent_past_the_start_timeout_is_killed_and_is_a_start_up_fail
     assert sum(message.startswith("Started worker process") for message in messages) == 2
     [failure] = [message for message in messages if "stopping the server" in message]
     assert "was not serving within 1 s" in failure
+
+
+def test_a_worker_stuck_in_its_drain_is_killed_after_the_stop_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    config = uvicorn.Config(f"{APPS}:stuck_shutdown", host="127.0.0.1", port=0, log_config=None)
+    caplog.set_level(logging.INFO, logger="mixoe.supervisor")
+    supervisor = Supervisor(config, workers=1, start_timeout_s=600, stop_timeout_s=1)
+
+    def stop_once_serving() -> None:
+        while not supervisor._workers:  # set once every worker has reported that it serves
+            threading.Event().wait(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor's signal: drain, and its worker gets stuck
+
+    threading.Thread(target=stop_once_serving, daemon=True).start()
+    assert supervisor.run() == 0
+    messages = [record.getMessage() for record in caplog.records if record.name == "mixoe.supervisor"]
+    assert any("did not stop within 1 s; killed it" in message for message in messages)
