@@ -63,17 +63,26 @@ def knn_distance(features: Tensor, bank: Tensor, k: int, bank_squared_norms: Ten
     return kth_nearest.clamp(min=0.0).sqrt()
 
 
-def mahalanobis_distance(features: Tensor, means: Tensor, precision: Tensor) -> Tensor:
+def mean_quadratic_terms(means: Tensor, precision: Tensor) -> Tensor:
+    """``mu_c^T P mu_c`` of each class mean (C,), in float32: the part of every distance that does
+    not depend on the image."""
+    means, precision = means.float(), precision.to(device=means.device, dtype=torch.float32)
+    return ((means @ precision) * means).sum(dim=1)
+
+
+def mahalanobis_distance(
+    features: Tensor, means: Tensor, precision: Tensor, mean_terms: Tensor | None = None
+) -> Tensor:
     """``min_c (f - mu_c)^T P (f - mu_c)`` for features (B, D), class means (C, D) and the shared
     precision matrix P (D, D), expanded into two matrix products: ``f^T P f - 2 f^T P mu_c +
-    mu_c^T P mu_c``."""
+    mu_c^T P mu_c``. ``mean_terms`` (:func:`mean_quadratic_terms`) saves computing the last term
+    per batch; a loaded bundle passes them (:meth:`MahalanobisScore.prepare`)."""
     f = features.float()
     means = means.to(device=f.device, dtype=torch.float32)
     precision = precision.to(device=f.device, dtype=torch.float32)
+    terms = mean_quadratic_terms(means, precision) if mean_terms is None else mean_terms.to(f.device)
     projected = f @ precision  # (B, D)
-    per_class = (
-        (projected * f).sum(dim=1, keepdim=True) - 2.0 * projected @ means.T + ((means @ precision) * means).sum(dim=1)
-    )  # (B, C)
+    per_class = (projected * f).sum(dim=1, keepdim=True) - 2.0 * projected @ means.T + terms  # (B, C)
     return per_class.amin(dim=1)
 
 
@@ -192,14 +201,15 @@ class MahalanobisScore:
         return {"means": means, "precision": precision}
 
     def prepare(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return dict(state)
+        """The stored state and each class mean's quadratic term, computed once rather than per batch."""
+        return {**state, "mean_terms": mean_quadratic_terms(state["means"], state["precision"])}
 
     def apply(
         self, logits: Tensor, features: Tensor | None, state: Mapping[str, Tensor], temperature: float, k: int | None
     ) -> Tensor:
         if features is None:
             raise ValueError("the mahalanobis score needs features")
-        return mahalanobis_distance(features, state["means"], state["precision"])
+        return mahalanobis_distance(features, state["means"], state["precision"], state.get("mean_terms"))
 
 
 FEATURE_SCORES = (KNNScore(), MahalanobisScore())

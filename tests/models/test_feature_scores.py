@@ -10,6 +10,7 @@ from pytorch_ood.detector import KNN, Mahalanobis
 from sklearn.covariance import ledoit_wolf
 from torch import Tensor
 
+from models.scoring import feature_scores
 from models.scoring.feature_scores import (
     FitData,
     fit_knn_bank,
@@ -93,6 +94,22 @@ def test_mahalanobis_agrees_with_pytorch_ood_up_to_its_scaling() -> None:
     theirs = detector.predict_features(queries).double().numpy()
     ours = mahalanobis_distance(queries, *fit_tied_gaussian(train, labels, 3, shrinkage=0.0)).double().numpy()
     np.testing.assert_allclose(ours / (2 * len(train)), theirs, rtol=1e-3)
+
+
+def test_a_prepared_mahalanobis_state_scores_the_same_without_recomputing_the_mean_terms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    train, labels = _clusters(300, 16, 3, seed=11)
+    queries, _ = _clusters(20, 16, 3, seed=12)
+    score = get_score("mahalanobis")
+    state = score.fit(FitData(features=train, labels=labels, num_classes=3))
+    unprepared = score.apply(queries, queries, state, 1.0, None)
+    prepared = score.prepare(state)
+    computed: list[int] = []
+    real = feature_scores.mean_quadratic_terms
+    monkeypatch.setattr(feature_scores, "mean_quadratic_terms", lambda *a: computed.append(1) or real(*a))
+    torch.testing.assert_close(score.apply(queries, queries, prepared, 1.0, None), unprepared, rtol=0, atol=0)
+    assert computed == []  # the prepared terms served the batch
 
 
 def test_shrinkage_is_ledoit_wolf_as_scikit_learn_computes_it() -> None:
