@@ -35,7 +35,7 @@ from flowers17_sets import DATA, id_images, predict_files
 from machine import machine_name
 from serve_bench import default_bundle
 
-from models.calibration.selective import accepted_counts
+from models.calibration.selective import accepted_counts, ranked_errors
 from models.runtime import load_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,11 +56,9 @@ def parse_args() -> argparse.Namespace:
 def naive_counts(confidences: NDArray[np.float64], errors: NDArray[np.bool_], epsilon: float) -> NDArray[np.int64]:
     """Per row, how many of the most confident calibration images the naive rule accepts: the most
     whose own error rate stays <= epsilon (whole tie groups at a time, as the certified rule)."""
-    order = np.argsort(-confidences, axis=-1, kind="stable")
-    ranked = np.take_along_axis(confidences, order, axis=-1)
-    rate = np.cumsum(np.take_along_axis(errors, order, axis=-1), axis=-1) / np.arange(1, confidences.shape[-1] + 1)
-    ends_group = np.concatenate([ranked[:, :-1] > ranked[:, 1:], np.ones((len(ranked), 1), bool)], axis=1)
-    return np.max(np.where(ends_group & (rate <= epsilon), np.arange(1, confidences.shape[-1] + 1), 0), axis=1)
+    cumulative_errors, ends_group = ranked_errors(confidences, errors)
+    accepted = np.arange(1, confidences.shape[-1] + 1)
+    return np.max(np.where(ends_group & (cumulative_errors / accepted <= epsilon), accepted, 0), axis=1)
 
 
 def judge(

@@ -129,6 +129,17 @@ def minimum_accepted(epsilon: float, delta: float) -> int:
     return math.ceil(round(math.log(delta) / math.log1p(-epsilon), 9))
 
 
+def ranked_errors(confidences: NDArray[np.float64], errors: NDArray[np.bool_]) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+    """For thresholds from the most to the least confident image of each row (shape ``(..., n)``):
+    the errors among the top ``j`` images, and whether a threshold at the ``j``-th largest
+    confidence accepts exactly those ``j`` (it ends a tie group, which is accepted whole)."""
+    order = np.argsort(-confidences, axis=-1, kind="stable")
+    ranked = np.take_along_axis(confidences, order, axis=-1)  # descending
+    cumulative_errors = np.cumsum(np.take_along_axis(errors, order, axis=-1), axis=-1)
+    ends_group = np.concatenate([ranked[..., :-1] > ranked[..., 1:], np.ones((*ranked.shape[:-1], 1), bool)], axis=-1)
+    return cumulative_errors, ends_group
+
+
 def accepted_counts(confidences: ArrayLike, errors: ArrayLike, epsilon: float, delta: float) -> NDArray[np.int64]:
     """How many calibration images the Learn-then-Test threshold accepts, per row.
 
@@ -144,12 +155,8 @@ def accepted_counts(confidences: ArrayLike, errors: ArrayLike, epsilon: float, d
     if not np.all(np.isfinite(conf)):
         raise ValueError("confidences must be finite")
     n = conf.shape[-1]
-    order = np.argsort(-conf, axis=-1, kind="stable")
-    ranked = np.take_along_axis(conf, order, axis=-1)  # descending
-    cumulative_errors = np.cumsum(np.take_along_axis(wrong, order, axis=-1), axis=-1)
+    cumulative_errors, ends_group = ranked_errors(conf, wrong)
     accepted = np.arange(1, n + 1)  # (n,): the top j images
-    # A candidate ends a tie group: a threshold at ranked[j-1] accepts the whole group.
-    ends_group = np.concatenate([ranked[..., :-1] > ranked[..., 1:], np.ones((*ranked.shape[:-1], 1), bool)], axis=-1)
     candidate = ends_group & (accepted >= minimum_accepted(epsilon, delta))
     passes = cumulative_errors <= critical_errors(n, epsilon, delta)[accepted]
     failed = candidate & ~passes
