@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tv_models
 
+from models.lookup import look_up
 from models.network.weights import pretrained_file
 
 
@@ -137,11 +138,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def get_architecture(name: str) -> _Architecture:
     """Look an architecture up by name; an unknown name lists the valid ones."""
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        valid = ", ".join(sorted(ARCHITECTURES))
-        raise ValueError(f"Unknown architecture {name!r}. Supported: {valid}.") from None
+    return look_up(ARCHITECTURES, name, "architecture")
 
 
 def build_network(architecture: str, num_classes: int, pretrained: str | Path | None = None) -> Classifier:

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from torch import Tensor
 
+from models.lookup import look_up
 from models.scoring.feature_scores import FEATURE_SCORES, FitData
 
 
@@ -112,8 +113,4 @@ SCORES: dict[str, Score] = {score.name: score for score in (*LOGIT_SCORES, *FEAT
 
 def get_score(name: str) -> Score:
     """Look a score up by name; an unknown name lists the valid ones."""
-    try:
-        return SCORES[name]
-    except KeyError:
-        valid = ", ".join(sorted(SCORES))
-        raise ValueError(f"Unknown OOD score {name!r}. Supported: {valid}.") from None
+    return look_up(SCORES, name, "OOD score")
