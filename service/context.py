@@ -6,13 +6,13 @@ marks the service not ready, lets each batcher finish its queue, then joins the 
 
 Readiness (:meth:`ServiceContext.unready_reason`) is false as well while a batcher has failed,
 or while the model process is not answering this worker: after a call that missed its deadline or
-lost its connection, this process pings it every ``_REPING_INTERVAL_S`` (in the inference thread,
-which owns the connection) until it answers again.
+lost its connection, this process pings it every ``_REPING_INTERVAL_S`` until it answers again.
 
 All models share ONE inference thread: a GPU runs one batch at a time anyway, and a single
 thread keeps CUDA streams and CPU thread pools from contending. Decoding has its own pool. With
-``MIXOE_MODEL_PROCESS`` that thread hands each batch to the model process instead
-(:mod:`service.runtime.model_process`), and the models here stay on the CPU for preprocessing and metadata.
+``MIXOE_MODEL_PROCESS`` no batch forms here and that thread idles: each request's images go from
+the event loop to the model process (:mod:`service.runtime.hosted`), which batches them with every
+worker's, and the models here stay on the CPU for preprocessing and metadata.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from service.monitoring.drift import DriftAlarms
 from service.monitoring.metrics import ServiceMetrics, multiprocess_directory, score_buckets
 from service.runtime.batcher import MicroBatcher
 from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
-from service.runtime.model_client import HostedModelRunner, ModelProcessClient
+from service.runtime.hosted import HostedModel
+from service.runtime.model_client import ModelProcessClient
 from service.runtime.predictor import Predictor
 from service.runtime.registry import LoadedModel, ModelRegistry, select_bundles
 from service.settings import Settings
@@ -83,7 +84,7 @@ class ServiceContext:
             registry = await _start_models(bundles, settings, metrics, inference_pool, model_process)
         except BaseException:
             if model_process is not None:
-                inference_pool.submit(model_process.close)  # after a warm-up that may still use it
+                await model_process.close()
             inference_pool.shutdown(wait=False)
             decode_pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -107,7 +108,7 @@ class ServiceContext:
     @property
     def batcher_failure(self) -> str | None:
         """Why a batcher stopped on its own (only a restart mends that), else ``None``."""
-        failures = [model.batcher.failure for model in self.registry if model.batcher.failure]
+        failures = [model.queue.failure for model in self.registry if model.queue.failure]
         return "; ".join(failures) if failures else None
 
     def unready_reason(self) -> str | None:
@@ -121,14 +122,13 @@ class ServiceContext:
         return None
 
     async def _reping(self, client: ModelProcessClient) -> None:
-        """While ``client`` is not answering, ping in the inference thread until it does."""
-        loop = asyncio.get_running_loop()
+        """While ``client`` is not answering, ping until it does."""
         while True:
             await asyncio.sleep(_REPING_INTERVAL_S)
             if client.answering:
                 continue
             try:
-                await loop.run_in_executor(self.inference_pool, client.ping)
+                await client.ping()
             except ServiceError as error:
                 logger.warning("the model process is still not answering: %s", error.message)
 
@@ -139,13 +139,13 @@ class ServiceContext:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
         await asyncio.gather(
-            *(model.batcher.stop(drain=True, timeout=self.settings.shutdown_timeout_s) for model in self.registry)
+            *(model.queue.stop(drain=True, timeout=self.settings.shutdown_timeout_s) for model in self.registry)
         )
         # Joining the threads waits for a batch or a decode still running: never on the event loop.
         await asyncio.to_thread(self.inference_pool.shutdown, wait=True)
         await asyncio.to_thread(self.decode_pool.shutdown, wait=True)
         if self.model_process is not None:
-            self.model_process.close()  # the model process releases what no other worker uses
+            await self.model_process.close()  # the model process releases what no other worker uses
 
 
 async def _start_models(
@@ -155,39 +155,43 @@ async def _start_models(
     inference_pool: ThreadPoolExecutor,
     model_process: ModelProcessClient | None,
 ) -> ModelRegistry:
-    """Warm each model up in the inference thread, give it a running batcher, publish its metrics."""
-    loop = asyncio.get_running_loop()
+    """Warm each model up (in the inference thread, or in the model process), give it a running
+    queue, publish its metrics."""
     models = []
     for bundle in bundles:
-        runner: ModelRunner | HostedModelRunner
-        if model_process is not None:
-            runner = HostedModelRunner(model_process, bundle)
-        else:
-            runner = ModelRunner.for_device(
-                bundle, settings.max_batch_size, settings.cuda_graphs, settings.batch_size_tuning
-            )
         started = time.perf_counter()
-        await loop.run_in_executor(inference_pool, runner.warm_up)
-        warm_up_s = time.perf_counter() - started
-        batcher: MicroBatcher[ImageJob, ImageVerdict | None] = MicroBatcher(
-            runner,
-            executor=inference_pool,
-            observer=metrics,
-            max_batch_size=runner.batch_limit(settings.max_batch_size),  # as measured at warm-up
-            max_delay_s=settings.max_batch_delay_s,
-            queue_size=settings.admission_capacity,  # whatever admission let in fits: never refused here
-            retry_after_s=settings.retry_after_s,
-            name=f"{bundle.name}:{bundle.version}",
-        )
-        sends_jpeg = isinstance(runner, HostedModelRunner) and runner.decodes_jpeg
-        models.append(LoadedModel(bundle, batcher, sends_jpeg))
+        if model_process is not None:
+            hosted = HostedModel(model_process, bundle, metrics)
+            await hosted.warm_up()
+            model = LoadedModel(bundle, hosted, sends_jpeg=hosted.decodes_jpeg)
+        else:
+            model = LoadedModel(bundle, await _batcher(bundle, settings, metrics, inference_pool))
+        models.append(model)
         logger.info(
             "loaded model %s:%s from %s on %s (warm-up %.1f s%s)",
             bundle.name, bundle.version, bundle.path, "the model process" if model_process else bundle.device,
-            warm_up_s, graphs_note(bundle),
+            time.perf_counter() - started, graphs_note(bundle),
         )
     registry = ModelRegistry(models, settings.default_model)
     for model in models:
         metrics.register_model(model.bundle.manifest)
-        await model.batcher.start()
+        await model.queue.start()
     return registry
+
+
+async def _batcher(
+    bundle: Bundle, settings: Settings, metrics: ServiceMetrics, inference_pool: ThreadPoolExecutor
+) -> MicroBatcher[ImageJob, ImageVerdict | None]:
+    """``bundle``'s runner, warmed up in the inference thread (which serves it), behind a micro-batcher."""
+    runner = ModelRunner.for_device(bundle, settings.max_batch_size, settings.cuda_graphs, settings.batch_size_tuning)
+    await asyncio.get_running_loop().run_in_executor(inference_pool, runner.warm_up)
+    return MicroBatcher(
+        runner,
+        executor=inference_pool,
+        observer=metrics,
+        max_batch_size=runner.batch_limit(settings.max_batch_size),  # as measured at warm-up
+        max_delay_s=settings.max_batch_delay_s,
+        queue_size=settings.admission_capacity,  # whatever admission let in fits: never refused here
+        retry_after_s=settings.retry_after_s,
+        name=f"{bundle.name}:{bundle.version}",
+    )

@@ -1,87 +1,60 @@
-"""A worker's side of the model process: its connection, with a deadline on every call.
+"""A worker's side of the model process: one connection, many calls in flight, a deadline on each.
 
-A worker (``service.context``) runs :class:`HostedModelRunner` in place of
-:class:`~service.runtime.inference.ModelRunner`; the parent's watchdog (``service.runtime.model_process``) pings
-through a :class:`ModelProcessClient` of its own. Deadlines: a run or a ping
-``MIXOE_MODEL_PROCESS_TIMEOUT_S``, a load (which includes the warm-up) ``_LOAD_TIMEOUT_S``; every
-send and every receive on the socket is bounded by the first as well, the handshake included, so
-a stopped peer holds no thread longer. A call past its deadline fails with a 504
-(:class:`~service.api.errors.DeadlineExceeded`) and keeps the connection: calls are numbered
-(:mod:`service.runtime.protocol`), so its late answer is recognised and thrown away. A broken connection
-fails with a 503 and is dropped; the next call reconnects.
+A worker's requests call the model process straight from its event loop
+(``service.runtime.hosted``): each call is numbered, sent at once (:mod:`service.runtime.framing`),
+and awaited; one task reads the answers and hands each to the call of its number. So a worker has
+as many runs in flight as it has requests, and the model process, the one batching point, merges
+them with every other worker's. The parent's watchdog (``service.runtime.model_process``) pings
+through a client of its own, on an event loop of its own thread.
+
+Deadlines: a run or a ping ``MIXOE_MODEL_PROCESS_TIMEOUT_S``, a load (which includes the
+warm-up) ``_LOAD_TIMEOUT_S``, counted from the call, the connection's set-up (and its handshake)
+included. A call past its deadline fails with a 504
+(:class:`~service.api.errors.DeadlineExceeded`) and keeps the connection: its late answer finds
+nobody waiting for its number and is thrown away. A broken connection (or a send cut short by a
+deadline, which leaves half a frame) fails every call in flight on it with a 503 and is dropped;
+the next call reconnects and loads this worker's models again first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
 import socket
 import struct
-import time
 from multiprocessing.connection import Connection
 from typing import TypeVar
 
-from models.runtime import Bundle
 from service.api.errors import DeadlineExceeded, ErrorCode, ModelFailure, NotReady
-from service.runtime.inference import ImageJob, ImageVerdict
-from service.runtime.protocol import (
-    Answer, Call, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request, Run, model_key,
-)
+from service.runtime.framing import AsyncChannel, ChannelClosed, authenticated_socket
+from service.runtime.protocol import Answer, Call, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request
 
 ADDRESS_VARIABLE = "_MIXOE_MODEL_PROCESS_ADDRESS"
 KEY_VARIABLE = "_MIXOE_MODEL_PROCESS_KEY"
 """Where the parent tells its workers to connect (``service.runtime.model_process``)."""
-_LOAD_TIMEOUT_S = 120.0  # a load includes the warm-up: one batch per padded size, about 2 s each on a GPU
+LOAD_TIMEOUT_S = 120.0  # a load includes the warm-up: one batch per padded size, about 2 s each on a GPU
 ReplyT = TypeVar("ReplyT", Loaded, Judged, Pong)
 
 
-class HostedModelRunner:
-    """What a worker runs in place of :class:`~service.runtime.inference.ModelRunner`: the same calls,
-    carried out by the model process. A verdict is ``None`` for a JPEG the model process could not
-    decode (see the module docstring)."""
-
-    def __init__(self, client: ModelProcessClient, bundle: Bundle):
-        self._client = client
-        self._key = model_key(bundle)
-        self._loaded: Loaded | None = None  # known once warm_up has asked the model process
-
-    def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict | None]:
-        images = [job.pixels if isinstance(job.pixels, bytes) else job.pixels.numpy() for job in jobs]
-        run = Run(self._key, images, [job.operating_point for job in jobs], [job.top_k for job in jobs])
-        return self._client.run(run)
-
-    def warm_up(self) -> None:
-        """Have the model process load (and warm up) this model, unless another worker did."""
-        self._loaded = self._client.load(self._key)
-
-    @property
-    def decodes_jpeg(self) -> bool:
-        """Whether to send plain JPEGs undecoded (false until :meth:`warm_up`)."""
-        return self._loaded is not None and self._loaded.decodes_jpeg
-
-    def batch_limit(self, configured: int) -> int:
-        """``configured``, or the model process's smaller limit for this model (its warm-up's timings)."""
-        return configured if self._loaded is None else min(configured, self._loaded.batch_limit)
-
-
 class ModelProcessClient:
-    """A worker's connection to the model process, opened on first use; one thread at a time.
+    """A connection to the model process, opened on first use, for the event loop that uses it.
 
-    Every call has a deadline (``timeout_s`` for a run or a ping). A call that misses it, or whose
-    connection breaks, sets :attr:`answering` false until a later call succeeds; a broken
-    connection is dropped. It remembers the models it loaded: after a reconnection it loads them
-    again first (within the deadline of the call that reconnects), since the model process counts
-    its users per connection."""
+    A call that misses its deadline, or whose connection breaks, sets :attr:`answering` false
+    until an answer arrives again. It remembers the models it loaded: after a reconnection it
+    loads them again first (within the deadline of the call that reconnects), since the model
+    process counts its users per connection."""
 
     def __init__(self, address: str, key: bytes, timeout_s: float):
         self._address = address
         self._key = key
-        self._timeout_s = timeout_s
-        self._connection: Connection | None = None
+        self.timeout_s = timeout_s
+        self._link: _Link | None = None
+        self._connecting = asyncio.Lock()
         self._loaded: set[ModelKey] = set()
-        self._calls = itertools.count()
+        self._numbers = itertools.count()
         self.answering = True
 
     @classmethod
@@ -94,104 +67,146 @@ class ModelProcessClient:
             )
         return cls(address, bytes.fromhex(key), timeout_s)
 
-    def load(self, model: ModelKey) -> Loaded:
+    async def load(self, model: ModelKey) -> Loaded:
         """Load ``model`` in the model process; its answer says whether to send it plain JPEGs
         undecoded, and how many images a run may hold."""
-        loaded = self._call(Load(model), Loaded, _LOAD_TIMEOUT_S)
+        loaded = await self.call(Load(model), Loaded, LOAD_TIMEOUT_S)
         self._loaded.add(model)
         return loaded
 
-    def run(self, run: Run) -> list[ImageVerdict | None]:
-        """The verdicts of ``run`` (the batcher checks that there is one per image)."""
-        return self._call(run, Judged, self._timeout_s).verdicts
-
-    def ping(self) -> None:
+    async def ping(self) -> None:
         """Return once the model process's batch loop has answered (within the deadline)."""
-        self._call(Ping(), Pong, self._timeout_s)
+        await self.call(Ping(), Pong, self.timeout_s)
 
-    def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
-    def _call(self, request: Request, expected: type[ReplyT], timeout_s: float) -> ReplyT:
-        deadline = time.monotonic() + timeout_s
-        if self._connection is None:
-            self._connection = self._connect(deadline)
-        reply = self._exchange(self._connection, request, deadline)
-        self.answering = True
+    async def call(self, request: Request, expected: type[ReplyT], timeout_s: float) -> ReplyT:
+        """Send ``request`` and await its reply, which must be an ``expected``, for at most
+        ``timeout_s``; :class:`Failed` from the model process is a 500 naming its reason."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                link = await self._connected()
+                reply = await link.call(next(self._numbers), request)
+        except TimeoutError:
+            self.answering = False
+            raise DeadlineExceeded(
+                ErrorCode.MODEL_TIMEOUT,
+                f"the model process did not answer a {type(request).__name__} call by its deadline",
+            ) from None
         if isinstance(reply, Failed):
             raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"the model process failed: {reply.message}")
         if not isinstance(reply, expected):
-            self._drop(self._connection)
+            link.close(_not_answering(RuntimeError(f"it answered {reply!r:.80} to {request!r:.80}")))
             raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"the model process answered {reply!r:.80} to {request!r:.80}")
         return reply
 
-    def _connect(self, deadline: float) -> Connection:
+    async def close(self) -> None:
+        """Close the connection; a call still in flight fails with a 503."""
+        if self._link is not None:
+            await self._link.stop(_not_answering(RuntimeError("the worker closed its connection")))
+            self._link = None
+
+    async def _connected(self) -> _Link:
+        """The open link, or a new one with this worker's models loaded again."""
+        async with self._connecting:
+            if self._link is not None and not self._link.closed:
+                return self._link
+            try:
+                sock = await asyncio.to_thread(_open, self._address, self._key, self.timeout_s)
+            except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
+                self.answering = False
+                raise _not_answering(error) from None
+            link = _Link(AsyncChannel(sock), self)
+            try:
+                for model in self._loaded:
+                    if not isinstance(await link.call(next(self._numbers), Load(model)), Loaded):
+                        raise _not_answering(RuntimeError(f"could not load {model[0]} again after reconnecting"))
+            except BaseException as error:
+                link.close(error if isinstance(error, NotReady) else _not_answering(error))
+                raise
+            self._link = link
+            return link
+
+
+class _Link:
+    """One open connection: the calls owed an answer on it, by number, and the task that reads
+    the answers. Once it closes, every call owed fails with the error that closed it."""
+
+    def __init__(self, channel: AsyncChannel, client: ModelProcessClient):
+        self._channel = channel
+        self._client = client
+        self._owed: dict[int, asyncio.Future[Reply]] = {}
+        self._error: NotReady | None = None
+        self._reader = asyncio.get_running_loop().create_task(self._read(), name="mixoe-model-process-answers")
+
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
+
+    async def call(self, number: int, request: Request) -> Reply:
+        if self._error is not None:
+            raise self._error
+        answer: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._owed[number] = answer
         try:
-            connection = _open(self._address, self._key, self._timeout_s)
-        except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
-            self.answering = False
-            raise _not_answering(error) from None
+            try:
+                await self._channel.send(Call(number, request))
+            except (OSError, asyncio.CancelledError) as error:
+                # Cut short, half a frame may be on the wire: nothing more can be sent on it.
+                self.close(_not_answering(error))
+                raise
+            return await answer
+        finally:
+            self._owed.pop(number, None)
+
+    async def _read(self) -> None:
+        """Hand each answer to the call of its number (one that gave up has gone: dropped)."""
         try:
-            for model in self._loaded:
-                if not isinstance(self._exchange(connection, Load(model), deadline), Loaded):
-                    raise _not_answering(RuntimeError(f"could not load {model[0]} again after reconnecting"))
-        except BaseException:
-            self._drop(connection)
+            while True:
+                answer = await self._channel.receive()
+                if not isinstance(answer, Answer):
+                    raise ChannelClosed(f"not an answer: {answer!r:.80}")
+                self._client.answering = True
+                waiting = self._owed.pop(answer.number, None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(answer.reply)
+        except asyncio.CancelledError:
             raise
-        return connection
+        except Exception as error:  # EOF, a reset, a corrupt frame: the connection is unusable
+            self.close(_not_answering(error))
 
-    def _exchange(self, connection: Connection, request: Request, deadline: float) -> Reply:
-        """Send ``request`` and wait until ``deadline`` (``time.monotonic``) for its answer,
-        throwing away late answers to earlier calls; sending, and reading an answer that has begun
-        to arrive, are bounded by the socket's own timeouts (:func:`_open`)."""
-        number = next(self._calls)
-        try:
-            connection.send(Call(number, request))
-            while connection.poll(max(0.0, deadline - time.monotonic())):
-                answer: Answer = connection.recv()
-                if answer.number == number:
-                    return answer.reply
-        except (EOFError, OSError) as error:
-            self._drop(connection)
-            raise _not_answering(error) from None
-        self.answering = False
-        raise DeadlineExceeded(
-            ErrorCode.MODEL_TIMEOUT, f"the model process did not answer a {type(request).__name__} call by its deadline"
-        )
+    def close(self, error: NotReady) -> None:
+        """Close the connection and fail every call owed an answer on it with ``error``."""
+        if self._error is None:
+            self._error = error
+            self._client.answering = False
+            self._channel.close()
+        owed, self._owed = list(self._owed.values()), {}
+        for waiting in owed:
+            if not waiting.done():
+                waiting.set_exception(error)
+        if self._reader is not asyncio.current_task():
+            self._reader.cancel()
 
-    def _drop(self, connection: Connection) -> None:
-        """Forget a connection whose next message cannot be trusted to answer the next call."""
-        connection.close()
-        if connection is self._connection:
-            self._connection = None
-        self.answering = False
+    async def stop(self, error: NotReady) -> None:
+        self.close(error)
+        await asyncio.gather(self._reader, return_exceptions=True)
 
 
-def _open(address: str, key: bytes, timeout_s: float) -> Connection:
-    """An authenticated connection whose every send and receive fails (``OSError``) after
-    ``timeout_s`` without progress, so that a stalled peer blocks no call for longer: kernel
-    socket timeouts (``settimeout`` would make the socket non-blocking, which
-    :class:`~multiprocessing.connection.Connection` does not expect)."""
+def _open(address: str, key: bytes, timeout_s: float) -> socket.socket:
+    """An authenticated socket to the model process (blocking: run in a thread). Its kernel send
+    timeout stays ``timeout_s``; the event loop reads it without blocking."""
     with socket.socket(socket.AF_UNIX) as raw:
         raw.setblocking(True)
         set_timeouts(raw, timeout_s)
         raw.connect(address)
         connection = Connection(raw.detach())
-    try:
-        multiprocessing.connection.answer_challenge(connection, key)
-        multiprocessing.connection.deliver_challenge(connection, key)
-    except BaseException:
-        connection.close()
-        raise
-    return connection
+    return authenticated_socket(connection, key, initiator=True)
 
 
 def set_timeouts(
     raw: socket.socket, timeout_s: float, options: tuple[int, ...] = (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)
 ) -> None:
-    """Kernel timeouts on ``raw``'s blocking calls (``0``: none)."""
+    """Kernel timeouts on ``raw``'s blocking calls (``0``: none); ``settimeout`` would make the
+    socket non-blocking, which :class:`~multiprocessing.connection.Connection` does not expect."""
     seconds = int(timeout_s)
     packed = struct.pack("ll", seconds, int((timeout_s - seconds) * 1_000_000))
     for option in options:

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-import numpy as np
 import torch
 from prometheus_client import Histogram
 from torch import Tensor
@@ -113,7 +112,7 @@ class Task:
 
     @property
     def images(self) -> int:
-        return len(self.message.images) if isinstance(self.message, Run) else 0
+        return self.message.images if isinstance(self.message, Run) else 0
 
 
 def error_reply(error: BaseException) -> Failed:
@@ -252,9 +251,9 @@ class ModelHost:
             runner = self._runners.get(runs[0].model)
             if runner is None:
                 raise RuntimeError(f"model {runs[0].model[0]} is not loaded (send a load request first)")
-            crops = self._crops(runner.bundle, [image for run in runs for image in run.images])
-            points = [point for run in runs for point in run.points]
-            top_ks = [top_k for run in runs for top_k in run.top_ks]
+            crops = [crop for run in runs for crop in self._crops(runner.bundle, run)]
+            points = [run.point for run in runs for _ in range(run.images)]
+            top_ks = [run.top_k for run in runs for _ in range(run.images)]
             rows = [row for row, crop in enumerate(crops) if crop is not None]
             pending = runner.start(stack_on(self._device, [cast(Tensor, crops[row]) for row in rows])) if rows else None
         except Exception as error:
@@ -294,15 +293,13 @@ class ModelHost:
         for task in batch:
             self._answer(task, error_reply(error))
 
-    def _crops(self, bundle: Bundle, images: list[np.ndarray | bytes]) -> list[Tensor | None]:
-        """Each image as the model's uint8 crop: arrays as they came, JPEGs decoded here in one
-        call and resized on the device; ``None`` for a JPEG the decoder refused."""
-        crops: list[Tensor | None] = [None if isinstance(image, bytes) else torch.from_numpy(image) for image in images]
-        jpeg_rows = [row for row, image in enumerate(images) if isinstance(image, bytes)]
-        decoded = decode_plain_jpegs([cast(bytes, images[row]) for row in jpeg_rows], self._device)
-        for row, pixels in zip(jpeg_rows, decoded, strict=True):
-            crops[row] = None if pixels is None else _crop(bundle, pixels)
-        return crops
+    def _crops(self, bundle: Bundle, run: Run) -> list[Tensor | None]:
+        """A run's images as the model's uint8 crops, in its verdicts' order: the worker's crops
+        as they came (views of its one array), then its JPEGs, decoded here in one call and
+        resized on the device; ``None`` for a JPEG the decoder refused."""
+        decoded = decode_plain_jpegs(run.jpegs, self._device) if run.jpegs else []
+        jpegs = [None if pixels is None else _crop(bundle, pixels) for pixels in decoded]
+        return [*torch.from_numpy(run.crops).unbind(0), *jpegs]
 
     def _load(self, task: Task) -> None:
         assert isinstance(task.message, Load)

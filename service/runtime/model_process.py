@@ -3,19 +3,21 @@
 With ``MIXOE_WORKERS=N`` each worker otherwise holds its own copy of every model and sends the
 device its own small batches. On an H200, four such workers kept the GPU 56-83 % busy at 0.35 of
 the raw model rate: four CUDA contexts took turns with batches of a few images each. With
-``MIXOE_MODEL_PROCESS=true`` the workers keep HTTP, input checks, micro-batching and (but for
-plain JPEGs on a GPU, see below) decoding, on the CPU, and hand each batch of images to this
-process over a Unix socket; it merges what
-arrives from all of them into batches of up to ``max_batch_size`` images, runs them with the same
-:class:`~service.runtime.inference.ModelRunner` (so verdicts are the in-process ones), and answers each
-worker with its share (:mod:`service.runtime.model_host` is its loop).
+``MIXOE_MODEL_PROCESS=true`` the workers keep HTTP, input checks and (but for plain JPEGs on a
+GPU, see below) decoding, on the CPU, and hand each request's images to this process over a Unix
+socket, as soon as they are decoded and with every other request of theirs in flight
+(:mod:`service.runtime.hosted`); this process is the one batching point: it merges what arrives
+from all of them into batches of up to ``max_batch_size`` images, runs them with the same
+:class:`~service.runtime.inference.ModelRunner` (so verdicts are the in-process ones), and answers
+each request with its share (:mod:`service.runtime.model_host` is its loop).
 
-Protocol: the typed messages of :mod:`service.runtime.protocol`, one call at a time per connection (a
-worker's single inference thread owns its connection). Every call has a deadline, kept by the
-worker's side (:mod:`service.runtime.model_client`); here a connection's handshake has
-``_HANDSHAKE_TIMEOUT_S``. A call past its deadline fails its requests with a 504, a connection
-that breaks with a 503; the worker then reports not ready and pings until the model process
-answers again (:class:`~service.context.ServiceContext`).
+Protocol: the typed messages of :mod:`service.runtime.protocol`, framed by
+:mod:`service.runtime.framing`, many calls in flight per connection, answers routed back by call
+number. Every call has a deadline, kept by the worker's side (:mod:`service.runtime.model_client`);
+here a connection's handshake has ``_HANDSHAKE_TIMEOUT_S``, and each answer sent to a worker
+``MIXOE_MODEL_PROCESS_TIMEOUT_S``. A call past its deadline fails its request with a 504, a
+connection that breaks with a 503; the worker then reports not ready and pings until the model
+process answers again (:class:`~service.context.ServiceContext`).
 
 On a GPU with ``MIXOE_GPU_JPEG_DECODE=true`` workers send plain JPEGs undecoded: this
 process decodes each batch's JPEGs in one nvjpeg call and resizes them on the GPU, so the workers'
@@ -40,7 +42,7 @@ models loaded in it, and a GPU may free a killed process's memory only later.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -62,6 +64,7 @@ from models.network.nets import resolve_device
 from service.api.errors import ServiceError
 from service.monitoring.logs import configure_logging
 from service.monitoring.metrics import model_process_batch_size
+from service.runtime.framing import BlockingChannel, authenticated_socket
 from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient, set_timeouts
 from service.runtime.model_host import ModelHost, Release, Task
 from service.runtime.protocol import Call
@@ -143,36 +146,43 @@ class ModelProcess:
             self._finalizer.cancel()
 
     def _watch(self, heartbeat: ModelProcessClient) -> None:
-        """Until :meth:`stop`: wait ``HEARTBEAT_INTERVAL_S`` for the process to exit, else ping it."""
+        """Until :meth:`stop`: wait ``HEARTBEAT_INTERVAL_S`` for the process to exit, else ping it
+        (on an event loop of this thread's own, which the client's connection belongs to)."""
         process = self._process
         assert process is not None
-        with contextlib.closing(heartbeat):
-            while True:
-                # Waiting on the sentinel, not join(): stop() reaps the process.
-                exited = multiprocessing.connection.wait([process.sentinel], HEARTBEAT_INTERVAL_S)
-                if self._stopping.is_set():
-                    return
-                if exited:
-                    process.join(1)  # reaped, for its exit status
-                    what = f"exited with status {process.exitcode}"
-                    break
-                try:
-                    heartbeat.ping()
-                except ServiceError as error:
-                    if self._stopping.is_set():  # stop() closed it meanwhile
-                        return
-                    # A process that dies while a ping is out breaks the connection as it exits, and
-                    # its sentinel closes in the same exit: report the death, not a hang.
-                    if multiprocessing.connection.wait([process.sentinel], EXIT_GRACE_S):
-                        process.join(1)
-                        what = f"exited with status {process.exitcode}"
-                    else:
-                        process.kill()
-                        what = f"stopped answering ({error.message}), so it was killed"
-                    break
+        with asyncio.Runner() as runner:
+            what = self._watch_until_failure(process, heartbeat, runner)
+            runner.run(heartbeat.close())
+        if what is None:
+            return
         self.died = True
         logger.error("the model process (pid %s) %s; stopping the service", process.pid, what)
         self._on_failure()
+
+    def _watch_until_failure(
+        self, process: multiprocessing.process.BaseProcess, heartbeat: ModelProcessClient, runner: asyncio.Runner
+    ) -> str | None:
+        """What happened to the process, or ``None`` once :meth:`stop` was called."""
+        while True:
+            # Waiting on the sentinel, not join(): stop() reaps the process.
+            exited = multiprocessing.connection.wait([process.sentinel], HEARTBEAT_INTERVAL_S)
+            if self._stopping.is_set():
+                return None
+            if exited:
+                process.join(1)  # reaped, for its exit status
+                return f"exited with status {process.exitcode}"
+            try:
+                runner.run(heartbeat.ping())
+            except ServiceError as error:
+                if self._stopping.is_set():  # stopped meanwhile
+                    return None
+                # A process that dies while a ping is out breaks the connection as it exits, and
+                # its sentinel closes in the same exit: report the death, not a hang.
+                if multiprocessing.connection.wait([process.sentinel], EXIT_GRACE_S):
+                    process.join(1)
+                    return f"exited with status {process.exitcode}"
+                process.kill()
+                return f"stopped answering ({error.message}), so it was killed"
 
 
 def _serve(settings: Settings, address: str, key: bytes, control: Connection) -> None:
@@ -196,7 +206,10 @@ def _serve(settings: Settings, address: str, key: bytes, control: Connection) ->
     logger.info("model process listening on %s, device %s", address, device)
     control.send(os.getpid())
     threading.Thread(target=_exit_when_closed, args=(control,), name="mixoe-control", daemon=True).start()
-    threading.Thread(target=_accept, args=(listener, key, host), name="mixoe-accept", daemon=True).start()
+    accept = threading.Thread(
+        target=_accept, args=(listener, key, host, settings.model_process_timeout_s), name="mixoe-accept", daemon=True
+    )
+    accept.start()
     host.serve_forever()
 
 
@@ -209,7 +222,7 @@ def _exit_when_closed(control: Connection) -> None:
     os._exit(0)
 
 
-def _accept(listener: Listener, key: bytes, host: ModelHost) -> None:
+def _accept(listener: Listener, key: bytes, host: ModelHost, send_timeout_s: float) -> None:
     while True:
         try:
             connection = listener.accept()
@@ -217,37 +230,44 @@ def _accept(listener: Listener, key: bytes, host: ModelHost) -> None:
             logger.warning("model process could not accept a connection: %r", error)
             time.sleep(0.1)
             continue
-        threading.Thread(target=_receive, args=(connection, key, host), name="mixoe-receive", daemon=True).start()
+        threading.Thread(target=_receive, args=(connection, key, host, send_timeout_s), name="mixoe-receive", daemon=True).start()
 
 
-def _receive(connection: Connection, key: bytes, host: ModelHost) -> None:
+def _receive(connection: Connection, key: bytes, host: ModelHost, send_timeout_s: float) -> None:
     """Authenticate one worker, then queue each of its messages; once it disconnects, its release.
 
     The handshake runs here, with a time limit, so a peer that stalls or drops halfway holds up
-    no other connection."""
+    no other connection. Answers to it are bounded by ``send_timeout_s``: a worker that stops
+    reading cannot hold the batch loop longer (its channel then closes)."""
     try:
-        with socket.socket(fileno=os.dup(connection.fileno())) as raw:
-            # A receive timeout on the socket itself (settimeout would make the shared file
-            # description non-blocking, and so may creating this object: undone at once): a
-            # stalled read fails with an OSError.
-            raw.setblocking(True)
-            set_timeouts(raw, _HANDSHAKE_TIMEOUT_S, (socket.SO_RCVTIMEO,))
-            multiprocessing.connection.deliver_challenge(connection, key)
-            multiprocessing.connection.answer_challenge(connection, key)
-            set_timeouts(raw, 0, (socket.SO_RCVTIMEO,))
+        _limit_receiving(connection, _HANDSHAKE_TIMEOUT_S)
+        raw = authenticated_socket(connection, key, initiator=False)
     except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
         logger.warning("model process refused a connection: %r", error)
         connection.close()
         return
+    set_timeouts(raw, 0, (socket.SO_RCVTIMEO,))
+    set_timeouts(raw, send_timeout_s, (socket.SO_SNDTIMEO,))
+    channel = BlockingChannel(raw)
     try:
         while True:
-            message = connection.recv()
+            message = channel.receive()
             if not (isinstance(message, Call) and message.valid):
                 raise ValueError(f"not a call: {message!r:.80}")
-            host.submit(Task(connection, message.request, message.number))
+            host.submit(Task(channel, message.request, message.number))
     except (EOFError, OSError):
         pass
     except Exception:
         logger.exception("model process dropped a worker's connection")
-    host.submit(Task(connection, Release()))  # the loop closes the connection: it writes to it
+    host.submit(Task(channel, Release()))  # the loop closes the channel: it writes to it
 
+
+def _limit_receiving(connection: Connection, timeout_s: float) -> None:
+    """A receive timeout on ``connection``'s socket, through a socket object over its descriptor
+    that is detached afterwards (the descriptor stays the connection's)."""
+    raw = socket.socket(fileno=connection.fileno())
+    try:
+        raw.setblocking(True)  # creating the object may make the shared file description non-blocking
+        set_timeouts(raw, timeout_s, (socket.SO_RCVTIMEO,))
+    finally:
+        raw.detach()

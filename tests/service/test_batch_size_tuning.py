@@ -23,7 +23,6 @@ from models.runtime import Bundle, Predictions
 from service.app import create_app
 from service.monitoring.logs import JsonFormatter
 from service.runtime.inference import ModelRunner
-from service.runtime.model_client import HostedModelRunner
 from service.runtime.model_host import ModelHost, Task
 from service.runtime.protocol import Loaded, model_key
 from service.runtime.tuning import BatchSizeTuning
@@ -181,17 +180,3 @@ def test_the_setting_reads_its_environment_variable(monkeypatch: pytest.MonkeyPa
     assert Settings(model_repository=tiny.repository).batch_size_tuning is True
     monkeypatch.setenv("MIXOE_BATCH_SIZE_TUNING", "false")
     assert Settings(model_repository=tiny.repository).batch_size_tuning is False
-
-
-class AnsweringClient:
-    """A model process client whose model process measured a limit of 4."""
-
-    def load(self, model: object) -> Loaded:
-        return Loaded(decodes_jpeg=False, batch_limit=4)
-
-
-def test_a_worker_batches_up_to_the_model_process_limit(bundle: Bundle) -> None:
-    runner = HostedModelRunner(AnsweringClient(), bundle)  # type: ignore[arg-type]
-    assert runner.batch_limit(16) == 16  # not loaded yet: nothing measured
-    runner.warm_up()
-    assert (runner.batch_limit(16), runner.batch_limit(2)) == (4, 2)

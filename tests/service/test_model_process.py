@@ -83,7 +83,12 @@ def jpeg(tiny: TinyModel, role: str) -> bytes:
 
 
 def run(bundle: Bundle, images: list[Any], target: float = 0.95, top_k: int = 2) -> Run:
-    return Run(model_key(bundle), images, [bundle.operating_point(target)] * len(images), [top_k] * len(images))
+    """A worker's run of ``images`` (crops and JPEG bytes); its verdicts come crops first."""
+    arrays = [image for image in images if isinstance(image, np.ndarray)]
+    size = bundle.manifest.preprocessing.input_size
+    stacked = np.stack(arrays) if arrays else np.empty((0, 3, size, size), dtype=np.uint8)
+    jpegs = [image for image in images if isinstance(image, bytes)]
+    return Run(model_key(bundle), stacked, jpegs, bundle.operating_point(target), top_k)
 
 
 def host_with_batches(max_batch_size: int, decodes_jpeg: bool = False) -> tuple[ModelHost, Histogram]:
@@ -204,7 +209,7 @@ def test_jpegs_are_decoded_in_the_model_process_and_one_its_decoder_refuses_come
     images = [jpeg(tiny, "accepted"), *crops(bundle, tiny, ("borderline",)), truncated]
     host.submit(Task(inbox, run(bundle, images)))
     host.step()
-    [[decoded, cropped, refused]] = verdicts_in(inbox)
+    [[cropped, decoded, refused]] = verdicts_in(inbox)  # the crops' verdicts first
     assert refused is None
     assert batch_total(batches, "_sum") == 2  # the refused file never reached the model
     # On the CPU torchvision decodes a plain JPEG exactly as PIL does: the same verdict as the crop
@@ -425,7 +430,7 @@ def test_a_worker_without_a_model_process_is_told_how_to_get_one(monkeypatch: py
 def test_a_model_process_that_does_not_answer_is_a_503_not_a_500(tmp_path: Path) -> None:
     client = ModelProcessClient(str(tmp_path / "no-socket-here"), b"key", timeout_s=10)
     with pytest.raises(NotReady, match="not answering"):
-        client.load(("anything", "0" * 64))
+        asyncio.run(client.load(("anything", "0" * 64)))
     assert not client.answering
 
 
@@ -434,23 +439,40 @@ def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
 ) -> None:
     model_process = ModelProcess(make_settings())
     model_process.start()
+
+    async def load_with(client: ModelProcessClient) -> Loaded:
+        try:
+            return await client.load(model_key(bundle))
+        finally:
+            await client.close()
+
+    async def not_a_request() -> None:
+        client = ModelProcessClient.from_environment(timeout_s=10)
+        try:
+            await client.call(LoadDone(model_key(bundle), None), Loaded, 10)  # type: ignore[arg-type]
+        finally:
+            await client.close()
+
+    async def serve(client: ModelProcessClient) -> tuple[Loaded, Judged]:
+        try:
+            loaded = await client.load(model_key(bundle))
+            return loaded, await client.call(run(bundle, crops(bundle, tiny, ROLES)), Judged, 10)
+        finally:
+            await client.close()
+
     try:
         address = os.environ[ADDRESS_VARIABLE]
         with pytest.raises(NotReady):
-            ModelProcessClient(address, b"not the key", timeout_s=10).load(model_key(bundle))
+            asyncio.run(load_with(ModelProcessClient(address, b"not the key", timeout_s=10)))
         with socket.socket(socket.AF_UNIX) as dropped:  # connects, then leaves mid-handshake
             dropped.connect(address)
         with pytest.raises(NotReady):  # not a request a worker sends: the connection is dropped
-            ModelProcessClient.from_environment(timeout_s=10)._call(
-                LoadDone(model_key(bundle), None), Loaded, 10  # type: ignore[arg-type]
-            )
+            asyncio.run(not_a_request())
         with socket.socket(socket.AF_UNIX) as stalled:  # connects and says nothing: holds up no one else
             stalled.connect(address)
-            client = ModelProcessClient.from_environment(timeout_s=10)
-            assert client.load(model_key(bundle)).decodes_jpeg is False
-            verdicts = client.run(run(bundle, crops(bundle, tiny, ROLES)))
-            assert [verdict.accepted for verdict in verdicts] == [True, True, False]
-            client.close()
+            loaded, judged = asyncio.run(serve(ModelProcessClient.from_environment(timeout_s=10)))
+            assert loaded.decodes_jpeg is False
+            assert [verdict.accepted for verdict in judged.verdicts if verdict] == [True, True, False]
     finally:
         model_process.stop()
     assert ADDRESS_VARIABLE not in os.environ and not model_process.died

@@ -8,6 +8,7 @@ machine passes as surely as an idle one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -78,7 +79,7 @@ def model_process_in_threads(
             connection = listener.accept()
             if stopping.is_set():
                 return
-            threading.Thread(target=_receive, args=(connection, key, host), daemon=True).start()
+            threading.Thread(target=_receive, args=(connection, key, host, BOUND_S), daemon=True).start()
 
     def serve() -> None:
         while not stopping.is_set():
@@ -139,18 +140,23 @@ def test_a_hung_model_process_is_a_504_and_not_ready_until_it_answers_again(
 def test_a_call_past_its_deadline_leaves_the_connection_and_its_models_usable(
     tiny: TinyModel, bundle: Bundle, model_process_in_threads: ModelHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = ModelProcessClient.from_environment(timeout_s=1.0)
-    assert client.load(model_key(bundle)).decodes_jpeg is False
-    hang = Hang(monkeypatch)
-    with pytest.raises(DeadlineExceeded, match="did not answer a Run call"):
-        client.run(run(bundle, crops(bundle, tiny, ROLES[:1])))
-    with pytest.raises(DeadlineExceeded, match="did not answer a Ping call"):
-        client.ping()
-    assert not client.answering
-    hang.release()
-    verdicts = client.run(run(bundle, crops(bundle, tiny, ROLES)))  # the two late answers are skipped
-    assert [verdict.accepted for verdict in verdicts] == [True, True, False] and client.answering
-    assert model_process_in_threads.loaded == [model_key(bundle)]  # no reconnection, no reload
+    async def calls() -> None:
+        client = ModelProcessClient.from_environment(timeout_s=1.0)
+        assert (await client.load(model_key(bundle))).decodes_jpeg is False
+        hang = Hang(monkeypatch)
+        with pytest.raises(DeadlineExceeded, match="did not answer a Run call"):
+            await client.call(run(bundle, crops(bundle, tiny, ROLES[:1])), Judged, 1.0)
+        with pytest.raises(DeadlineExceeded, match="did not answer a Ping call"):
+            await client.ping()
+        assert not client.answering
+        hang.release()
+        judged = await client.call(run(bundle, crops(bundle, tiny, ROLES)), Judged, BOUND_S)  # late answers skipped
+        assert [verdict.accepted for verdict in judged.verdicts if verdict] == [True, True, False]
+        assert client.answering
+        assert model_process_in_threads.loaded == [model_key(bundle)]  # no reconnection, no reload
+        await client.close()
+
+    asyncio.run(calls())
 
 
 def test_a_step_that_fails_outside_the_forward_pass_answers_every_worker_in_the_merged_batch(
@@ -180,7 +186,7 @@ def test_the_watchdog_kills_a_model_process_that_stops_answering(make_settings: 
     model_process = ModelProcess(make_settings(model_process_timeout_s=1.0), on_failure=failed.set)
     model_process.start()
     try:
-        ModelProcessClient.from_environment(timeout_s=BOUND_S).ping()  # it answers
+        asyncio.run(ping_once())  # it answers
         process = model_process._process
         assert process is not None and process.pid is not None
         os.kill(process.pid, signal.SIGSTOP)  # it stops answering, and does not exit
@@ -199,7 +205,7 @@ def test_a_model_process_that_dies_while_a_heartbeat_is_out_is_reported_dead_not
     model_process = ModelProcess(make_settings(), on_failure=failed.set)
     killed: list[int] = []
 
-    def dies_during_the_ping(client: ModelProcessClient) -> None:
+    async def dies_during_the_ping(client: ModelProcessClient) -> None:
         process = model_process._process
         assert process is not None and process.pid is not None
         os.kill(process.pid, signal.SIGKILL)
@@ -219,8 +225,17 @@ def test_a_model_process_that_dies_while_a_heartbeat_is_out_is_reported_dead_not
     ]
 
 
-def batches_started(url: str) -> float:
-    return sample_value(httpx.get(f"{url}/metrics", timeout=BOUND_S).text, "mixoe_batch_size_count")
+async def ping_once() -> None:
+    client = ModelProcessClient.from_environment(timeout_s=BOUND_S)
+    try:
+        await client.ping()
+    finally:
+        await client.close()
+
+
+def images_handed_over(url: str) -> float:
+    """Images the workers have sent to the model process and not yet had answered."""
+    return sample_value(httpx.get(f"{url}/metrics", timeout=BOUND_S).text, "mixoe_queue_depth")
 
 
 @pytest.mark.slow
@@ -241,7 +256,7 @@ def test_a_model_process_that_fails_mid_batch_fails_the_batch_and_stops_the_serv
             target=lambda: answers.append(httpx.post(f"{served.url}/predict", files=files, timeout=60))
         )
         request.start()
-        wait_for(lambda: batches_started(served.url) == 1, "the batch handed over")
+        wait_for(lambda: images_handed_over(served.url) == len(ROLES), "the run handed over")
         if fault == "killed":
             os.kill(pid, signal.SIGKILL)
         request.join(BOUND_S)
@@ -259,15 +274,24 @@ def test_a_model_process_that_fails_mid_batch_fails_the_batch_and_stops_the_serv
 def test_a_call_the_model_process_cannot_take_drops_only_that_connection(
     tiny: TinyModel, bundle: Bundle, model_process_in_threads: ModelHost
 ) -> None:
-    """A run whose lists disagree (built past ``__init__``, as unpickling does) never reaches a
+    """A run with no valid top-k (built past ``__init__``, as unpickling does) never reaches a
     batch where it would fail the other workers' runs."""
     good = run(bundle, crops(bundle, tiny, ROLES))
     bad = run(bundle, crops(bundle, tiny, ROLES[:1]))
-    object.__setattr__(bad, "top_ks", [])
+    object.__setattr__(bad, "top_k", 0)
     assert Call(1, bad).valid is False and Call(1, good).valid is True
-    sender, other = (ModelProcessClient.from_environment(timeout_s=BOUND_S) for _ in range(2))
-    sender.load(model_key(bundle))
-    other.load(model_key(bundle))
-    with pytest.raises(NotReady, match="not answering"):
-        sender.run(bad)
-    assert [verdict.accepted for verdict in other.run(good)] == [True, True, False]
+
+    async def calls() -> Judged:
+        sender, other = (ModelProcessClient.from_environment(timeout_s=BOUND_S) for _ in range(2))
+        try:
+            await sender.load(model_key(bundle))
+            await other.load(model_key(bundle))
+            with pytest.raises(NotReady, match="not answering"):
+                await sender.call(bad, Judged, BOUND_S)
+            return await other.call(good, Judged, BOUND_S)
+        finally:
+            await sender.close()
+            await other.close()
+
+    judged = asyncio.run(calls())
+    assert [verdict.accepted for verdict in judged.verdicts if verdict] == [True, True, False]
