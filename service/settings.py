@@ -76,7 +76,7 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="Server processes sharing the device, each with its own event loop (and, without a model "
-        "process, its own batcher and copy of the models); more than one when one Python process cannot keep a GPU "
+        "process, its own batch loop and copy of the models); more than one when one Python process cannot keep a GPU "
         "busy.",
     )
     model_process: Literal["auto"] | bool = Field(
@@ -98,10 +98,11 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         le=3600,
-        description="With a model process: the deadline of each request's images a worker hands it (past it "
-        "the request gets 504 and the worker reports not ready until the model process answers again), and how long "
-        "it may fail to answer a heartbeat before the service stops with exit status 1 for the orchestrator to "
-        "restart it (a hang is noticed within this plus 1 s). Must exceed the longest batch, and a warm-up batch.",
+        description="The deadline of each request's images at the batch loop, in the server or in the model "
+        "process (past it the request gets 504 and the worker reports not ready until the loop answers again); with "
+        "a model process also how long it may fail to answer a heartbeat before the service stops with exit status 1 "
+        "for the orchestrator to restart it (a hang is noticed within this plus 1 s). Must exceed the longest wait "
+        "for a batch, and a warm-up batch.",
     )
 
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most images per model batch.")
@@ -116,8 +117,8 @@ class Settings(BaseSettings):
         5.0,
         ge=0,
         le=10_000,
-        description="How long a batch waits to fill up (in a worker's own batcher; a model process merges what "
-        "arrived while its previous batch ran, and an idle one starts at once).",
+        description="How long the batch loop, when no batch is running, waits for more images to fill one "
+        "(a running batch is never held up).",
     )
     queue_size: int = Field(
         1024,

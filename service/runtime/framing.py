@@ -3,9 +3,11 @@
 A frame is an 8-byte big-endian length, then that many bytes of pickle (protocol 5: a request's
 crops, one numpy array, travel as one buffer). Both ends own this format, rather than borrowing
 :mod:`multiprocessing.connection`'s, so that a worker's event loop reads and writes the socket
-itself (:class:`AsyncChannel`: no thread per call), while the model process reads each worker in
-a thread of its own and answers from its batch loop (:class:`BlockingChannel`). Only the
-handshake, which authenticates the peer with the shared key, uses
+itself (:class:`AsyncChannel`, an asyncio protocol: no thread and no system call per message
+beyond the loop's own), while the model process reads each worker in a thread of its own and
+answers from its batch loop (:class:`BlockingChannel`). Both read in large chunks and cut frames
+out of them (:class:`FrameBuffer`), so a burst of small messages costs one read, not two each.
+Only the handshake, which authenticates the peer with the shared key, uses
 :mod:`multiprocessing.connection` (:func:`authenticated_socket`).
 
 A frame cut short (a send interrupted by a deadline, a peer that died) leaves the stream unusable:
@@ -21,28 +23,47 @@ import pickle
 import socket
 import struct
 import threading
-from typing import Any
+from collections import deque
+from typing import Any, cast
 
 _LENGTH = struct.Struct("!Q")
 MAX_FRAME_BYTES = 1 << 34
 """A length beyond this (16 GiB) is not a message but a corrupt stream."""
+_CHUNK_BYTES = 1 << 18
 
 
 class ChannelClosed(EOFError):
     """The peer closed the connection, or the stream holds no valid frame."""
 
 
-def encode(message: Any) -> tuple[bytes, bytes]:
-    """``message`` as a frame: its length header and its pickle, sent one after the other."""
+def encode(message: Any) -> bytes:
+    """``message`` as one frame, ready for one write."""
     payload = pickle.dumps(message, protocol=5)
-    return _LENGTH.pack(len(payload)), payload
+    return _LENGTH.pack(len(payload)) + payload
 
 
-def _length(header: bytes) -> int:
-    (length,) = _LENGTH.unpack(header)
-    if length > MAX_FRAME_BYTES:
-        raise ChannelClosed(f"a frame of {length} bytes: the stream is corrupt")
-    return length
+class FrameBuffer:
+    """Bytes as they arrive in, whole messages out."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+        """Add ``data``; the messages it completed, in order (:class:`ChannelClosed` for a corrupt length)."""
+        self._buffer += data
+        messages = []
+        start = 0
+        while len(self._buffer) - start >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buffer, start)
+            if length > MAX_FRAME_BYTES:
+                raise ChannelClosed(f"a frame of {length} bytes: the stream is corrupt")
+            end = start + _LENGTH.size + length
+            if len(self._buffer) < end:
+                break
+            messages.append(pickle.loads(self._buffer[start + _LENGTH.size : end]))
+            start = end
+        del self._buffer[:start]
+        return messages
 
 
 class BlockingChannel:
@@ -50,35 +71,30 @@ class BlockingChannel:
 
     Sending is bounded by the socket's send timeout (``SO_SNDTIMEO``, set by the caller), so a
     worker that stops reading holds the batch loop no longer; a send that fails closes the
-    channel (half a frame was written), which the receiving thread then sees as the end."""
+    channel (part of a frame may have been written), which the receiving thread then sees as
+    the end."""
 
     def __init__(self, sock: socket.socket):
         self._socket = sock
         self._closed = threading.Event()
+        self._frames = FrameBuffer()
+        self._received: deque[Any] = deque()
 
     def send(self, message: Any) -> None:
-        header, payload = encode(message)
         try:
-            self._socket.sendall(header)
-            self._socket.sendall(payload)
+            self._socket.sendall(encode(message))
         except OSError:
             self.close()
             raise
 
     def receive(self) -> Any:
         """The next message; :class:`ChannelClosed` (an ``EOFError``) at the end of the stream."""
-        length = _length(self._receive_exactly(_LENGTH.size))
-        return pickle.loads(self._receive_exactly(length))
-
-    def _receive_exactly(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        while view:
-            received = self._socket.recv_into(view)
-            if received == 0:
+        while not self._received:
+            chunk = self._socket.recv(_CHUNK_BYTES)
+            if not chunk:
                 raise ChannelClosed("the peer closed the connection")
-            view = view[received:]
-        return buffer
+            self._received.extend(self._frames.feed(chunk))
+        return self._received.popleft()
 
     def close(self) -> None:
         """Close; a thread blocked in :meth:`receive` wakes with the end of the stream."""
@@ -92,46 +108,66 @@ class BlockingChannel:
         self._socket.close()
 
 
-class AsyncChannel:
-    """A worker's end of its socket, read and written by its event loop (non-blocking).
+class AsyncChannel(asyncio.Protocol):
+    """A worker's end of its socket, on its event loop: writes are buffered by the transport (so
+    concurrent calls never interleave their frames, and a send never waits), messages are cut out
+    of what arrives and queued for the one task that reads them (``service.runtime.model_client``).
 
-    Sends are serialised by a lock, so concurrent calls never interleave their frames; one task
-    receives (``service.runtime.model_client``)."""
+    Build it with :meth:`over`."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self) -> None:
+        self._frames = FrameBuffer()
+        self._received: asyncio.Queue[Any] = asyncio.Queue()
+        self._transport: asyncio.Transport | None = None
+        self._end: BaseException | None = None
+
+    @classmethod
+    async def over(cls, sock: socket.socket) -> AsyncChannel:
+        """A channel on the connected, authenticated ``sock``."""
         sock.setblocking(False)
-        self._socket = sock
-        self._loop = asyncio.get_running_loop()
-        self._sending = asyncio.Lock()
+        _, channel = await asyncio.get_running_loop().connect_accepted_socket(cls, sock)
+        return channel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for message in self._frames.feed(data):
+                self._received.put_nowait(message)
+        except Exception as error:  # a corrupt frame: the stream is unusable
+            self._finish(error)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._finish(error or ChannelClosed("the model process closed the connection"))
 
     async def send(self, message: Any) -> None:
-        """Send one frame. Interrupted halfway (a deadline), the stream is unusable: the channel
-        closes, so that the receiving task ends and every call waiting on it fails."""
-        header, payload = encode(message)
-        async with self._sending:
-            try:
-                await self._loop.sock_sendall(self._socket, header)
-                await self._loop.sock_sendall(self._socket, payload)
-            except BaseException:
-                self.close()
-                raise
+        if self._end is not None or self._transport is None:
+            raise ChannelClosed(f"the connection is closed ({self._end!r})")
+        self._transport.write(encode(message))
 
     async def receive(self) -> Any:
-        length = _length(await self._receive_exactly(_LENGTH.size))
-        return pickle.loads(await self._receive_exactly(length))
-
-    async def _receive_exactly(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        while view:
-            received = await self._loop.sock_recv_into(self._socket, view)
-            if received == 0:
-                raise ChannelClosed("the model process closed the connection")
-            view = view[received:]
-        return buffer
+        message = await self._received.get()
+        if isinstance(message, _End):
+            raise message.error
+        return message
 
     def close(self) -> None:
-        self._socket.close()
+        if self._transport is not None:
+            self._transport.abort()  # unsent frames are dropped: their calls fail as the link closes
+
+    def _finish(self, error: BaseException) -> None:
+        if self._end is None:
+            self._end = error
+            self._received.put_nowait(_End(error if isinstance(error, (EOFError, OSError)) else ChannelClosed(repr(error))))
+            self.close()
+
+
+class _End:
+    """Queued after the last message: what ended the stream."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 def authenticated_socket(connection: multiprocessing.connection.Connection, key: bytes, initiator: bool) -> socket.socket:

@@ -1,16 +1,12 @@
-"""Where a worker's requests go when the model process holds the models: straight to it.
+"""Where a request's images go: to the batch loop that holds the model, at once.
 
-With ``MIXOE_MODEL_PROCESS`` the worker forms no batches: each request's images, once checked and
-decoded, go to the model process as one :class:`~service.runtime.protocol.Run` (or a few, when
-they exceed the model's batch limit), sent from the event loop at once, however many other
-requests of this worker are in flight. The model process is the one batching point: it merges
-the runs of every worker into batches (``service.runtime.model_host``), so a worker never waits
-for its previous batch before the next can form, and the cores spend nothing on a second
-batching stage.
-
-:class:`HostedModel` offers the calls the request path makes of an in-process
-:class:`~service.runtime.batcher.MicroBatcher` (``submit``, ``start``, ``stop``, ``failure``), so
-the predictor does not know which it has.
+A worker forms no batches: each request's images, once checked and decoded, go to the batch loop
+(:class:`~service.runtime.model_host.ModelHost`) as one :class:`~service.runtime.protocol.Run`
+(or a few, when they exceed the model's batch limit), sent from the event loop at once, however
+many other requests are in flight. The batch loop is the one batching point: in a thread of a
+single server (``service.runtime.local_host``), or in the model process for every worker
+(``MIXOE_MODEL_PROCESS``), where it merges the runs of all of them, so a worker never waits for
+its previous batch before the next can form.
 """
 
 from __future__ import annotations
@@ -26,22 +22,20 @@ from torch import Tensor
 
 from models.runtime import Bundle
 from service.api.errors import ErrorCode, ModelFailure, NotReady
-from service.runtime.batcher import BatchObserver
 from service.runtime.inference import ImageJob, ImageVerdict
-from service.runtime.model_client import ModelProcessClient
+from service.runtime.model_client import HostClient
+from service.runtime.host_tasks import BatchObserver
 from service.runtime.protocol import Judged, Loaded, Run, model_key
 
 
 class HostedModel:
-    """One model as a worker sees it when the model process holds it.
+    """One model as a worker sees it: held by a batch loop, reached through ``client``.
 
     A verdict is ``None`` for a plain JPEG the model process's decoder refused (the predictor
-    then lets PIL decide). ``observer`` sees the images waiting on the model process
-    (``queue_changed``); the batches are the model process's to count."""
+    then lets PIL decide). ``observer`` sees the images handed to the batch loop and not yet
+    answered (``queue_changed``); the batches are the loop's to count."""
 
-    failure: str | None = None  # nothing here runs on its own, so nothing can stop on its own
-
-    def __init__(self, client: ModelProcessClient, bundle: Bundle, observer: BatchObserver):
+    def __init__(self, client: HostClient, bundle: Bundle, observer: BatchObserver):
         self._client = client
         self._key = model_key(bundle)
         self._name = f"{bundle.name}:{bundle.version}"
@@ -54,7 +48,7 @@ class HostedModel:
         self._idle.set()
 
     async def warm_up(self) -> None:
-        """Have the model process load (and warm up) this model, unless another worker did."""
+        """Have the batch loop load (and warm up) this model, unless another worker did."""
         self._loaded = await self._client.load(self._key)
 
     @property
@@ -64,9 +58,9 @@ class HostedModel:
 
     @property
     def batch_limit(self) -> int:
-        """The most images one run holds: the model process's batch limit for this model."""
+        """The most images one run holds: the batch loop's limit for this model."""
         if self._loaded is None:
-            raise RuntimeError(f"model {self._name} is not loaded in the model process yet (warm_up)")
+            raise RuntimeError(f"model {self._name} is not loaded in the batch loop yet (warm_up)")
         return self._loaded.batch_limit
 
     @property
@@ -101,7 +95,8 @@ class HostedModel:
         self._idle.clear()
         self._observer.queue_changed(len(jobs))
         try:
-            answers = await asyncio.gather(*(self._run([jobs[row] for row in chunk]) for chunk in chunks))
+            runs = [self._run([jobs[row] for row in chunk]) for chunk in chunks]
+            answers = [await runs[0]] if len(runs) == 1 else await asyncio.gather(*runs)
         finally:
             self._observer.queue_changed(-len(jobs))
             self._in_flight -= 1

@@ -1,11 +1,14 @@
-"""A worker's side of the model process: one connection, many calls in flight, a deadline on each.
+"""A worker's side of the batch loop: one connection, many calls in flight, a deadline on each.
 
-A worker's requests call the model process straight from its event loop
-(``service.runtime.hosted``): each call is numbered, sent at once (:mod:`service.runtime.framing`),
-and awaited; one task reads the answers and hands each to the call of its number. So a worker has
-as many runs in flight as it has requests, and the model process, the one batching point, merges
-them with every other worker's. The parent's watchdog (``service.runtime.model_process``) pings
-through a client of its own, on an event loop of its own thread.
+The batch loop (:class:`~service.runtime.model_host.ModelHost`) runs in the model process, reached
+over a Unix socket (:meth:`HostClient.over_socket`), or in a thread of a single server
+(``service.runtime.local_host``), reached through the event loop; the client is the same. A
+worker's requests call it straight from the event loop (``service.runtime.hosted``): each call is
+numbered, sent at once, and awaited; one task reads the answers and hands each to the call of its
+number. So a worker has as many runs in flight as it has requests, and the batch loop, the one
+batching point, merges them with every other worker's. The parent's watchdog
+(``service.runtime.model_process``) pings through a client of its own, on an event loop of its
+own thread.
 
 Deadlines: a run or a ping ``MIXOE_MODEL_PROCESS_TIMEOUT_S``, a load (which includes the
 warm-up) ``_LOAD_TIMEOUT_S``, counted from the call, the connection's set-up (and its handshake)
@@ -25,9 +28,11 @@ import multiprocessing.connection
 import os
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
+from models.contract.manifest import BundleError
 from service.api.errors import DeadlineExceeded, ErrorCode, ModelFailure, NotReady
 from service.runtime.framing import AsyncChannel, ChannelClosed, authenticated_socket
 from service.runtime.protocol import Answer, Call, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request
@@ -39,18 +44,31 @@ LOAD_TIMEOUT_S = 120.0  # a load includes the warm-up: one batch per padded size
 ReplyT = TypeVar("ReplyT", Loaded, Judged, Pong)
 
 
-class ModelProcessClient:
-    """A connection to the model process, opened on first use, for the event loop that uses it.
+class Channel(Protocol):
+    """Where calls go and answers come from: a socket (:class:`~service.runtime.framing.AsyncChannel`)
+    or a batch loop in this process. ``receive`` raises an ``EOFError`` or ``OSError`` once the
+    other end has gone."""
+
+    async def send(self, message: Any) -> None: ...
+
+    async def receive(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class HostClient:
+    """A connection to a batch loop, opened on first use (``connect``), for the event loop that uses it.
 
     A call that misses its deadline, or whose connection breaks, sets :attr:`answering` false
     until an answer arrives again. It remembers the models it loaded: after a reconnection it
-    loads them again first (within the deadline of the call that reconnects), since the model
-    process counts its users per connection."""
+    loads them again first (within the deadline of the call that reconnects), since the batch
+    loop counts its users per connection."""
 
-    def __init__(self, address: str, key: bytes, timeout_s: float):
-        self._address = address
-        self._key = key
+    def __init__(self, connect: Callable[[], Awaitable[Channel]], timeout_s: float, name: str = "the model process"):
+        """``name`` is what the errors call the batch loop."""
+        self._connect = connect
         self.timeout_s = timeout_s
+        self.name = name
         self._link: _Link | None = None
         self._connecting = asyncio.Lock()
         self._loaded: set[ModelKey] = set()
@@ -58,79 +76,108 @@ class ModelProcessClient:
         self.answering = True
 
     @classmethod
-    def from_environment(cls, timeout_s: float) -> ModelProcessClient:
+    def over_socket(cls, address: str, key: bytes, timeout_s: float) -> HostClient:
+        """A client of the model process listening at ``address``, authenticated with ``key``."""
+
+        async def connect() -> Channel:
+            return await AsyncChannel.over(await asyncio.to_thread(_open, address, key, timeout_s))
+
+        return cls(connect, timeout_s)
+
+    @classmethod
+    def from_environment(cls, timeout_s: float) -> HostClient:
+        """A client of the model process ``mixoe-serve`` started for this worker."""
         address, key = os.environ.get(ADDRESS_VARIABLE), os.environ.get(KEY_VARIABLE)
         if not address or not key:
             raise RuntimeError(
                 "MIXOE_MODEL_PROCESS is set but no model process is running: mixoe-serve starts it "
                 f"(the app found no {ADDRESS_VARIABLE} / {KEY_VARIABLE})"
             )
-        return cls(address, bytes.fromhex(key), timeout_s)
+        return cls.over_socket(address, bytes.fromhex(key), timeout_s)
 
     async def load(self, model: ModelKey) -> Loaded:
-        """Load ``model`` in the model process; its answer says whether to send it plain JPEGs
-        undecoded, and how many images a run may hold."""
-        loaded = await self.call(Load(model), Loaded, LOAD_TIMEOUT_S)
+        """Load ``model`` in the batch loop; its answer says whether to send it plain JPEGs
+        undecoded, and how many images a run may hold. A model the loop could not load or warm
+        up is a :class:`BundleError` with its reason: a server must not start without it."""
+        request = Load(model)
+        reply = await self._answer(request, LOAD_TIMEOUT_S)
+        if isinstance(reply, Failed):
+            raise BundleError(reply.message)
+        loaded = self._expected(reply, Loaded, request)
         self._loaded.add(model)
         return loaded
 
     async def ping(self) -> None:
-        """Return once the model process's batch loop has answered (within the deadline)."""
+        """Return once the batch loop has answered (within the deadline)."""
         await self.call(Ping(), Pong, self.timeout_s)
 
     async def call(self, request: Request, expected: type[ReplyT], timeout_s: float) -> ReplyT:
         """Send ``request`` and await its reply, which must be an ``expected``, for at most
-        ``timeout_s``; :class:`Failed` from the model process is a 500 naming its reason."""
+        ``timeout_s``; :class:`Failed` from the batch loop is a 500 naming its reason."""
+        reply = await self._answer(request, timeout_s)
+        if isinstance(reply, Failed):
+            raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"{self.name} failed: {reply.message}")
+        return self._expected(reply, expected, request)
+
+    async def _answer(self, request: Request, timeout_s: float) -> Reply:
         try:
             async with asyncio.timeout(timeout_s):
                 link = await self._connected()
-                reply = await link.call(next(self._numbers), request)
+                return await link.call(next(self._numbers), request)
         except TimeoutError:
             self.answering = False
             raise DeadlineExceeded(
                 ErrorCode.MODEL_TIMEOUT,
-                f"the model process did not answer a {type(request).__name__} call by its deadline",
+                f"{self.name} did not answer a {type(request).__name__} call by its deadline",
             ) from None
-        if isinstance(reply, Failed):
-            raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"the model process failed: {reply.message}")
-        if not isinstance(reply, expected):
-            link.close(_not_answering(RuntimeError(f"it answered {reply!r:.80} to {request!r:.80}")))
-            raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"the model process answered {reply!r:.80} to {request!r:.80}")
-        return reply
+
+    def _expected(self, reply: Reply, expected: type[ReplyT], request: Request) -> ReplyT:
+        """``reply``, if it is what ``request`` calls for; else the connection cannot be trusted."""
+        if isinstance(reply, expected):
+            return reply
+        if self._link is not None:
+            self._link.close(self.not_answering(RuntimeError(f"it answered {reply!r:.80} to {request!r:.80}")))
+        raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"{self.name} answered {reply!r:.80} to {request!r:.80}")
 
     async def close(self) -> None:
         """Close the connection; a call still in flight fails with a 503."""
         if self._link is not None:
-            await self._link.stop(_not_answering(RuntimeError("the worker closed its connection")))
+            await self._link.stop(self.not_answering(RuntimeError("the worker closed its connection")))
             self._link = None
 
     async def _connected(self) -> _Link:
         """The open link, or a new one with this worker's models loaded again."""
+        if self._link is not None and not self._link.closed:
+            return self._link
         async with self._connecting:
             if self._link is not None and not self._link.closed:
                 return self._link
             try:
-                sock = await asyncio.to_thread(_open, self._address, self._key, self.timeout_s)
+                channel = await self._connect()
             except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
                 self.answering = False
-                raise _not_answering(error) from None
-            link = _Link(AsyncChannel(sock), self)
+                raise self.not_answering(error) from None
+            link = _Link(channel, self)
             try:
                 for model in self._loaded:
                     if not isinstance(await link.call(next(self._numbers), Load(model)), Loaded):
-                        raise _not_answering(RuntimeError(f"could not load {model[0]} again after reconnecting"))
+                        raise self.not_answering(RuntimeError(f"could not load {model[0]} again after reconnecting"))
             except BaseException as error:
-                link.close(error if isinstance(error, NotReady) else _not_answering(error))
+                link.close(error if isinstance(error, NotReady) else self.not_answering(error))
                 raise
             self._link = link
             return link
+
+    def not_answering(self, error: BaseException) -> NotReady:
+        """A 503: the client retries, by which time a restarted service may answer."""
+        return NotReady(ErrorCode.NOT_READY, f"{self.name} is not answering ({error!r})")
 
 
 class _Link:
     """One open connection: the calls owed an answer on it, by number, and the task that reads
     the answers. Once it closes, every call owed fails with the error that closed it."""
 
-    def __init__(self, channel: AsyncChannel, client: ModelProcessClient):
+    def __init__(self, channel: Channel, client: HostClient):
         self._channel = channel
         self._client = client
         self._owed: dict[int, asyncio.Future[Reply]] = {}
@@ -151,27 +198,29 @@ class _Link:
                 await self._channel.send(Call(number, request))
             except (OSError, asyncio.CancelledError) as error:
                 # Cut short, half a frame may be on the wire: nothing more can be sent on it.
-                self.close(_not_answering(error))
+                self.close(self._client.not_answering(error))
                 raise
             return await answer
         finally:
             self._owed.pop(number, None)
 
     async def _read(self) -> None:
-        """Hand each answer to the call of its number (one that gave up has gone: dropped)."""
+        """Hand each answer (a message holds one, or a batch's for this worker) to the call of
+        its number (one that gave up has gone: dropped)."""
         try:
             while True:
-                answer = await self._channel.receive()
-                if not isinstance(answer, Answer):
-                    raise ChannelClosed(f"not an answer: {answer!r:.80}")
-                self._client.answering = True
-                waiting = self._owed.pop(answer.number, None)
-                if waiting is not None and not waiting.done():
-                    waiting.set_result(answer.reply)
+                message = await self._channel.receive()
+                for answer in message if isinstance(message, list) else [message]:
+                    if not isinstance(answer, Answer):
+                        raise ChannelClosed(f"not an answer: {answer!r:.80}")
+                    self._client.answering = True
+                    waiting = self._owed.pop(answer.number, None)
+                    if waiting is not None and not waiting.done():
+                        waiting.set_result(answer.reply)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # EOF, a reset, a corrupt frame: the connection is unusable
-            self.close(_not_answering(error))
+            self.close(self._client.not_answering(error))
 
     def close(self, error: NotReady) -> None:
         """Close the connection and fail every call owed an answer on it with ``error``."""
@@ -211,8 +260,3 @@ def set_timeouts(
     packed = struct.pack("ll", seconds, int((timeout_s - seconds) * 1_000_000))
     for option in options:
         raw.setsockopt(socket.SOL_SOCKET, option, packed)
-
-
-def _not_answering(error: BaseException) -> NotReady:
-    """A 503: the client retries, by which time a restarted service may answer."""
-    return NotReady(ErrorCode.NOT_READY, f"the model process is not answering ({error!r})")

@@ -63,10 +63,11 @@ import torch
 from models.network.nets import resolve_device
 from service.api.errors import ServiceError
 from service.monitoring.logs import configure_logging
-from service.monitoring.metrics import model_process_batch_size
+from service.monitoring.metrics import BatchSizes, model_process_batch_size
 from service.runtime.framing import BlockingChannel, authenticated_socket
-from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient, set_timeouts
-from service.runtime.model_host import ModelHost, Release, Task
+from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, HostClient, set_timeouts
+from service.runtime.host_tasks import Release, Task
+from service.runtime.model_host import ModelHost
 from service.runtime.protocol import Call
 from service.settings import Settings
 
@@ -124,7 +125,7 @@ class ModelProcess:
             raise RuntimeError(f"the model process exited at start (status {self._process.exitcode})") from None
         os.environ[ADDRESS_VARIABLE] = address
         os.environ[KEY_VARIABLE] = key.hex()
-        heartbeat = ModelProcessClient(address, key, self._settings.model_process_timeout_s)
+        heartbeat = HostClient.over_socket(address, key, self._settings.model_process_timeout_s)
         threading.Thread(target=self._watch, args=(heartbeat,), name="mixoe-model-process-watch", daemon=True).start()
 
     def stop(self) -> None:
@@ -145,7 +146,7 @@ class ModelProcess:
         if self._finalizer is not None:
             self._finalizer.cancel()
 
-    def _watch(self, heartbeat: ModelProcessClient) -> None:
+    def _watch(self, heartbeat: HostClient) -> None:
         """Until :meth:`stop`: wait ``HEARTBEAT_INTERVAL_S`` for the process to exit, else ping it
         (on an event loop of this thread's own, which the client's connection belongs to)."""
         process = self._process
@@ -160,7 +161,7 @@ class ModelProcess:
         self._on_failure()
 
     def _watch_until_failure(
-        self, process: multiprocessing.process.BaseProcess, heartbeat: ModelProcessClient, runner: asyncio.Runner
+        self, process: multiprocessing.process.BaseProcess, heartbeat: HostClient, runner: asyncio.Runner
     ) -> str | None:
         """What happened to the process, or ``None`` once :meth:`stop` was called."""
         while True:
@@ -197,10 +198,11 @@ def _serve(settings: Settings, address: str, key: bytes, control: Connection) ->
     host = ModelHost(
         device,
         settings.max_batch_size,
-        model_process_batch_size(settings.max_batch_size),
+        BatchSizes(model_process_batch_size(settings.max_batch_size)),
         decodes_jpeg=device.type == "cuda" and settings.gpu_jpeg_decode,
         cuda_graphs=settings.cuda_graphs,
         batch_size_tuning=settings.batch_size_tuning,
+        max_delay_s=settings.max_batch_delay_s,
     )
     listener = Listener(address, family="AF_UNIX", backlog=64)  # authenticated per connection, in its own thread
     logger.info("model process listening on %s, device %s", address, device)

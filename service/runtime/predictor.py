@@ -7,7 +7,7 @@ preprocessed in the decoding thread pool (PIL and torchvision release the GIL; t
 never decodes): plain JPEGs by torchvision, on the model's GPU when it has one (``service.runtime.jpeg``),
 everything else by PIL. With a model process on a GPU, plain JPEGs pass the checks only and go to
 it undecoded; the few its decoder refuses come back and are decoded here, once, by PIL alone.
-Then the images join the model's queue (its micro-batcher, or the model process). A request with one bad file fails as a whole with a 4xx naming that
+Then the images go to the batch loop (``service.runtime.hosted``). A request with one bad file fails as a whole with a 4xx naming that
 file: a client sending a batch gets all verdicts or a precise reason, never a partial answer to
 reconcile.
 """

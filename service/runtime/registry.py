@@ -12,13 +12,12 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from models.contract.index import find_bundles, latest_version
 from models.contract.manifest import BundleError, OperatingPoint, RiskLevel
 from models.runtime import Bundle
 from service.api.errors import ErrorCode, InvalidParameter, ModelNotFound
-from service.runtime.inference import ImageJob, ImageVerdict
+from service.runtime.hosted import HostedModel
 from service.settings import split_pin
 
 
@@ -52,35 +51,15 @@ def select_bundles(repository: Path, references: Sequence[str]) -> list[tuple[st
     return [(name, version, path) for (name, version), path in selected.items()]
 
 
-class ImageQueue(Protocol):
-    """Where a request's images go to be judged: the in-process micro-batcher
-    (:class:`~service.runtime.batcher.MicroBatcher`), or, with a model process, the model there
-    (:class:`~service.runtime.hosted.HostedModel`), which batches them with every worker's."""
-
-    @property
-    def failure(self) -> str | None:
-        """Why it stopped on its own (only a restart mends that), else ``None``."""
-
-    @property
-    def running(self) -> bool: ...
-
-    async def start(self) -> None: ...
-
-    async def stop(self, drain: bool = True, timeout: float | None = None) -> None: ...
-
-    async def submit(self, jobs: Sequence[ImageJob]) -> list[ImageVerdict | None]:
-        """The verdicts of ``jobs``, in order, all or none (an error for the whole request)."""
-
-
 @dataclass
 class LoadedModel:
-    """A bundle in memory and the queue its requests' images go to.
+    """A bundle in memory and the batch loop's model its requests' images go to.
 
     ``sends_jpeg``: plain JPEGs go to the model process undecoded, for its GPU to decode; a verdict
     is then ``None`` where that decoder refused the file (``service.runtime.model_process``)."""
 
     bundle: Bundle
-    queue: ImageQueue
+    queue: HostedModel
     sends_jpeg: bool = False
 
     @property

@@ -22,8 +22,10 @@ import service.runtime.inference
 from models.runtime import Bundle, Predictions
 from service.app import create_app
 from service.monitoring.logs import JsonFormatter
+from service.monitoring.metrics import BatchSizes
 from service.runtime.inference import ModelRunner
-from service.runtime.model_host import ModelHost, Task
+from service.runtime.host_tasks import Task
+from service.runtime.model_host import ModelHost
 from service.runtime.protocol import Loaded, model_key
 from service.runtime.tuning import BatchSizeTuning
 from service.settings import Settings
@@ -164,7 +166,7 @@ def test_the_model_process_merges_runs_up_to_the_measured_limit_and_tells_the_wo
     tiny: TinyModel, bundle: Bundle, warmed_up: list[int]
 ) -> None:
     batches = Histogram("batch_size", "images per batch", buckets=[1, 2, 4, 8], registry=CollectorRegistry())
-    host = ModelHost(torch.device("cpu"), 16, batches, batch_size_tuning=True)
+    host = ModelHost(torch.device("cpu"), 16, BatchSizes(batches), batch_size_tuning=True)
     worker = Inbox()
     load(host, model_key(bundle), worker)
     assert worker.replies.pop() == Loaded(decodes_jpeg=False, batch_limit=4)

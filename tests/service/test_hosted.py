@@ -4,23 +4,27 @@ model process, the one batching point, merges them (``service.runtime.hosted``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from models.runtime import Bundle
 from service.api.errors import NotReady
+from service.app import create_app
 from service.runtime.hosted import HostedModel
 from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner
-from service.runtime.model_client import ModelProcessClient
-from service.runtime.model_host import ModelHost, Task
+from service.runtime.model_client import HostClient
+from service.runtime.host_tasks import Task
+from service.runtime.model_host import ModelHost
 from service.runtime.protocol import Judged, Loaded, ModelKey, Run
-from tests.service.helpers import TinyModel
+from service.settings import Settings
+from tests.service.helpers import TinyModel, role_files
 from tests.service.test_model_process import ROLES, assert_same_verdict, crops
-from tests.service.test_model_process_faults import BOUND_S, Hang, model_process_in_threads  # noqa: F401 (a fixture)
+from tests.service.test_model_process_faults import BOUND_S, Hang
 
 
 class QueueDepth:
@@ -64,7 +68,7 @@ def test_a_workers_requests_are_all_in_flight_and_merge_in_the_model_process(
     observer = QueueDepth()
 
     async def requests() -> list[list[ImageVerdict | None]]:
-        client = ModelProcessClient.from_environment(timeout_s=BOUND_S)
+        client = HostClient.from_environment(timeout_s=BOUND_S)
         hosted = HostedModel(client, bundle, observer)
         await hosted.warm_up()
         await hosted.start()
@@ -154,3 +158,24 @@ def test_a_stopped_model_refuses_new_requests_with_a_503(bundle: Bundle) -> None
 
     with pytest.raises(NotReady, match="not accepting"):
         asyncio.run(submit_after_stop())
+
+
+class LoopBroke(BaseException):
+    """Escapes a step of the batch loop, as only a bug could (a step answers its own errors)."""
+
+
+def test_a_batch_loop_that_dies_fails_its_request_with_a_503_and_turns_readiness_and_liveness_false(
+    tiny: TinyModel, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(host: ModelHost) -> None:
+        raise LoopBroke("the loop broke")
+
+    with TestClient(create_app(make_settings())) as client:
+        monkeypatch.setattr(ModelHost, "_answer_in_flight", broken)
+        response = client.post("/predict", files=role_files(tiny, "accepted"))
+        assert response.status_code == 503 and response.json()["code"] == "not_ready", response.text
+        for probe in ("/v2/health/ready", "/v2/health/live"):
+            answer = client.get(probe)
+            assert answer.status_code == 503 and "the batch loop stopped" in answer.json()["error"], probe
+        again = client.post("/predict", files=role_files(tiny, "accepted"))
+        assert again.status_code == 503 and "the batch loop stopped" in again.json()["error"]

@@ -11,19 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from multiprocessing.connection import Listener
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from models.runtime import Bundle
@@ -31,10 +27,11 @@ from service.api.errors import DeadlineExceeded, ErrorCode, NotReady
 from service.app import create_app
 from service.local import log_entries
 from service.runtime.inference import ModelRunner
-from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
-from service.runtime.model_host import ModelHost, Task
-from service.runtime.model_process import ModelProcess, _receive
-from service.runtime.protocol import Call, Failed, Judged, Ping, model_key
+from service.runtime.host_tasks import Task
+from service.runtime.model_client import HostClient
+from service.runtime.model_host import ModelHost
+from service.runtime.model_process import ModelProcess
+from service.runtime.protocol import Call, Failed, Judged, model_key
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files, sample_value
 from tests.service.test_model_process import (
@@ -61,43 +58,6 @@ class Hang:
 
     def release(self) -> None:
         self._released.set()
-
-
-@pytest.fixture
-def model_process_in_threads(
-    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Iterator[ModelHost]:
-    """The model process's listener and loop as threads of this process, where faults can be
-    injected; workers find it through the variables ``mixoe-serve`` sets."""
-    host = ModelHost(torch.device("cpu"), make_settings().max_batch_size)
-    address, key = str(tmp_path / "socket"), secrets.token_bytes(32)
-    listener = Listener(address, family="AF_UNIX")
-    stopping = threading.Event()
-
-    def accept() -> None:
-        while True:
-            connection = listener.accept()
-            if stopping.is_set():
-                return
-            threading.Thread(target=_receive, args=(connection, key, host, BOUND_S), daemon=True).start()
-
-    def serve() -> None:
-        while not stopping.is_set():
-            host.step()
-
-    threads = [threading.Thread(target=accept, daemon=True), threading.Thread(target=serve, daemon=True)]
-    for thread in threads:
-        thread.start()
-    monkeypatch.setenv(ADDRESS_VARIABLE, address)
-    monkeypatch.setenv(KEY_VARIABLE, key.hex())
-    yield host
-    stopping.set()
-    host.submit(Task(Inbox(), Ping()))  # wakes the loop
-    with socket.socket(socket.AF_UNIX) as wake:  # wakes the accepting thread
-        wake.connect(address)
-    for thread in threads:
-        thread.join(BOUND_S)
-    listener.close()
 
 
 def wait_for(condition: Callable[[], bool], what: str) -> float:
@@ -141,7 +101,7 @@ def test_a_call_past_its_deadline_leaves_the_connection_and_its_models_usable(
     tiny: TinyModel, bundle: Bundle, model_process_in_threads: ModelHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def calls() -> None:
-        client = ModelProcessClient.from_environment(timeout_s=1.0)
+        client = HostClient.from_environment(timeout_s=1.0)
         assert (await client.load(model_key(bundle))).decodes_jpeg is False
         hang = Hang(monkeypatch)
         with pytest.raises(DeadlineExceeded, match="did not answer a Run call"):
@@ -205,14 +165,14 @@ def test_a_model_process_that_dies_while_a_heartbeat_is_out_is_reported_dead_not
     model_process = ModelProcess(make_settings(), on_failure=failed.set)
     killed: list[int] = []
 
-    async def dies_during_the_ping(client: ModelProcessClient) -> None:
+    async def dies_during_the_ping(client: HostClient) -> None:
         process = model_process._process
         assert process is not None and process.pid is not None
         os.kill(process.pid, signal.SIGKILL)
         killed.append(process.pid)
         raise NotReady(ErrorCode.NOT_READY, "the model process is not answering (EOFError())")
 
-    monkeypatch.setattr(ModelProcessClient, "ping", dies_during_the_ping)
+    monkeypatch.setattr(HostClient, "ping", dies_during_the_ping)
     with caplog.at_level(logging.ERROR, logger="mixoe.model_process"):
         model_process.start()
         try:
@@ -226,7 +186,7 @@ def test_a_model_process_that_dies_while_a_heartbeat_is_out_is_reported_dead_not
 
 
 async def ping_once() -> None:
-    client = ModelProcessClient.from_environment(timeout_s=BOUND_S)
+    client = HostClient.from_environment(timeout_s=BOUND_S)
     try:
         await client.ping()
     finally:
@@ -282,7 +242,7 @@ def test_a_call_the_model_process_cannot_take_drops_only_that_connection(
     assert Call(1, bad).valid is False and Call(1, good).valid is True
 
     async def calls() -> Judged:
-        sender, other = (ModelProcessClient.from_environment(timeout_s=BOUND_S) for _ in range(2))
+        sender, other = (HostClient.from_environment(timeout_s=BOUND_S) for _ in range(2))
         try:
             await sender.load(model_key(bundle))
             await other.load(model_key(bundle))
