@@ -12,6 +12,8 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -255,3 +257,57 @@ def test_a_call_the_model_process_cannot_take_drops_only_that_connection(
 
     judged = asyncio.run(calls())
     assert [verdict.accepted for verdict in judged.verdicts if verdict] == [True, True, False]
+
+
+_WORKER_WITH_A_RUN_IN_FLIGHT = """
+import asyncio
+import sys
+
+import numpy as np
+
+from models.runtime import load_bundle
+from service.runtime.model_client import HostClient
+from service.runtime.protocol import Judged, Run, model_key
+
+async def main():
+    bundle = load_bundle(sys.argv[1])
+    client = HostClient.from_environment(timeout_s=60)
+    await client.load(model_key(bundle))
+    size = bundle.manifest.preprocessing.input_size
+    crops = np.zeros((2, 3, size, size), dtype=np.uint8)
+    await client.call(Run(model_key(bundle), crops, [], bundle.operating_point(None), 1), Judged, 60)
+
+asyncio.run(main())
+"""
+
+
+def test_a_worker_killed_with_a_run_in_flight_costs_the_other_workers_nothing(
+    tiny: TinyModel, bundle: Bundle, model_process_in_threads: ModelHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model process answers a dead worker's run into a closed connection, releases it, and
+    serves the others on; the model stays loaded for them."""
+    hang = Hang(monkeypatch)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _WORKER_WITH_A_RUN_IN_FLIGHT, str(bundle.path)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert hang.entered.wait(BOUND_S * 6), "the worker's run never reached a batch"
+        worker.kill()
+        worker.wait(BOUND_S)
+    finally:
+        worker.kill()
+    hang.release()
+
+    async def other_worker() -> Judged:
+        client = HostClient.from_environment(timeout_s=BOUND_S)
+        try:
+            await client.load(model_key(bundle))
+            return await client.call(run(bundle, crops(bundle, tiny, ROLES)), Judged, BOUND_S)
+        finally:
+            await client.close()
+
+    judged = asyncio.run(other_worker())
+    assert [verdict.accepted for verdict in judged.verdicts if verdict] == [True, True, False]
+    # Both workers have gone: the model process released the model (the dead one's too).
+    wait_for(lambda: model_process_in_threads.loaded == [], "the model released")
