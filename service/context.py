@@ -112,7 +112,7 @@ class ServiceContext:
         return context
 
     @property
-    def batcher_failure(self) -> str | None:
+    def loop_failure(self) -> str | None:
         """Why the batch loop of this process stopped on its own (only a restart mends that), else ``None``."""
         return None if self.local_host is None else self.local_host.failure
 
@@ -120,8 +120,8 @@ class ServiceContext:
         """Why this process should get no traffic now; ``None`` when it should."""
         if not self.ready:
             return "the service is not ready (models loading or shutting down)"
-        if self.batcher_failure is not None:
-            return self.batcher_failure
+        if self.loop_failure is not None:
+            return self.loop_failure
         if not self.client.answering:
             where = "the model process" if self.local_host is None else "the batch loop"
             return f"{where} is not answering this worker in time"

@@ -140,9 +140,6 @@ class BatchSizes:
     def __init__(self, histogram: Histogram):
         self._histogram = histogram
 
-    def queue_changed(self, delta: int) -> None:
-        pass
-
     def batch_started(self, queue_waits: Sequence[float]) -> None:
         self._histogram.observe(len(queue_waits))
 
@@ -269,7 +266,8 @@ class ServiceMetrics:
         self.drift_log10_martingale.labels(model, version).set(log10_martingale)
         self.drift_alarm.labels(model, version).set(1 if alarm else 0)
 
-    # The batch loop reports through these three (see service.runtime.host_tasks.BatchObserver).
+    # The batch loop reports through the last two (service.runtime.host_tasks.BatchObserver), the
+    # requests through the first (service.runtime.hosted.QueueObserver).
     def queue_changed(self, delta: int) -> None:
         self.queue_depth.inc(delta)
 

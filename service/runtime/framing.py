@@ -10,8 +10,9 @@ out of them (:class:`FrameBuffer`), so a burst of small messages costs one read,
 Only the handshake, which authenticates the peer with the shared key, uses
 :mod:`multiprocessing.connection` (:func:`authenticated_socket`).
 
-A frame cut short (a send interrupted by a deadline, a peer that died) leaves the stream unusable:
-both channels then close, and every call still owed on it fails (``service.runtime.model_client``).
+A frame cut short (a peer that died mid-frame, a send past the model process's time limit)
+leaves the stream unusable: both channels then close, and every call still owed on it fails
+(``service.runtime.model_client``).
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ class ChannelClosed(EOFError):
     """The peer closed the connection, or the stream holds no valid frame."""
 
 
-def encode(message: Any) -> bytes:
-    """``message`` as one frame, ready for one write."""
+def encode(message: Any) -> list[bytes]:
+    """``message`` as one frame: its length header and its pickle, written together."""
     payload = pickle.dumps(message, protocol=5)
-    return _LENGTH.pack(len(payload)) + payload
+    return [_LENGTH.pack(len(payload)), payload]
 
 
 class FrameBuffer:
@@ -82,7 +83,7 @@ class BlockingChannel:
 
     def send(self, message: Any) -> None:
         try:
-            self._socket.sendall(encode(message))
+            self._socket.sendall(b"".join(encode(message)))  # answers are small: one system call
         except OSError:
             self.close()
             raise
@@ -144,7 +145,7 @@ class AsyncChannel(asyncio.Protocol):
     async def send(self, message: Any) -> None:
         if self._end is not None or self._transport is None:
             raise ChannelClosed(f"the connection is closed ({self._end!r})")
-        self._transport.write(encode(message))
+        self._transport.writelines(encode(message))  # buffered whole: never a half frame, never a wait
 
     async def receive(self) -> Any:
         message = await self._received.get()

@@ -8,6 +8,7 @@ release once its connection has gone. A task is owed one answer, so tasks compar
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +26,6 @@ from service.runtime.protocol import Failed, ModelKey, Request, Run, model_key
 class BatchObserver(Protocol):
     """Receives the batch loop's measurements (:class:`service.monitoring.metrics.ServiceMetrics`
     in a single server; in the model process, the merged batch sizes only)."""
-
-    def queue_changed(self, delta: int) -> None: ...
 
     def batch_started(self, queue_waits: Sequence[float]) -> None:
         """A batch launched: how long each of its images waited since its request arrived."""
@@ -114,7 +113,12 @@ class Task:
     origin: Replies
     message: Message
     call: int = 0
+    deadline: float = math.inf  # the worker's (``Call.deadline``): a run not launched by then is dropped
     arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.deadline
 
     @property
     def images(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Sequence
-from typing import cast
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -24,8 +24,14 @@ from models.runtime import Bundle
 from service.api.errors import ErrorCode, ModelFailure, NotReady
 from service.runtime.inference import ImageJob, ImageVerdict
 from service.runtime.model_client import HostClient
-from service.runtime.host_tasks import BatchObserver
 from service.runtime.protocol import Judged, Loaded, Run, model_key
+
+
+class QueueObserver(Protocol):
+    """Counts the images handed to the batch loop and not yet answered
+    (:class:`service.monitoring.metrics.ServiceMetrics`: ``mixoe_queue_depth``)."""
+
+    def queue_changed(self, delta: int) -> None: ...
 
 
 class HostedModel:
@@ -35,7 +41,7 @@ class HostedModel:
     then lets PIL decide). ``observer`` sees the images handed to the batch loop and not yet
     answered (``queue_changed``); the batches are the loop's to count."""
 
-    def __init__(self, client: HostClient, bundle: Bundle, observer: BatchObserver):
+    def __init__(self, client: HostClient, bundle: Bundle, observer: QueueObserver):
         self._client = client
         self._key = model_key(bundle)
         self._name = f"{bundle.name}:{bundle.version}"
@@ -114,8 +120,9 @@ class HostedModel:
         crop_rows = [row for row, job in enumerate(jobs) if isinstance(job.pixels, Tensor)]
         jpeg_rows = [row for row, job in enumerate(jobs) if isinstance(job.pixels, bytes)]
         size = self._input_size
+        # A crop may be on the GPU (a single server decoding JPEGs there): the run's array is in CPU memory.
         crops = (
-            torch.stack([cast(Tensor, jobs[row].pixels) for row in crop_rows]).numpy()
+            torch.stack([cast(Tensor, jobs[row].pixels).cpu() for row in crop_rows]).numpy()
             if crop_rows
             else np.empty((0, 3, size, size), dtype=np.uint8)
         )

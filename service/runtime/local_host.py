@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ from service.runtime.host_tasks import Loader, Release, Task
 from service.runtime.model_host import ModelHost
 from service.runtime.protocol import Answer, Call, ModelKey, model_key
 
-logger = logging.getLogger("mixoe.inference")
+logger = logging.getLogger("mixoe.batch_loop")
 
 _CLOSED = None  # what a mailbox receives once the loop will answer no more
 
@@ -42,7 +43,7 @@ class LocalHost:
         """``host_of(loader)`` builds the host around the loader that hands it ``bundles``."""
         self._bundles: dict[ModelKey, Bundle] = {model_key(bundle): bundle for bundle in bundles}
         self._host: ModelHost = host_of(self._bundle)
-        self._mailboxes: set[_Mailbox] = set()
+        self._mailboxes: weakref.WeakSet[_Mailbox] = weakref.WeakSet()  # the open channels' (a closed one's goes)
         self._stopping = False
         self.failure: str | None = None
         self._thread = threading.Thread(target=self._serve, name="mixoe-inference", daemon=True)
@@ -50,7 +51,7 @@ class LocalHost:
 
     def client(self, timeout_s: float) -> HostClient:
         """A client whose calls, made on the running event loop, become this loop's tasks."""
-        return HostClient(self._connect, timeout_s, name="the batch loop")
+        return HostClient(self._connect, timeout_s, name="the batch loop", load_timeout_s=None)
 
     async def stop(self) -> None:
         """Stop the loop once it has run what is queued (every client closed first)."""
@@ -65,10 +66,10 @@ class LocalHost:
         return bundle
 
     async def _connect(self) -> Channel:
-        if self.failure is not None:
-            raise ChannelClosed(self.failure)
         channel = _LocalChannel(self._host)
         self._mailboxes.add(channel.mailbox)
+        if self.failure is not None or not self._thread.is_alive():  # checked after adding: no race with its end
+            raise ChannelClosed(self.failure or "the batch loop has stopped")
         return channel
 
     def _serve(self) -> None:
@@ -89,7 +90,7 @@ class _Mailbox:
     """Where the loop's answers to one client go (:class:`~service.runtime.model_host.Replies`):
     onto the client's event loop, which may have closed meanwhile (then, like a socket, it fails)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, answers: asyncio.Queue[Answer | None]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, answers: asyncio.Queue[Answer | list[Answer] | None]):
         self._loop = loop
         self._answers = answers
 
@@ -97,9 +98,13 @@ class _Mailbox:
         self._put(obj)
 
     def close(self) -> None:
-        self._put(_CLOSED)
+        """Tell the client the loop answers no more (nothing to tell once its event loop has closed)."""
+        try:
+            self._put(_CLOSED)
+        except OSError:
+            pass
 
-    def _put(self, item: Answer | None) -> None:
+    def _put(self, item: Answer | list[Answer] | None) -> None:
         try:
             self._loop.call_soon_threadsafe(self._answers.put_nowait, item)
         except RuntimeError as error:  # the event loop has closed: nobody waits any more
@@ -111,12 +116,12 @@ class _LocalChannel:
 
     def __init__(self, host: ModelHost):
         self._host = host
-        self._answers: asyncio.Queue[Answer | None] = asyncio.Queue()
+        self._answers: asyncio.Queue[Answer | list[Answer] | None] = asyncio.Queue()
         self.mailbox = _Mailbox(asyncio.get_running_loop(), self._answers)
 
     async def send(self, message: Any) -> None:
         assert isinstance(message, Call)
-        self._host.submit(Task(self.mailbox, message.request, message.number))
+        self._host.submit(Task(self.mailbox, message.request, message.number, message.deadline))
 
     async def receive(self) -> Any:
         answer = await self._answers.get()

@@ -10,24 +10,27 @@ batching point, merges them with every other worker's. The parent's watchdog
 (``service.runtime.model_process``) pings through a client of its own, on an event loop of its
 own thread.
 
-Deadlines: a run or a ping ``MIXOE_MODEL_PROCESS_TIMEOUT_S``, a load (which includes the
-warm-up) ``_LOAD_TIMEOUT_S``, counted from the call, the connection's set-up (and its handshake)
-included. A call past its deadline fails with a 504
-(:class:`~service.api.errors.DeadlineExceeded`) and keeps the connection: its late answer finds
-nobody waiting for its number and is thrown away. A broken connection (or a send cut short by a
-deadline, which leaves half a frame) fails every call in flight on it with a 503 and is dropped;
-the next call reconnects and loads this worker's models again first.
+Deadlines: a run or a ping ``MIXOE_MODEL_PROCESS_TIMEOUT_S``; a load (which includes the
+warm-up), and a reconnection with the reloads it needs, ``LOAD_TIMEOUT_S`` (a single server's own
+loop: none). A call carries its deadline, so the batch loop drops a run nobody waits for any
+more. A call past its deadline fails with a 504 (:class:`~service.api.errors.DeadlineExceeded`)
+and keeps the connection: its late answer finds nobody waiting for its number and is thrown
+away. Sending never waits (the transport buffers the frame whole), so no deadline cuts a frame in
+half. A broken connection fails every call in flight on it with a 503 and is dropped; the next
+call reconnects and loads this worker's models again first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
 from typing import Any, Protocol, TypeVar
@@ -64,9 +67,17 @@ class HostClient:
     loads them again first (within the deadline of the call that reconnects), since the batch
     loop counts its users per connection."""
 
-    def __init__(self, connect: Callable[[], Awaitable[Channel]], timeout_s: float, name: str = "the model process"):
-        """``name`` is what the errors call the batch loop."""
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[Channel]],
+        timeout_s: float,
+        name: str = "the model process",
+        load_timeout_s: float | None = LOAD_TIMEOUT_S,
+    ):
+        """``name`` is what the errors call the batch loop; ``load_timeout_s`` bounds a load with
+        its warm-up, and a reconnection with its reloads (``None``: no bound)."""
         self._connect = connect
+        self._load_timeout_s = load_timeout_s
         self.timeout_s = timeout_s
         self.name = name
         self._link: _Link | None = None
@@ -100,7 +111,7 @@ class HostClient:
         undecoded, and how many images a run may hold. A model the loop could not load or warm
         up is a :class:`BundleError` with its reason: a server must not start without it."""
         request = Load(model)
-        reply = await self._answer(request, LOAD_TIMEOUT_S)
+        reply = await self._answer(request, self._load_timeout_s)
         if isinstance(reply, Failed):
             raise BundleError(reply.message)
         loaded = self._expected(reply, Loaded, request)
@@ -119,11 +130,14 @@ class HostClient:
             raise ModelFailure(ErrorCode.INTERNAL_ERROR, f"{self.name} failed: {reply.message}")
         return self._expected(reply, expected, request)
 
-    async def _answer(self, request: Request, timeout_s: float) -> Reply:
+    async def _answer(self, request: Request, timeout_s: float | None) -> Reply:
+        """``request``'s reply within ``timeout_s`` (``None``: no limit) of the link being ready;
+        (re)connecting, with its reloads, has the load deadline of its own."""
+        link = await self._connected()
+        deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                link = await self._connected()
-                return await link.call(next(self._numbers), request)
+                return await link.call(next(self._numbers), request, deadline)
         except TimeoutError:
             self.answering = False
             raise DeadlineExceeded(
@@ -153,20 +167,30 @@ class HostClient:
             if self._link is not None and not self._link.closed:
                 return self._link
             try:
-                channel = await self._connect()
-            except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
+                async with asyncio.timeout(self._load_timeout_s):
+                    self._link = await self._reconnect()
+            except TimeoutError:
                 self.answering = False
-                raise self.not_answering(error) from None
-            link = _Link(channel, self)
-            try:
-                for model in self._loaded:
-                    if not isinstance(await link.call(next(self._numbers), Load(model)), Loaded):
-                        raise self.not_answering(RuntimeError(f"could not load {model[0]} again after reconnecting"))
-            except BaseException as error:
-                link.close(error if isinstance(error, NotReady) else self.not_answering(error))
-                raise
-            self._link = link
-            return link
+                raise self.not_answering(TimeoutError("reconnecting took longer than a load may")) from None
+            return self._link
+
+    async def _reconnect(self) -> _Link:
+        """A new link, with this worker's models loaded again (the batch loop counts its users per
+        connection, and may have released them when the old one closed)."""
+        try:
+            channel = await self._connect()
+        except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
+            self.answering = False
+            raise self.not_answering(error) from None
+        link = _Link(channel, self)
+        try:
+            for model in list(self._loaded):
+                if not isinstance(await link.call(next(self._numbers), Load(model), math.inf), Loaded):
+                    raise self.not_answering(RuntimeError(f"could not load {model[0]} again after reconnecting"))
+        except BaseException as error:
+            link.close(error if isinstance(error, NotReady) else self.not_answering(error))
+            raise
+        return link
 
     def not_answering(self, error: BaseException) -> NotReady:
         """A 503: the client retries, by which time a restarted service may answer."""
@@ -182,24 +206,24 @@ class _Link:
         self._client = client
         self._owed: dict[int, asyncio.Future[Reply]] = {}
         self._error: NotReady | None = None
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name="mixoe-model-process-answers")
+        self._reader = asyncio.get_running_loop().create_task(self._read(), name="mixoe-batch-loop-answers")
 
     @property
     def closed(self) -> bool:
         return self._error is not None
 
-    async def call(self, number: int, request: Request) -> Reply:
+    async def call(self, number: int, request: Request, deadline: float) -> Reply:
         if self._error is not None:
             raise self._error
         answer: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._owed[number] = answer
         try:
             try:
-                await self._channel.send(Call(number, request))
-            except (OSError, asyncio.CancelledError) as error:
-                # Cut short, half a frame may be on the wire: nothing more can be sent on it.
-                self.close(self._client.not_answering(error))
-                raise
+                await self._channel.send(Call(number, request, deadline))
+            except (EOFError, OSError) as error:  # the connection has gone
+                failure = self._client.not_answering(error)
+                self.close(failure)
+                raise failure from None
             return await answer
         finally:
             self._owed.pop(number, None)

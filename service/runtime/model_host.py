@@ -7,8 +7,10 @@ Tasks (:mod:`service.runtime.host_tasks`) go through one queue and one thread, s
 at a time. A run takes along the
 runs queued behind it for the same model, up to the model's batch limit; when nothing is in flight
 it waits up to ``max_delay_s`` for more to fill the batch (a batch in flight is answered first).
-While runs keep coming, one batch is in flight: the loop launches batch n+1 before it waits for
-batch n's logits, so the GPU computes while the loop decodes and crops. The loop thread alone
+On a GPU, while runs keep coming, one batch is in flight: the loop launches batch n+1 before it
+waits for batch n's logits, so the GPU computes while the loop decodes and crops. A run whose
+worker has stopped waiting for it (its call's deadline passed) is dropped when its turn comes,
+never computed: work queued for nobody cannot pile up. The loop thread alone
 touches its state and its connections (it also closes them), so no lock is needed.
 
 Loading a bundle (hash check, weights) happens in a thread of its own, so that a SIGHUP
@@ -53,6 +55,8 @@ from service.runtime.protocol import Answer, Failed, Judged, Load, Loaded, Model
 
 logger = logging.getLogger("mixoe.batch_loop")
 
+_EXPIRED = Failed("its deadline passed before it ran; dropped")
+
 
 class ModelHost:
     """Loads bundles on request, merges runs into batches, answers each worker its share."""
@@ -67,13 +71,17 @@ class ModelHost:
         batch_size_tuning: bool = False,
         max_delay_s: float = 0.0,
         loader: Loader = load_from_disk,
+        pipelined: bool | None = None,
     ):
+        """``pipelined``: launch the next batch before answering the one in flight (``None``: on
+        CUDA, where the forward pass runs asynchronously; on a CPU it has finished by then)."""
         self._device = device
         self._cuda_graphs = cuda_graphs
         self._batch_size_tuning = batch_size_tuning
         self._max_batch_size = max_batch_size
         self._observer = observer
         self._max_delay_s = max_delay_s
+        self._pipelined = device.type == "cuda" if pipelined is None else pipelined
         self._loader = loader
         self._stopped = False
         self._decodes_jpeg = decodes_jpeg
@@ -123,12 +131,17 @@ class ModelHost:
             task = self._tasks.get()
         kind = type(task.message).__name__
         try:
-            self._handlers[type(task.message)](task)
+            if isinstance(task.message, Run) and task.expired:
+                _reply(task, _EXPIRED)
+            else:
+                self._handlers[type(task.message)](task)
         except Exception as error:
             logger.exception("batch loop task %s failed", kind)
             if isinstance(task.message, Run):
                 self._in_flight = None
                 self._fail_owed(error)
+            elif isinstance(task.message, LoadDone | WarmUp) and task.message.model in self._loading:
+                self._fail_load(task.message.model, error_text(error))
             elif task.origin is not NOBODY:
                 _reply(task, error_reply(error))
 
@@ -153,6 +166,9 @@ class ModelHost:
             task = self._poll(deadline - time.monotonic())
             if task is None:
                 break
+            if isinstance(task.message, Run) and task.expired:
+                _reply(task, _EXPIRED)
+                continue
             if (
                 isinstance(task.message, Run)
                 and task.message.model == model
@@ -175,10 +191,15 @@ class ModelHost:
 
         On a GPU the loop thus prepares batch n+1 (decoding, cropping, stacking) while the GPU
         runs batch n. A batch stays in flight only while another run is next in line, so an idle
-        host answers at once."""
+        host answers at once. Elsewhere the forward pass has finished when :meth:`_launch`
+        returns, so the batch is answered at once: holding it while the next one computes would
+        only add that batch's time to its latency."""
         launched = self._launch(batch)
         self._answer_in_flight()
         self._in_flight = launched
+        if not self._pipelined:
+            self._answer_in_flight()
+            return
         if self._next is None:
             self._next = self._poll()
         if self._next is None or not isinstance(self._next.message, Run):
@@ -343,7 +364,10 @@ class ModelHost:
     def _release(self, origin: Replies) -> None:
         """``origin`` has disconnected (its release comes after all its tasks): close it here, where
         it is written to, and drop it as a user."""
-        origin.close()
+        try:
+            origin.close()
+        except OSError:
+            pass  # gone already: what matters is to stop counting it as a user
         for waiting in self._loading.values():
             waiting[:] = [load for load in waiting if load.origin is not origin]
         for key in [key for key, users in self._users.items() if origin in users]:

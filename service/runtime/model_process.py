@@ -15,7 +15,8 @@ Protocol: the typed messages of :mod:`service.runtime.protocol`, framed by
 :mod:`service.runtime.framing`, many calls in flight per connection, answers routed back by call
 number. Every call has a deadline, kept by the worker's side (:mod:`service.runtime.model_client`);
 here a connection's handshake has ``_HANDSHAKE_TIMEOUT_S``, and each answer sent to a worker
-``MIXOE_MODEL_PROCESS_TIMEOUT_S``. A call past its deadline fails its request with a 504, a
+``_ANSWER_TIMEOUT_S``, and a run still queued past its call's deadline is dropped unrun. A call
+past its deadline fails its request with a 504, a
 connection that breaks with a 503; the worker then reports not ready and pings until the model
 process answers again (:class:`~service.context.ServiceContext`).
 
@@ -77,7 +78,8 @@ _START_TIMEOUT_S = 120.0
 _HANDSHAKE_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 1.0
-EXIT_GRACE_S = 1.0  # how long a process whose connection broke is given to show its exit
+EXIT_GRACE_S = 1.0
+_ANSWER_TIMEOUT_S = 1.0  # an answer is a few hundred bytes: a worker that cannot take it in 1 s has stopped reading  # how long a process whose connection broke is given to show its exit
 
 
 class ModelProcess:
@@ -208,10 +210,7 @@ def _serve(settings: Settings, address: str, key: bytes, control: Connection) ->
     logger.info("model process listening on %s, device %s", address, device)
     control.send(os.getpid())
     threading.Thread(target=_exit_when_closed, args=(control,), name="mixoe-control", daemon=True).start()
-    accept = threading.Thread(
-        target=_accept, args=(listener, key, host, settings.model_process_timeout_s), name="mixoe-accept", daemon=True
-    )
-    accept.start()
+    threading.Thread(target=_accept, args=(listener, key, host), name="mixoe-accept", daemon=True).start()
     host.serve_forever()
 
 
@@ -224,7 +223,7 @@ def _exit_when_closed(control: Connection) -> None:
     os._exit(0)
 
 
-def _accept(listener: Listener, key: bytes, host: ModelHost, send_timeout_s: float) -> None:
+def _accept(listener: Listener, key: bytes, host: ModelHost) -> None:
     while True:
         try:
             connection = listener.accept()
@@ -232,15 +231,16 @@ def _accept(listener: Listener, key: bytes, host: ModelHost, send_timeout_s: flo
             logger.warning("model process could not accept a connection: %r", error)
             time.sleep(0.1)
             continue
-        threading.Thread(target=_receive, args=(connection, key, host, send_timeout_s), name="mixoe-receive", daemon=True).start()
+        threading.Thread(target=_receive, args=(connection, key, host), name="mixoe-receive", daemon=True).start()
 
 
-def _receive(connection: Connection, key: bytes, host: ModelHost, send_timeout_s: float) -> None:
+def _receive(connection: Connection, key: bytes, host: ModelHost) -> None:
     """Authenticate one worker, then queue each of its messages; once it disconnects, its release.
 
     The handshake runs here, with a time limit, so a peer that stalls or drops halfway holds up
-    no other connection. Answers to it are bounded by ``send_timeout_s``: a worker that stops
-    reading cannot hold the batch loop longer (its channel then closes)."""
+    no other connection. Each answer to it must be sent within ``_ANSWER_TIMEOUT_S``: a worker
+    that stops reading holds the batch loop, and every other worker, no longer (its channel then
+    closes, and it reconnects), far less than the heartbeat's deadline."""
     try:
         _limit_receiving(connection, _HANDSHAKE_TIMEOUT_S)
         raw = authenticated_socket(connection, key, initiator=False)
@@ -249,14 +249,14 @@ def _receive(connection: Connection, key: bytes, host: ModelHost, send_timeout_s
         connection.close()
         return
     set_timeouts(raw, 0, (socket.SO_RCVTIMEO,))
-    set_timeouts(raw, send_timeout_s, (socket.SO_SNDTIMEO,))
+    set_timeouts(raw, _ANSWER_TIMEOUT_S, (socket.SO_SNDTIMEO,))
     channel = BlockingChannel(raw)
     try:
         while True:
             message = channel.receive()
             if not (isinstance(message, Call) and message.valid):
                 raise ValueError(f"not a call: {message!r:.80}")
-            host.submit(Task(channel, message.request, message.number))
+            host.submit(Task(channel, message.request, message.number, message.deadline))
     except (EOFError, OSError):
         pass
     except Exception:

@@ -2,7 +2,7 @@
 
 Each travels pickled in a frame (:mod:`service.runtime.framing`) over an authenticated Unix
 socket, many calls in flight per connection: a worker sends numbered calls (:class:`Call`), one per
-request, without waiting, and each :class:`Answer` carries the number of the call it answers, which
+request (or per chunk of a request larger than a batch), without waiting, and each :class:`Answer` carries the number of the call it answers, which
 routes it to the request waiting for it, at most until its deadline
 (``service.runtime.model_client``). The model process answers every call it takes, with
 :class:`Failed` when it could not do it, and drops a connection that sends anything but a call. A
@@ -20,6 +20,7 @@ outlive a stall.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,15 +96,20 @@ REQUESTS = (Load, Run, Ping)
 
 @dataclass(frozen=True)
 class Call:
-    """What a worker sends: a request and the number its answer will carry."""
+    """What a worker sends: a request, the number its answer will carry, and when the worker stops
+    waiting for it (``time.monotonic()`` seconds, one clock for every process of the host): a run
+    still queued then is dropped, not computed for nobody."""
 
     number: int
     request: Request
+    deadline: float = math.inf
 
     @property
     def valid(self) -> bool:
         """Whether the model process may take it (else it drops the connection)."""
         if not (isinstance(self.number, int) and isinstance(self.request, REQUESTS)):
+            return False
+        if not isinstance(self.deadline, float):
             return False
         return not (isinstance(self.request, Run) and self.request.problem())
 

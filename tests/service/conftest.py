@@ -94,7 +94,7 @@ def model_process_in_threads(
             connection = listener.accept()
             if stopping.is_set():
                 return
-            threading.Thread(target=_receive, args=(connection, key, host, 10.0), daemon=True).start()
+            threading.Thread(target=_receive, args=(connection, key, host), daemon=True).start()
 
     threads = [threading.Thread(target=accept, daemon=True), threading.Thread(target=host.serve_forever, daemon=True)]
     for thread in threads:

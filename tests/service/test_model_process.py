@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,7 +96,9 @@ def run(bundle: Bundle, images: list[Any], target: float = 0.95, top_k: int = 2)
 
 def host_with_batches(max_batch_size: int, decodes_jpeg: bool = False) -> tuple[ModelHost, Histogram]:
     batches = Histogram("batch_size", "images per batch", buckets=[1, 2, 4, 8], registry=CollectorRegistry())
-    return ModelHost(torch.device("cpu"), max_batch_size, BatchSizes(batches), decodes_jpeg), batches
+    """A host on the CPU that schedules batches as on a GPU (the next launched before the one in
+    flight is answered), where the order of answers is what a test checks."""
+    return ModelHost(torch.device("cpu"), max_batch_size, BatchSizes(batches), decodes_jpeg, pipelined=True), batches
 
 
 def load(host: ModelHost, model: ModelKey, inbox: Inbox) -> None:
@@ -529,3 +532,29 @@ def test_the_service_stops_with_status_1_when_the_model_process_dies(tiny: TinyM
         status = served.stop()
     assert status == 1
     assert any("the model process" in e["message"] and "status -9" in e["message"] for e in log_entries(log))
+
+
+def test_on_a_cpu_each_batch_is_answered_before_the_next_is_launched(tiny: TinyModel, bundle: Bundle) -> None:
+    """A CPU's forward pass has finished when it returns: holding its answers while the next batch
+    computes would only add that batch's time to their latency."""
+    batches = Histogram("batch_size", "images per batch", buckets=[1, 2, 4], registry=CollectorRegistry())
+    host = ModelHost(torch.device("cpu"), 3, BatchSizes(batches))
+    first, second = Inbox(), Inbox()
+    loaded_by(host, model_key(bundle), first, second)
+    host.submit(Task(first, run(bundle, crops(bundle, tiny, ROLES))))  # a full batch
+    host.submit(Task(second, run(bundle, crops(bundle, tiny, ROLES[:1]))))
+    host.step()
+    assert len(verdicts_in(first)) == 1 and second.replies == []
+
+
+def test_a_run_whose_deadline_passed_in_the_queue_is_dropped_unrun(tiny: TinyModel, bundle: Bundle) -> None:
+    host, batches = host_with_batches(max_batch_size=8)
+    late, on_time = Inbox(), Inbox()
+    loaded_by(host, model_key(bundle), late, on_time)
+    host.submit(Task(late, run(bundle, crops(bundle, tiny, ROLES)), deadline=time.monotonic() - 1))
+    host.submit(Task(on_time, run(bundle, crops(bundle, tiny, ROLES[:1])), deadline=time.monotonic() + 60))
+    host.step()  # the late run is answered (nobody waits for it) and skipped
+    host.step()
+    assert late.replies == [Failed("its deadline passed before it ran; dropped")]
+    assert [len(verdicts) for verdicts in verdicts_in(on_time)] == [1]
+    assert batch_total(batches, "_sum") == 1  # only the run on time was computed

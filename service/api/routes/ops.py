@@ -17,7 +17,7 @@ async def live(request: Request) -> Liveness:
     """The process answers: restart it only when this fails (503: the batch loop has failed, which only
     a restart mends)."""
     context = getattr(request.app.state, "context", None)
-    failure = context.batcher_failure if context is not None else None
+    failure = context.loop_failure if context is not None else None
     if failure is not None:
         raise NotReady(ErrorCode.NOT_READY, failure)
     return Liveness(live=True)
