@@ -1,4 +1,4 @@
-"""The online package: FastAPI app, micro-batcher, safe image decoding, Prometheus metrics, settings.
+"""The online package: FastAPI app, batch loop, safe image decoding, Prometheus metrics, settings.
 
 Grouped by role: ``api`` (the HTTP edge), ``runtime`` (images to verdicts, the model process)
 and ``monitoring`` (metrics, logs, drift); the app, its settings and its context at the top.

@@ -1,13 +1,12 @@
 """``python -m service`` / ``mixoe-serve``: run the service under uvicorn, configured by ``MIXOE_*``.
 
 One process serves one device by default (run one container per GPU): concurrency comes from the
-micro-batcher. When one Python process cannot keep a GPU busy (its event loop parses every upload
+batch loop, which merges the images of every request in flight. When one Python process cannot keep a GPU busy (its event loop parses every upload
 and its threads share one interpreter lock), ``MIXOE_WORKERS=N`` starts N processes on the same
 device and port, and the metrics of all of them are merged (:mod:`service.monitoring.metrics`). On a CUDA
 device (or with ``MIXOE_MODEL_PROCESS=true``) one more process then holds the models and runs the
 batches of all workers together (:mod:`service.runtime.model_process`); with
-``MIXOE_MODEL_PROCESS=false`` each worker holds its own copy of the models and forms its own
-batches. On SIGTERM the server stops accepting
+``MIXOE_MODEL_PROCESS=false`` each worker holds its own copy of the models and its own batch loop. On SIGTERM the server stops accepting
 connections, reads requests on those it accepted for half a second more (:mod:`service.server`),
 and waits for in-flight requests (at most ``MIXOE_SHUTDOWN_TIMEOUT_S``); the lifespan then drains
 the batch queues, in every worker. Under the supervisor, SIGHUP replaces them one at a time (each

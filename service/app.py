@@ -19,7 +19,7 @@ from service.settings import Settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; models load and batchers start when it starts (its lifespan), not here."""
+    """Build the app; models load and the batch loop starts when it starts (its lifespan), not here."""
     settings = settings or Settings()
 
     @asynccontextmanager

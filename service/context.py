@@ -1,18 +1,20 @@
-"""Everything a running app owns (models, batchers, thread pools, metrics), started and stopped together.
+"""Everything a running app owns (models, the batch loop, thread pools, metrics), started and stopped together.
 
 Start-up loads every selected bundle (hash-checked by ``models.contract.bundle``, and signature-checked
-or digest-pinned as the settings ask; any failure stops the process before it reports ready), warms each model up once, then starts the batchers. Shutdown
-marks the service not ready, lets each batcher finish its queue, then joins the threads.
+or digest-pinned as the settings ask; any failure stops the process before it reports ready), has
+the batch loop warm each model up once, then opens the models to requests. Shutdown marks the
+service not ready, lets the requests in flight finish, then stops the loop and joins the threads.
 
-Readiness (:meth:`ServiceContext.unready_reason`) is false as well while a batcher has failed,
-or while the model process is not answering this worker: after a call that missed its deadline or
-lost its connection, this process pings it every ``_REPING_INTERVAL_S`` (in the inference thread,
-which owns the connection) until it answers again.
+The batch loop (:class:`~service.runtime.model_host.ModelHost`) is the one batching point: in a
+single server it runs in this process's inference thread (:mod:`service.runtime.local_host`); a GPU
+runs one batch at a time anyway, and a single thread keeps CUDA streams and CPU thread pools from
+contending. With ``MIXOE_MODEL_PROCESS`` it runs in the model process for every worker, and the
+models here stay on the CPU for preprocessing and metadata. Either way each request's images go
+from the event loop to it at once (:mod:`service.runtime.hosted`). Decoding has its own pool.
 
-All models share ONE inference thread: a GPU runs one batch at a time anyway, and a single
-thread keeps CUDA streams and CPU thread pools from contending. Decoding has its own pool. With
-``MIXOE_MODEL_PROCESS`` that thread hands each batch to the model process instead
-(:mod:`service.runtime.model_process`), and the models here stay on the CPU for preprocessing and metadata.
+Readiness (:meth:`ServiceContext.unready_reason`) is false as well while the batch loop has
+failed, or is not answering: after a call that missed its deadline or lost its connection, this
+process pings it every ``_REPING_INTERVAL_S`` until it answers again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -32,9 +35,12 @@ from service.api.admission import Admission
 from service.api.errors import ServiceError
 from service.monitoring.drift import DriftAlarms
 from service.monitoring.metrics import ServiceMetrics, multiprocess_directory, score_buckets
-from service.runtime.batcher import MicroBatcher
-from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner, graphs_note
-from service.runtime.model_client import HostedModelRunner, ModelProcessClient
+from service.runtime.hosted import HostedModel
+from service.runtime.inference import graphs_note
+from service.runtime.local_host import LocalHost
+from service.runtime.model_client import HostClient
+from service.runtime.host_tasks import Loader
+from service.runtime.model_host import ModelHost
 from service.runtime.predictor import Predictor
 from service.runtime.registry import LoadedModel, ModelRegistry, select_bundles
 from service.settings import Settings
@@ -51,20 +57,18 @@ class ServiceContext:
     metrics: ServiceMetrics
     predictor: Predictor
     drift: DriftAlarms
-    inference_pool: ThreadPoolExecutor
     decode_pool: ThreadPoolExecutor
     admission: Admission
-    model_process: ModelProcessClient | None = None
+    client: HostClient
+    local_host: LocalHost | None = None  # None: the batch loop is the model process's
     ready: bool = False
     _watcher: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> ServiceContext:
-        # With a model process, this process only checks, decodes and batches: on the CPU, where
-        # its bundle copies serve preprocessing and metadata.
-        model_process = None
-        if settings.uses_model_process:
-            model_process = ModelProcessClient.from_environment(settings.model_process_timeout_s)
+        # With a model process, this process only checks and decodes: on the CPU, where its bundle
+        # copies serve preprocessing and metadata.
+        model_process = settings.uses_model_process
         device = torch.device("cpu") if model_process else resolve_device(settings.device)
         if device.type == "cuda" or model_process:
             # The model runs elsewhere; CPU threads only decode and resize, each in its own decode
@@ -77,14 +81,19 @@ class ServiceContext:
             for name, version, path in selected
         ]
         metrics = ServiceMetrics(score_buckets(bundle.manifest for bundle in bundles), settings.max_batch_size)
-        inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixoe-inference")
+        local_host = None
+        if model_process:
+            client = HostClient.from_environment(settings.model_process_timeout_s)
+        else:
+            local_host = LocalHost(partial(_host, device, settings, metrics), bundles)
+            client = local_host.client(settings.model_process_timeout_s)
         decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="mixoe-decode")
         try:
-            registry = await _start_models(bundles, settings, metrics, inference_pool, model_process)
+            registry = await _start_models(bundles, settings, metrics, client)
         except BaseException:
-            if model_process is not None:
-                inference_pool.submit(model_process.close)  # after a warm-up that may still use it
-            inference_pool.shutdown(wait=False)
+            await client.close()
+            if local_host is not None:
+                await local_host.stop()
             decode_pool.shutdown(wait=False, cancel_futures=True)
             raise
         drift = DriftAlarms(
@@ -97,97 +106,85 @@ class ServiceContext:
         predictor = Predictor(settings, metrics, decode_pool, drift)
         admission = Admission(settings.admission_capacity, settings.retry_after_s)
         context = cls(
-            settings, registry, metrics, predictor, drift, inference_pool, decode_pool, admission, model_process,
-            ready=True,
+            settings, registry, metrics, predictor, drift, decode_pool, admission, client, local_host, ready=True
         )
-        if model_process is not None:
-            context._watcher = asyncio.create_task(context._reping(model_process), name="mixoe-model-process-reping")
+        context._watcher = asyncio.create_task(context._reping(client), name="mixoe-batch-loop-reping")
         return context
 
     @property
-    def batcher_failure(self) -> str | None:
-        """Why a batcher stopped on its own (only a restart mends that), else ``None``."""
-        failures = [model.batcher.failure for model in self.registry if model.batcher.failure]
-        return "; ".join(failures) if failures else None
+    def loop_failure(self) -> str | None:
+        """Why the batch loop of this process stopped on its own (only a restart mends that), else ``None``."""
+        return None if self.local_host is None else self.local_host.failure
 
     def unready_reason(self) -> str | None:
         """Why this process should get no traffic now; ``None`` when it should."""
         if not self.ready:
             return "the service is not ready (models loading or shutting down)"
-        if self.batcher_failure is not None:
-            return self.batcher_failure
-        if self.model_process is not None and not self.model_process.answering:
-            return "the model process is not answering this worker in time"
+        if self.loop_failure is not None:
+            return self.loop_failure
+        if not self.client.answering:
+            where = "the model process" if self.local_host is None else "the batch loop"
+            return f"{where} is not answering this worker in time"
         return None
 
-    async def _reping(self, client: ModelProcessClient) -> None:
-        """While ``client`` is not answering, ping in the inference thread until it does."""
-        loop = asyncio.get_running_loop()
+    async def _reping(self, client: HostClient) -> None:
+        """While ``client`` is not answering, ping until it does."""
         while True:
             await asyncio.sleep(_REPING_INTERVAL_S)
             if client.answering:
                 continue
             try:
-                await loop.run_in_executor(self.inference_pool, client.ping)
+                await client.ping()
             except ServiceError as error:
-                logger.warning("the model process is still not answering: %s", error.message)
+                logger.warning("the batch loop is still not answering: %s", error.message)
 
     async def stop(self) -> None:
-        """Stop intake, finish queued work (bounded by ``shutdown_timeout_s``), release the threads."""
+        """Stop intake, finish the requests in flight (bounded by ``shutdown_timeout_s``), release the threads."""
         self.ready = False
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
         await asyncio.gather(
-            *(model.batcher.stop(drain=True, timeout=self.settings.shutdown_timeout_s) for model in self.registry)
+            *(model.queue.stop(drain=True, timeout=self.settings.shutdown_timeout_s) for model in self.registry)
         )
+        await self.client.close()  # the batch loop releases what no other worker uses
         # Joining the threads waits for a batch or a decode still running: never on the event loop.
-        await asyncio.to_thread(self.inference_pool.shutdown, wait=True)
+        if self.local_host is not None:
+            await self.local_host.stop()
         await asyncio.to_thread(self.decode_pool.shutdown, wait=True)
-        if self.model_process is not None:
-            self.model_process.close()  # the model process releases what no other worker uses
+
+
+def _host(device: torch.device, settings: Settings, metrics: ServiceMetrics, loader: Loader) -> ModelHost:
+    """A single server's batch loop, on ``device``, measured by ``metrics``."""
+    return ModelHost(
+        device,
+        settings.max_batch_size,
+        metrics,
+        cuda_graphs=settings.cuda_graphs,
+        batch_size_tuning=settings.batch_size_tuning,
+        max_delay_s=settings.max_batch_delay_s,
+        loader=loader,
+    )
 
 
 async def _start_models(
-    bundles: list[Bundle],
-    settings: Settings,
-    metrics: ServiceMetrics,
-    inference_pool: ThreadPoolExecutor,
-    model_process: ModelProcessClient | None,
+    bundles: list[Bundle], settings: Settings, metrics: ServiceMetrics, client: HostClient
 ) -> ModelRegistry:
-    """Warm each model up in the inference thread, give it a running batcher, publish its metrics."""
-    loop = asyncio.get_running_loop()
+    """Have the batch loop load and warm up each model, open it to requests, publish its metrics."""
     models = []
     for bundle in bundles:
-        runner: ModelRunner | HostedModelRunner
-        if model_process is not None:
-            runner = HostedModelRunner(model_process, bundle)
-        else:
-            runner = ModelRunner.for_device(
-                bundle, settings.max_batch_size, settings.cuda_graphs, settings.batch_size_tuning
-            )
         started = time.perf_counter()
-        await loop.run_in_executor(inference_pool, runner.warm_up)
-        warm_up_s = time.perf_counter() - started
-        batcher: MicroBatcher[ImageJob, ImageVerdict | None] = MicroBatcher(
-            runner,
-            executor=inference_pool,
-            observer=metrics,
-            max_batch_size=runner.batch_limit(settings.max_batch_size),  # as measured at warm-up
-            max_delay_s=settings.max_batch_delay_s,
-            queue_size=settings.admission_capacity,  # whatever admission let in fits: never refused here
-            retry_after_s=settings.retry_after_s,
-            name=f"{bundle.name}:{bundle.version}",
-        )
-        sends_jpeg = isinstance(runner, HostedModelRunner) and runner.decodes_jpeg
-        models.append(LoadedModel(bundle, batcher, sends_jpeg))
+        hosted = HostedModel(client, bundle, metrics)
+        await hosted.warm_up()
+        models.append(LoadedModel(bundle, hosted, sends_jpeg=hosted.decodes_jpeg))
         logger.info(
             "loaded model %s:%s from %s on %s (warm-up %.1f s%s)",
-            bundle.name, bundle.version, bundle.path, "the model process" if model_process else bundle.device,
-            warm_up_s, graphs_note(bundle),
+            bundle.name, bundle.version, bundle.path,
+            "the model process" if settings.uses_model_process else bundle.device,
+            time.perf_counter() - started, graphs_note(bundle),
         )
     registry = ModelRegistry(models, settings.default_model)
     for model in models:
         metrics.register_model(model.bundle.manifest)
-        await model.batcher.start()
+        await model.queue.start()
     return registry

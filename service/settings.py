@@ -75,13 +75,15 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="Server processes sharing the device, each with its own batcher and event loop (and, without "
-        "a model process, its own copy of the models); more than one when one Python process cannot keep a GPU busy.",
+        description="Server processes sharing the device, each with its own event loop (and, without a model "
+        "process, its own batch loop and copy of the models); more than one when one Python process cannot keep a GPU "
+        "busy.",
     )
     model_process: Literal["auto"] | bool = Field(
         "auto",
-        description="Hold the models in one more process, which runs the batches of every worker together: one "
-        "copy of the weights on the device and larger batches. Workers then check, batch and decode on the CPU. "
+        description="Hold the models in one more process, the one batching point for every worker: one copy of "
+        "the weights on the device and larger batches. Workers then check and decode on the CPU and send it each "
+        "request's images at once, every request in flight. "
         "auto: on when several workers share a CUDA device (on an H200, 8 workers served 2.6 times as many images per "
         "second with it as with a model each; see benchmarks/RESULTS.md).",
     )
@@ -96,10 +98,11 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         le=3600,
-        description="With a model process: the deadline of each batch a worker hands it (past it the batch's "
-        "requests get 504 and the worker reports not ready until the model process answers again), and how long "
-        "it may fail to answer a heartbeat before the service stops with exit status 1 for the orchestrator to "
-        "restart it (a hang is noticed within this plus 1 s). Must exceed the longest batch, and a warm-up batch.",
+        description="The deadline of each request's images at the batch loop, in the server or in the model "
+        "process (past it the request gets 504 and the worker reports not ready until the loop answers again); with "
+        "a model process also how long it may fail to answer a heartbeat before the service stops with exit status 1 "
+        "for the orchestrator to restart it (a hang is noticed within this plus 1 s). Must exceed the longest wait "
+        "for a batch, and a warm-up batch.",
     )
 
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most images per model batch.")
@@ -110,7 +113,13 @@ class Settings(BaseSettings):
         "device, which on a CPU can be far below max_batch_size (service/runtime/tuning.py); false: batches of up "
         "to max_batch_size.",
     )
-    max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill up.")
+    max_batch_delay_ms: float = Field(
+        5.0,
+        ge=0,
+        le=10_000,
+        description="How long the batch loop, when no batch is running, waits for more images to fill one "
+        "(a running batch is never held up).",
+    )
     queue_size: int = Field(
         1024,
         ge=1,

@@ -13,7 +13,6 @@ import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
-from pathlib import Path
 
 import yaml
 from pydantic import ValidationError

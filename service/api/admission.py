@@ -5,8 +5,8 @@ Parsing a multipart upload and decoding its images cost far more than refusing i
 does that work first and only then finds the batch queue full spends its CPU on requests it
 refuses, and serves fewer as the load grows. Each worker therefore counts the images it holds
 (being parsed, decoded, queued or in a batch) against ``Settings.admission_capacity``
-(``queue_size`` images waiting plus one full batch), and the batcher's queue holds that many, so
-an admitted image is never refused later.
+(``queue_size`` images waiting plus one full batch), and the batch loop refuses none, so an
+admitted image is never refused later.
 
 The number of images is not known before the body is parsed, so a request is admitted on **one**
 image, before FastAPI reads its body; once its body is parsed (and before anything is decoded) the

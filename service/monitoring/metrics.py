@@ -120,7 +120,7 @@ def _batch_size_buckets(max_batch_size: int) -> list[float]:
 
 def model_process_batch_size(max_batch_size: int) -> Histogram:
     """The model process's metric (``MIXOE_MODEL_PROCESS``): images per batch it runs, each batch
-    merged from the batches of every worker (``mixoe_batch_size`` counts those, per worker).
+    merged from the requests of every worker (which then form no batches of their own).
 
     In no registry: the model process serves no ``/metrics``; its samples reach the workers'
     ``/metrics`` through the multiprocess directory, which ``mixoe-serve`` always sets up when it
@@ -131,6 +131,20 @@ def model_process_batch_size(max_batch_size: int) -> Histogram:
         buckets=_batch_size_buckets(max_batch_size),
         registry=None,
     )
+
+
+class BatchSizes:
+    """A batch observer (``service.runtime.host_tasks.BatchObserver``) that counts batch sizes
+    only, in ``histogram``: the model process's, whose other measurements are the workers'."""
+
+    def __init__(self, histogram: Histogram):
+        self._histogram = histogram
+
+    def batch_started(self, queue_waits: Sequence[float]) -> None:
+        self._histogram.observe(len(queue_waits))
+
+    def batch_finished(self, seconds: float) -> None:
+        pass
 
 
 class ServiceMetrics:
@@ -252,7 +266,8 @@ class ServiceMetrics:
         self.drift_log10_martingale.labels(model, version).set(log10_martingale)
         self.drift_alarm.labels(model, version).set(1 if alarm else 0)
 
-    # The micro-batcher reports through these three (see service.runtime.batcher.BatchObserver).
+    # The batch loop reports through the last two (service.runtime.host_tasks.BatchObserver), the
+    # requests through the first (service.runtime.hosted.QueueObserver).
     def queue_changed(self, delta: int) -> None:
         self.queue_depth.inc(delta)
 

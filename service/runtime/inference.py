@@ -1,4 +1,4 @@
-"""The batch function the micro-batcher runs in the inference thread: images in, verdicts out.
+"""What the batch loop (``service.runtime.model_host``) runs on each batch: images in, verdicts out.
 
 A batch mixes requests that asked for different operating points and top-k sizes, so the model
 runs once and each image is then judged against its own threshold with the bundle's rule (accepted
@@ -119,7 +119,7 @@ class ModelRunner:
 
     With ``padded_sizes`` (see :func:`padded_batch_sizes`), each batch is padded with blank images
     to the smallest of those sizes that holds it (a larger batch runs as it is), and the padding's
-    rows are dropped from the answer; without, the model runs at whatever size the batcher formed
+    rows are dropped from the answer; without, the model runs at whatever size the batch loop formed
     (right on a CPU, where a new shape costs little and padding would cost compute). With
     ``cuda_graphs`` as well, :meth:`warm_up` records the forward pass at each padded size as a
     CUDA graph, which every batch then replays (``models.network.graphs``). With ``tuning``,
@@ -156,21 +156,13 @@ class ModelRunner:
         return self._bundle
 
     def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict]:
+        """Verdicts for ``jobs`` (decoded crops) as one batch, in this thread: what the batch loop
+        does in two steps (:meth:`start`, then :meth:`judge`), for callers that need no pipeline."""
         crops = [job.pixels for job in jobs]
         if not all(isinstance(crop, Tensor) for crop in crops):
-            raise TypeError("an in-process model takes decoded crops; JPEG bytes are for the model process")
-        return self.run(
-            stack_on(self._bundle.device, cast(list[Tensor], crops)),
-            [job.operating_point for job in jobs],
-            [job.top_k for job in jobs],
-        )
-
-    def run(self, pixels: Tensor, points: Sequence[OperatingPoint], top_ks: Sequence[int]) -> list[ImageVerdict]:
-        """Verdicts for a stacked uint8 batch (B, 3, S, S) on any device, row ``i`` judged at
-        ``points[i]`` with ``top_ks[i]`` classes (the model process hands batches over stacked)."""
-        if not len(points) == len(top_ks) == len(pixels):
-            raise ValueError(f"{len(pixels)} images but {len(points)} operating points and {len(top_ks)} top-k sizes")
-        return self.judge(self.start(pixels), points, top_ks)
+            raise TypeError("a runner takes decoded crops; JPEG bytes are for the model process to decode")
+        pending = self.start(stack_on(self._bundle.device, cast(list[Tensor], crops)))
+        return self.judge(pending, [job.operating_point for job in jobs], [job.top_k for job in jobs])
 
     def start(self, pixels: Tensor) -> PendingLogits:
         """Launch the model on a stacked uint8 batch without waiting for it (``Bundle.start``);

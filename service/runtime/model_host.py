@@ -1,12 +1,17 @@
-"""The model process's loop: load bundles for the workers, merge their runs into batches, answer.
+"""The one batching point: load bundles, merge every request's run into batches, answer each.
 
-Tasks (messages from workers, see :mod:`service.runtime.model_process` for the protocol) go through one
-queue and one thread, so batches run one at a time, as in a single-process server. A run takes
-along the runs queued behind it for the same model, up to ``max_batch_size`` images: that merging
-is the point of the model process. While runs keep coming, one batch is in flight: the loop
-launches batch n+1 before it waits for batch n's logits, so the GPU computes while the loop
-decodes and crops. The loop thread alone touches its state and its connections (it also closes
-them), so no lock is needed.
+It runs in the model process for all workers (:mod:`service.runtime.model_process`), or in a thread
+of a single server (:mod:`service.runtime.local_host`); either way requests reach it as numbered
+calls (:mod:`service.runtime.protocol`) through :class:`~service.runtime.model_client.HostClient`.
+Tasks (:mod:`service.runtime.host_tasks`) go through one queue and one thread, so batches run one
+at a time. A run takes along the
+runs queued behind it for the same model, up to the model's batch limit; when nothing is in flight
+it waits up to ``max_delay_s`` for more to fill the batch (a batch in flight is answered first).
+On a GPU, while runs keep coming, one batch is in flight: the loop launches batch n+1 before it
+waits for batch n's logits, so the GPU computes while the loop decodes and crops. A run whose
+worker has stopped waiting for it (its call's deadline passed) is dropped when its turn comes,
+never computed: work queued for nobody cannot pile up. The loop thread alone
+touches its state and its connections (it also closes them), so no lock is needed.
 
 Loading a bundle (hash check, weights) happens in a thread of its own, so that a SIGHUP
 roll-over's new workers asking for a new version do not stall the batches of the workers still
@@ -32,96 +37,25 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import cast
 
-import numpy as np
 import torch
-from prometheus_client import Histogram
 from torch import Tensor
 
-from models.contract.manifest import BundleError, OperatingPoint
-from models.runtime import Bundle, PendingLogits, load_bundle
+from models.contract.manifest import OperatingPoint
+from models.runtime import Bundle, PendingLogits
 from service.monitoring.logs import log_failure
 from service.runtime.inference import ImageVerdict, ModelRunner, graphs_note, stack_on
+from service.runtime.host_tasks import (
+    NOBODY, BatchObserver, Loader, LoadDone, LoadFailed, Release, Replies, Stop, Task, WarmUp, error_reply, error_text,
+    load_from_disk,
+)
 from service.runtime.jpeg import decode_plain_jpegs
-from service.runtime.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Request, Run, model_key
+from service.runtime.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Run
 
-logger = logging.getLogger("mixoe.model_process")
+logger = logging.getLogger("mixoe.batch_loop")
 
-
-class Replies(Protocol):
-    """Where a task's answer goes: a worker's connection (anything with ``send`` and ``close``, in tests)."""
-
-    def send(self, obj: Any) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class _Nobody:
-    """The origin of the loop's own tasks (a finished load), which answer no one."""
-
-    def send(self, obj: Any) -> None:
-        raise AssertionError(f"an internal task has no one to answer: {obj!r}")
-
-    def close(self) -> None:
-        pass
-
-
-_NOBODY = _Nobody()
-
-
-@dataclass(frozen=True)
-class Release:
-    """The worker has disconnected (its reader queues this after all its requests)."""
-
-
-@dataclass(frozen=True)
-class LoadDone:
-    """The loop's own task: ``model`` loaded in the loading thread, still to warm up here."""
-
-    model: ModelKey
-    runner: ModelRunner
-
-
-@dataclass(frozen=True)
-class LoadFailed:
-    """The loop's own task: ``model`` could not be loaded, for the reason in ``message``."""
-
-    model: ModelKey
-    message: str
-
-
-@dataclass(frozen=True)
-class WarmUp:
-    """The loop's own task: the next warm-up batch of ``model``."""
-
-    model: ModelKey
-
-
-Message = Request | Release | LoadDone | LoadFailed | WarmUp
-
-
-@dataclass(frozen=True, eq=False)
-class Task:
-    """A message, where its answer goes, and the number of the worker's call it answers
-    (:class:`~service.runtime.protocol.Call`); compared by identity (a task is owed one answer)."""
-
-    origin: Replies
-    message: Message
-    call: int = 0
-
-    @property
-    def images(self) -> int:
-        return len(self.message.images) if isinstance(self.message, Run) else 0
-
-
-def error_reply(error: BaseException) -> Failed:
-    return Failed(_error_text(error))
-
-
-def _error_text(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+_EXPIRED = Failed("its deadline passed before it ran; dropped")
 
 
 class ModelHost:
@@ -131,16 +65,25 @@ class ModelHost:
         self,
         device: torch.device,
         max_batch_size: int,
-        batch_sizes: Histogram | None = None,
+        observer: BatchObserver | None = None,
         decodes_jpeg: bool = False,
         cuda_graphs: bool = True,
         batch_size_tuning: bool = False,
+        max_delay_s: float = 0.0,
+        loader: Loader = load_from_disk,
+        pipelined: bool | None = None,
     ):
+        """``pipelined``: launch the next batch before answering the one in flight (``None``: on
+        CUDA, where the forward pass runs asynchronously; on a CPU it has finished by then)."""
         self._device = device
         self._cuda_graphs = cuda_graphs
         self._batch_size_tuning = batch_size_tuning
         self._max_batch_size = max_batch_size
-        self._batch_sizes = batch_sizes
+        self._observer = observer
+        self._max_delay_s = max_delay_s
+        self._pipelined = device.type == "cuda" if pipelined is None else pipelined
+        self._loader = loader
+        self._stopped = False
         self._decodes_jpeg = decodes_jpeg
         self._tasks: queue.Queue[Task] = queue.Queue()
         self._next: Task | None = None  # taken from the queue, but it did not join the last batch
@@ -158,6 +101,7 @@ class ModelHost:
             WarmUp: self._warm,
             LoadFailed: self._load_failed,
             Release: lambda task: self._release(task.origin),
+            Stop: self._stop,
         }
 
     def submit(self, task: Task) -> None:
@@ -167,9 +111,17 @@ class ModelHost:
     def loaded(self) -> list[ModelKey]:
         return list(self._runners)
 
+    def stop(self) -> None:
+        """Have :meth:`serve_forever` return once the tasks queued before this one have run."""
+        self.submit(Task(NOBODY, Stop()))
+
     def serve_forever(self) -> None:
-        while True:
+        """Run tasks until :meth:`stop` (never, in the model process)."""
+        while not self._stopped:
             self.step()
+
+    def _stop(self, task: Task) -> None:
+        self._stopped = True
 
     def step(self) -> None:
         """Take the next task (waiting for one) and carry it out."""
@@ -179,13 +131,18 @@ class ModelHost:
             task = self._tasks.get()
         kind = type(task.message).__name__
         try:
-            self._handlers[type(task.message)](task)
+            if isinstance(task.message, Run) and task.expired:
+                _reply(task, _EXPIRED)
+            else:
+                self._handlers[type(task.message)](task)
         except Exception as error:
-            logger.exception("model process task %s failed", kind)
+            logger.exception("batch loop task %s failed", kind)
             if isinstance(task.message, Run):
                 self._in_flight = None
                 self._fail_owed(error)
-            elif task.origin is not _NOBODY:
+            elif isinstance(task.message, LoadDone | WarmUp) and task.message.model in self._loading:
+                self._fail_load(task.message.model, error_text(error))
+            elif task.origin is not NOBODY:
                 _reply(task, error_reply(error))
 
     def _fail_owed(self, error: Exception) -> None:
@@ -195,18 +152,23 @@ class ModelHost:
             _reply(task, error_reply(error))
 
     def _gather(self, first: Task) -> list[Task]:
-        """``first`` and the runs already queued behind it for the same model, up to the model's
-        batch limit (``max_batch_size``, or less as its warm-up measured) in all. It stops at the
-        first task that does not join, which goes next: no task overtakes another."""
+        """``first`` and the runs queued behind it for the same model, up to the model's batch
+        limit (``max_batch_size``, or less as its warm-up measured). With no batch in flight it
+        waits for more until ``max_delay_s`` after ``first`` arrived. It stops at the first task
+        that does not join, which goes next: no task overtakes another."""
         batch = [first]
         self._owed[id(first)] = first
         model = _run_of(first).model
         limit = self._batch_limit(model)
         images = first.images
+        deadline = first.arrived + (self._max_delay_s if self._in_flight is None else 0.0)
         while images < limit:
-            task = self._poll()
+            task = self._poll(deadline - time.monotonic())
             if task is None:
                 break
+            if isinstance(task.message, Run) and task.expired:
+                _reply(task, _EXPIRED)
+                continue
             if (
                 isinstance(task.message, Run)
                 and task.message.model == model
@@ -229,19 +191,24 @@ class ModelHost:
 
         On a GPU the loop thus prepares batch n+1 (decoding, cropping, stacking) while the GPU
         runs batch n. A batch stays in flight only while another run is next in line, so an idle
-        host answers at once."""
+        host answers at once. Elsewhere the forward pass has finished when :meth:`_launch`
+        returns, so the batch is answered at once: holding it while the next one computes would
+        only add that batch's time to its latency."""
         launched = self._launch(batch)
         self._answer_in_flight()
         self._in_flight = launched
+        if not self._pipelined:
+            self._answer_in_flight()
+            return
         if self._next is None:
             self._next = self._poll()
         if self._next is None or not isinstance(self._next.message, Run):
             self._answer_in_flight()
 
-    def _poll(self) -> Task | None:
-        """The next task queued, without waiting for one."""
+    def _poll(self, wait_s: float = 0.0) -> Task | None:
+        """The next task queued, waiting at most ``wait_s`` for one."""
         try:
-            return self._tasks.get_nowait()
+            return self._tasks.get(timeout=wait_s) if wait_s > 0 else self._tasks.get_nowait()
         except queue.Empty:
             return None
 
@@ -252,15 +219,21 @@ class ModelHost:
             runner = self._runners.get(runs[0].model)
             if runner is None:
                 raise RuntimeError(f"model {runs[0].model[0]} is not loaded (send a load request first)")
-            crops = self._crops(runner.bundle, [image for run in runs for image in run.images])
-            points = [point for run in runs for point in run.points]
-            top_ks = [top_k for run in runs for top_k in run.top_ks]
+            crops = [crop for run in runs for crop in self._crops(runner.bundle, run)]
+            points = [run.point for run in runs for _ in range(run.images)]
+            top_ks = [run.top_k for run in runs for _ in range(run.images)]
             rows = [row for row, crop in enumerate(crops) if crop is not None]
+            launched = time.monotonic()
+            if rows and self._observer is not None:
+                arrivals = [task.arrived for task in batch for _ in range(task.images)]
+                self._observer.batch_started([launched - arrivals[row] for row in rows])
             pending = runner.start(stack_on(self._device, [cast(Tensor, crops[row]) for row in rows])) if rows else None
         except Exception as error:
             self._fail_batch(batch, error)
             return None
-        return _InFlight(batch, runner, pending, rows, [points[row] for row in rows], [top_ks[row] for row in rows])
+        return _InFlight(
+            batch, runner, pending, rows, [points[row] for row in rows], [top_ks[row] for row in rows], launched
+        )
 
     def _answer_in_flight(self) -> None:
         """Wait for the batch in flight, if any, and answer each of its workers its share."""
@@ -276,33 +249,39 @@ class ModelHost:
                 return
             for row, verdict in zip(flight.rows, decided, strict=True):
                 verdicts[row] = verdict
-            if self._batch_sizes is not None:
-                self._batch_sizes.observe(len(flight.rows))
+            if self._observer is not None:
+                self._observer.batch_finished(time.monotonic() - flight.launched)
+        replies: list[Reply] = []
         start = 0
         for task in flight.batch:
-            self._answer(task, Judged(verdicts[start : start + task.images]))
+            replies.append(Judged(verdicts[start : start + task.images]))
             start += task.images
+        self._answer(flight.batch, replies)
 
-    def _answer(self, task: Task, reply: Reply) -> None:
-        """Answer a run: it is owed nothing more (still owed if sending fails other than on a
-        closed connection: the step's failure then answers it)."""
-        _reply(task, reply)
-        del self._owed[id(task)]
+    def _answer(self, batch: list[Task], replies: list[Reply]) -> None:
+        """Answer a batch's runs, each worker's in one message: they are owed nothing more (still
+        owed if sending fails other than on a closed connection: the step's failure then answers them)."""
+        by_origin: dict[int, list[Task]] = {}
+        answers: dict[int, list[Answer]] = {}
+        for task, reply in zip(batch, replies, strict=True):
+            by_origin.setdefault(id(task.origin), []).append(task)
+            answers.setdefault(id(task.origin), []).append(Answer(task.call, reply))
+        for origin, tasks in by_origin.items():
+            _send(tasks[0].origin, answers[origin])
+            for task in tasks:
+                del self._owed[id(task)]
 
     def _fail_batch(self, batch: list[Task], error: Exception) -> None:
         logger.exception("batch of %d requests failed", len(batch), exc_info=error)
-        for task in batch:
-            self._answer(task, error_reply(error))
+        self._answer(batch, [error_reply(error)] * len(batch))
 
-    def _crops(self, bundle: Bundle, images: list[np.ndarray | bytes]) -> list[Tensor | None]:
-        """Each image as the model's uint8 crop: arrays as they came, JPEGs decoded here in one
-        call and resized on the device; ``None`` for a JPEG the decoder refused."""
-        crops: list[Tensor | None] = [None if isinstance(image, bytes) else torch.from_numpy(image) for image in images]
-        jpeg_rows = [row for row, image in enumerate(images) if isinstance(image, bytes)]
-        decoded = decode_plain_jpegs([cast(bytes, images[row]) for row in jpeg_rows], self._device)
-        for row, pixels in zip(jpeg_rows, decoded, strict=True):
-            crops[row] = None if pixels is None else _crop(bundle, pixels)
-        return crops
+    def _crops(self, bundle: Bundle, run: Run) -> list[Tensor | None]:
+        """A run's images as the model's uint8 crops, in its verdicts' order: the worker's crops
+        as they came (views of its one array), then its JPEGs, decoded here in one call and
+        resized on the device; ``None`` for a JPEG the decoder refused."""
+        decoded = decode_plain_jpegs(run.jpegs, self._device) if run.jpegs else []
+        jpegs = [None if pixels is None else _crop(bundle, pixels) for pixels in decoded]
+        return [*torch.from_numpy(run.crops).unbind(0), *jpegs]
 
     def _load(self, task: Task) -> None:
         assert isinstance(task.message, Load)
@@ -318,23 +297,21 @@ class ModelHost:
             self._loading[key] = [task]  # the loader's answer is a task: this loop runs it later
 
     def _load_in_background(self, key: ModelKey) -> None:
-        path, digest = key
+        path, _ = key
         try:
-            bundle = load_bundle(Path(path), self._device)
-            if model_key(bundle)[1] != digest:
-                raise BundleError(f"bundle {path} changed on disk after the worker loaded it; restart that worker")
+            bundle = self._loader(key, self._device)
             runner = ModelRunner.for_device(bundle, self._max_batch_size, self._cuda_graphs, self._batch_size_tuning)
         except Exception as error:
-            log_failure(logger, f"model process could not load {path}", error)
-            self.submit(Task(_NOBODY, LoadFailed(key, _error_text(error))))
+            log_failure(logger, f"batch loop could not load {path}", error)
+            self.submit(Task(NOBODY, LoadFailed(key, error_text(error))))
             return
-        self.submit(Task(_NOBODY, LoadDone(key, runner)))
+        self.submit(Task(NOBODY, LoadDone(key, runner)))
 
     def _loaded(self, task: Task) -> None:
         assert isinstance(task.message, LoadDone)
         runner = task.message.runner
         self._warming[task.message.model] = _WarmingUp(runner, list(runner.warm_up_sizes))
-        self.submit(Task(_NOBODY, WarmUp(task.message.model)))
+        self.submit(Task(NOBODY, WarmUp(task.message.model)))
 
     def _warm(self, task: Task) -> None:
         """One warm-up batch of a model just loaded; the next is queued behind the runs waiting."""
@@ -347,8 +324,8 @@ class ModelHost:
         try:
             warming.runner.warm_up(warming.sizes[:1])
         except Exception as error:
-            log_failure(logger, f"model process could not warm up {key[0]}", error)
-            self._fail_load(key, _error_text(error))
+            log_failure(logger, f"batch loop could not warm up {key[0]}", error)
+            self._fail_load(key, error_text(error))
             return
         del warming.sizes[0]
         if warming.sizes:
@@ -356,7 +333,7 @@ class ModelHost:
             return
         bundle = warming.runner.bundle
         logger.info(
-            "model process loaded %s:%s from %s on %s (warm-up %.1f s%s)",
+            "batch loop loaded %s:%s from %s on %s (warm-up %.1f s%s)",
             bundle.name, bundle.version, key[0], self._device, time.perf_counter() - warming.started,
             graphs_note(bundle),
         )
@@ -387,7 +364,10 @@ class ModelHost:
     def _release(self, origin: Replies) -> None:
         """``origin`` has disconnected (its release comes after all its tasks): close it here, where
         it is written to, and drop it as a user."""
-        origin.close()
+        try:
+            origin.close()
+        except OSError:
+            pass  # gone already: what matters is to stop counting it as a user
         for waiting in self._loading.values():
             waiting[:] = [load for load in waiting if load.origin is not origin]
         for key in [key for key, users in self._users.items() if origin in users]:
@@ -397,7 +377,7 @@ class ModelHost:
 
     def _forget(self, key: ModelKey) -> None:
         del self._users[key], self._runners[key]
-        logger.info("model process released %s: no worker uses it any more", key[0])
+        logger.info("batch loop released %s: no worker uses it any more", key[0])
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -414,6 +394,7 @@ class _InFlight:
     rows: list[int]
     points: list[OperatingPoint]
     top_ks: list[int]
+    launched: float
 
 
 @dataclass
@@ -431,9 +412,15 @@ def _run_of(task: Task) -> Run:
 
 
 def _reply(task: Task, reply: Reply) -> None:
-    """Answer a worker's call; one that has gone away meanwhile is released when its reader sees it."""
+    """Answer a worker's call."""
+    _send(task.origin, [Answer(task.call, reply)])
+
+
+def _send(origin: Replies, answers: list[Answer]) -> None:
+    """Send ``answers`` to one worker, as one message (an :class:`Answer`, or a list of them); one
+    that has gone away meanwhile is released when its reader sees it."""
     try:
-        task.origin.send(Answer(task.call, reply))
+        origin.send(answers[0] if len(answers) == 1 else answers)
     except OSError:
         pass
 
@@ -444,5 +431,5 @@ def _crop(bundle: Bundle, pixels: Tensor) -> Tensor | None:
     try:
         return bundle.pixels(pixels)
     except Exception:
-        logger.exception("model process could not crop a decoded JPEG of shape %s", tuple(pixels.shape))
+        logger.exception("batch loop could not crop a decoded JPEG of shape %s", tuple(pixels.shape))
         return None

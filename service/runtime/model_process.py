@@ -3,19 +3,22 @@
 With ``MIXOE_WORKERS=N`` each worker otherwise holds its own copy of every model and sends the
 device its own small batches. On an H200, four such workers kept the GPU 56-83 % busy at 0.35 of
 the raw model rate: four CUDA contexts took turns with batches of a few images each. With
-``MIXOE_MODEL_PROCESS=true`` the workers keep HTTP, input checks, micro-batching and (but for
-plain JPEGs on a GPU, see below) decoding, on the CPU, and hand each batch of images to this
-process over a Unix socket; it merges what
-arrives from all of them into batches of up to ``max_batch_size`` images, runs them with the same
-:class:`~service.runtime.inference.ModelRunner` (so verdicts are the in-process ones), and answers each
-worker with its share (:mod:`service.runtime.model_host` is its loop).
+``MIXOE_MODEL_PROCESS=true`` the workers keep HTTP, input checks and (but for plain JPEGs on a
+GPU, see below) decoding, on the CPU, and hand each request's images to this process over a Unix
+socket, as soon as they are decoded and with every other request of theirs in flight
+(:mod:`service.runtime.hosted`); this process is the one batching point: it merges what arrives
+from all of them into batches of up to ``max_batch_size`` images, runs them with the same
+:class:`~service.runtime.inference.ModelRunner` (so verdicts are the in-process ones), and answers
+each request with its share (:mod:`service.runtime.model_host` is its loop).
 
-Protocol: the typed messages of :mod:`service.runtime.protocol`, one call at a time per connection (a
-worker's single inference thread owns its connection). Every call has a deadline, kept by the
-worker's side (:mod:`service.runtime.model_client`); here a connection's handshake has
-``_HANDSHAKE_TIMEOUT_S``. A call past its deadline fails its requests with a 504, a connection
-that breaks with a 503; the worker then reports not ready and pings until the model process
-answers again (:class:`~service.context.ServiceContext`).
+Protocol: the typed messages of :mod:`service.runtime.protocol`, framed by
+:mod:`service.runtime.framing`, many calls in flight per connection, answers routed back by call
+number. Every call has a deadline, kept by the worker's side (:mod:`service.runtime.model_client`);
+here a connection's handshake has ``_HANDSHAKE_TIMEOUT_S``, and each answer sent to a worker
+``_ANSWER_TIMEOUT_S``, and a run still queued past its call's deadline is dropped unrun. A call
+past its deadline fails its request with a 504, a
+connection that breaks with a 503; the worker then reports not ready and pings until the model
+process answers again (:class:`~service.context.ServiceContext`).
 
 On a GPU with ``MIXOE_GPU_JPEG_DECODE=true`` workers send plain JPEGs undecoded: this
 process decodes each batch's JPEGs in one nvjpeg call and resizes them on the GPU, so the workers'
@@ -40,7 +43,7 @@ models loaded in it, and a GPU may free a killed process's memory only later.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -61,9 +64,11 @@ import torch
 from models.network.nets import resolve_device
 from service.api.errors import ServiceError
 from service.monitoring.logs import configure_logging
-from service.monitoring.metrics import model_process_batch_size
-from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient, set_timeouts
-from service.runtime.model_host import ModelHost, Release, Task
+from service.monitoring.metrics import BatchSizes, model_process_batch_size
+from service.runtime.framing import BlockingChannel, authenticated_socket
+from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, HostClient, set_timeouts
+from service.runtime.host_tasks import Release, Task
+from service.runtime.model_host import ModelHost
 from service.runtime.protocol import Call
 from service.settings import Settings
 
@@ -73,7 +78,8 @@ _START_TIMEOUT_S = 120.0
 _HANDSHAKE_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 1.0
-EXIT_GRACE_S = 1.0  # how long a process whose connection broke is given to show its exit
+EXIT_GRACE_S = 1.0
+_ANSWER_TIMEOUT_S = 1.0  # an answer is a few hundred bytes: a worker that cannot take it in 1 s has stopped reading  # how long a process whose connection broke is given to show its exit
 
 
 class ModelProcess:
@@ -121,7 +127,7 @@ class ModelProcess:
             raise RuntimeError(f"the model process exited at start (status {self._process.exitcode})") from None
         os.environ[ADDRESS_VARIABLE] = address
         os.environ[KEY_VARIABLE] = key.hex()
-        heartbeat = ModelProcessClient(address, key, self._settings.model_process_timeout_s)
+        heartbeat = HostClient.over_socket(address, key, self._settings.model_process_timeout_s)
         threading.Thread(target=self._watch, args=(heartbeat,), name="mixoe-model-process-watch", daemon=True).start()
 
     def stop(self) -> None:
@@ -142,37 +148,44 @@ class ModelProcess:
         if self._finalizer is not None:
             self._finalizer.cancel()
 
-    def _watch(self, heartbeat: ModelProcessClient) -> None:
-        """Until :meth:`stop`: wait ``HEARTBEAT_INTERVAL_S`` for the process to exit, else ping it."""
+    def _watch(self, heartbeat: HostClient) -> None:
+        """Until :meth:`stop`: wait ``HEARTBEAT_INTERVAL_S`` for the process to exit, else ping it
+        (on an event loop of this thread's own, which the client's connection belongs to)."""
         process = self._process
         assert process is not None
-        with contextlib.closing(heartbeat):
-            while True:
-                # Waiting on the sentinel, not join(): stop() reaps the process.
-                exited = multiprocessing.connection.wait([process.sentinel], HEARTBEAT_INTERVAL_S)
-                if self._stopping.is_set():
-                    return
-                if exited:
-                    process.join(1)  # reaped, for its exit status
-                    what = f"exited with status {process.exitcode}"
-                    break
-                try:
-                    heartbeat.ping()
-                except ServiceError as error:
-                    if self._stopping.is_set():  # stop() closed it meanwhile
-                        return
-                    # A process that dies while a ping is out breaks the connection as it exits, and
-                    # its sentinel closes in the same exit: report the death, not a hang.
-                    if multiprocessing.connection.wait([process.sentinel], EXIT_GRACE_S):
-                        process.join(1)
-                        what = f"exited with status {process.exitcode}"
-                    else:
-                        process.kill()
-                        what = f"stopped answering ({error.message}), so it was killed"
-                    break
+        with asyncio.Runner() as runner:
+            what = self._watch_until_failure(process, heartbeat, runner)
+            runner.run(heartbeat.close())
+        if what is None:
+            return
         self.died = True
         logger.error("the model process (pid %s) %s; stopping the service", process.pid, what)
         self._on_failure()
+
+    def _watch_until_failure(
+        self, process: multiprocessing.process.BaseProcess, heartbeat: HostClient, runner: asyncio.Runner
+    ) -> str | None:
+        """What happened to the process, or ``None`` once :meth:`stop` was called."""
+        while True:
+            # Waiting on the sentinel, not join(): stop() reaps the process.
+            exited = multiprocessing.connection.wait([process.sentinel], HEARTBEAT_INTERVAL_S)
+            if self._stopping.is_set():
+                return None
+            if exited:
+                process.join(1)  # reaped, for its exit status
+                return f"exited with status {process.exitcode}"
+            try:
+                runner.run(heartbeat.ping())
+            except ServiceError as error:
+                if self._stopping.is_set():  # stopped meanwhile
+                    return None
+                # A process that dies while a ping is out breaks the connection as it exits, and
+                # its sentinel closes in the same exit: report the death, not a hang.
+                if multiprocessing.connection.wait([process.sentinel], EXIT_GRACE_S):
+                    process.join(1)
+                    return f"exited with status {process.exitcode}"
+                process.kill()
+                return f"stopped answering ({error.message}), so it was killed"
 
 
 def _serve(settings: Settings, address: str, key: bytes, control: Connection) -> None:
@@ -187,10 +200,11 @@ def _serve(settings: Settings, address: str, key: bytes, control: Connection) ->
     host = ModelHost(
         device,
         settings.max_batch_size,
-        model_process_batch_size(settings.max_batch_size),
+        BatchSizes(model_process_batch_size(settings.max_batch_size)),
         decodes_jpeg=device.type == "cuda" and settings.gpu_jpeg_decode,
         cuda_graphs=settings.cuda_graphs,
         batch_size_tuning=settings.batch_size_tuning,
+        max_delay_s=settings.max_batch_delay_s,
     )
     listener = Listener(address, family="AF_UNIX", backlog=64)  # authenticated per connection, in its own thread
     logger.info("model process listening on %s, device %s", address, device)
@@ -224,30 +238,38 @@ def _receive(connection: Connection, key: bytes, host: ModelHost) -> None:
     """Authenticate one worker, then queue each of its messages; once it disconnects, its release.
 
     The handshake runs here, with a time limit, so a peer that stalls or drops halfway holds up
-    no other connection."""
+    no other connection. Each answer to it must be sent within ``_ANSWER_TIMEOUT_S``: a worker
+    that stops reading holds the batch loop, and every other worker, no longer (its channel then
+    closes, and it reconnects), far less than the heartbeat's deadline."""
     try:
-        with socket.socket(fileno=os.dup(connection.fileno())) as raw:
-            # A receive timeout on the socket itself (settimeout would make the shared file
-            # description non-blocking, and so may creating this object: undone at once): a
-            # stalled read fails with an OSError.
-            raw.setblocking(True)
-            set_timeouts(raw, _HANDSHAKE_TIMEOUT_S, (socket.SO_RCVTIMEO,))
-            multiprocessing.connection.deliver_challenge(connection, key)
-            multiprocessing.connection.answer_challenge(connection, key)
-            set_timeouts(raw, 0, (socket.SO_RCVTIMEO,))
+        _limit_receiving(connection, _HANDSHAKE_TIMEOUT_S)
+        raw = authenticated_socket(connection, key, initiator=False)
     except (EOFError, OSError, multiprocessing.AuthenticationError) as error:
         logger.warning("model process refused a connection: %r", error)
         connection.close()
         return
+    set_timeouts(raw, 0, (socket.SO_RCVTIMEO,))
+    set_timeouts(raw, _ANSWER_TIMEOUT_S, (socket.SO_SNDTIMEO,))
+    channel = BlockingChannel(raw)
     try:
         while True:
-            message = connection.recv()
+            message = channel.receive()
             if not (isinstance(message, Call) and message.valid):
                 raise ValueError(f"not a call: {message!r:.80}")
-            host.submit(Task(connection, message.request, message.number))
+            host.submit(Task(channel, message.request, message.number, message.deadline))
     except (EOFError, OSError):
         pass
     except Exception:
         logger.exception("model process dropped a worker's connection")
-    host.submit(Task(connection, Release()))  # the loop closes the connection: it writes to it
+    host.submit(Task(channel, Release()))  # the loop closes the channel: it writes to it
 
+
+def _limit_receiving(connection: Connection, timeout_s: float) -> None:
+    """A receive timeout on ``connection``'s socket, through a socket object over its descriptor
+    that is detached afterwards (the descriptor stays the connection's)."""
+    raw = socket.socket(fileno=connection.fileno())
+    try:
+        raw.setblocking(True)  # creating the object may make the shared file description non-blocking
+        set_timeouts(raw, timeout_s, (socket.SO_RCVTIMEO,))
+    finally:
+        raw.detach()

@@ -7,7 +7,7 @@ preprocessed in the decoding thread pool (PIL and torchvision release the GIL; t
 never decodes): plain JPEGs by torchvision, on the model's GPU when it has one (``service.runtime.jpeg``),
 everything else by PIL. With a model process on a GPU, plain JPEGs pass the checks only and go to
 it undecoded; the few its decoder refuses come back and are decoded here, once, by PIL alone.
-Then the images join the model's micro-batch queue. A request with one bad file fails as a whole with a 4xx naming that
+Then the images go to the batch loop (``service.runtime.hosted``). A request with one bad file fails as a whole with a 4xx naming that
 file: a client sending a batch gets all verdicts or a precise reason, never a partial answer to
 reconcile.
 """
@@ -100,13 +100,13 @@ class Predictor:
         k = resolve_top_k(top_k, len(model.class_names))
         ticket.hold(len(uploads))
         images = await self._prepare(model, uploads, Jpeg.SEND if model.sends_jpeg else Jpeg.DECODE)
-        verdicts = await model.batcher.submit([ImageJob(image, point, k) for image in images])
+        verdicts = await model.queue.submit([ImageJob(image, point, k) for image in images])
         refused = [row for row, verdict in enumerate(verdicts) if verdict is None]
         if refused:
             # The model process's JPEG decoder refused these files: PIL decodes them here, and their
             # crops (never the same bytes again) go to the model.
             crops = await self._prepare(model, [uploads[row] for row in refused], Jpeg.PIL)
-            again = await model.batcher.submit([ImageJob(crop, point, k) for crop in crops])
+            again = await model.queue.submit([ImageJob(crop, point, k) for crop in crops])
             for row, verdict in zip(refused, again, strict=True):
                 verdicts[row] = verdict
         decided = [verdict.at_risk(risk) for verdict in cast(list[ImageVerdict], verdicts)]

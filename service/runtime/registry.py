@@ -17,8 +17,7 @@ from models.contract.index import find_bundles, latest_version
 from models.contract.manifest import BundleError, OperatingPoint, RiskLevel
 from models.runtime import Bundle
 from service.api.errors import ErrorCode, InvalidParameter, ModelNotFound
-from service.runtime.batcher import MicroBatcher
-from service.runtime.inference import ImageJob, ImageVerdict
+from service.runtime.hosted import HostedModel
 from service.settings import split_pin
 
 
@@ -54,13 +53,13 @@ def select_bundles(repository: Path, references: Sequence[str]) -> list[tuple[st
 
 @dataclass
 class LoadedModel:
-    """A bundle in memory and the batcher feeding it.
+    """A bundle in memory and the batch loop's model its requests' images go to.
 
     ``sends_jpeg``: plain JPEGs go to the model process undecoded, for its GPU to decode; a verdict
     is then ``None`` where that decoder refused the file (``service.runtime.model_process``)."""
 
     bundle: Bundle
-    batcher: MicroBatcher[ImageJob, ImageVerdict | None]
+    queue: HostedModel
     sends_jpeg: bool = False
 
     @property

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
-import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +147,7 @@ def build_tiny_bundle(
 
 
 async def serve_in_process(app: FastAPI, scenario: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
-    """Run ``scenario`` against ``app`` in-process, with its lifespan (models, batchers) running."""
+    """Run ``scenario`` against ``app`` in-process, with its lifespan (models, batch loop) running."""
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:

@@ -22,9 +22,10 @@ import service.runtime.inference
 from models.runtime import Bundle, Predictions
 from service.app import create_app
 from service.monitoring.logs import JsonFormatter
+from service.monitoring.metrics import BatchSizes
 from service.runtime.inference import ModelRunner
-from service.runtime.model_client import HostedModelRunner
-from service.runtime.model_host import ModelHost, Task
+from service.runtime.host_tasks import Task
+from service.runtime.model_host import ModelHost
 from service.runtime.protocol import Loaded, model_key
 from service.runtime.tuning import BatchSizeTuning
 from service.settings import Settings
@@ -165,7 +166,7 @@ def test_the_model_process_merges_runs_up_to_the_measured_limit_and_tells_the_wo
     tiny: TinyModel, bundle: Bundle, warmed_up: list[int]
 ) -> None:
     batches = Histogram("batch_size", "images per batch", buckets=[1, 2, 4, 8], registry=CollectorRegistry())
-    host = ModelHost(torch.device("cpu"), 16, batches, batch_size_tuning=True)
+    host = ModelHost(torch.device("cpu"), 16, BatchSizes(batches), batch_size_tuning=True)
     worker = Inbox()
     load(host, model_key(bundle), worker)
     assert worker.replies.pop() == Loaded(decodes_jpeg=False, batch_limit=4)
@@ -181,17 +182,3 @@ def test_the_setting_reads_its_environment_variable(monkeypatch: pytest.MonkeyPa
     assert Settings(model_repository=tiny.repository).batch_size_tuning is True
     monkeypatch.setenv("MIXOE_BATCH_SIZE_TUNING", "false")
     assert Settings(model_repository=tiny.repository).batch_size_tuning is False
-
-
-class AnsweringClient:
-    """A model process client whose model process measured a limit of 4."""
-
-    def load(self, model: object) -> Loaded:
-        return Loaded(decodes_jpeg=False, batch_limit=4)
-
-
-def test_a_worker_batches_up_to_the_model_process_limit(bundle: Bundle) -> None:
-    runner = HostedModelRunner(AnsweringClient(), bundle)  # type: ignore[arg-type]
-    assert runner.batch_limit(16) == 16  # not loaded yet: nothing measured
-    runner.warm_up()
-    assert (runner.batch_limit(16), runner.batch_limit(2)) == (4, 2)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import httpx
 import pytest
 
 from models.runtime import Predictions
 from service.app import create_app
+from service.runtime.inference import ModelRunner
 from service.settings import Settings
 from tests.service.helpers import encode, noise_image, sample_value, serve_in_process
 
@@ -42,14 +44,21 @@ def test_concurrent_clients_get_their_own_results_in_shared_batches(
     assert sample_value(metrics, "mixoe_batch_size_bucket", {"le": "1.0"}) < batches
 
 
-def test_a_full_queue_answers_503_with_retry_after(make_settings: Callable[..., Settings]) -> None:
+def test_a_full_queue_answers_503_with_retry_after(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
     image = encode(noise_image(5))
     app = create_app(make_settings(max_files=1, queue_size=1, max_batch_size=1, max_batch_delay_ms=0, retry_after_s=7))
 
     async def scenario(client: httpx.AsyncClient) -> None:
-        context = app.state.context
         gate = threading.Event()
-        context.inference_pool.submit(gate.wait, 30)  # occupy the one inference thread
+        real_start = ModelRunner.start
+
+        def held_start(runner: ModelRunner, pixels: Any) -> Any:  # holds the batch loop until the gate opens
+            assert gate.wait(30), "the test never opened the gate"
+            return real_start(runner, pixels)
+
+        monkeypatch.setattr(ModelRunner, "start", held_start)
 
         def post() -> asyncio.Task[httpx.Response]:
             return asyncio.ensure_future(client.post("/predict", files=[("files", ("x.png", image, "image/png"))]))
@@ -65,9 +74,9 @@ def test_a_full_queue_answers_503_with_retry_after(make_settings: Callable[..., 
             raise AssertionError(f"{name} never reached {value}")
 
         first = post()
-        await wait_for("mixoe_batch_size_count", 1)  # the worker took it and waits for the thread
+        await wait_for("mixoe_batch_size_count", 1)  # the loop took it into a batch, held by the gate
         second = post()
-        await wait_for("mixoe_queue_depth", 1)  # the queue (size 1) is now full
+        await wait_for("mixoe_queue_depth", 2)  # the queue (size 1) behind the batch is now full
         refused = await client.post("/predict", files=[("files", ("x.png", image, "image/png"))])
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "7"

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,14 +29,15 @@ from models.runtime import Bundle, load_bundle
 from service.api.admission import Admission
 from service.api.errors import ErrorCode, InvalidInput, NotReady
 from service.local import LocalServer, log_entries, start_local_server
-from service.monitoring.metrics import ServiceMetrics, score_buckets
-from service.runtime.batcher import MicroBatcher
+from service.monitoring.metrics import BatchSizes, ServiceMetrics, score_buckets
+from service.runtime.hosted import HostedModel
 from service.runtime.decoding import decode_image
 from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner
-from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
-import service.runtime.model_host
+from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, HostClient
+import service.runtime.host_tasks
 import service.runtime.predictor
-from service.runtime.model_host import LoadDone, ModelHost, Release, Task
+from service.runtime.host_tasks import LoadDone, Release, Task
+from service.runtime.model_host import ModelHost
 from service.runtime.model_process import ModelProcess
 from service.runtime.predictor import Predictor, Upload
 from service.runtime.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Reply, Run, model_key
@@ -54,10 +56,11 @@ class Inbox:
         self.replies: list[Reply] = []
         self.closed = False
 
-    def send(self, answer: Answer) -> None:
+    def send(self, message: Answer | list[Answer]) -> None:
         assert not self.closed, "answered after its release"
-        assert answer.number == 0
-        self.replies.append(answer.reply)
+        for answer in message if isinstance(message, list) else [message]:
+            assert answer.number == 0
+            self.replies.append(answer.reply)
 
     def close(self) -> None:
         self.closed = True
@@ -83,12 +86,19 @@ def jpeg(tiny: TinyModel, role: str) -> bytes:
 
 
 def run(bundle: Bundle, images: list[Any], target: float = 0.95, top_k: int = 2) -> Run:
-    return Run(model_key(bundle), images, [bundle.operating_point(target)] * len(images), [top_k] * len(images))
+    """A worker's run of ``images`` (crops and JPEG bytes); its verdicts come crops first."""
+    arrays = [image for image in images if isinstance(image, np.ndarray)]
+    size = bundle.manifest.preprocessing.input_size
+    stacked = np.stack(arrays) if arrays else np.empty((0, 3, size, size), dtype=np.uint8)
+    jpegs = [image for image in images if isinstance(image, bytes)]
+    return Run(model_key(bundle), stacked, jpegs, bundle.operating_point(target), top_k)
 
 
 def host_with_batches(max_batch_size: int, decodes_jpeg: bool = False) -> tuple[ModelHost, Histogram]:
     batches = Histogram("batch_size", "images per batch", buckets=[1, 2, 4, 8], registry=CollectorRegistry())
-    return ModelHost(torch.device("cpu"), max_batch_size, batches, decodes_jpeg), batches
+    """A host on the CPU that schedules batches as on a GPU (the next launched before the one in
+    flight is answered), where the order of answers is what a test checks."""
+    return ModelHost(torch.device("cpu"), max_batch_size, BatchSizes(batches), decodes_jpeg, pipelined=True), batches
 
 
 def load(host: ModelHost, model: ModelKey, inbox: Inbox) -> None:
@@ -204,7 +214,7 @@ def test_jpegs_are_decoded_in_the_model_process_and_one_its_decoder_refuses_come
     images = [jpeg(tiny, "accepted"), *crops(bundle, tiny, ("borderline",)), truncated]
     host.submit(Task(inbox, run(bundle, images)))
     host.step()
-    [[decoded, cropped, refused]] = verdicts_in(inbox)
+    [[cropped, decoded, refused]] = verdicts_in(inbox)  # the crops' verdicts first
     assert refused is None
     assert batch_total(batches, "_sum") == 2  # the refused file never reached the model
     # On the CPU torchvision decodes a plain JPEG exactly as PIL does: the same verdict as the crop
@@ -220,19 +230,23 @@ def test_jpegs_are_decoded_in_the_model_process_and_one_its_decoder_refuses_come
 
 
 class RefusingModelProcess:
-    """A worker's runner whose model process refuses every JPEG it is sent (and runs the crops)."""
+    """A model process that refuses every JPEG it is sent, and runs the crops."""
+
+    timeout_s = 10.0
 
     def __init__(self, bundle: Bundle):
         self._runner = ModelRunner(bundle)
         self.refused = 0
         self.crops = 0
 
-    def __call__(self, jobs: list[ImageJob]) -> list[ImageVerdict | None]:
-        self.refused += sum(isinstance(job.pixels, bytes) for job in jobs)
-        self.crops += sum(not isinstance(job.pixels, bytes) for job in jobs)
-        crops = [job for job in jobs if not isinstance(job.pixels, bytes)]
-        decided = iter(self._runner(crops) if crops else [])
-        return [None if isinstance(job.pixels, bytes) else next(decided) for job in jobs]
+    async def load(self, model: ModelKey) -> Loaded:
+        return Loaded(decodes_jpeg=True, batch_limit=8)
+
+    async def call(self, run: Run, expected: type, timeout_s: float) -> Judged:
+        self.refused += len(run.jpegs)
+        self.crops += len(run.crops)
+        jobs = [ImageJob(torch.from_numpy(crop), run.point, run.top_k) for crop in run.crops]
+        return Judged([*(self._runner(jobs) if jobs else []), *([None] * len(run.jpegs))])
 
 
 def test_a_worker_lets_pil_decide_on_a_jpeg_the_model_process_refused(
@@ -260,19 +274,14 @@ def test_a_worker_lets_pil_decide_on_a_jpeg_the_model_process_refused(
     metrics = ServiceMetrics(score_buckets([bundle.manifest]), 8)
 
     async def predict(uploads: list[Upload]) -> list[ImageVerdict]:
-        with ThreadPoolExecutor(1) as inference, ThreadPoolExecutor(2) as decoding:
-            batcher: MicroBatcher[ImageJob, ImageVerdict | None] = MicroBatcher(
-                runner, executor=inference, observer=metrics, max_batch_size=8, max_delay_s=0.001,
-                queue_size=64, retry_after_s=1,
+        with ThreadPoolExecutor(2) as decoding:
+            hosted = HostedModel(runner, bundle, metrics)  # type: ignore[arg-type]
+            await hosted.warm_up()
+            await hosted.start()
+            model = LoadedModel(bundle, hosted, sends_jpeg=hosted.decodes_jpeg)
+            return await Predictor(settings, metrics, decoding).predict(
+                model, uploads, operating_point=None, top_k=None, ticket=Admission(64, 1).ticket()
             )
-            await batcher.start()
-            try:
-                model = LoadedModel(bundle, batcher, sends_jpeg=True)
-                return await Predictor(settings, metrics, decoding).predict(
-                    model, uploads, operating_point=None, top_k=None, ticket=Admission(64, 1).ticket()
-                )
-            finally:
-                await batcher.stop()
 
     verdicts = asyncio.run(
         predict([Upload("accepted.jpg", jpeg(tiny, "accepted")), Upload("rejected.png", tiny.images["rejected"])])
@@ -298,13 +307,13 @@ def test_a_model_still_loading_holds_up_no_run_of_another(
     serving, rolling = Inbox(), Inbox()
     loaded_by(host, model_key(bundle), serving)
     release_load = threading.Event()
-    real_load = service.runtime.model_host.load_bundle
+    real_load = service.runtime.host_tasks.load_bundle
 
     def slow_load(path: Path, device: torch.device) -> Bundle:
         assert release_load.wait(30)
         return real_load(path, device)
 
-    monkeypatch.setattr(service.runtime.model_host, "load_bundle", slow_load)
+    monkeypatch.setattr(service.runtime.host_tasks, "load_bundle", slow_load)
     # Three warm-up batch sizes, as a GPU model would have (on a CPU there is one).
     monkeypatch.setattr(
         ModelRunner, "for_device", lambda bundle, max_batch_size, cuda_graphs, tune: ModelRunner(bundle, [1, 2, 4])
@@ -349,13 +358,13 @@ def test_workers_waiting_on_one_load_get_one_copy_and_one_that_left_meanwhile_ge
     host, _ = host_with_batches(max_batch_size=4)
     first, second, third = Inbox(), Inbox(), Inbox()
     loads = []
-    real_load = service.runtime.model_host.load_bundle
+    real_load = service.runtime.host_tasks.load_bundle
 
     def counted_load(path: Path, device: torch.device) -> Bundle:
         loads.append(path)
         return real_load(path, device)
 
-    monkeypatch.setattr(service.runtime.model_host, "load_bundle", counted_load)
+    monkeypatch.setattr(service.runtime.host_tasks, "load_bundle", counted_load)
     for inbox in (first, second, third):
         host.submit(Task(inbox, Load(model_key(bundle))))
         host.step()
@@ -419,13 +428,13 @@ def test_a_worker_without_a_model_process_is_told_how_to_get_one(monkeypatch: py
     monkeypatch.delenv(ADDRESS_VARIABLE, raising=False)
     monkeypatch.delenv(KEY_VARIABLE, raising=False)
     with pytest.raises(RuntimeError, match="mixoe-serve starts it"):
-        ModelProcessClient.from_environment(timeout_s=10)
+        HostClient.from_environment(timeout_s=10)
 
 
 def test_a_model_process_that_does_not_answer_is_a_503_not_a_500(tmp_path: Path) -> None:
-    client = ModelProcessClient(str(tmp_path / "no-socket-here"), b"key", timeout_s=10)
+    client = HostClient.over_socket(str(tmp_path / "no-socket-here"), b"key", timeout_s=10)
     with pytest.raises(NotReady, match="not answering"):
-        client.load(("anything", "0" * 64))
+        asyncio.run(client.load(("anything", "0" * 64)))
     assert not client.answering
 
 
@@ -434,23 +443,40 @@ def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
 ) -> None:
     model_process = ModelProcess(make_settings())
     model_process.start()
+
+    async def load_with(client: HostClient) -> Loaded:
+        try:
+            return await client.load(model_key(bundle))
+        finally:
+            await client.close()
+
+    async def not_a_request() -> None:
+        client = HostClient.from_environment(timeout_s=10)
+        try:
+            await client.call(LoadDone(model_key(bundle), None), Loaded, 10)  # type: ignore[arg-type]
+        finally:
+            await client.close()
+
+    async def serve(client: HostClient) -> tuple[Loaded, Judged]:
+        try:
+            loaded = await client.load(model_key(bundle))
+            return loaded, await client.call(run(bundle, crops(bundle, tiny, ROLES)), Judged, 10)
+        finally:
+            await client.close()
+
     try:
         address = os.environ[ADDRESS_VARIABLE]
         with pytest.raises(NotReady):
-            ModelProcessClient(address, b"not the key", timeout_s=10).load(model_key(bundle))
+            asyncio.run(load_with(HostClient.over_socket(address, b"not the key", timeout_s=10)))
         with socket.socket(socket.AF_UNIX) as dropped:  # connects, then leaves mid-handshake
             dropped.connect(address)
         with pytest.raises(NotReady):  # not a request a worker sends: the connection is dropped
-            ModelProcessClient.from_environment(timeout_s=10)._call(
-                LoadDone(model_key(bundle), None), Loaded, 10  # type: ignore[arg-type]
-            )
+            asyncio.run(not_a_request())
         with socket.socket(socket.AF_UNIX) as stalled:  # connects and says nothing: holds up no one else
             stalled.connect(address)
-            client = ModelProcessClient.from_environment(timeout_s=10)
-            assert client.load(model_key(bundle)).decodes_jpeg is False
-            verdicts = client.run(run(bundle, crops(bundle, tiny, ROLES)))
-            assert [verdict.accepted for verdict in verdicts] == [True, True, False]
-            client.close()
+            loaded, judged = asyncio.run(serve(HostClient.from_environment(timeout_s=10)))
+            assert loaded.decodes_jpeg is False
+            assert [verdict.accepted for verdict in judged.verdicts if verdict] == [True, True, False]
     finally:
         model_process.stop()
     assert ADDRESS_VARIABLE not in os.environ and not model_process.died
@@ -487,7 +513,7 @@ def test_workers_share_one_model_process_which_outlives_a_group_sigterm_and_stop
         metrics = httpx.get(f"{served.url}/metrics", timeout=10).text
         assert sample_value(metrics, "mixoe_model_process_batch_size_sum") == 2 * int(workers) * len(ROLES)
         assert sample_value(metrics, "mixoe_requests_total", {"route": "/predict", "status": "200"}) == 2 * int(workers)
-        loads = [e for e in log_entries(log) if str(e["message"]).startswith("model process loaded")]
+        loads = [e for e in log_entries(log) if str(e["message"]).startswith("batch loop loaded")]
         assert len(loads) == 1  # one copy, whatever the number of workers
     finally:
         status = served.stop()
@@ -506,3 +532,29 @@ def test_the_service_stops_with_status_1_when_the_model_process_dies(tiny: TinyM
         status = served.stop()
     assert status == 1
     assert any("the model process" in e["message"] and "status -9" in e["message"] for e in log_entries(log))
+
+
+def test_on_a_cpu_each_batch_is_answered_before_the_next_is_launched(tiny: TinyModel, bundle: Bundle) -> None:
+    """A CPU's forward pass has finished when it returns: holding its answers while the next batch
+    computes would only add that batch's time to their latency."""
+    batches = Histogram("batch_size", "images per batch", buckets=[1, 2, 4], registry=CollectorRegistry())
+    host = ModelHost(torch.device("cpu"), 3, BatchSizes(batches))
+    first, second = Inbox(), Inbox()
+    loaded_by(host, model_key(bundle), first, second)
+    host.submit(Task(first, run(bundle, crops(bundle, tiny, ROLES))))  # a full batch
+    host.submit(Task(second, run(bundle, crops(bundle, tiny, ROLES[:1]))))
+    host.step()
+    assert len(verdicts_in(first)) == 1 and second.replies == []
+
+
+def test_a_run_whose_deadline_passed_in_the_queue_is_dropped_unrun(tiny: TinyModel, bundle: Bundle) -> None:
+    host, batches = host_with_batches(max_batch_size=8)
+    late, on_time = Inbox(), Inbox()
+    loaded_by(host, model_key(bundle), late, on_time)
+    host.submit(Task(late, run(bundle, crops(bundle, tiny, ROLES)), deadline=time.monotonic() - 1))
+    host.submit(Task(on_time, run(bundle, crops(bundle, tiny, ROLES[:1])), deadline=time.monotonic() + 60))
+    host.step()  # the late run is answered (nobody waits for it) and skipped
+    host.step()
+    assert late.replies == [Failed("its deadline passed before it ran; dropped")]
+    assert [len(verdicts) for verdicts in verdicts_in(on_time)] == [1]
+    assert batch_total(batches, "_sum") == 1  # only the run on time was computed

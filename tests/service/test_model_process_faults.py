@@ -8,21 +8,20 @@ machine passes as surely as an idle one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import secrets
 import signal
-import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from multiprocessing.connection import Listener
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from models.runtime import Bundle
@@ -30,10 +29,11 @@ from service.api.errors import DeadlineExceeded, ErrorCode, NotReady
 from service.app import create_app
 from service.local import log_entries
 from service.runtime.inference import ModelRunner
-from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, ModelProcessClient
-from service.runtime.model_host import ModelHost, Task
-from service.runtime.model_process import ModelProcess, _receive
-from service.runtime.protocol import Call, Failed, Judged, Ping, model_key
+from service.runtime.host_tasks import Task
+from service.runtime.model_client import HostClient
+from service.runtime.model_host import ModelHost
+from service.runtime.model_process import ModelProcess
+from service.runtime.protocol import Call, Failed, Judged, model_key
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files, sample_value
 from tests.service.test_model_process import (
@@ -60,43 +60,6 @@ class Hang:
 
     def release(self) -> None:
         self._released.set()
-
-
-@pytest.fixture
-def model_process_in_threads(
-    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Iterator[ModelHost]:
-    """The model process's listener and loop as threads of this process, where faults can be
-    injected; workers find it through the variables ``mixoe-serve`` sets."""
-    host = ModelHost(torch.device("cpu"), make_settings().max_batch_size)
-    address, key = str(tmp_path / "socket"), secrets.token_bytes(32)
-    listener = Listener(address, family="AF_UNIX")
-    stopping = threading.Event()
-
-    def accept() -> None:
-        while True:
-            connection = listener.accept()
-            if stopping.is_set():
-                return
-            threading.Thread(target=_receive, args=(connection, key, host), daemon=True).start()
-
-    def serve() -> None:
-        while not stopping.is_set():
-            host.step()
-
-    threads = [threading.Thread(target=accept, daemon=True), threading.Thread(target=serve, daemon=True)]
-    for thread in threads:
-        thread.start()
-    monkeypatch.setenv(ADDRESS_VARIABLE, address)
-    monkeypatch.setenv(KEY_VARIABLE, key.hex())
-    yield host
-    stopping.set()
-    host.submit(Task(Inbox(), Ping()))  # wakes the loop
-    with socket.socket(socket.AF_UNIX) as wake:  # wakes the accepting thread
-        wake.connect(address)
-    for thread in threads:
-        thread.join(BOUND_S)
-    listener.close()
 
 
 def wait_for(condition: Callable[[], bool], what: str) -> float:
@@ -139,18 +102,23 @@ def test_a_hung_model_process_is_a_504_and_not_ready_until_it_answers_again(
 def test_a_call_past_its_deadline_leaves_the_connection_and_its_models_usable(
     tiny: TinyModel, bundle: Bundle, model_process_in_threads: ModelHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = ModelProcessClient.from_environment(timeout_s=1.0)
-    assert client.load(model_key(bundle)).decodes_jpeg is False
-    hang = Hang(monkeypatch)
-    with pytest.raises(DeadlineExceeded, match="did not answer a Run call"):
-        client.run(run(bundle, crops(bundle, tiny, ROLES[:1])))
-    with pytest.raises(DeadlineExceeded, match="did not answer a Ping call"):
-        client.ping()
-    assert not client.answering
-    hang.release()
-    verdicts = client.run(run(bundle, crops(bundle, tiny, ROLES)))  # the two late answers are skipped
-    assert [verdict.accepted for verdict in verdicts] == [True, True, False] and client.answering
-    assert model_process_in_threads.loaded == [model_key(bundle)]  # no reconnection, no reload
+    async def calls() -> None:
+        client = HostClient.from_environment(timeout_s=1.0)
+        assert (await client.load(model_key(bundle))).decodes_jpeg is False
+        hang = Hang(monkeypatch)
+        with pytest.raises(DeadlineExceeded, match="did not answer a Run call"):
+            await client.call(run(bundle, crops(bundle, tiny, ROLES[:1])), Judged, 1.0)
+        with pytest.raises(DeadlineExceeded, match="did not answer a Ping call"):
+            await client.ping()
+        assert not client.answering
+        hang.release()
+        judged = await client.call(run(bundle, crops(bundle, tiny, ROLES)), Judged, BOUND_S)  # late answers skipped
+        assert [verdict.accepted for verdict in judged.verdicts if verdict] == [True, True, False]
+        assert client.answering
+        assert model_process_in_threads.loaded == [model_key(bundle)]  # no reconnection, no reload
+        await client.close()
+
+    asyncio.run(calls())
 
 
 def test_a_step_that_fails_outside_the_forward_pass_answers_every_worker_in_the_merged_batch(
@@ -180,7 +148,7 @@ def test_the_watchdog_kills_a_model_process_that_stops_answering(make_settings: 
     model_process = ModelProcess(make_settings(model_process_timeout_s=1.0), on_failure=failed.set)
     model_process.start()
     try:
-        ModelProcessClient.from_environment(timeout_s=BOUND_S).ping()  # it answers
+        asyncio.run(ping_once())  # it answers
         process = model_process._process
         assert process is not None and process.pid is not None
         os.kill(process.pid, signal.SIGSTOP)  # it stops answering, and does not exit
@@ -199,14 +167,14 @@ def test_a_model_process_that_dies_while_a_heartbeat_is_out_is_reported_dead_not
     model_process = ModelProcess(make_settings(), on_failure=failed.set)
     killed: list[int] = []
 
-    def dies_during_the_ping(client: ModelProcessClient) -> None:
+    async def dies_during_the_ping(client: HostClient) -> None:
         process = model_process._process
         assert process is not None and process.pid is not None
         os.kill(process.pid, signal.SIGKILL)
         killed.append(process.pid)
         raise NotReady(ErrorCode.NOT_READY, "the model process is not answering (EOFError())")
 
-    monkeypatch.setattr(ModelProcessClient, "ping", dies_during_the_ping)
+    monkeypatch.setattr(HostClient, "ping", dies_during_the_ping)
     with caplog.at_level(logging.ERROR, logger="mixoe.model_process"):
         model_process.start()
         try:
@@ -219,8 +187,17 @@ def test_a_model_process_that_dies_while_a_heartbeat_is_out_is_reported_dead_not
     ]
 
 
-def batches_started(url: str) -> float:
-    return sample_value(httpx.get(f"{url}/metrics", timeout=BOUND_S).text, "mixoe_batch_size_count")
+async def ping_once() -> None:
+    client = HostClient.from_environment(timeout_s=BOUND_S)
+    try:
+        await client.ping()
+    finally:
+        await client.close()
+
+
+def images_handed_over(url: str) -> float:
+    """Images the workers have sent to the model process and not yet had answered."""
+    return sample_value(httpx.get(f"{url}/metrics", timeout=BOUND_S).text, "mixoe_queue_depth")
 
 
 @pytest.mark.slow
@@ -241,7 +218,7 @@ def test_a_model_process_that_fails_mid_batch_fails_the_batch_and_stops_the_serv
             target=lambda: answers.append(httpx.post(f"{served.url}/predict", files=files, timeout=60))
         )
         request.start()
-        wait_for(lambda: batches_started(served.url) == 1, "the batch handed over")
+        wait_for(lambda: images_handed_over(served.url) == len(ROLES), "the run handed over")
         if fault == "killed":
             os.kill(pid, signal.SIGKILL)
         request.join(BOUND_S)
@@ -259,15 +236,78 @@ def test_a_model_process_that_fails_mid_batch_fails_the_batch_and_stops_the_serv
 def test_a_call_the_model_process_cannot_take_drops_only_that_connection(
     tiny: TinyModel, bundle: Bundle, model_process_in_threads: ModelHost
 ) -> None:
-    """A run whose lists disagree (built past ``__init__``, as unpickling does) never reaches a
+    """A run with no valid top-k (built past ``__init__``, as unpickling does) never reaches a
     batch where it would fail the other workers' runs."""
     good = run(bundle, crops(bundle, tiny, ROLES))
     bad = run(bundle, crops(bundle, tiny, ROLES[:1]))
-    object.__setattr__(bad, "top_ks", [])
+    object.__setattr__(bad, "top_k", 0)
     assert Call(1, bad).valid is False and Call(1, good).valid is True
-    sender, other = (ModelProcessClient.from_environment(timeout_s=BOUND_S) for _ in range(2))
-    sender.load(model_key(bundle))
-    other.load(model_key(bundle))
-    with pytest.raises(NotReady, match="not answering"):
-        sender.run(bad)
-    assert [verdict.accepted for verdict in other.run(good)] == [True, True, False]
+
+    async def calls() -> Judged:
+        sender, other = (HostClient.from_environment(timeout_s=BOUND_S) for _ in range(2))
+        try:
+            await sender.load(model_key(bundle))
+            await other.load(model_key(bundle))
+            with pytest.raises(NotReady, match="not answering"):
+                await sender.call(bad, Judged, BOUND_S)
+            return await other.call(good, Judged, BOUND_S)
+        finally:
+            await sender.close()
+            await other.close()
+
+    judged = asyncio.run(calls())
+    assert [verdict.accepted for verdict in judged.verdicts if verdict] == [True, True, False]
+
+
+_WORKER_WITH_A_RUN_IN_FLIGHT = """
+import asyncio
+import sys
+
+import numpy as np
+
+from models.runtime import load_bundle
+from service.runtime.model_client import HostClient
+from service.runtime.protocol import Judged, Run, model_key
+
+async def main():
+    bundle = load_bundle(sys.argv[1])
+    client = HostClient.from_environment(timeout_s=60)
+    await client.load(model_key(bundle))
+    size = bundle.manifest.preprocessing.input_size
+    crops = np.zeros((2, 3, size, size), dtype=np.uint8)
+    await client.call(Run(model_key(bundle), crops, [], bundle.operating_point(None), 1), Judged, 60)
+
+asyncio.run(main())
+"""
+
+
+def test_a_worker_killed_with_a_run_in_flight_costs_the_other_workers_nothing(
+    tiny: TinyModel, bundle: Bundle, model_process_in_threads: ModelHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model process answers a dead worker's run into a closed connection, releases it, and
+    serves the others on; the model stays loaded for them."""
+    hang = Hang(monkeypatch)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _WORKER_WITH_A_RUN_IN_FLIGHT, str(bundle.path)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert hang.entered.wait(BOUND_S * 6), "the worker's run never reached a batch"
+        worker.kill()
+        worker.wait(BOUND_S)
+    finally:
+        worker.kill()
+    hang.release()
+
+    async def other_worker() -> Judged:
+        client = HostClient.from_environment(timeout_s=BOUND_S)
+        try:
+            await client.load(model_key(bundle))
+            return await client.call(run(bundle, crops(bundle, tiny, ROLES)), Judged, BOUND_S)
+        finally:
+            await client.close()
+
+    judged = asyncio.run(other_worker())
+    assert [verdict.accepted for verdict in judged.verdicts if verdict] == [True, True, False]
+    # Both workers have gone: the model process released the model (the dead one's too).
+    wait_for(lambda: model_process_in_threads.loaded == [], "the model released")

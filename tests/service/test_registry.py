@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,8 @@ from models.contract.manifest import MANIFEST_FILE, BundleError
 from models.runtime import Bundle, load_bundle
 from service.api.errors import InvalidParameter, ModelNotFound
 from service.app import create_app
-from service.runtime.batcher import MicroBatcher
+from service.runtime.hosted import HostedModel
+from service.runtime.model_client import Channel, HostClient
 from service.runtime.registry import LoadedModel, ModelRegistry, select_bundles
 from service.settings import Settings
 from tests.service.helpers import Recorder, TinyModel
@@ -53,17 +53,12 @@ def test_an_empty_repository_is_an_error(tmp_path: Path) -> None:
         select_bundles(tmp_path, [])
 
 
+async def _no_batch_loop() -> Channel:
+    raise OSError("these tests look models up; they judge no image")
+
+
 def _loaded(bundle: Bundle) -> LoadedModel:
-    batcher: MicroBatcher = MicroBatcher(
-        lambda items: items,
-        executor=ThreadPoolExecutor(1),
-        observer=Recorder(),
-        max_batch_size=1,
-        max_delay_s=0,
-        queue_size=1,
-        retry_after_s=1,
-    )
-    return LoadedModel(bundle, batcher)
+    return LoadedModel(bundle, HostedModel(HostClient(_no_batch_loop, 1.0), bundle, Recorder()))
 
 
 def test_references_resolve_to_loaded_models(two_versions: Path) -> None:

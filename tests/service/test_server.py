@@ -307,7 +307,7 @@ def test_sighup_rolls_the_workers_onto_a_new_bundle_and_keeps_them_when_it_is_br
         assert not finished() & second  # the workers of version 2 are still the ones serving
         if model_process == "true":
             released = [entry["message"] for entry in log_lines(served) if "released" in str(entry["message"])]
-            assert released == [f"model process released {tiny.path}: no worker uses it any more"]
+            assert released == [f"batch loop released {tiny.path}: no worker uses it any more"]
     finally:
         status = served.stop()
     assert status in (0, -signal.SIGTERM)

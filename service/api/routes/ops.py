@@ -14,10 +14,10 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/v2/health/live", response_model=Liveness, responses={503: {"model": ErrorBody}})
 async def live(request: Request) -> Liveness:
-    """The process answers: restart it only when this fails (503: a batcher has failed, which only
+    """The process answers: restart it only when this fails (503: the batch loop has failed, which only
     a restart mends)."""
     context = getattr(request.app.state, "context", None)
-    failure = context.batcher_failure if context is not None else None
+    failure = context.loop_failure if context is not None else None
     if failure is not None:
         raise NotReady(ErrorCode.NOT_READY, failure)
     return Liveness(live=True)
@@ -25,8 +25,8 @@ async def live(request: Request) -> Liveness:
 
 @router.get("/v2/health/ready", response_model=Readiness, responses={503: {"model": ErrorBody}})
 async def ready(context: ContextDep) -> Readiness:
-    """Models are loaded, batchers run, the model process (if any) answers: send traffic. 503
-    while starting or shutting down, after a batcher failed, or while the model process does not answer."""
+    """Models are loaded and the batch loop answers: send traffic. 503 while starting or shutting
+    down, after the batch loop failed, or while it does not answer in time."""
     reason = context.unready_reason()
     if reason is not None:
         raise NotReady(ErrorCode.NOT_READY, reason)

@@ -97,7 +97,7 @@ async def model_version_metadata(context: ContextDep, name: str, version: str) -
 
 def _readiness(context: ServiceContext, name: str, version: str | None) -> ModelReadiness:
     loaded = context.registry.get_version(name, version)
-    return ModelReadiness(name=loaded.name, versions=[loaded.version], ready=loaded.batcher.running)
+    return ModelReadiness(name=loaded.name, versions=[loaded.version], ready=loaded.queue.running)
 
 
 @router.get("/models/{name}/ready", response_model=ModelReadiness, responses=LOOKUP_RESPONSES)
