@@ -108,11 +108,9 @@ class HostedModel:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
-        verdicts: list[ImageVerdict | None] = [None] * len(jobs)
-        for chunk, answered in zip(chunks, answers, strict=True):
-            for row, verdict in zip(chunk, answered, strict=True):
-                verdicts[row] = verdict
-        return verdicts
+        return _in_order(
+            len(jobs), [row for chunk in chunks for row in chunk], [verdict for answer in answers for verdict in answer]
+        )
 
     async def _run(self, jobs: list[ImageJob]) -> list[ImageVerdict | None]:
         """One run for ``jobs`` (same operating point and top-k): crops stacked into one array,
@@ -131,9 +129,14 @@ class HostedModel:
         if len(judged.verdicts) != len(jobs):
             raise ModelFailure(
                 ErrorCode.INTERNAL_ERROR,
-                f"the model process answered {len(judged.verdicts)} verdicts for {len(jobs)} images of {self._name}",
+                f"{self._client.name} answered {len(judged.verdicts)} verdicts for {len(jobs)} images of {self._name}",
             )
-        verdicts: list[ImageVerdict | None] = [None] * len(jobs)
-        for row, verdict in zip(crop_rows + jpeg_rows, judged.verdicts, strict=True):
-            verdicts[row] = verdict
-        return verdicts
+        return _in_order(len(jobs), crop_rows + jpeg_rows, judged.verdicts)
+
+
+def _in_order(count: int, rows: list[int], verdicts: Sequence[ImageVerdict | None]) -> list[ImageVerdict | None]:
+    """``verdicts[i]`` put at ``rows[i]``: back in the jobs' order, whatever order they ran in."""
+    ordered: list[ImageVerdict | None] = [None] * count
+    for row, verdict in zip(rows, verdicts, strict=True):
+        ordered[row] = verdict
+    return ordered

@@ -265,8 +265,9 @@ class _Link:
 
 
 def _open(address: str, key: bytes, timeout_s: float) -> socket.socket:
-    """An authenticated socket to the model process (blocking: run in a thread). Its kernel send
-    timeout stays ``timeout_s``; the event loop reads it without blocking."""
+    """An authenticated socket to the model process (blocking: run in a thread); the kernel
+    timeouts bound the connection and the handshake, after which the event loop owns it,
+    non-blocking."""
     with socket.socket(socket.AF_UNIX) as raw:
         raw.setblocking(True)
         set_timeouts(raw, timeout_s)

@@ -4,14 +4,14 @@ It runs in the model process for all workers (:mod:`service.runtime.model_proces
 of a single server (:mod:`service.runtime.local_host`); either way requests reach it as numbered
 calls (:mod:`service.runtime.protocol`) through :class:`~service.runtime.model_client.HostClient`.
 Tasks (:mod:`service.runtime.host_tasks`) go through one queue and one thread, so batches run one
-at a time. A run takes along the
-runs queued behind it for the same model, up to the model's batch limit; when nothing is in flight
-it waits up to ``max_delay_s`` for more to fill the batch (a batch in flight is answered first).
-On a GPU, while runs keep coming, one batch is in flight: the loop launches batch n+1 before it
-waits for batch n's logits, so the GPU computes while the loop decodes and crops. A run whose
-worker has stopped waiting for it (its call's deadline passed) is dropped when its turn comes,
-never computed: work queued for nobody cannot pile up. The loop thread alone
-touches its state and its connections (it also closes them), so no lock is needed.
+at a time. A run takes along the runs queued behind it for the same model, up to the model's
+batch limit; when nothing is in flight it waits up to ``max_delay_s`` for more to fill the batch
+(a batch in flight is answered first). On a GPU, while runs keep coming, one batch is in flight:
+the loop launches batch n+1 before it waits for batch n's logits, so the GPU computes while the
+loop decodes and crops. A run whose worker has stopped waiting for it (its call's deadline
+passed) is dropped when its turn comes, never computed: work queued for nobody cannot pile up.
+The loop thread alone touches its state and its connections (it also closes them), so no lock is
+needed.
 
 Loading a bundle (hash check, weights) happens in a thread of its own, so that a SIGHUP
 roll-over's new workers asking for a new version do not stall the batches of the workers still
@@ -131,9 +131,7 @@ class ModelHost:
             task = self._tasks.get()
         kind = type(task.message).__name__
         try:
-            if isinstance(task.message, Run) and task.expired:
-                _reply(task, _EXPIRED)
-            else:
+            if not self._dropped(task):
                 self._handlers[type(task.message)](task)
         except Exception as error:
             logger.exception("batch loop task %s failed", kind)
@@ -166,8 +164,7 @@ class ModelHost:
             task = self._poll(deadline - time.monotonic())
             if task is None:
                 break
-            if isinstance(task.message, Run) and task.expired:
-                _reply(task, _EXPIRED)
+            if self._dropped(task):
                 continue
             if (
                 isinstance(task.message, Run)
@@ -181,6 +178,14 @@ class ModelHost:
                 self._next = task
                 break
         return batch
+
+    @staticmethod
+    def _dropped(task: Task) -> bool:
+        """Whether ``task`` is a run past its deadline, which is then answered, never computed."""
+        if isinstance(task.message, Run) and task.expired:
+            _reply(task, _EXPIRED)
+            return True
+        return False
 
     def _batch_limit(self, model: ModelKey) -> int:
         runner = self._runners.get(model)
@@ -197,13 +202,12 @@ class ModelHost:
         launched = self._launch(batch)
         self._answer_in_flight()
         self._in_flight = launched
-        if not self._pipelined:
-            self._answer_in_flight()
-            return
-        if self._next is None:
-            self._next = self._poll()
-        if self._next is None or not isinstance(self._next.message, Run):
-            self._answer_in_flight()
+        if self._pipelined:
+            if self._next is None:
+                self._next = self._poll()
+            if self._next is not None and isinstance(self._next.message, Run):
+                return  # answered after the next batch is launched
+        self._answer_in_flight()
 
     def _poll(self, wait_s: float = 0.0) -> Task | None:
         """The next task queued, waiting at most ``wait_s`` for one."""
