@@ -66,6 +66,19 @@ class ValidationCarveOut(_Strict):
     seed: int = Field(0, description="seed of the draw")
 
 
+class ValidationClasses(_Strict):
+    """Leave ``count`` of the ID classes (seeded draw) out of training, as validation OOD.
+
+    Their training and validation images become the ``val_classes`` set: unseen classes of the
+    same kind as the ID ones, the nearest thing to fine-grained OOD that no test image is spent
+    on and no method trains on. ``mixoe compare`` selects method, score and settings by how well
+    each model separates them from ID validation images.
+    """
+
+    count: int = Field(ge=1, description="ID classes left out of training and kept for validation")
+    seed: int = Field(0, description="seed of the draw")
+
+
 class DataConfig(_Strict):
     """Where the in-distribution data lives.
 
@@ -83,6 +96,7 @@ class DataConfig(_Strict):
     test: str | None = Field("test", description="test split, as train; null: no test split")
     classes_file: str | None = Field(None, description="format list: class names, one per line (needed there)")
     holdout: HoldoutConfig | None = None
+    validation_classes: ValidationClasses | None = None
     transforms: TransformConfig = TransformConfig()
     num_workers: int = Field(2, ge=0, description="data-loading processes per training or scoring process")
 
@@ -264,6 +278,11 @@ class TrainConfig(_Strict):
     )
     batch_size: int = Field(32, ge=1, description="ID images per step, over all processes together")
     seed: int = Field(0, description="seed of initialisation, shuffling, augmentation and mixing")
+    keep: Literal["auto", "best_val_accuracy", "last_epoch"] = Field(
+        "auto",
+        description="which epoch's weights the run keeps; auto = best ID-validation accuracy for the "
+        "baseline, the last epoch for outlier exposure (accuracy does not see OOD separation)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     channels_last: bool = Field(True, description="on CUDA: channels-last memory format")
     bf16: bool = Field(True, description="on CUDA: bfloat16 autocast")
@@ -272,6 +291,14 @@ class TrainConfig(_Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     export: ExportConfig = ExportConfig()
     baseline: BaselineStageConfig = BaselineStageConfig()
+
+    @property
+    def kept_epoch_rule(self) -> str:
+        """``keep`` resolved: an outlier-exposure objective trades a little accuracy for separation,
+        so ranking its epochs by accuracy alone would keep the epoch that learned least of it."""
+        if self.keep != "auto":
+            return self.keep
+        return "best_val_accuracy" if self.method.name == "baseline" else "last_epoch"
 
     @property
     def deployed_score(self) -> str:

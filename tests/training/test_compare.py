@@ -11,7 +11,10 @@ import yaml
 from models.runtime import load_bundle
 from tests.helpers.images import make_image_folder, make_list_dataset
 from models.scoring.scores import SCORES
-from training.assess.compare import default_methods
+from training.assess.compare import default_methods, load_compare_config, method_configs, unit_config
+from training.assess.metrics import auroc
+from training.assess.scoring import ID_VAL, VAL_CLASSES, fit_score, run_logits
+from training.config import MethodConfig
 from training.assess.compare_table import Record, paired_differences, select, summarize
 from training.cli import main
 
@@ -96,13 +99,42 @@ def test_compare_tables_every_method_under_every_score_and_exports_the_selected(
     assert (out / "compare.md").read_text().strip() in printed
 
 
+@pytest.mark.slow
+def test_compare_selects_by_left_out_classes_and_exports_a_model_of_every_id_class(
+    compare_file: Path, tmp_path: Path
+) -> None:
+    raw = yaml.safe_load(compare_file.read_text())
+    raw["data"]["validation_classes"] = {"count": 1}
+    raw["outliers"]["categories"]["val_fraction"] = 0  # the left-out class is the only validation OOD
+    raw["compare"]["methods"] = {"baseline": {"name": "baseline"}, "oe": {"name": "oe"}}
+    raw["output_dir"] = str(tmp_path / "runs")
+    raw["export"]["repository"] = str(tmp_path / "repo")
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["compare", str(path)]) == 0
+    summary = json.loads((tmp_path / "runs" / "compare.json").read_text())
+    assert set(summary["paired"]) == {"fine", "coarse_pool"}
+    assert not (tmp_path / "runs" / "split0" / "val_blend").exists()
+    base, _ = load_compare_config(path)
+    unit = unit_config(base, 0, 0)
+    record = next(r for r in summary["records"] if (r["method"], r["score"]) == ("oe", "energy"))
+    run = run_logits(method_configs(unit, {"oe": MethodConfig(name="oe")})[1]["oe"])
+    assert len(run.sets[VAL_CLASSES].labels) > 0
+    energy = fit_score(base, run, "energy")
+    assert record["criterion"] == pytest.approx(auroc(energy(run.sets[ID_VAL]), energy(run.sets[VAL_CLASSES])))
+    bundle = load_bundle(Path(summary["bundle"]))
+    assert len(bundle.manifest.class_names) == 3  # every ID class, the left-out one included
+    assert Path(summary["bundle"]).is_dir() and (tmp_path / "runs" / "split0" / "seed0" / "all-classes").is_dir()
+    assert "ID classes left out of training" in (tmp_path / "runs" / "compare.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"compare": {"splits": [0], "sedes": [1]}},
          "invalid configuration: unknown key 'compare.sedes' (did you mean 'compare.seeds'?)"),
         ({"outliers": None, "compare": {}}, "methods ['energy-oe', 'mixoe-cutmix', 'mixoe-mixup', 'oe'] need an"),
-        ({"compare": {"methods": {"msp": {"name": "baseline"}}}, "outliers": None}, "compare needs validation outliers"),
+        ({"compare": {"methods": {"msp": {"name": "baseline"}}}, "outliers": None}, "compare needs validation data"),
     ],
 )
 def test_compare_misuse_is_one_line_and_exit_2(

@@ -102,6 +102,29 @@ def test_interrupted_run_resumes_to_the_same_weights(
     assert_same_weights(final_a, final_b)
 
 
+@pytest.mark.parametrize(
+    ("method", "keep", "kept_epoch"),
+    [("baseline", "auto", 0), ("oe", "auto", 1), ("oe", "best_val_accuracy", 0), ("baseline", "last_epoch", 1)],
+)
+def test_the_kept_checkpoint_follows_the_rule_not_the_accuracy_alone(
+    baseline_run: Path, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    method: str, keep: str, kept_epoch: int,
+) -> None:
+    """Validation accuracy falls from epoch 0 to 1: the baseline keeps epoch 0, outlier exposure
+    keeps its last epoch (accuracy does not see what it trades for OOD separation)."""
+    falling = iter([0.9, 0.5])
+    monkeypatch.setattr(trainer, "evaluate_accuracy", lambda *args, **kwargs: next(falling))
+    out = tmp_path / "run"
+    init = {"init_checkpoint": str(baseline_run)} if method != "baseline" else {}
+    trainer.train(tiny_config(data_root, out, method={"name": method}, keep=keep, **init))
+    info = json.loads((out / "best.json").read_text())
+    assert (info["epoch"], info["val_accuracy"]) == (kept_epoch, [0.9, 0.5][kept_epoch])
+    last = torch.load(out / "last.pt", weights_only=True)["model"]
+    kept = weights(out)
+    same_as_last = all(torch.equal(kept[k], last[k]) for k in kept)
+    assert same_as_last == (kept_epoch == 1)
+
+
 @pytest.mark.parametrize("method", [{"name": "mixoe", "mix": "mixup"}, {"name": "mixoe", "mix": "cutmix"},
                                     {"name": "oe"}, {"name": "energy-oe"}])
 def test_finetune_starts_from_the_baseline_and_changes_it(

@@ -11,6 +11,7 @@ from PIL import Image
 from tests.helpers.images import make_image_folder, make_list_dataset
 from training.config import (
     CategorySplitConfig, DataConfig, OODSetConfig, OutlierConfig, TransformConfig, ValidationCarveOut,
+    ValidationClasses,
 )
 from training.data.datasets import read_list_file
 from training.data.experiment import load_experiment_data
@@ -45,6 +46,34 @@ def test_a_list_without_val_txt_gets_its_validation_from_train(list_root: Path) 
                         val_from_train={"fraction": 0.3}, test="test.txt")
     data = load_experiment_data(config)
     assert (len(data.train.samples), len(data.val.samples)) == (21, 9)
+
+
+def test_validation_classes_leave_training_and_become_validation_ood(list_root: Path) -> None:
+    config = DataConfig(format="list", root=list_root, classes_file="classes.txt", train="train.txt", val=None,
+                        val_from_train={"fraction": 0.3}, test="test.txt", validation_classes={"count": 1, "seed": 2})
+    data = load_experiment_data(config)
+    whole = load_experiment_data(config.model_copy(update={"validation_classes": None}))
+    [left_out] = [name for name in CLASSES if name not in data.class_names]
+    assert len(data.class_names) == 2
+    left_out_label = CLASSES.index(left_out)
+    assert {s.label for s in data.validation_ood.samples} == {left_out_label}
+    # every training and validation image of the left-out class, and none of its test images
+    expected = {s.path for s in whole.train.samples + whole.val.samples if s.label == left_out_label}
+    assert {s.path for s in data.validation_ood.samples} == expected and len(expected) == 10
+    kept = {s.path for s in data.train.samples + data.val.samples + data.test.samples}
+    assert not kept & expected
+    again = load_experiment_data(config)
+    assert again.class_names == data.class_names
+    other = {tuple(load_experiment_data(config.model_copy(update={"validation_classes": ValidationClasses(
+        count=1, seed=seed)})).class_names) for seed in range(6)}
+    assert len(other) > 1, "the seed does not change which class is left out"
+
+
+def test_validation_classes_must_leave_two_classes_to_train_on(list_root: Path) -> None:
+    config = DataConfig(format="list", root=list_root, classes_file="classes.txt", train="train.txt", val=None,
+                        val_from_train={"fraction": 0.3}, test="test.txt", validation_classes={"count": 2})
+    with pytest.raises(ValueError, match="leaves fewer than 2 of the 3 ID classes"):
+        load_experiment_data(config)
 
 
 def test_validation_must_come_from_exactly_one_place(list_root: Path) -> None:

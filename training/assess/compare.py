@@ -4,13 +4,20 @@ For each holdout split (``compare.splits``, the paper's rule: ``RandomState(s).c
 classes) and each seed (``compare.seeds``), the pipeline's stages run in
 ``<output_dir>/split<s>/seed<k>/``: the cross-entropy baseline, then each of ``compare.methods``
 fine-tuned from it, each evaluated (:func:`training.assess.evaluate.evaluate`, every registered score, the
-ID test split and every OOD set of the config). A validation set of ID validation images blended
-50/50 with validation outliers (``compare.validation_set``, by default the pool's validation
-categories) is written once per split and scored beside them; it selects the method and score
-(:mod:`training.assess.compare_table`), and that model of the first split and seed is calibrated,
-evaluated without the blend and exported. Finished training stages are skipped on a re-run.
+ID test split and every OOD set of the config). A validation criterion, computed without test
+data, selects the method and score (:mod:`training.assess.compare_table`):
 
-The config file is a pipeline config plus a ``compare`` section (:class:`CompareConfig`).
+* with ``data.validation_classes`` (the better rule for fine-grained OOD): AUROC of ID validation
+  images against the images of the ID classes left out of training. The selected method is then
+  trained again, on every ID class, for the first split and seed, and that model is calibrated,
+  evaluated and exported;
+* otherwise: AUROC of ID validation images against the same images blended 50/50 with validation
+  outliers (``compare.validation_set``, by default the pool's validation categories), written once
+  per split. A method trained on such blends (MixOE-mixup) is favoured by it. The selected model
+  of the first split and seed is calibrated, evaluated without the blend and exported.
+
+Finished training stages are skipped on a re-run. The config file is a pipeline config plus a
+``compare`` section (:class:`CompareConfig`).
 """
 
 from __future__ import annotations
@@ -28,10 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.network.preprocess import EvalGeometry
 from training.assess.calibrate import calibrate
-from training.assess.compare_table import Record, markdown, paired_differences, select, summarize
+from training.assess.compare_table import BLEND, Record, markdown, paired_differences, select, summarize
 from training.assess.evaluate import evaluate
 from training.assess.metrics import accuracy, auroc
-from training.assess.scoring import ID_VAL, fit_score, run_logits
+from training.assess.scoring import ID_VAL, VAL_CLASSES, fit_score, run_logits
 from training.config import MethodConfig, TrainConfig, read_raw, validated
 from training.data.datasets import ImageDataset, Sample
 from training.data.experiment import load_experiment_data
@@ -44,7 +51,6 @@ from training.fit.trainer import train
 from training.pipeline import stage_configs
 
 log = logging.getLogger(__name__)
-BLEND = "val_blend"
 COMPARE_JSON, COMPARE_MD = "compare.json", "compare.md"
 
 
@@ -86,11 +92,12 @@ def load_compare_config(path: Path, overrides: list[str] = (), values: dict[str,
         raise ValueError(f"methods {needing} need an 'outliers' section (an outlier pool)")
     if compare.splits is not None and whole.data.holdout is None:
         raise ValueError("compare.splits needs data.holdout (num_id_classes) to know how many classes to keep")
-    if compare.validation_set is None:
-        if whole.outliers is None or whole.outliers.categories is None or whole.outliers.categories.val_fraction == 0:
-            raise ValueError("compare needs validation outliers: set outliers.categories.val_fraction or "
-                             "compare.validation_set (the name of an evaluation.ood_sets entry)")
+    split_pool = whole.outliers is not None and whole.outliers.categories is not None
+    if compare.validation_set is None and split_pool and whole.outliers.categories.val_fraction > 0:
         compare = compare.model_copy(update={"validation_set": whole.outliers.categories.val_set})
+    if compare.validation_set is None and whole.data.validation_classes is None:
+        raise ValueError("compare needs validation data: set data.validation_classes, "
+                         "outliers.categories.val_fraction or compare.validation_set (an evaluation.ood_sets entry)")
     if BLEND in whole.evaluation.ood_sets:
         raise ValueError(f"OOD set name {BLEND!r} is reserved by compare; choose another")
     return TrainConfig.model_validate(whole.model_dump(exclude={"compare"})), compare
@@ -159,10 +166,11 @@ def unit_records(config: TrainConfig, label: str, split: int | None, validation:
     run = run_logits(config)  # cached by the evaluation
     val = run.sets[ID_VAL]
     val_accuracy = accuracy(val.logits, val.labels)
+    against = VAL_CLASSES if VAL_CLASSES in run.sets else BLEND
     records = []
     for score, per_set in result["scores"].items():
         fitted = fit_score(config, run, score)  # feature scores are fitted on the run's training features
-        criterion = auroc(fitted(val), fitted(run.sets[BLEND]))
+        criterion = auroc(fitted(val), fitted(run.sets[against]))
         ood = {name: {"auroc": m["auroc"], "tnr_at_95tpr": m["tnr_at_95tpr"]}
                for name, m in per_set.items() if name not in validation}
         records.append(Record(split, config.seed, label, score, result["id_accuracy"], val_accuracy, criterion, ood))
@@ -178,32 +186,30 @@ class CompareResult:
 
 def run_compare(base: TrainConfig, compare: CompareConfig) -> CompareResult:
     """Train, evaluate and tabulate every unit, then export the selected model (see module docstring)."""
-    validation = {compare.validation_set, BLEND}
+    validation = {compare.validation_set, BLEND, VAL_CLASSES}
+    by_classes = base.data.validation_classes is not None
     own_split = None if base.data.holdout is None else base.data.holdout.seed
     splits = compare.splits if compare.splits is not None else [own_split]
     records: list[Record] = []
-    first: dict[str, TrainConfig] = {}
+    first: TrainConfig | None = None
     for split in splits:
         blend_dir = base.output_dir / f"split{'-' if split is None else split}" / BLEND
         for seed in compare.seeds:
             unit = unit_config(base, split, seed)
-            write_blend(unit, compare.validation_set, blend_dir, seed=0 if split is None else split)
-            unit = with_ood_set(unit, BLEND, blend_dir)
-            baseline, configs = method_configs(unit, compare.methods)
-            train(baseline)
-            for label, config in configs.items():
-                if config.output_dir != baseline.output_dir:  # the baseline row is the stage just trained
-                    train(config)
+            first = first or unit
+            if not by_classes:
+                write_blend(unit, compare.validation_set, blend_dir, seed=0 if split is None else split)
+                unit = with_ood_set(unit, BLEND, blend_dir)
+            for label, config in trained_methods(unit, compare.methods).items():
                 records += unit_records(config, label, split, validation)
-            first = first or configs
             log.info("compare: split %s seed %d done", split, seed)
     set_names = list(records[0].ood)
     table = summarize(records, set_names)
     paired = {name: paired_differences(records, table, name) for name in set_names}
     baseline = next((label for label, m in compare.methods.items() if m.name == "baseline"), None)
     selected = select(table, baseline, compare.max_accuracy_drop)
-    text = markdown(table, paired, selected)
-    bundle = export_selected(first[selected["method"]], selected["score"])
+    text = markdown(table, paired, selected, VAL_CLASSES if by_classes else BLEND)
+    bundle = export_selected(first, selected["method"], compare.methods[selected["method"]], selected["score"])
     out = base.output_dir
     summary = {"selected": selected, "bundle": str(bundle), "table": table, "paired": paired,
                "records": [asdict(r) for r in records]}
@@ -212,10 +218,25 @@ def run_compare(base: TrainConfig, compare: CompareConfig) -> CompareResult:
     return CompareResult(text, selected, bundle)
 
 
-def export_selected(config: TrainConfig, score: str) -> Path:
-    """Calibrate, evaluate (without the blend) and export the selected run under the selected score."""
-    sets = {name: spec for name, spec in config.evaluation.ood_sets.items() if name != BLEND}
-    evaluation = config.evaluation.model_copy(update={"score": score, "ood_sets": sets})
+def trained_methods(unit: TrainConfig, methods: dict[str, MethodConfig]) -> dict[str, TrainConfig]:
+    """Train the unit's baseline and every method fine-tuned from it (finished stages are skipped);
+    each method's final stage config."""
+    baseline, configs = method_configs(unit, methods)
+    train(baseline)
+    for config in configs.values():
+        if config.output_dir != baseline.output_dir:  # the baseline row is the stage just trained
+            train(config)
+    return configs
+
+
+def export_selected(unit: TrainConfig, label: str, method: MethodConfig, score: str) -> Path:
+    """Calibrate, evaluate (without the blend) and export method ``label`` of ``unit`` under ``score``;
+    with validation classes, a model of the method trained on every ID class (``<unit>/all-classes``)."""
+    if unit.data.validation_classes is not None:
+        data = unit.data.model_copy(update={"validation_classes": None})
+        unit = unit.model_copy(update={"data": data, "output_dir": unit.output_dir / "all-classes"})
+    config = trained_methods(unit, {label: method})[label]
+    evaluation = config.evaluation.model_copy(update={"score": score})
     final = config.model_copy(update={"evaluation": evaluation})
     calibrate(final)
     evaluate(final)

@@ -9,10 +9,9 @@ Input is one :class:`Record` per (holdout split, seed, method, score). Three thi
   ``win`` only if the mean difference exceeds two standard errors of the differences, a ``loss``
   if it is below minus two, else a ``tie``: with a few splits, one point is noise;
 * the selected (method, score): the highest validation criterion among rows whose ID validation
-  accuracy is within ``max_accuracy_drop`` of the baseline's. The criterion (AUROC of ID
-  validation images against the same images blended 50/50 with validation outliers) looks at no
-  OOD test set; ``benchmarks/flowers17_selection.py`` found it the validation proxy that ranks runs
-  closest to their fine-grained OOD test AUROC.
+  accuracy is within ``max_accuracy_drop`` of the baseline's. The criterion looks at no OOD test
+  set: the AUROC of ID validation images against the ID classes left out of training
+  (:data:`CRITERIA`), or against the same validation images blended 50/50 with validation outliers.
 """
 
 from __future__ import annotations
@@ -24,8 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from training.assess.report import markdown_table
+from training.assess.scoring import VAL_CLASSES
 
 WIN_STANDARD_ERRORS = 2.0
+BLEND = "val_blend"  # the validation set of ID validation images blended with validation outliers
+CRITERIA = {
+    VAL_CLASSES: "AUROC of ID validation images vs the images of the ID classes left out of training",
+    BLEND: "AUROC of ID validation images vs the same images blended 50/50 with validation outliers",
+}
 
 
 @dataclass(frozen=True)
@@ -107,8 +112,10 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return f"{100 * row[key]:.1f} ± {100 * row[key + '_std']:.1f}"
 
 
-def markdown(table: Sequence[dict[str, Any]], paired: dict[str, list[dict[str, Any]]], selected: dict[str, Any]) -> str:
-    """The main table, one paired-difference table per OOD set, and the selection (percentages)."""
+def markdown(table: Sequence[dict[str, Any]], paired: dict[str, list[dict[str, Any]]], selected: dict[str, Any],
+             criterion: str) -> str:
+    """The main table, one paired-difference table per OOD set, and the selection (percentages);
+    ``criterion`` names the validation set the criterion used (a key of :data:`CRITERIA`)."""
     set_names = list(paired)
     columns = ["method", "score", "ID acc.", "val criterion"]
     for name in set_names:
@@ -124,8 +131,7 @@ def markdown(table: Sequence[dict[str, Any]], paired: dict[str, list[dict[str, A
     units = table[0]["units"] if table else 0
     parts = [
         f"Mean ± std (%) over {units} split × seed unit(s). OOD score higher = more OOD; ID is the positive "
-        "class. val criterion: AUROC of ID validation images vs the same images blended 50/50 with "
-        "validation outliers (no OOD test data).\n",
+        f"class. val criterion: {CRITERIA[criterion]} (no OOD test data).\n",
         markdown_table(rows, columns),
     ]
     for name, diffs in paired.items():

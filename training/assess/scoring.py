@@ -44,6 +44,7 @@ from training.data.transforms import preprocessing_of
 from training.fit.checkpoint import BEST_WEIGHTS, atomic_write, load_best_weights
 
 ID_TRAIN, ID_VAL, ID_TEST, FINE = "id_train", "id_val", "id_test", "fine"
+VAL_CLASSES = "val_classes"  # the classes left out of training for validation (data.validation_classes)
 ID_SETS = (ID_TRAIN, ID_VAL, ID_TEST)
 CACHE = "logits.npz"
 
@@ -59,13 +60,16 @@ class SetLogits:
 
 def assessment_sets(config: TrainConfig) -> dict[str, list[Sample]]:
     """``id_train`` (what feature scores are fitted on, evaluation transform), ``id_val``
-    (calibration), ``id_test``, ``fine`` (held-out classes) and each named OOD set."""
+    (calibration), ``id_test``, ``fine`` (held-out classes), ``val_classes`` (classes left out for
+    validation) and each named OOD set."""
     data = load_experiment_data(config.data)
     sets = {ID_TRAIN: data.train.samples, ID_VAL: data.val.samples}
     if data.test is not None:
         sets[ID_TEST] = data.test.samples
     if data.fine_ood_test is not None:
         sets[FINE] = [Sample(s.path, -1) for s in data.fine_ood_test.samples]
+    if data.validation_ood is not None:
+        sets[VAL_CLASSES] = [Sample(s.path, -1) for s in data.validation_ood.samples]
     rng = np.random.default_rng(config.seed)
     for name, paths in ood_sets(config).items():
         if name in sets:

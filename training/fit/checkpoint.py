@@ -4,8 +4,8 @@ Two kinds live in a run directory:
 
 * ``last.pt``: everything needed to resume (model, optimizer, scheduler, epoch, best accuracy);
   loaded with ``weights_only=True``, so reading it never runs code;
-* ``best.safetensors`` (+ ``best.json``): the weights with the best ID-validation accuracy, the
-  ones that fine-tuning starts from and that get exported.
+* ``best.safetensors`` (+ ``best.json``): the kept weights (the best ID-validation accuracy, or
+  the last epoch: ``TrainConfig.keep``), the ones that fine-tuning starts from and that get exported.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Read top to bottom: :func:`train` sets up data, model, method, optimizer and schedule, resumes from
 ``last.pt`` if a previous attempt was interrupted, then alternates :func:`train_one_epoch` and
-:func:`evaluate_accuracy`, keeping the best ID-validation checkpoint.
+:func:`evaluate_accuracy`, keeping the checkpoint ``config.kept_epoch_rule`` names (the best
+ID-validation accuracy, or the last epoch).
 
 Reproducibility: every random stream (model init, data order, augmentation workers, mixing
 lambdas and boxes) is derived from ``config.seed`` and the epoch number, so a CPU run is
@@ -239,7 +240,7 @@ def _outlier_batches(loader: DataLoader, seed: int, epoch: int) -> Iterator[Tens
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) one training stage described by ``config``; returns its best accuracy."""
+    """Run (or resume) one training stage described by ``config``; returns the kept epoch's accuracy."""
     with distributed_session(config.device) as ctx, removed_if_failed(config.output_dir, ctx.is_main):
         return _train(config, ctx)
 
@@ -349,11 +350,11 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> TrainResult:
         )
         ctx.broadcast_buffers(model)
         accuracy = evaluate_accuracy(model, normalize, val_loader, ctx, config.bf16)
-        improved = accuracy > best_accuracy
-        if improved:
+        kept = accuracy > best_accuracy or config.kept_epoch_rule == "last_epoch"
+        if kept:
             best_accuracy, best_epoch = accuracy, epoch
         if ctx.is_main:
-            if improved:
+            if kept:
                 save_best(run_dir, model, {"epoch": epoch, "val_accuracy": accuracy, "method": method.name})
             save_training_state(
                 run_dir,
