@@ -405,9 +405,8 @@ def measure_server(
     }
     if args.decode_workers:
         settings["decode_workers"] = str(args.decode_workers)
-    # The batches the device runs: the model process merges the workers' batches.
     merged = settings.get("model_process") == "true"
-    histogram = "mixoe_model_process_batch_size" if merged else "mixoe_batch_size"
+    histogram = "mixoe_batch_size"  # the batches the device runs, in the model process or a worker
     server = start_local_server(settings, args.out.with_suffix(f".{config}.log"), timeout_s=300)
     url = server.url
     try:

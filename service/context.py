@@ -159,7 +159,7 @@ def _host(device: torch.device, settings: Settings, metrics: ServiceMetrics, loa
     return ModelHost(
         device,
         settings.max_batch_size,
-        metrics,
+        metrics.batches,
         cuda_graphs=settings.cuda_graphs,
         batch_size_tuning=settings.batch_size_tuning,
         max_delay_s=settings.max_batch_delay_s,

@@ -118,33 +118,40 @@ def _batch_size_buckets(max_batch_size: int) -> list[float]:
     return [float(size) for size in padded_batch_sizes(max_batch_size)]  # the sizes a GPU model runs at
 
 
-def model_process_batch_size(max_batch_size: int) -> Histogram:
-    """The model process's metric (``MIXOE_MODEL_PROCESS``): images per batch it runs, each batch
-    merged from the requests of every worker (which then form no batches of their own).
+class BatchMetrics:
+    """The batch loop's measurements, as a ``service.runtime.host_tasks.BatchObserver``: images
+    per batch, each image's wait in the loop's queue, model time per batch.
 
-    In no registry: the model process serves no ``/metrics``; its samples reach the workers'
-    ``/metrics`` through the multiprocess directory, which ``mixoe-serve`` always sets up when it
-    starts a model process."""
-    return Histogram(
-        "mixoe_model_process_batch_size",
-        "Images per batch the model process runs, merged across workers.",
-        buckets=_batch_size_buckets(max_batch_size),
-        registry=None,
-    )
+    Wherever the loop runs, the series are the same: a single server's loop reports into the app's
+    registry; the model process (``MIXOE_MODEL_PROCESS``) makes its own, in no registry, and its
+    samples reach every worker's ``/metrics`` through the multiprocess directory (which
+    ``mixoe-serve`` always sets up when it starts a model process), added to the workers' empty
+    ones. So a dashboard reads one set of series with or without a model process."""
 
-
-class BatchSizes:
-    """A batch observer (``service.runtime.host_tasks.BatchObserver``) that counts batch sizes
-    only, in ``histogram``: the model process's, whose other measurements are the workers'."""
-
-    def __init__(self, histogram: Histogram):
-        self._histogram = histogram
+    def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None):
+        self.batch_size = Histogram(
+            "mixoe_batch_size",
+            "Images per model batch (with a model process: merged across workers).",
+            buckets=_batch_size_buckets(max_batch_size),
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "mixoe_queue_wait_seconds",
+            "Time an image waits in the batching queue.",
+            buckets=_QUEUE_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.inference = Histogram(
+            "mixoe_inference_seconds", "Model time per batch.", buckets=_INFERENCE_BUCKETS, registry=registry
+        )
 
     def batch_started(self, queue_waits: Sequence[float]) -> None:
-        self._histogram.observe(len(queue_waits))
+        self.batch_size.observe(len(queue_waits))
+        for wait in queue_waits:
+            self.queue_wait.observe(wait)
 
     def batch_finished(self, seconds: float) -> None:
-        pass
+        self.inference.observe(seconds)
 
 
 class ServiceMetrics:
@@ -206,21 +213,7 @@ class ServiceMetrics:
         self.requests = Counter(
             "mixoe_requests_total", "HTTP requests by route template.", _REQUEST_LABELS, registry=registry
         )
-        self.queue_wait = Histogram(
-            "mixoe_queue_wait_seconds",
-            "Time an image waits in the batching queue.",
-            buckets=_QUEUE_WAIT_BUCKETS,
-            registry=registry,
-        )
-        self.batch_size = Histogram(
-            "mixoe_batch_size",
-            "Images per model batch.",
-            buckets=_batch_size_buckets(max_batch_size),
-            registry=registry,
-        )
-        self.inference = Histogram(
-            "mixoe_inference_seconds", "Model time per batch.", buckets=_INFERENCE_BUCKETS, registry=registry
-        )
+        self.batches = BatchMetrics(max_batch_size, registry)  # a single server's batch loop reports here
         self.queue_depth = Gauge(
             "mixoe_queue_depth",
             "Images waiting in the batching queues.",
@@ -266,15 +259,7 @@ class ServiceMetrics:
         self.drift_log10_martingale.labels(model, version).set(log10_martingale)
         self.drift_alarm.labels(model, version).set(1 if alarm else 0)
 
-    # The batch loop reports through the last two (service.runtime.host_tasks.BatchObserver), the
-    # requests through the first (service.runtime.hosted.QueueObserver).
     def queue_changed(self, delta: int) -> None:
+        """The requests' report (``service.runtime.hosted.QueueObserver``): images handed to the
+        batch loop (+) or answered (-)."""
         self.queue_depth.inc(delta)
-
-    def batch_started(self, queue_waits: Sequence[float]) -> None:
-        self.batch_size.observe(len(queue_waits))
-        for wait in queue_waits:
-            self.queue_wait.observe(wait)
-
-    def batch_finished(self, seconds: float) -> None:
-        self.inference.observe(seconds)

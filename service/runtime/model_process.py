@@ -64,7 +64,7 @@ import torch
 from models.network.nets import resolve_device
 from service.api.errors import ServiceError
 from service.monitoring.logs import configure_logging
-from service.monitoring.metrics import BatchSizes, model_process_batch_size
+from service.monitoring.metrics import BatchMetrics
 from service.runtime.framing import BlockingChannel, authenticated_socket
 from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, HostClient, set_timeouts
 from service.runtime.host_tasks import Release, Task
@@ -200,7 +200,7 @@ def _serve(settings: Settings, address: str, key: bytes, control: Connection) ->
     host = ModelHost(
         device,
         settings.max_batch_size,
-        BatchSizes(model_process_batch_size(settings.max_batch_size)),
+        BatchMetrics(settings.max_batch_size),
         decodes_jpeg=device.type == "cuda" and settings.gpu_jpeg_decode,
         cuda_graphs=settings.cuda_graphs,
         batch_size_tuning=settings.batch_size_tuning,

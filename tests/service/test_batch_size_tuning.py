@@ -15,14 +15,14 @@ from functools import partial
 import httpx
 import pytest
 import torch
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 from torch import Tensor
 
 import service.runtime.inference
 from models.runtime import Bundle, Predictions
 from service.app import create_app
 from service.monitoring.logs import JsonFormatter
-from service.monitoring.metrics import BatchSizes
+from service.monitoring.metrics import BatchMetrics
 from service.runtime.inference import ModelRunner
 from service.runtime.host_tasks import Task
 from service.runtime.model_host import ModelHost
@@ -165,8 +165,8 @@ def test_batch_size_tuning_false_keeps_max_batch_size(
 def test_the_model_process_merges_runs_up_to_the_measured_limit_and_tells_the_workers(
     tiny: TinyModel, bundle: Bundle, warmed_up: list[int]
 ) -> None:
-    batches = Histogram("batch_size", "images per batch", buckets=[1, 2, 4, 8], registry=CollectorRegistry())
-    host = ModelHost(torch.device("cpu"), 16, BatchSizes(batches), batch_size_tuning=True)
+    batches = BatchMetrics(16, CollectorRegistry())
+    host = ModelHost(torch.device("cpu"), 16, batches, batch_size_tuning=True)
     worker = Inbox()
     load(host, model_key(bundle), worker)
     assert worker.replies.pop() == Loaded(decodes_jpeg=False, batch_limit=4)
@@ -175,7 +175,7 @@ def test_the_model_process_merges_runs_up_to_the_measured_limit_and_tells_the_wo
     while len(worker.replies) < 3:
         host.step()
     assert [len(verdicts) for verdicts in verdicts_in(worker)] == [2, 2, 2]
-    assert (batch_total(batches), batch_total(batches, "_sum")) == (2, 6)
+    assert (batch_total(batches.batch_size), batch_total(batches.batch_size, "_sum")) == (2, 6)
 
 
 def test_the_setting_reads_its_environment_variable(monkeypatch: pytest.MonkeyPatch, tiny: TinyModel) -> None:

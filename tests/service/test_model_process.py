@@ -29,7 +29,7 @@ from models.runtime import Bundle, load_bundle
 from service.api.admission import Admission
 from service.api.errors import ErrorCode, InvalidInput, NotReady
 from service.local import LocalServer, log_entries, start_local_server
-from service.monitoring.metrics import BatchSizes, ServiceMetrics, score_buckets
+from service.monitoring.metrics import BatchMetrics, ServiceMetrics, score_buckets
 from service.runtime.hosted import HostedModel
 from service.runtime.decoding import decode_image
 from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner
@@ -95,10 +95,10 @@ def run(bundle: Bundle, images: list[Any], target: float = 0.95, top_k: int = 2)
 
 
 def host_with_batches(max_batch_size: int, decodes_jpeg: bool = False) -> tuple[ModelHost, Histogram]:
-    batches = Histogram("batch_size", "images per batch", buckets=[1, 2, 4, 8], registry=CollectorRegistry())
     """A host on the CPU that schedules batches as on a GPU (the next launched before the one in
-    flight is answered), where the order of answers is what a test checks."""
-    return ModelHost(torch.device("cpu"), max_batch_size, BatchSizes(batches), decodes_jpeg, pipelined=True), batches
+    flight is answered), where the order of answers is what a test checks; and its batch sizes."""
+    batches = BatchMetrics(max_batch_size, CollectorRegistry())
+    return ModelHost(torch.device("cpu"), max_batch_size, batches, decodes_jpeg, pipelined=True), batches.batch_size
 
 
 def load(host: ModelHost, model: ModelKey, inbox: Inbox) -> None:
@@ -511,7 +511,10 @@ def test_workers_share_one_model_process_which_outlives_a_group_sigterm_and_stop
             assert response.status_code == 200, response.text
             assert [p["accepted"] for p in response.json()["predictions"]] == [True, True, False]
         metrics = httpx.get(f"{served.url}/metrics", timeout=10).text
-        assert sample_value(metrics, "mixoe_model_process_batch_size_sum") == 2 * int(workers) * len(ROLES)
+        # the model process's batches, reported under the single server's names (the workers form none)
+        assert sample_value(metrics, "mixoe_batch_size_sum") == 2 * int(workers) * len(ROLES)
+        assert sample_value(metrics, "mixoe_queue_wait_seconds_count") == 2 * int(workers) * len(ROLES)
+        assert sample_value(metrics, "mixoe_inference_seconds_count") == sample_value(metrics, "mixoe_batch_size_count") > 0
         assert sample_value(metrics, "mixoe_requests_total", {"route": "/predict", "status": "200"}) == 2 * int(workers)
         loads = [e for e in log_entries(log) if str(e["message"]).startswith("batch loop loaded")]
         assert len(loads) == 1  # one copy, whatever the number of workers
@@ -537,8 +540,7 @@ def test_the_service_stops_with_status_1_when_the_model_process_dies(tiny: TinyM
 def test_on_a_cpu_each_batch_is_answered_before_the_next_is_launched(tiny: TinyModel, bundle: Bundle) -> None:
     """A CPU's forward pass has finished when it returns: holding its answers while the next batch
     computes would only add that batch's time to their latency."""
-    batches = Histogram("batch_size", "images per batch", buckets=[1, 2, 4], registry=CollectorRegistry())
-    host = ModelHost(torch.device("cpu"), 3, BatchSizes(batches))
+    host = ModelHost(torch.device("cpu"), 3, BatchMetrics(3, CollectorRegistry()))
     first, second = Inbox(), Inbox()
     loaded_by(host, model_key(bundle), first, second)
     host.submit(Task(first, run(bundle, crops(bundle, tiny, ROLES))))  # a full batch
