@@ -10,6 +10,9 @@ batch limit; when nothing is in flight it waits up to ``max_delay_s`` for more t
 the loop launches batch n+1 before it waits for batch n's logits, so the GPU computes while the
 loop decodes and crops. A run whose worker has stopped waiting for it (its call's deadline
 passed) is dropped when its turn comes, never computed: work queued for nobody cannot pile up.
+A ping goes ahead of every other task: the heartbeat asks whether the loop turns, not how long
+its queue is, so it waits for the step in progress (a hung batch is still caught) but never for
+the runs queued behind it.
 The loop thread alone touches its state and its connections (it also closes them), so no lock is
 needed.
 
@@ -31,6 +34,7 @@ run was merged into that batch or the one in flight, with the error; none is lef
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -85,7 +89,8 @@ class ModelHost:
         self._loader = loader
         self._stopped = False
         self._decodes_jpeg = decodes_jpeg
-        self._tasks: queue.Queue[Task] = queue.Queue()
+        self._tasks: queue.PriorityQueue[tuple[int, int, Task]] = queue.PriorityQueue()  # (urgency, order, task)
+        self._order = itertools.count()
         self._next: Task | None = None  # taken from the queue, but it did not join the last batch
         self._in_flight: _InFlight | None = None  # launched on the device, not yet answered
         self._runners: dict[ModelKey, ModelRunner] = {}
@@ -105,7 +110,8 @@ class ModelHost:
         }
 
     def submit(self, task: Task) -> None:
-        self._tasks.put(task)
+        """Queue ``task``, behind every task queued before it unless it is a ping (see module docstring)."""
+        self._tasks.put((0 if isinstance(task.message, Ping) else 1, next(self._order), task))
 
     @property
     def loaded(self) -> list[ModelKey]:
@@ -128,7 +134,7 @@ class ModelHost:
         if self._next is not None:
             task, self._next = self._next, None
         else:
-            task = self._tasks.get()
+            task = self._tasks.get()[2]
         kind = type(task.message).__name__
         try:
             if not self._dropped(task):
@@ -212,7 +218,7 @@ class ModelHost:
     def _poll(self, wait_s: float = 0.0) -> Task | None:
         """The next task queued, waiting at most ``wait_s`` for one."""
         try:
-            return self._tasks.get(timeout=wait_s) if wait_s > 0 else self._tasks.get_nowait()
+            return (self._tasks.get(timeout=wait_s) if wait_s > 0 else self._tasks.get_nowait())[2]
         except queue.Empty:
             return None
 

@@ -40,7 +40,7 @@ from service.runtime.host_tasks import LoadDone, Release, Task
 from service.runtime.model_host import ModelHost
 from service.runtime.model_process import ModelProcess
 from service.runtime.predictor import Predictor, Upload
-from service.runtime.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Reply, Run, model_key
+from service.runtime.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Run, model_key
 from service.runtime.registry import LoadedModel
 from service.settings import Settings
 from tests.service.helpers import TinyModel, build_tiny_bundle, role_files, sample_value
@@ -176,6 +176,21 @@ def test_a_run_that_would_overflow_the_batch_or_needs_another_model_goes_next(
     host.step()  # another model's run, not merged; and the last: answered at once
     assert [len(first.replies), len(second.replies), len(third.replies)] == [1, 1, 1]
     assert batch_total(batches) == 3
+
+
+def test_a_ping_goes_ahead_of_the_queued_runs(tiny: TinyModel, bundle: Bundle) -> None:
+    """The heartbeat asks whether the loop turns: a long queue of runs must not look like a hang."""
+    host, batches = host_with_batches(max_batch_size=1)
+    worker, heartbeat = Inbox(), Inbox()
+    loaded_by(host, model_key(bundle), worker)
+    for role in ROLES:
+        host.submit(Task(worker, run(bundle, crops(bundle, tiny, [role]))))
+    host.submit(Task(heartbeat, Ping()))
+    host.step()
+    assert heartbeat.replies == [Pong()] and worker.replies == [] and batch_total(batches) == 0
+    while len(worker.replies) < len(ROLES):
+        host.step()
+    assert batch_total(batches) == len(ROLES)  # the runs, in their order, after it
 
 
 def test_a_batch_in_flight_that_fails_fails_only_its_own_runs(
