@@ -106,6 +106,25 @@ class DataConfig(_Strict):
             raise ValueError("give exactly one of data.val (a split) and data.val_from_train (a carve-out)")
         return self
 
+    @model_validator(mode="after")
+    def _classes_left_to_train_on(self) -> "DataConfig":
+        """With a holdout split the ID class count is known here: fail at config time, not in training."""
+        if self.holdout is not None and self.validation_classes is not None:
+            if self.validation_classes.count >= self.holdout.num_id_classes - 1:
+                raise ValueError(
+                    f"data.validation_classes.count {self.validation_classes.count} leaves fewer than 2 of the "
+                    f"{self.holdout.num_id_classes} ID classes to train on"
+                )
+        return self
+
+    def require_every_id_class(self, what: str) -> None:
+        """Refuse ``what`` (a deliverable: a bundle) for a model trained without its validation classes."""
+        if self.validation_classes is not None:
+            raise ValueError(
+                f"{what} would lack the {self.validation_classes.count} ID classes that data.validation_classes "
+                "leaves out of training; drop data.validation_classes (mixoe compare trains its pick on every class)"
+            )
+
 
 class CategorySplitConfig(_Strict):
     """Split a pool's category sub-folders, *by category*, into training pool, validation and test.

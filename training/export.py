@@ -42,6 +42,7 @@ def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) 
     evaluation_path = run_dir / EVALUATION_JSON
     if not evaluation_path.is_file():
         raise FileNotFoundError(f"{evaluation_path} not found: run 'mixoe evaluate' first")
+    config.data.require_every_id_class("the exported bundle")
     evaluation = json.loads(evaluation_path.read_text())
     require_current_weights(config, evaluation["weights_sha256"], "evaluation")
     record = load_calibration(config)
@@ -73,8 +74,9 @@ def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) 
             "batch_size": config.batch_size,
             "seed": config.seed,
             "pretrained": config.pretrained,
-            "best_epoch": best["epoch"],
+            "best_epoch": best["epoch"],  # the kept epoch, by kept_epoch_rule
             "best_val_accuracy": best["val_accuracy"],
+            "kept_epoch_rule": config.kept_epoch_rule,
             "holdout": None if config.data.holdout is None else config.data.holdout.model_dump(),
             "transforms": config.data.transforms.model_dump(mode="json"),
             "outliers": None if config.outliers is None else config.outliers.model_dump(mode="json"),

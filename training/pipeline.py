@@ -64,6 +64,7 @@ def _run_stage(name: str, action: Callable[[], object], done: dict[str, str], st
 
 def run_pipeline(config: TrainConfig) -> Path | None:
     """Run every unfinished stage; returns the exported bundle's directory (None on ranks > 0)."""
+    config.data.require_every_id_class("the pipeline's bundle")
     root = config.output_dir
     state_path = root / STATE
     done: dict[str, str] = json.loads(state_path.read_text()) if state_path.is_file() else {}

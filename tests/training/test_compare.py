@@ -135,6 +135,7 @@ def test_compare_selects_by_left_out_classes_and_exports_a_model_of_every_id_cla
          "invalid configuration: unknown key 'compare.sedes' (did you mean 'compare.seeds'?)"),
         ({"outliers": None, "compare": {}}, "methods ['energy-oe', 'mixoe-cutmix', 'mixoe-mixup', 'oe'] need an"),
         ({"compare": {"methods": {"msp": {"name": "baseline"}}}, "outliers": None}, "compare needs validation data"),
+        ({"evaluation": {"ood_sets": {"val_classes": "/elsewhere"}}}, "OOD set name 'val_classes' is reserved"),
     ],
 )
 def test_compare_misuse_is_one_line_and_exit_2(

@@ -205,6 +205,24 @@ def test_cli_misuse_is_one_clear_line_and_exit_2(
     assert message in err[0]
 
 
+def test_a_pipeline_refuses_to_ship_a_model_without_its_validation_classes(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    raw = tiny_config(data_root, tmp_path / "pipe").model_dump(mode="json")
+    raw["data"]["validation_classes"] = {"count": 1}
+    import yaml
+
+    config_path = tmp_path / "pipe.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    assert main(["pipeline", str(config_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "mixoe: error: the pipeline's bundle would lack the 1 ID classes that data.validation_classes leaves out "
+        "of training; drop data.validation_classes (mixoe compare trains its pick on every class)"
+    ]
+    assert not (tmp_path / "pipe" / "baseline").exists()  # refused before any training
+
+
 def test_loader_workers_do_not_change_the_weights(baseline_run: Path, data_root: Path, tmp_path: Path) -> None:
     """Each image's augmentation is seeded by (run seed, epoch, index), not by the worker."""
     config = tiny_config(data_root, tmp_path / "workers")

@@ -76,6 +76,11 @@ def test_validation_classes_must_leave_two_classes_to_train_on(list_root: Path) 
         load_experiment_data(config)
 
 
+def test_with_a_holdout_split_too_many_validation_classes_fail_at_config_time(list_root: Path) -> None:
+    with pytest.raises(ValueError, match="count 2 leaves fewer than 2 of the 3 ID classes"):
+        DataConfig(root=list_root, holdout={"num_id_classes": 3}, validation_classes={"count": 2})
+
+
 def test_validation_must_come_from_exactly_one_place(list_root: Path) -> None:
     with pytest.raises(ValueError, match="exactly one of data.val"):
         DataConfig(root=list_root, val="val", val_from_train={"fraction": 0.3})

@@ -98,8 +98,9 @@ def load_compare_config(path: Path, overrides: list[str] = (), values: dict[str,
     if compare.validation_set is None and whole.data.validation_classes is None:
         raise ValueError("compare needs validation data: set data.validation_classes, "
                          "outliers.categories.val_fraction or compare.validation_set (an evaluation.ood_sets entry)")
-    if BLEND in whole.evaluation.ood_sets:
-        raise ValueError(f"OOD set name {BLEND!r} is reserved by compare; choose another")
+    for reserved in (BLEND, VAL_CLASSES):
+        if reserved in whole.evaluation.ood_sets:
+            raise ValueError(f"OOD set name {reserved!r} is reserved by compare; choose another")
     return TrainConfig.model_validate(whole.model_dump(exclude={"compare"})), compare
 
 
@@ -160,13 +161,15 @@ def method_configs(unit: TrainConfig, methods: dict[str, MethodConfig]) -> tuple
     return stage_configs(unit.model_copy(update={"method": MethodConfig()}))[0], configs
 
 
-def unit_records(config: TrainConfig, label: str, split: int | None, validation: set[str]) -> list[Record]:
-    """Evaluate one trained model; one :class:`Record` per score the evaluation covers."""
+def unit_records(
+    config: TrainConfig, label: str, split: int | None, validation: set[str], against: str
+) -> list[Record]:
+    """Evaluate one trained model; one :class:`Record` per score the evaluation covers, its
+    criterion the AUROC of ID validation images against the validation set ``against``."""
     result = evaluate(config)
     run = run_logits(config)  # cached by the evaluation
     val = run.sets[ID_VAL]
     val_accuracy = accuracy(val.logits, val.labels)
-    against = VAL_CLASSES if VAL_CLASSES in run.sets else BLEND
     records = []
     for score, per_set in result["scores"].items():
         fitted = fit_score(config, run, score)  # feature scores are fitted on the run's training features
@@ -188,6 +191,7 @@ def run_compare(base: TrainConfig, compare: CompareConfig) -> CompareResult:
     """Train, evaluate and tabulate every unit, then export the selected model (see module docstring)."""
     validation = {compare.validation_set, BLEND, VAL_CLASSES}
     by_classes = base.data.validation_classes is not None
+    against = VAL_CLASSES if by_classes else BLEND
     own_split = None if base.data.holdout is None else base.data.holdout.seed
     splits = compare.splits if compare.splits is not None else [own_split]
     records: list[Record] = []
@@ -201,14 +205,14 @@ def run_compare(base: TrainConfig, compare: CompareConfig) -> CompareResult:
                 write_blend(unit, compare.validation_set, blend_dir, seed=0 if split is None else split)
                 unit = with_ood_set(unit, BLEND, blend_dir)
             for label, config in trained_methods(unit, compare.methods).items():
-                records += unit_records(config, label, split, validation)
+                records += unit_records(config, label, split, validation, against)
             log.info("compare: split %s seed %d done", split, seed)
     set_names = list(records[0].ood)
     table = summarize(records, set_names)
     paired = {name: paired_differences(records, table, name) for name in set_names}
     baseline = next((label for label, m in compare.methods.items() if m.name == "baseline"), None)
     selected = select(table, baseline, compare.max_accuracy_drop)
-    text = markdown(table, paired, selected, VAL_CLASSES if by_classes else BLEND)
+    text = markdown(table, paired, selected, against)
     bundle = export_selected(first, selected["method"], compare.methods[selected["method"]], selected["score"])
     out = base.output_dir
     summary = {"selected": selected, "bundle": str(bundle), "table": table, "paired": paired,
@@ -236,7 +240,8 @@ def export_selected(unit: TrainConfig, label: str, method: MethodConfig, score: 
         data = unit.data.model_copy(update={"validation_classes": None})
         unit = unit.model_copy(update={"data": data, "output_dir": unit.output_dir / "all-classes"})
     config = trained_methods(unit, {label: method})[label]
-    evaluation = config.evaluation.model_copy(update={"score": score})
+    sets = {name: spec for name, spec in config.evaluation.ood_sets.items() if name != BLEND}
+    evaluation = config.evaluation.model_copy(update={"score": score, "ood_sets": sets})
     final = config.model_copy(update={"evaluation": evaluation})
     calibrate(final)
     evaluate(final)

@@ -21,7 +21,7 @@ class ExperimentData:
     validation classes, their training and validation images (original labels)."""
 
     class_names: list[str]
-    id_classes: list[int]  # original class indices of the ID classes, sorted
+    id_classes: list[int]  # original indices of the classes trained on, sorted (no validation class)
     ood_classes: list[int]  # original indices of held-out classes (empty without a holdout split)
     train: SplitData
     val: SplitData

@@ -250,6 +250,11 @@ def config_fingerprint(config: TrainConfig) -> str:
     exported or placed on devices and workers may change between a run and its resumption."""
     relevant = config.model_dump(mode="json", exclude={"output_dir", "evaluation", "export", "device"})
     relevant["data"].pop("num_workers")
+    # Settings added later hash only when set, so runs made before them still resume.
+    if relevant["keep"] == "auto":
+        del relevant["keep"]
+    if relevant["data"]["validation_classes"] is None:
+        del relevant["data"]["validation_classes"]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
