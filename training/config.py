@@ -78,6 +78,14 @@ class ValidationClasses(_Strict):
     count: int = Field(ge=1, description="ID classes left out of training and kept for validation")
     seed: int = Field(0, description="seed of the draw")
 
+    def check_leaves_two(self, num_id_classes: int) -> None:
+        """Refuse a ``count`` that leaves fewer than 2 of ``num_id_classes`` to train a classifier on."""
+        if self.count >= num_id_classes - 1:
+            raise ValueError(
+                f"data.validation_classes.count {self.count} leaves fewer than 2 of the {num_id_classes} "
+                "ID classes to train on"
+            )
+
 
 class DataConfig(_Strict):
     """Where the in-distribution data lives.
@@ -110,11 +118,7 @@ class DataConfig(_Strict):
     def _classes_left_to_train_on(self) -> "DataConfig":
         """With a holdout split the ID class count is known here: fail at config time, not in training."""
         if self.holdout is not None and self.validation_classes is not None:
-            if self.validation_classes.count >= self.holdout.num_id_classes - 1:
-                raise ValueError(
-                    f"data.validation_classes.count {self.validation_classes.count} leaves fewer than 2 of the "
-                    f"{self.holdout.num_id_classes} ID classes to train on"
-                )
+            self.validation_classes.check_leaves_two(self.holdout.num_id_classes)
         return self
 
     def require_every_id_class(self, what: str) -> None:

@@ -67,10 +67,7 @@ def load_experiment_data(config: DataConfig) -> ExperimentData:
 
 def left_out_classes(id_classes: list[int], rule: ValidationClasses) -> tuple[list[int], list[int]]:
     """``(kept, left_out)``, both sorted: ``rule.count`` of ``id_classes`` drawn with ``rule.seed``."""
-    if rule.count >= len(id_classes) - 1:
-        raise ValueError(
-            f"validation_classes.count {rule.count} leaves fewer than 2 of the {len(id_classes)} ID classes to train on"
-        )
+    rule.check_leaves_two(len(id_classes))
     drawn = np.random.RandomState(rule.seed).choice(len(id_classes), rule.count, replace=False)
     left_out = sorted(id_classes[int(i)] for i in drawn)
     return [c for c in id_classes if c not in left_out], left_out
