@@ -84,7 +84,7 @@ step() {  # step NAME COMMAND...
   fi
 }
 BUNDLE=$OUT_DIR/repository/flowers17-mixoe/1
-wanted fine-tune || BUNDLE=models/repository/flowers17/1
+wanted fine-tune || BUNDLE=models/repository/flowers17/2
 needs_bundle() {
   [ -d "$BUNDLE" ] || { echo "no bundle at $BUNDLE: the fine-tune step failed"; return 1; }
   "$@"

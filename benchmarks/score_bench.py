@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=ROOT / "models/repository/flowers17/1")
+    parser.add_argument("--bundle", type=Path, default=ROOT / "models/repository/flowers17/2")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/flowers17",
                         help="a data set with train.txt listing 'relative_path label' lines")
     parser.add_argument("--bank-images", type=int, default=400, help="training photos in the knn-train bank")

@@ -14,7 +14,7 @@ from service.app import create_app
 from service.settings import EMBEDDED_REPOSITORY, Settings, is_setting_variable
 
 
-def test_an_unconfigured_service_loads_flowers17_version_1_and_answers_predict(
+def test_an_unconfigured_service_loads_flowers17_version_2_and_answers_predict(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for name in [key for key in os.environ if is_setting_variable(key)]:
@@ -26,11 +26,11 @@ def test_an_unconfigured_service_loads_flowers17_version_1_and_answers_predict(
     image.save(buffer, format="JPEG")
     with TestClient(create_app(settings)) as client:
         assert client.get("/v2/health/ready").status_code == 200
-        assert client.get("/v2/models/flowers17").json()["versions"] == ["1"]
+        assert client.get("/v2/models/flowers17").json()["versions"] == ["2"]
         answer = client.post("/predict", files=[("files", ("noise.jpg", buffer.getvalue(), "image/jpeg"))])
     assert answer.status_code == 200
     body = answer.json()
-    assert (body["model"], body["version"]) == ("flowers17", "1")
+    assert (body["model"], body["version"]) == ("flowers17", "2")
     prediction = body["predictions"][0]
     assert prediction["operating_point"] == 0.95
     assert prediction["accepted"] == (prediction["ood_score"]["value"] <= prediction["threshold"])
