@@ -20,7 +20,7 @@ import torch
 from models.contract.manifest import BundleError
 from models.runtime import Bundle, load_bundle
 from service.runtime.inference import ModelRunner
-from service.runtime.protocol import Failed, ModelKey, Request, Run, model_key
+from service.runtime.protocol import Answer, Failed, ModelKey, Reply, Request, Run, model_key
 
 
 class BatchObserver(Protocol):
@@ -132,3 +132,17 @@ def error_reply(error: BaseException) -> Failed:
 def error_text(error: BaseException) -> str:
     """One line for a worker; a bundle's own error names the bundle and the fault already."""
     return str(error) if isinstance(error, BundleError) else f"{type(error).__name__}: {error}"
+
+
+def reply(task: Task, answer: Reply) -> None:
+    """Answer a worker's call."""
+    send(task.origin, [Answer(task.call, answer)])
+
+
+def send(origin: Replies, answers: list[Answer]) -> None:
+    """Send ``answers`` to one worker, as one message (an :class:`Answer`, or a list of them); one
+    that has gone away meanwhile is released when its reader sees it."""
+    try:
+        origin.send(answers[0] if len(answers) == 1 else answers)
+    except OSError:
+        pass
