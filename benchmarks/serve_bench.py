@@ -13,7 +13,7 @@ Three measurements of one bundle on one machine, in one run (compare ratios, not
                with ``MIXOE_MODEL_PROCESS=true``: one process holds the model and runs the
                batches of all N workers together (the mean batch is then the model process's);
                Each batched run measures its batch sizes at start (``MIXOE_BATCH_SIZE_TUNING``,
-               ``service/runtime/tuning.py``); the ``limit`` column is the largest batch it then
+               ``service/runtime/batch_loop/tuning.py``); the ``limit`` column is the largest batch it then
                forms, from its log;
 * ``batched-untuned`` (``--untuned``) the ``batched`` run with ``MIXOE_BATCH_SIZE_TUNING=false``:
                batches of up to ``--max-batch-size`` whatever their speed;
@@ -196,7 +196,7 @@ class ModelProcessSampler:
 
 
 def _function(frame: str) -> str:
-    """``ModelHost.step (service/runtime/model_host.py:151)`` -> ``ModelHost.step (model_host.py)``."""
+    """``ModelHost.step (service/runtime/batch_loop/model_host.py:151)`` -> ``ModelHost.step (model_host.py)``."""
     name, _, where = frame.partition(" (")
     return f"{name} ({Path(where.rsplit(':', 1)[0]).name})" if where else name
 

@@ -5,7 +5,7 @@ batch loop, which merges the images of every request in flight. When one Python 
 and its threads share one interpreter lock), ``MIXOE_WORKERS=N`` starts N processes on the same
 device and port, and the metrics of all of them are merged (:mod:`service.monitoring.metrics`). On a CUDA
 device (or with ``MIXOE_MODEL_PROCESS=true``) one more process then holds the models and runs the
-batches of all workers together (:mod:`service.runtime.model_process`); with
+batches of all workers together (:mod:`service.runtime.batch_loop.model_process`); with
 ``MIXOE_MODEL_PROCESS=false`` each worker holds its own copy of the models and its own batch loop. On SIGTERM the server stops accepting
 connections, reads requests on those it accepted for half a second more (:mod:`service.server`),
 and waits for in-flight requests (at most ``MIXOE_SHUTDOWN_TIMEOUT_S``); the lifespan then drains
@@ -33,7 +33,7 @@ from service.api.connections import GuardedHttpProtocol
 from service.app import create_app
 from service.monitoring.logs import configure_logging
 from service.monitoring.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
-from service.runtime.model_process import ModelProcess
+from service.runtime.batch_loop.model_process import ModelProcess
 from service.server import ACCEPTED_CONNECTION_GRACE_S, DrainingServer
 from service.settings import Settings, is_setting_variable
 from service.supervisor import Supervisor

@@ -5,8 +5,8 @@ or digest-pinned as the settings ask; any failure stops the process before it re
 the batch loop warm each model up once, then opens the models to requests. Shutdown marks the
 service not ready, lets the requests in flight finish, then stops the loop and joins the threads.
 
-The batch loop (:class:`~service.runtime.model_host.ModelHost`) is the one batching point: in a
-single server it runs in this process's inference thread (:mod:`service.runtime.local_host`); a GPU
+The batch loop (:class:`~service.runtime.batch_loop.model_host.ModelHost`) is the one batching point: in a
+single server it runs in this process's inference thread (:mod:`service.runtime.batch_loop.local_host`); a GPU
 runs one batch at a time anyway, and a single thread keeps CUDA streams and CPU thread pools from
 contending. With ``MIXOE_MODEL_PROCESS`` it runs in the model process for every worker, and the
 models here stay on the CPU for preprocessing and metadata. Either way each request's images go
@@ -36,11 +36,11 @@ from service.api.errors import ServiceError
 from service.monitoring.drift import DriftAlarms
 from service.monitoring.metrics import ServiceMetrics, multiprocess_directory, score_buckets
 from service.runtime.hosted import HostedModel
-from service.runtime.inference import graphs_note
-from service.runtime.local_host import LocalHost
+from service.runtime.batch_loop.inference import graphs_note
+from service.runtime.batch_loop.local_host import LocalHost
 from service.runtime.model_client import HostClient
-from service.runtime.host_tasks import Loader
-from service.runtime.model_host import ModelHost
+from service.runtime.batch_loop.host_tasks import Loader
+from service.runtime.batch_loop.model_host import ModelHost
 from service.runtime.predictor import Predictor
 from service.runtime.registry import LoadedModel, ModelRegistry, select_bundles
 from service.settings import Settings

@@ -110,7 +110,7 @@ class Settings(BaseSettings):
         True,
         description="At start, time each model at batch sizes 1, 2, 4, ... up to max_batch_size (three runs "
         "each, the median) and never form a batch larger than the size with the most images per second on this "
-        "device, which on a CPU can be far below max_batch_size (service/runtime/tuning.py); false: batches of up "
+        "device, which on a CPU can be far below max_batch_size (service/runtime/batch_loop/tuning.py); false: batches of up "
         "to max_batch_size.",
     )
     max_batch_delay_ms: float = Field(

@@ -5,7 +5,7 @@ not by the GPU. On an H200, MobileNetV2 took 4.8 ms per batch of one image and 7
 of 32 (``raw@1`` and ``raw@32`` in ``benchmarks/results/serve_h200_model_process.json``), while
 the GPU was busy for a fraction of that. A CUDA graph records the kernels of one forward pass at
 one input shape and replays them all with one launch. The service pads its GPU batches to a few
-fixed sizes (``service.runtime.inference.padded_batch_sizes``), exactly what graphs need: one per size.
+fixed sizes (``service.runtime.batch_loop.inference.padded_batch_sizes``), exactly what graphs need: one per size.
 
 A replay runs the kernels recorded, so its logits equal the eager pass's; ``benchmarks/serve_bench.py``
 checks that on the GPU it runs on.

@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 
 from models.calibration.selective import Decision
 from models.contract.manifest import Manifest
-from service.runtime.inference import padded_batch_sizes
+from service.runtime.batch_loop.inference import padded_batch_sizes
 
 _CALIBRATION_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 _BEYOND_CALIBRATION = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # multiples of the calibration span above its maximum
@@ -119,7 +119,7 @@ def _batch_size_buckets(max_batch_size: int) -> list[float]:
 
 
 class BatchMetrics:
-    """The batch loop's measurements, as a ``service.runtime.host_tasks.BatchObserver``: images
+    """The batch loop's measurements, as a ``service.runtime.batch_loop.host_tasks.BatchObserver``: images
     per batch, each image's wait in the loop's queue, model time per batch.
 
     Wherever the loop runs, the series are the same: a single server's loop reports into the app's

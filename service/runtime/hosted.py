@@ -1,10 +1,10 @@
 """Where a request's images go: to the batch loop that holds the model, at once.
 
 A worker forms no batches: each request's images, once checked and decoded, go to the batch loop
-(:class:`~service.runtime.model_host.ModelHost`) as one :class:`~service.runtime.protocol.Run`
+(:class:`~service.runtime.batch_loop.model_host.ModelHost`) as one :class:`~service.runtime.protocol.Run`
 (or a few, when they exceed the model's batch limit), sent from the event loop at once, however
 many other requests are in flight. The batch loop is the one batching point: in a thread of a
-single server (``service.runtime.local_host``), or in the model process for every worker
+single server (``service.runtime.batch_loop.local_host``), or in the model process for every worker
 (``MIXOE_MODEL_PROCESS``), where it merges the runs of all of them, so a worker never waits for
 its previous batch before the next can form.
 """
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from models.runtime import Bundle
 from service.api.errors import ErrorCode, ModelFailure, NotReady
-from service.runtime.inference import ImageJob, ImageVerdict
+from service.runtime.batch_loop.inference import ImageJob, ImageVerdict
 from service.runtime.model_client import HostClient
 from service.runtime.protocol import Judged, Loaded, Run, model_key
 

@@ -1,13 +1,13 @@
 """A worker's side of the batch loop: one connection, many calls in flight, a deadline on each.
 
-The batch loop (:class:`~service.runtime.model_host.ModelHost`) runs in the model process, reached
+The batch loop (:class:`~service.runtime.batch_loop.model_host.ModelHost`) runs in the model process, reached
 over a Unix socket (:meth:`HostClient.over_socket`), or in a thread of a single server
-(``service.runtime.local_host``), reached through the event loop; the client is the same. A
+(``service.runtime.batch_loop.local_host``), reached through the event loop; the client is the same. A
 worker's requests call it straight from the event loop (``service.runtime.hosted``): each call is
 numbered, sent at once, and awaited; one task reads the answers and hands each to the call of its
 number. So a worker has as many runs in flight as it has requests, and the batch loop, the one
 batching point, merges them with every other worker's. The parent's watchdog
-(``service.runtime.model_process``) pings through a client of its own, on an event loop of its
+(``service.runtime.batch_loop.model_process``) pings through a client of its own, on an event loop of its
 own thread.
 
 Deadlines: a run or a ping ``MIXOE_MODEL_PROCESS_TIMEOUT_S``; a load (which includes the
@@ -42,7 +42,7 @@ from service.runtime.protocol import Answer, Call, Failed, Judged, Load, Loaded,
 
 ADDRESS_VARIABLE = "_MIXOE_MODEL_PROCESS_ADDRESS"
 KEY_VARIABLE = "_MIXOE_MODEL_PROCESS_KEY"
-"""Where the parent tells its workers to connect (``service.runtime.model_process``)."""
+"""Where the parent tells its workers to connect (``service.runtime.batch_loop.model_process``)."""
 LOAD_TIMEOUT_S = 120.0  # a load includes the warm-up: one batch per padded size, about 2 s each on a GPU
 ReplyT = TypeVar("ReplyT", Loaded, Judged, Pong)
 

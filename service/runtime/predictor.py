@@ -34,7 +34,7 @@ from service.api.errors import ErrorCode, InvalidInput, InvalidParameter, ModelF
 from service.monitoring.drift import DriftAlarms
 from service.monitoring.metrics import ServiceMetrics
 from service.runtime.decoding import load_image, open_image
-from service.runtime.inference import ImageJob, ImageVerdict
+from service.runtime.batch_loop.inference import ImageJob, ImageVerdict
 from service.runtime.jpeg import decode_plain_jpeg, is_plain_jpeg
 from service.runtime.registry import LoadedModel
 from service.settings import Settings
@@ -150,7 +150,7 @@ def prepare_image(upload: Upload, bundle: Bundle, settings: Settings, jpeg: Jpeg
 
     Normalisation happens batched on the model's device (:meth:`Bundle.predict`). A plain JPEG
     is decoded as ``jpeg`` says; with :attr:`Jpeg.SEND` it passes every check here and stays
-    undecoded, for the model process's GPU (``service.runtime.model_process``)."""
+    undecoded, for the model process's GPU (``service.runtime.batch_loop.model_process``)."""
     image = open_image(
         upload.data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels, filename=upload.filename
     )

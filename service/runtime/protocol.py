@@ -27,7 +27,7 @@ import numpy as np
 
 from models.contract.manifest import OperatingPoint
 from models.runtime import Bundle
-from service.runtime.inference import ImageVerdict
+from service.runtime.batch_loop.inference import ImageVerdict
 
 ModelKey = tuple[str, str]
 """``(bundle path, manifest digest)``: which model a worker means (:func:`model_key`)."""
@@ -118,7 +118,7 @@ class Call:
 class Loaded:
     """The model is loaded and warm; ``decodes_jpeg``: send plain JPEGs undecoded;
     ``batch_limit``: the most images per run the model process merges for it (its
-    :meth:`~service.runtime.inference.ModelRunner.batch_limit`)."""
+    :meth:`~service.runtime.batch_loop.inference.ModelRunner.batch_limit`)."""
 
     decodes_jpeg: bool
     batch_limit: int

@@ -56,7 +56,7 @@ class LoadedModel:
     """A bundle in memory and the batch loop's model its requests' images go to.
 
     ``sends_jpeg``: plain JPEGs go to the model process undecoded, for its GPU to decode; a verdict
-    is then ``None`` where that decoder refused the file (``service.runtime.model_process``)."""
+    is then ``None`` where that decoder refused the file (``service.runtime.batch_loop.model_process``)."""
 
     bundle: Bundle
     queue: HostedModel

@@ -20,8 +20,8 @@ from models.runtime import Bundle, Predictions, load_bundle
 from service.app import create_app
 from service.runtime.decoding import decode_image
 from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE
-from service.runtime.model_host import ModelHost
-from service.runtime.model_process import _receive
+from service.runtime.batch_loop.model_host import ModelHost
+from service.runtime.batch_loop.model_process import _receive
 from service.settings import Settings, is_setting_variable
 from tests.service.helpers import TinyModel, build_tiny_bundle
 

@@ -1,4 +1,4 @@
-"""Batch sizes chosen by measurement (``service.runtime.tuning``), with fake timings only.
+"""Batch sizes chosen by measurement (``service.runtime.batch_loop.tuning``), with fake timings only.
 
 Every timing here comes from a fake clock that a batch of ``n`` images advances by a price the
 test sets, so the chosen limit is known in advance and no assertion depends on the machine's speed.
@@ -18,16 +18,16 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import Tensor
 
-import service.runtime.inference
+import service.runtime.batch_loop.inference
 from models.runtime import Bundle, Predictions
 from service.app import create_app
 from service.monitoring.logs import JsonFormatter
 from service.monitoring.metrics import BatchMetrics
-from service.runtime.inference import ModelRunner
-from service.runtime.host_tasks import Task
-from service.runtime.model_host import ModelHost
+from service.runtime.batch_loop.inference import ModelRunner
+from service.runtime.batch_loop.host_tasks import Task
+from service.runtime.batch_loop.model_host import ModelHost
 from service.runtime.protocol import Loaded, model_key
-from service.runtime.tuning import BatchSizeTuning
+from service.runtime.batch_loop.tuning import BatchSizeTuning
 from service.settings import Settings
 from tests.service.helpers import TinyModel, encode, noise_image, sample_value, serve_in_process
 from tests.service.test_model_process import ROLES, Inbox, batch_total, crops, load, run, verdicts_in
@@ -126,7 +126,7 @@ def warmed_up(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return real_predict(bundle, batch, operating_point)
 
     monkeypatch.setattr(Bundle, "predict", priced_predict)
-    monkeypatch.setattr(service.runtime.inference, "BatchSizeTuning", partial(BatchSizeTuning, clock=clock))
+    monkeypatch.setattr(service.runtime.batch_loop.inference, "BatchSizeTuning", partial(BatchSizeTuning, clock=clock))
     return predicted
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from models.runtime import Predictions
 from service.app import create_app
-from service.runtime.inference import ModelRunner
+from service.runtime.batch_loop.inference import ModelRunner
 from service.settings import Settings
 from tests.service.helpers import encode, noise_image, sample_value, serve_in_process
 

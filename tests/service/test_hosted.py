@@ -16,10 +16,10 @@ from models.runtime import Bundle
 from service.api.errors import NotReady
 from service.app import create_app
 from service.runtime.hosted import HostedModel
-from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner
+from service.runtime.batch_loop.inference import ImageJob, ImageVerdict, ModelRunner
 from service.runtime.model_client import HostClient
-from service.runtime.host_tasks import Task
-from service.runtime.model_host import ModelHost
+from service.runtime.batch_loop.host_tasks import Task
+from service.runtime.batch_loop.model_host import ModelHost
 from service.runtime.protocol import Judged, Loaded, ModelKey, Run
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files

@@ -13,7 +13,7 @@ from PIL import Image
 from models.runtime import Bundle
 from service.api.errors import ErrorCode, InvalidInput
 from service.runtime.decoding import decode_image, open_image
-from service.runtime.inference import stack_on
+from service.runtime.batch_loop.inference import stack_on
 from service.runtime.jpeg import decode_plain_jpeg, is_plain_jpeg
 from service.runtime.predictor import Upload, prepare_image
 from service.settings import Settings

@@ -32,13 +32,13 @@ from service.local import LocalServer, log_entries, start_local_server
 from service.monitoring.metrics import BatchMetrics, ServiceMetrics, score_buckets
 from service.runtime.hosted import HostedModel
 from service.runtime.decoding import decode_image
-from service.runtime.inference import ImageJob, ImageVerdict, ModelRunner
+from service.runtime.batch_loop.inference import ImageJob, ImageVerdict, ModelRunner
 from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, HostClient
-import service.runtime.host_tasks
+import service.runtime.batch_loop.host_tasks
 import service.runtime.predictor
-from service.runtime.host_tasks import LoadDone, Release, Task
-from service.runtime.model_host import ModelHost
-from service.runtime.model_process import ModelProcess
+from service.runtime.batch_loop.host_tasks import LoadDone, Release, Task
+from service.runtime.batch_loop.model_host import ModelHost
+from service.runtime.batch_loop.model_process import ModelProcess
 from service.runtime.predictor import Predictor, Upload
 from service.runtime.protocol import Answer, Failed, Judged, Load, Loaded, ModelKey, Ping, Pong, Reply, Run, model_key
 from service.runtime.registry import LoadedModel
@@ -322,13 +322,13 @@ def test_a_model_still_loading_holds_up_no_run_of_another(
     serving, rolling = Inbox(), Inbox()
     loaded_by(host, model_key(bundle), serving)
     release_load = threading.Event()
-    real_load = service.runtime.host_tasks.load_bundle
+    real_load = service.runtime.batch_loop.host_tasks.load_bundle
 
     def slow_load(path: Path, device: torch.device) -> Bundle:
         assert release_load.wait(30)
         return real_load(path, device)
 
-    monkeypatch.setattr(service.runtime.host_tasks, "load_bundle", slow_load)
+    monkeypatch.setattr(service.runtime.batch_loop.host_tasks, "load_bundle", slow_load)
     # Three warm-up batch sizes, as a GPU model would have (on a CPU there is one).
     monkeypatch.setattr(
         ModelRunner, "for_device", lambda bundle, max_batch_size, cuda_graphs, tune: ModelRunner(bundle, [1, 2, 4])
@@ -373,13 +373,13 @@ def test_workers_waiting_on_one_load_get_one_copy_and_one_that_left_meanwhile_ge
     host, _ = host_with_batches(max_batch_size=4)
     first, second, third = Inbox(), Inbox(), Inbox()
     loads = []
-    real_load = service.runtime.host_tasks.load_bundle
+    real_load = service.runtime.batch_loop.host_tasks.load_bundle
 
     def counted_load(path: Path, device: torch.device) -> Bundle:
         loads.append(path)
         return real_load(path, device)
 
-    monkeypatch.setattr(service.runtime.host_tasks, "load_bundle", counted_load)
+    monkeypatch.setattr(service.runtime.batch_loop.host_tasks, "load_bundle", counted_load)
     for inbox in (first, second, third):
         host.submit(Task(inbox, Load(model_key(bundle))))
         host.step()

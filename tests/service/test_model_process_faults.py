@@ -28,11 +28,11 @@ from models.runtime import Bundle
 from service.api.errors import DeadlineExceeded, ErrorCode, NotReady
 from service.app import create_app
 from service.local import log_entries
-from service.runtime.inference import ModelRunner
-from service.runtime.host_tasks import Task
+from service.runtime.batch_loop.inference import ModelRunner
+from service.runtime.batch_loop.host_tasks import Task
 from service.runtime.model_client import HostClient
-from service.runtime.model_host import ModelHost
-from service.runtime.model_process import ModelProcess
+from service.runtime.batch_loop.model_host import ModelHost
+from service.runtime.batch_loop.model_process import ModelProcess
 from service.runtime.protocol import Call, Failed, Judged, model_key
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files, sample_value

@@ -19,7 +19,7 @@ import torch
 
 from models.contract.manifest import BundleError
 from models.runtime import Bundle, load_bundle
-from service.runtime.inference import ModelRunner
+from service.runtime.batch_loop.inference import ModelRunner
 from service.runtime.protocol import Answer, Failed, ModelKey, Reply, Request, Run, model_key
 
 

@@ -1,7 +1,7 @@
 """The batch loop of a single server: the model process's :class:`ModelHost`, in a thread of this process.
 
 Without a model process a server still has exactly one batching point, and it is the same code:
-a :class:`~service.runtime.model_host.ModelHost` runs in the server's inference thread (which
+a :class:`~service.runtime.batch_loop.model_host.ModelHost` runs in the server's inference thread (which
 also warms each model up, so the thread that serves has built its cuDNN plans), and requests
 reach it through a :class:`~service.runtime.model_client.HostClient` whose channel is a queue
 instead of a socket: a call becomes a task of the loop, an answer comes back through the event
@@ -27,8 +27,8 @@ import torch
 from models.runtime import Bundle
 from service.runtime.framing import ChannelClosed
 from service.runtime.model_client import Channel, HostClient
-from service.runtime.host_tasks import Loader, Release, Task
-from service.runtime.model_host import ModelHost
+from service.runtime.batch_loop.host_tasks import Loader, Release, Task
+from service.runtime.batch_loop.model_host import ModelHost
 from service.runtime.protocol import Answer, Call, ModelKey, model_key
 
 logger = logging.getLogger("mixoe.batch_loop")
@@ -87,7 +87,7 @@ class LocalHost:
 
 
 class _Mailbox:
-    """Where the loop's answers to one client go (:class:`~service.runtime.model_host.Replies`):
+    """Where the loop's answers to one client go (:class:`~service.runtime.batch_loop.model_host.Replies`):
     onto the client's event loop, which may have closed meanwhile (then, like a socket, it fails)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, answers: asyncio.Queue[Answer | list[Answer] | None]):

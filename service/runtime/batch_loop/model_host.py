@@ -1,9 +1,9 @@
 """The one batching point: load bundles, merge every request's run into batches, answer each.
 
-It runs in the model process for all workers (:mod:`service.runtime.model_process`), or in a thread
-of a single server (:mod:`service.runtime.local_host`); either way requests reach it as numbered
+It runs in the model process for all workers (:mod:`service.runtime.batch_loop.model_process`), or in a thread
+of a single server (:mod:`service.runtime.batch_loop.local_host`); either way requests reach it as numbered
 calls (:mod:`service.runtime.protocol`) through :class:`~service.runtime.model_client.HostClient`.
-Tasks (:mod:`service.runtime.host_tasks`) go through one queue and one thread, so batches run one
+Tasks (:mod:`service.runtime.batch_loop.host_tasks`) go through one queue and one thread, so batches run one
 at a time. A run takes along the runs queued behind it for the same model, up to the model's
 batch limit; when nothing is in flight it waits up to ``max_delay_s`` for more to fill the batch
 (a batch in flight is answered first). On a GPU, while runs keep coming, one batch is in flight:
@@ -16,7 +16,7 @@ the runs queued behind it.
 The loop thread alone touches its state and its connections (it also closes them), so no lock is
 needed.
 
-Models are loaded, warmed up and released by :class:`~service.runtime.model_loads.LoadedModels`,
+Models are loaded, warmed up and released by :class:`~service.runtime.batch_loop.model_loads.LoadedModels`,
 whose tasks run in this loop too.
 
 Every run the loop takes is owed an answer until it gets one: whatever fails in a step (a batch's
@@ -39,13 +39,13 @@ from torch import Tensor
 
 from models.contract.manifest import OperatingPoint
 from models.runtime import Bundle, PendingLogits
-from service.runtime.host_tasks import (
+from service.runtime.batch_loop.host_tasks import (
     NOBODY, BatchObserver, Loader, LoadDone, LoadFailed, Release, Stop, Task, WarmUp, error_reply, error_text,
     load_from_disk, reply, send,
 )
-from service.runtime.inference import ImageVerdict, ModelRunner, stack_on
+from service.runtime.batch_loop.inference import ImageVerdict, ModelRunner, stack_on
 from service.runtime.jpeg import decode_plain_jpegs
-from service.runtime.model_loads import LoadedModels, RunnerSettings
+from service.runtime.batch_loop.model_loads import LoadedModels, RunnerSettings
 from service.runtime.protocol import Answer, Failed, Judged, Load, ModelKey, Ping, Pong, Reply, Run
 
 logger = logging.getLogger("mixoe.batch_loop")

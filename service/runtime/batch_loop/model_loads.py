@@ -12,7 +12,7 @@ A model is keyed by its bundle's path *and* a digest of its manifest: a version 
 place under the same path is another model, never the old one in the new one's name. A model
 stays loaded while a worker that asked for it is connected; the last one's release frees it.
 
-Every method runs in the loop's thread (:class:`~service.runtime.model_host.ModelHost` calls
+Every method runs in the loop's thread (:class:`~service.runtime.batch_loop.model_host.ModelHost` calls
 them), except the loading thread's, which only submits tasks: no lock is needed.
 """
 
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 
 from service.monitoring.logs import log_failure
-from service.runtime.host_tasks import (
+from service.runtime.batch_loop.host_tasks import (
     NOBODY, Loader, LoadDone, LoadFailed, Replies, Task, WarmUp, error_text, reply,
 )
-from service.runtime.inference import ModelRunner, graphs_note
+from service.runtime.batch_loop.inference import ModelRunner, graphs_note
 from service.runtime.protocol import Failed, Load, Loaded, ModelKey
 
 logger = logging.getLogger("mixoe.batch_loop")

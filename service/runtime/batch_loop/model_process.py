@@ -8,8 +8,8 @@ GPU, see below) decoding, on the CPU, and hand each request's images to this pro
 socket, as soon as they are decoded and with every other request of theirs in flight
 (:mod:`service.runtime.hosted`); this process is the one batching point: it merges what arrives
 from all of them into batches of up to ``max_batch_size`` images, runs them with the same
-:class:`~service.runtime.inference.ModelRunner` (so verdicts are the in-process ones), and answers
-each request with its share (:mod:`service.runtime.model_host` is its loop).
+:class:`~service.runtime.batch_loop.inference.ModelRunner` (so verdicts are the in-process ones), and answers
+each request with its share (:mod:`service.runtime.batch_loop.model_host` is its loop).
 
 Protocol: the typed messages of :mod:`service.runtime.protocol`, framed by
 :mod:`service.runtime.framing`, many calls in flight per connection, answers routed back by call
@@ -67,8 +67,8 @@ from service.monitoring.logs import configure_logging
 from service.monitoring.metrics import BatchMetrics
 from service.runtime.framing import BlockingChannel, authenticated_socket
 from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, HostClient, set_timeouts
-from service.runtime.host_tasks import Release, Task
-from service.runtime.model_host import ModelHost
+from service.runtime.batch_loop.host_tasks import Release, Task
+from service.runtime.batch_loop.model_host import ModelHost
 from service.runtime.protocol import Call
 from service.settings import Settings
 

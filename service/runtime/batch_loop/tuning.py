@@ -3,7 +3,7 @@
 Batching pays where the device runs a batch in little more time than one image (a GPU). On a
 2-core AMD EPYC, MobileNetV2 ran 44 images/s at batch 1 and 12.7 at batch 32, and the batched
 server was slower than one without batching (2026-11-27, ``benchmarks/RESULTS.md``). So at warm-up
-(:meth:`service.runtime.inference.ModelRunner.warm_up`) each candidate size, after the
+(:meth:`service.runtime.batch_loop.inference.ModelRunner.warm_up`) each candidate size, after the
 warm-up's own throw-away batch, runs a few more times; the median is its time, and batches never
 hold more images than the size with the most images per second. ``MIXOE_BATCH_SIZE_TUNING=false``
 turns this off: batches then hold up to ``MIXOE_MAX_BATCH_SIZE``.

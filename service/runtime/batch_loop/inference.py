@@ -1,4 +1,4 @@
-"""What the batch loop (``service.runtime.model_host``) runs on each batch: images in, verdicts out.
+"""What the batch loop (``service.runtime.batch_loop.model_host``) runs on each batch: images in, verdicts out.
 
 A batch mixes requests that asked for different operating points and top-k sizes, so the model
 runs once and each image is then judged against its own threshold with the bundle's rule (accepted
@@ -25,7 +25,7 @@ from models.calibration.selective import Decision, decide
 from models.contract.manifest import BundleError, OperatingPoint
 from models.contract.manifest import RiskLevel
 from models.runtime import Bundle, PendingLogits
-from service.runtime.tuning import BatchSizeTuning
+from service.runtime.batch_loop.tuning import BatchSizeTuning
 
 logger = logging.getLogger("mixoe.inference")
 
@@ -35,7 +35,7 @@ class ImageJob:
     """One image and what its request asked for.
 
     ``pixels`` is the resized, centre-cropped uint8 image (3, S, S); or, when the model process
-    decodes JPEGs on its GPU, a plain JPEG's bytes, still to decode there (``service.runtime.model_process``)."""
+    decodes JPEGs on its GPU, a plain JPEG's bytes, still to decode there (``service.runtime.batch_loop.model_process``)."""
 
     pixels: Tensor | bytes
     operating_point: OperatingPoint
@@ -124,7 +124,7 @@ class ModelRunner:
     ``cuda_graphs`` as well, :meth:`warm_up` records the forward pass at each padded size as a
     CUDA graph, which every batch then replays (``models.network.graphs``). With ``tuning``,
     :meth:`warm_up` also times each of its sizes, and :meth:`batch_limit` caps batches at the
-    fastest per image (``service.runtime.tuning``)."""
+    fastest per image (``service.runtime.batch_loop.tuning``)."""
 
     def __init__(
         self,
@@ -226,7 +226,7 @@ class ModelRunner:
         """Throw-away batches of ``sizes`` (default :attr:`warm_up_sizes`), so that no request pays
         for lazy initialisation or a first shape; a model whose outputs are NaN or infinite on a
         blank image is refused here (:class:`BundleError`), before it serves. A size to time is then
-        timed (:class:`~service.runtime.tuning.BatchSizeTuning`); the table is logged once complete.
+        timed (:class:`~service.runtime.batch_loop.tuning.BatchSizeTuning`); the table is logged once complete.
 
         Run it in the thread that will serve: PyTorch caches cuDNN's execution plans per thread,
         so after a warm-up in another thread the serving thread built each plan again on its
