@@ -274,6 +274,19 @@ class ExportConfig(_Strict):
     name: str = Field("model", description="model name")
     version: str = Field("1", description="model version")
 
+    @property
+    def bundle_dir(self) -> Path:
+        return self.repository / self.name / self.version
+
+    def require_new_bundle(self) -> None:
+        """Refuse, before any training, a run whose export would fail at its end: a bundle of that
+        name and version exists already (bundles are never overwritten)."""
+        if self.bundle_dir.exists():
+            raise ValueError(
+                f"bundle {self.name}/{self.version} already exists at {self.bundle_dir}: "
+                "set export.version to a new version (or remove that folder)"
+            )
+
 
 class BaselineStageConfig(_Strict):
     """The cross-entropy stage that ``mixoe pipeline`` runs before fine-tuning."""

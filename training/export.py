@@ -117,7 +117,6 @@ def export(config: TrainConfig, signer: Callable[[bytes], bytes] | None = None) 
             score_name=score_name,
         )
         extra = {path.name: path for path in report_dir.iterdir()}
-        target = Path(export_config.repository) / export_config.name / export_config.version
         return save_bundle(
-            target, model, manifest, extra_files=extra, signer=signer, score_state=record.state or None
+            export_config.bundle_dir, model, manifest, extra_files=extra, signer=signer, score_state=record.state or None
         )

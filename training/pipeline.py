@@ -68,6 +68,8 @@ def run_pipeline(config: TrainConfig) -> Path | None:
     root = config.output_dir
     state_path = root / STATE
     done: dict[str, str] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if "export" not in done:
+        config.export.require_new_bundle()
     baseline, finetune = stage_configs(config)
     final = finetune or baseline
     with distributed_session(config.device) as ctx, removed_if_failed(root, ctx.is_main):

@@ -137,6 +137,19 @@ def test_a_compare_section_outside_compare_names_the_command(tmp_path: Path, cap
     assert "read by 'mixoe compare' only" in _error_line(capsys)
 
 
+def test_a_pipeline_whose_bundle_exists_is_refused_before_any_data_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture, no_data_no_network: None
+) -> None:
+    (tmp_path / "repo" / "mine" / "3").mkdir(parents=True)
+    path = _write_config(tmp_path, export={"repository": str(tmp_path / "repo"), "name": "mine", "version": "3"})
+    assert main(["pipeline", str(path)]) == 2
+    assert _error_line(capsys) == (
+        f"bundle mine/3 already exists at {tmp_path / 'repo' / 'mine' / '3'}: "
+        "set export.version to a new version (or remove that folder)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 # --- names are checked before any data is read ------------------------------------------------
 
 

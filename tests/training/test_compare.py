@@ -128,6 +128,20 @@ def test_compare_selects_by_left_out_classes_and_exports_a_model_of_every_id_cla
     assert "ID classes left out of training" in (tmp_path / "runs" / "compare.md").read_text()
 
 
+def test_compare_refuses_at_once_a_version_already_in_the_repository(
+    compare_file: Path, tmp_path: Path, capsys
+) -> None:
+    raw = yaml.safe_load(compare_file.read_text())
+    raw["output_dir"] = str(tmp_path / "runs")
+    raw["export"]["repository"] = str(tmp_path / "repo")
+    (tmp_path / "repo" / "tiny" / "1").mkdir(parents=True)
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["compare", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("mixoe: error: bundle tiny/1 already exists at ")
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -101,6 +101,7 @@ def load_compare_config(path: Path, overrides: list[str] = (), values: dict[str,
     for reserved in (BLEND, VAL_CLASSES):
         if reserved in whole.evaluation.ood_sets:
             raise ValueError(f"OOD set name {reserved!r} is reserved by compare; choose another")
+    whole.export.require_new_bundle()
     return TrainConfig.model_validate(whole.model_dump(exclude={"compare"})), compare
 
 
@@ -213,12 +214,14 @@ def run_compare(base: TrainConfig, compare: CompareConfig) -> CompareResult:
     baseline = next((label for label, m in compare.methods.items() if m.name == "baseline"), None)
     selected = select(table, baseline, compare.max_accuracy_drop)
     text = markdown(table, paired, selected, against)
-    bundle = export_selected(first, selected["method"], compare.methods[selected["method"]], selected["score"])
     out = base.output_dir
-    summary = {"selected": selected, "bundle": str(bundle), "table": table, "paired": paired,
-               "records": [asdict(r) for r in records]}
-    atomic_write(out / COMPARE_JSON, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    summary: dict[str, Any] = {"selected": selected, "bundle": None, "table": table, "paired": paired,
+                               "records": [asdict(r) for r in records]}
     atomic_write(out / COMPARE_MD, lambda tmp: tmp.write_text(text))
+    atomic_write(out / COMPARE_JSON, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))  # kept if export fails
+    bundle = export_selected(first, selected["method"], compare.methods[selected["method"]], selected["score"])
+    summary["bundle"] = str(bundle)
+    atomic_write(out / COMPARE_JSON, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return CompareResult(text, selected, bundle)
 
 
