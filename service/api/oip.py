@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, PlainValidator, StrictInt, ValidationErro
 
 from service.api.errors import ErrorCode, InvalidInput, InvalidParameter, PayloadTooLarge
 from service.api.limits import INT64_MAX, INT64_MIN
-from service.runtime.batch_loop.inference import ImageVerdict
+from service.runtime.verdicts import ImageVerdict
 
 IMAGE_INPUT = "image"
 BINARY_EXTENSION = "binary_tensor_data"

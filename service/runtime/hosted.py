@@ -22,7 +22,7 @@ from torch import Tensor
 
 from models.runtime import Bundle
 from service.api.errors import ErrorCode, ModelFailure, NotReady
-from service.runtime.batch_loop.inference import ImageJob, ImageVerdict
+from service.runtime.verdicts import ImageJob, ImageVerdict
 from service.runtime.model_client import HostClient
 from service.runtime.protocol import Judged, Loaded, Run, model_key
 

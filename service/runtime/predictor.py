@@ -34,7 +34,7 @@ from service.api.errors import ErrorCode, InvalidInput, InvalidParameter, ModelF
 from service.monitoring.drift import DriftAlarms
 from service.monitoring.metrics import ServiceMetrics
 from service.runtime.decoding import load_image, open_image
-from service.runtime.batch_loop.inference import ImageJob, ImageVerdict
+from service.runtime.verdicts import ImageJob, ImageVerdict
 from service.runtime.jpeg import decode_plain_jpeg, is_plain_jpeg
 from service.runtime.registry import LoadedModel
 from service.settings import Settings

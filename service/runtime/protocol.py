@@ -27,7 +27,7 @@ import numpy as np
 
 from models.contract.manifest import OperatingPoint
 from models.runtime import Bundle
-from service.runtime.batch_loop.inference import ImageVerdict
+from service.runtime.verdicts import ImageVerdict
 
 ModelKey = tuple[str, str]
 """``(bundle path, manifest digest)``: which model a worker means (:func:`model_key`)."""

@@ -1,5 +1,6 @@
-"""What the batch loop's queue holds: tasks (a message and where its answer goes), and what the
-loop is built with (where it finds bundles, who observes its batches).
+"""What the batch loop's queue holds: tasks (a message and where its answer goes), how a task is
+answered (:func:`reply`, :func:`send`), and what the loop is built with (where it finds bundles,
+who observes its batches).
 
 Workers' messages are the calls of :mod:`service.runtime.protocol`; the loop adds its own
 (a load finished or failed in the loading thread, the next warm-up batch, stop) and a worker's
@@ -24,8 +25,8 @@ from service.runtime.protocol import Answer, Failed, ModelKey, Reply, Request, R
 
 
 class BatchObserver(Protocol):
-    """Receives the batch loop's measurements (:class:`service.monitoring.metrics.ServiceMetrics`
-    in a single server; in the model process, the merged batch sizes only)."""
+    """Receives the batch loop's measurements (:class:`service.monitoring.metrics.BatchMetrics`,
+    in a single server and in the model process alike)."""
 
     def batch_started(self, queue_waits: Sequence[float]) -> None:
         """A batch launched: how long each of its images waited since its request arrived."""

@@ -4,76 +4,27 @@ A batch mixes requests that asked for different operating points and top-k sizes
 runs once and each image is then judged against its own threshold with the bundle's rule (accepted
 when ``score <= threshold``; scores are higher for more OOD inputs, see ``models.scoring.scores``).
 
-The risk level (``models.calibration.selective``) needs only a verdict's ``probability``, so the request path
-applies it to the finished verdicts (:meth:`ImageVerdict.at_risk`): batches, and the model process,
-never carry it.
+Jobs and verdicts, which the request path shares, are :mod:`service.runtime.verdicts`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from functools import partial
 from typing import cast
 
 import torch
 from torch import Tensor
 
-from models.calibration.selective import Decision, decide
 from models.contract.manifest import BundleError, OperatingPoint
-from models.contract.manifest import RiskLevel
 from models.runtime import Bundle, PendingLogits
 from service.runtime.batch_loop.tuning import BatchSizeTuning
+from service.runtime.jpeg import decode_plain_jpegs
+from service.runtime.protocol import Run
+from service.runtime.verdicts import ImageJob, ImageVerdict
 
 logger = logging.getLogger("mixoe.inference")
-
-
-@dataclass(frozen=True)
-class ImageJob:
-    """One image and what its request asked for.
-
-    ``pixels`` is the resized, centre-cropped uint8 image (3, S, S); or, when the model process
-    decodes JPEGs on its GPU, a plain JPEG's bytes, still to decode there (``service.runtime.batch_loop.model_process``)."""
-
-    pixels: Tensor | bytes
-    operating_point: OperatingPoint
-    top_k: int
-
-
-@dataclass(frozen=True)
-class ImageVerdict:
-    """The model's answer for one image."""
-
-    class_index: int
-    label: str
-    probability: float
-    top_k: list[tuple[str, float]]
-    score: float
-    p_value: float
-    threshold: float
-    target_id_acceptance: float
-    accepted: bool
-    max_risk: float | None = None  # the risk level judged at (at_risk); None: accept/reject only
-    confidence_threshold: float | None = None
-
-    def at_risk(self, level: RiskLevel | None) -> ImageVerdict:
-        """This verdict judged at risk level ``level`` (``None``: none, accept or reject only)."""
-        if level is None:
-            return replace(self, max_risk=None, confidence_threshold=None)
-        return replace(self, max_risk=level.max_risk, confidence_threshold=level.confidence_threshold)
-
-    @property
-    def decision(self) -> Decision:
-        """``reject`` (OOD), ``uncertain`` (looks ID, but below the risk level's confidence) or ``accept``."""
-        return decide(self.accepted, self.probability, self.confidence_threshold)
-
-    @property
-    def finite(self) -> bool:
-        """Whether every number the model produced for this image is finite: JSON has no NaN."""
-        numbers = [self.probability, self.score, self.p_value, *(p for _, p in self.top_k)]
-        return all(math.isfinite(number) for number in numbers)
 
 
 def padded_batch_sizes(max_batch_size: int) -> list[int]:
@@ -257,3 +208,22 @@ class ModelRunner:
                 "could not record %s:%s at batch size %d as a CUDA graph; it runs eagerly",
                 self._bundle.name, self._bundle.version, rows, exc_info=True,
             )
+
+
+def run_crops(bundle: Bundle, run: Run, device: torch.device) -> list[Tensor | None]:
+    """A run's images as the model's uint8 crops, in its verdicts' order: the worker's crops as
+    they came (views of its one array), then its JPEGs, decoded in one call and resized on
+    ``device``; ``None`` for a JPEG the decoder refused."""
+    decoded = decode_plain_jpegs(run.jpegs, device) if run.jpegs else []
+    jpegs = [None if pixels is None else _crop(bundle, pixels) for pixels in decoded]
+    return [*torch.from_numpy(run.crops).unbind(0), *jpegs]
+
+
+def _crop(bundle: Bundle, pixels: Tensor) -> Tensor | None:
+    """A decoded JPEG as the model's crop; ``None`` if that fails, so that one odd file fails its
+    own request (the worker retries it on the CPU) and not a batch of every worker's."""
+    try:
+        return bundle.pixels(pixels)
+    except Exception:
+        logger.exception("batch loop could not crop a decoded JPEG of shape %s", tuple(pixels.shape))
+        return None

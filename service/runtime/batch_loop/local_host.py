@@ -87,7 +87,7 @@ class LocalHost:
 
 
 class _Mailbox:
-    """Where the loop's answers to one client go (:class:`~service.runtime.batch_loop.model_host.Replies`):
+    """Where the loop's answers to one client go (:class:`~service.runtime.batch_loop.host_tasks.Replies`):
     onto the client's event loop, which may have closed meanwhile (then, like a socket, it fails)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, answers: asyncio.Queue[Answer | list[Answer] | None]):

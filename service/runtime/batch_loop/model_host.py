@@ -1,4 +1,4 @@
-"""The one batching point: load bundles, merge every request's run into batches, answer each.
+"""The one batching point: merge every request's run into batches, answer each.
 
 It runs in the model process for all workers (:mod:`service.runtime.batch_loop.model_process`), or in a thread
 of a single server (:mod:`service.runtime.batch_loop.local_host`); either way requests reach it as numbered
@@ -16,7 +16,7 @@ the runs queued behind it.
 The loop thread alone touches its state and its connections (it also closes them), so no lock is
 needed.
 
-Models are loaded, warmed up and released by :class:`~service.runtime.batch_loop.model_loads.LoadedModels`,
+Models are loaded, warmed up and released by :class:`~service.runtime.batch_loop.model_loads.ModelLoads`,
 whose tasks run in this loop too.
 
 Every run the loop takes is owed an answer until it gets one: whatever fails in a step (a batch's
@@ -38,14 +38,14 @@ import torch
 from torch import Tensor
 
 from models.contract.manifest import OperatingPoint
-from models.runtime import Bundle, PendingLogits
+from models.runtime import PendingLogits
 from service.runtime.batch_loop.host_tasks import (
-    NOBODY, BatchObserver, Loader, LoadDone, LoadFailed, Release, Stop, Task, WarmUp, error_reply, error_text,
+    NOBODY, BatchObserver, Loader, LoadDone, LoadFailed, Release, Replies, Stop, Task, WarmUp, error_reply, error_text,
     load_from_disk, reply, send,
 )
-from service.runtime.batch_loop.inference import ImageVerdict, ModelRunner, stack_on
-from service.runtime.jpeg import decode_plain_jpegs
-from service.runtime.batch_loop.model_loads import LoadedModels, RunnerSettings
+from service.runtime.batch_loop.inference import ModelRunner, run_crops, stack_on
+from service.runtime.verdicts import ImageVerdict
+from service.runtime.batch_loop.model_loads import LoadSettings, ModelLoads
 from service.runtime.protocol import Answer, Failed, Judged, Load, ModelKey, Ping, Pong, Reply, Run
 
 logger = logging.getLogger("mixoe.batch_loop")
@@ -54,7 +54,7 @@ _EXPIRED = Failed("its deadline passed before it ran; dropped")
 
 
 class ModelHost:
-    """Loads bundles on request, merges runs into batches, answers each worker its share."""
+    """Merges runs into batches of the models it loads on request, answers each worker its share."""
 
     def __init__(
         self,
@@ -80,17 +80,19 @@ class ModelHost:
         self._next: Task | None = None  # taken from the queue, but it did not join the last batch
         self._in_flight: _InFlight | None = None  # launched on the device, not yet answered
         self._owed: dict[int, Task] = {}  # runs taken from the queue and not yet answered, by id
-        self._models = LoadedModels(
-            RunnerSettings(device, max_batch_size, cuda_graphs, batch_size_tuning, decodes_jpeg), loader, self.submit
+        settings = LoadSettings(
+            device=device, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
+            batch_size_tuning=batch_size_tuning, decodes_jpeg=decodes_jpeg,
         )
+        self._models = ModelLoads(settings, loader, lambda task: self.submit(task))
         self._handlers: dict[type, Callable[[Task], None]] = {
             Run: lambda task: self._run(self._gather(task)),
-            Load: self._models.load,
+            Load: self._models.on_load,
             Ping: lambda task: reply(task, Pong()),
-            LoadDone: self._models.loaded,
-            WarmUp: self._models.warm,
-            LoadFailed: self._models.load_failed,
-            Release: lambda task: self._models.release(task.origin),
+            LoadDone: self._models.on_load_done,
+            WarmUp: self._models.on_warm_up,
+            LoadFailed: self._models.on_load_failed,
+            Release: lambda task: self._release(task.origin),
             Stop: self._stop,
         }
 
@@ -113,6 +115,15 @@ class ModelHost:
 
     def _stop(self, task: Task) -> None:
         self._stopped = True
+
+    def _release(self, origin: Replies) -> None:
+        """``origin`` has disconnected (its release comes after all its tasks): close it here, where
+        it is written to, and stop counting it as a user of any model."""
+        try:
+            origin.close()
+        except OSError:
+            pass  # gone already: what matters is to stop counting it as a user
+        self._models.release(origin)
 
     def step(self) -> None:
         """Take the next task (waiting for one) and carry it out."""
@@ -208,7 +219,7 @@ class ModelHost:
         runs = [_run_of(task) for task in batch]
         try:
             runner = self._models.runner(runs[0].model)
-            crops = [crop for run in runs for crop in self._crops(runner.bundle, run)]
+            crops = [crop for run in runs for crop in run_crops(runner.bundle, run, self._device)]
             points = [run.point for run in runs for _ in range(run.images)]
             top_ks = [run.top_k for run in runs for _ in range(run.images)]
             rows = [row for row, crop in enumerate(crops) if crop is not None]
@@ -264,14 +275,6 @@ class ModelHost:
         logger.exception("batch of %d requests failed", len(batch), exc_info=error)
         self._answer(batch, [error_reply(error)] * len(batch))
 
-    def _crops(self, bundle: Bundle, run: Run) -> list[Tensor | None]:
-        """A run's images as the model's uint8 crops, in its verdicts' order: the worker's crops
-        as they came (views of its one array), then its JPEGs, decoded here in one call and
-        resized on the device; ``None`` for a JPEG the decoder refused."""
-        decoded = decode_plain_jpegs(run.jpegs, self._device) if run.jpegs else []
-        jpegs = [None if pixels is None else _crop(bundle, pixels) for pixels in decoded]
-        return [*torch.from_numpy(run.crops).unbind(0), *jpegs]
-
 
 @dataclass(frozen=True)
 class _InFlight:
@@ -291,13 +294,3 @@ class _InFlight:
 def _run_of(task: Task) -> Run:
     assert isinstance(task.message, Run)
     return task.message
-
-
-def _crop(bundle: Bundle, pixels: Tensor) -> Tensor | None:
-    """A decoded JPEG as the model's crop; ``None`` if that fails, so that one odd file fails its
-    own request (the worker retries it on the CPU) and not a batch of every worker's."""
-    try:
-        return bundle.pixels(pixels)
-    except Exception:
-        logger.exception("batch loop could not crop a decoded JPEG of shape %s", tuple(pixels.shape))
-        return None

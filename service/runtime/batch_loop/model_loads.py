@@ -12,8 +12,9 @@ A model is keyed by its bundle's path *and* a digest of its manifest: a version 
 place under the same path is another model, never the old one in the new one's name. A model
 stays loaded while a worker that asked for it is connected; the last one's release frees it.
 
-Every method runs in the loop's thread (:class:`~service.runtime.batch_loop.model_host.ModelHost` calls
-them), except the loading thread's, which only submits tasks: no lock is needed.
+Every method runs in the loop's thread (the ``on_*`` methods are the handlers of the loop's tasks,
+:class:`~service.runtime.batch_loop.model_host.ModelHost` calls the rest), except the loading
+thread's, which only submits tasks: no lock is needed.
 """
 
 from __future__ import annotations
@@ -37,20 +38,21 @@ logger = logging.getLogger("mixoe.batch_loop")
 
 
 @dataclass(frozen=True)
-class RunnerSettings:
-    """How every model's runner is built: the device, the batch size cap, and the GPU options."""
+class LoadSettings:
+    """How every model is loaded and run (the device, the batch size cap, the GPU options), and
+    whether workers may send plain JPEGs undecoded (told to each in its ``Loaded`` answer)."""
 
     device: torch.device
     max_batch_size: int
-    cuda_graphs: bool = True
-    batch_size_tuning: bool = False
-    decodes_jpeg: bool = False  # told to each worker in its ``Loaded`` answer
+    cuda_graphs: bool
+    batch_size_tuning: bool
+    decodes_jpeg: bool
 
 
-class LoadedModels:
+class ModelLoads:
     """The models of one batch loop, loaded on request and released when no worker uses them."""
 
-    def __init__(self, settings: RunnerSettings, loader: Loader, submit: Callable[[Task], None]):
+    def __init__(self, settings: LoadSettings, loader: Loader, submit: Callable[[Task], None]):
         """``submit`` queues a task in the loop: how the loading thread hands its result over."""
         self._settings = settings
         self._loader = loader
@@ -62,6 +64,7 @@ class LoadedModels:
 
     @property
     def keys(self) -> list[ModelKey]:
+        """The models loaded and warm, in the order they became so."""
         return list(self._runners)
 
     def runner(self, key: ModelKey) -> ModelRunner:
@@ -77,7 +80,7 @@ class LoadedModels:
         cap = self._settings.max_batch_size
         return cap if runner is None else runner.batch_limit(cap)
 
-    def load(self, task: Task) -> None:
+    def on_load(self, task: Task) -> None:
         """A worker's ``Load``: answered at once if loaded, else when the load (started here, or in
         progress for another worker) has warmed up."""
         assert isinstance(task.message, Load)
@@ -97,21 +100,23 @@ class LoadedModels:
         settings = self._settings
         try:
             bundle = self._loader(key, settings.device)
-            runner = ModelRunner.for_device(bundle, settings.max_batch_size, settings.cuda_graphs, settings.batch_size_tuning)
+            runner = ModelRunner.for_device(
+                bundle, settings.max_batch_size, settings.cuda_graphs, settings.batch_size_tuning
+            )
         except Exception as error:
             log_failure(logger, f"batch loop could not load {path}", error)
             self._submit(Task(NOBODY, LoadFailed(key, error_text(error))))
             return
         self._submit(Task(NOBODY, LoadDone(key, runner)))
 
-    def loaded(self, task: Task) -> None:
+    def on_load_done(self, task: Task) -> None:
         """The loading thread's ``LoadDone``: queue the first warm-up batch."""
         assert isinstance(task.message, LoadDone)
         runner = task.message.runner
         self._warming[task.message.model] = _WarmingUp(runner, list(runner.warm_up_sizes))
         self._submit(Task(NOBODY, WarmUp(task.message.model)))
 
-    def warm(self, task: Task) -> None:
+    def on_warm_up(self, task: Task) -> None:
         """One warm-up batch of a model just loaded; the next is queued behind the runs waiting."""
         assert isinstance(task.message, WarmUp)
         key = task.message.model
@@ -145,15 +150,17 @@ class LoadedModels:
     def _loaded_reply(self, key: ModelKey) -> Loaded:
         return Loaded(self._settings.decodes_jpeg, self.batch_limit(key))
 
-    def load_failed(self, task: Task) -> None:
+    def on_load_failed(self, task: Task) -> None:
         """The loading thread's ``LoadFailed``: every worker waiting is told why."""
         assert isinstance(task.message, LoadFailed)
         self.fail_load(task.message.model, task.message.message)
 
     def is_loading(self, key: ModelKey) -> bool:
+        """Whether ``key``'s load is in progress (loading or warming up)."""
         return key in self._loading
 
     def fail_load(self, key: ModelKey, message: str) -> None:
+        """Give up ``key``'s load and tell every worker waiting for it why."""
         for load in self._discard_load(key):
             reply(load, Failed(message))
 
@@ -164,12 +171,8 @@ class LoadedModels:
         return self._loading.pop(key)
 
     def release(self, origin: Replies) -> None:
-        """``origin`` has disconnected (its release comes after all its tasks): close it here, where
-        it is written to, and drop it as a user."""
-        try:
-            origin.close()
-        except OSError:
-            pass  # gone already: what matters is to stop counting it as a user
+        """``origin`` has disconnected: it no longer waits for a load nor uses a model (a model
+        no worker uses is freed)."""
         for waiting in self._loading.values():
             waiting[:] = [load for load in waiting if load.origin is not origin]
         for key in [key for key, users in self._users.items() if origin in users]:
