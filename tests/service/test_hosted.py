@@ -16,7 +16,8 @@ from models.runtime import Bundle
 from service.api.errors import NotReady
 from service.app import create_app
 from service.runtime.hosted import HostedModel
-from service.runtime.batch_loop.inference import ImageJob, ImageVerdict, ModelRunner
+from service.runtime.batch_loop.inference import ModelRunner
+from service.runtime.verdicts import ImageJob, ImageVerdict
 from service.runtime.model_client import HostClient
 from service.runtime.batch_loop.host_tasks import Task
 from service.runtime.batch_loop.model_host import ModelHost

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from models.runtime import Bundle, PendingLogits, Predictions
-from service.runtime.batch_loop.inference import ImageJob, ModelRunner, graphs_note, padded_batch_sizes
+from service.runtime.batch_loop.inference import ModelRunner, graphs_note, padded_batch_sizes
+from service.runtime.verdicts import ImageJob
 
 
 class ShapeRecorder:

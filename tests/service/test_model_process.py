@@ -32,7 +32,8 @@ from service.local import LocalServer, log_entries, start_local_server
 from service.monitoring.metrics import BatchMetrics, ServiceMetrics, score_buckets
 from service.runtime.hosted import HostedModel
 from service.runtime.decoding import decode_image
-from service.runtime.batch_loop.inference import ImageJob, ImageVerdict, ModelRunner
+from service.runtime.batch_loop.inference import ModelRunner
+from service.runtime.verdicts import ImageJob, ImageVerdict
 from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, HostClient
 import service.runtime.batch_loop.host_tasks
 import service.runtime.predictor

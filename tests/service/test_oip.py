@@ -11,7 +11,7 @@ from tritonclient.http import InferenceServerClient, InferInput, InferRequestedO
 
 from service.api.errors import ErrorCode, InvalidInput, InvalidParameter, PayloadTooLarge
 from service.api.oip import OUTPUTS, encode_infer_response, parse_infer_request
-from service.runtime.batch_loop.inference import ImageVerdict
+from service.runtime.verdicts import ImageVerdict
 from tests.service.helpers import triton_input
 
 IMAGES = [b"\x89PNG first", b"\xff\xd8 second \x00 with a zero byte"]
