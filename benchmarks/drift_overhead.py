@@ -5,7 +5,7 @@ request of ``B`` images it ranks ``B`` OOD scores against the bag (``OnlineConfo
 takes ``B`` Jumper steps (``PowerJumper.update_many``), checks the shared reset marker and sets
 two gauges. This times each of those alone and ``observe`` as a whole, with a shared metrics
 directory (several workers: the marker is checked) and without, on the default bundle's
-calibration scores. Each row is the best of ``--repeat`` rounds (on a shared machine, the round
+calibration scores (``flowers17/1``, the default when these were measured). Each row is the best of ``--repeat`` rounds (on a shared machine, the round
 least disturbed by other work), in microseconds per request.
 
 For reference: a reset (the admin route), and the event loop's CPU time to hand one no-op to a

@@ -298,7 +298,7 @@ class BaselineStageConfig(_Strict):
 class TrainConfig(_Strict):
     """A whole run: model, data, method, optimisation."""
 
-    architecture: str = Field("resnet50", description="torchvision architecture name (models/nets.py)")
+    architecture: str = Field("resnet50", description="torchvision architecture name (models/network/nets.py)")
     pretrained: str | None = Field(
         None, description="torchvision weight name (e.g. IMAGENET1K_V1) or a local weights file"
     )
