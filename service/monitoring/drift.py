@@ -17,10 +17,18 @@ is gone with it). A reset (:meth:`DriftAlarms.reset`, the admin route) resets th
 and, through a marker file in the shared metrics directory, every other worker before it next
 counts an image or answers for its state. Nothing is kept across restarts: a restarted service, or
 a newly loaded version, starts from capital 1.
+
+On the event loop the scores of every request answered in one turn of the loop are counted
+together, in the order they were answered, once that turn ends: one batch's answers then cost one
+ranking and one martingale update, not one per request (on a 2-core CPU, drift work had been a
+seventh of the event loop's time at one image per request). The martingale is the same as if each
+request had been counted at once (the p-values are computed in order and the uniform draws come
+from one stream), and a status or reset counts what is pending first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -110,21 +118,39 @@ class DriftAlarms:
         for key in self._monitors:
             self._seen_resets[key] = self._reset_marker(*key)
             self._publish(*key)
+        self._pending: dict[tuple[str, str], list[float]] = {}  # scores answered, not yet counted
+        self._count_scheduled = False
 
     def observe(self, name: str, version: str, scores: Sequence[float]) -> None:
-        """Count a request's images, in order; nothing when the alarm is off."""
-        monitor = self._monitors.get((name, version))
-        if monitor is None:
+        """Count a request's images, in order, when this turn of the event loop ends (at once
+        outside one); nothing when the alarm is off."""
+        if (name, version) not in self._monitors:
             return
-        self._apply_shared_reset(name, version)
-        monitor.observe(scores)
-        self._publish(name, version)
+        self._pending.setdefault((name, version), []).extend(scores)
+        if self._count_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._count_pending()
+            return
+        loop.call_soon(self._count_pending)
+        self._count_scheduled = True
+
+    def _count_pending(self) -> None:
+        """Count every pending score, each model version's in one step."""
+        pending, self._pending, self._count_scheduled = self._pending, {}, False
+        for (name, version), scores in pending.items():
+            self._apply_shared_reset(name, version)
+            self._monitors[(name, version)].observe(scores)
+            self._publish(name, version)
 
     def status(self, name: str, version: str) -> DriftStatus | None:
         """This process's state for a model version; ``None`` when the alarm is off."""
         monitor = self._monitors.get((name, version))
         if monitor is None:
             return None
+        self._count_pending()
         self._apply_shared_reset(name, version)
         return self._describe(monitor)
 
@@ -143,6 +169,7 @@ class DriftAlarms:
         monitor = self._monitors.get((name, version))
         if monitor is None:
             raise InvalidParameter(ErrorCode.DRIFT_ALARM_OFF, "the drift alarm is switched off (MIXOE_DRIFT_ALARM)")
+        self._count_pending()  # what was answered before the reset counts before it
         monitor.reset()
         marker = self._marker_files.get((name, version))
         if marker is not None:

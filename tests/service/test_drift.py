@@ -4,6 +4,7 @@ set), and a reset reaches the other workers through the shared directory."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -130,3 +131,33 @@ def test_an_unchanged_reset_marker_is_not_read_and_every_reset_still_arrives(
         resetter.reset("tiny", "1")
         assert worker.status("tiny", "1").images == 0  # type: ignore[union-attr]
     assert not [path for path in opened if path.parent == tmp_path and not path.name.endswith(f".{os.getpid()}")]
+
+
+def test_on_the_event_loop_one_turns_requests_are_counted_together_with_the_same_martingale(
+    bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = bundle.manifest
+    calibration = manifest.calibration.scores
+    requests = [[calibration[i % len(calibration)] + 0.3 * (i % 3)] * (1 + i % 2) for i in range(40)]
+
+    def alarms() -> DriftAlarms:
+        return DriftAlarms([manifest], ServiceMetrics(score_buckets([manifest]), 4), delta=0.01, workers=1)
+
+    one_by_one = alarms()  # outside an event loop each request is counted at once
+    for scores in requests:
+        one_by_one.observe("tiny", "1", scores)
+    counted: list[int] = []
+    together = alarms()
+    monitor = together._monitors[("tiny", "1")]
+    real_observe = monitor.observe
+    monkeypatch.setattr(monitor, "observe", lambda scores: counted.append(len(scores)) or real_observe(scores))
+
+    async def one_turn() -> None:
+        for scores in requests:
+            together.observe("tiny", "1", scores)
+        assert counted == []  # not yet: at the end of this turn
+        await asyncio.sleep(0)
+
+    asyncio.run(one_turn())
+    assert counted == [sum(map(len, requests))]  # one update for the whole turn
+    assert together.status("tiny", "1") == one_by_one.status("tiny", "1")
