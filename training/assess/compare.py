@@ -101,7 +101,6 @@ def load_compare_config(path: Path, overrides: list[str] = (), values: dict[str,
     for reserved in (BLEND, VAL_CLASSES):
         if reserved in whole.evaluation.ood_sets:
             raise ValueError(f"OOD set name {reserved!r} is reserved by compare; choose another")
-    whole.export.require_new_bundle()
     return TrainConfig.model_validate(whole.model_dump(exclude={"compare"})), compare
 
 
@@ -190,6 +189,7 @@ class CompareResult:
 
 def run_compare(base: TrainConfig, compare: CompareConfig) -> CompareResult:
     """Train, evaluate and tabulate every unit, then export the selected model (see module docstring)."""
+    base.export.require_new_bundle()  # before hours of training, not after
     validation = {compare.validation_set, BLEND, VAL_CLASSES}
     by_classes = base.data.validation_classes is not None
     against = VAL_CLASSES if by_classes else BLEND
