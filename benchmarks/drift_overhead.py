@@ -1,6 +1,8 @@
 """What the drift alarm costs the event loop per request (``service.monitoring.drift``).
 
-``DriftAlarms.observe`` runs on the worker's event loop after each request's verdicts: for a
+``DriftAlarms.observe`` runs on the worker's event loop after a request's verdicts and counts, at
+the end of that turn of the loop, every score answered in it; run here outside a loop it counts at
+once, one update per request, which is what this times: for a
 request of ``B`` images it ranks ``B`` OOD scores against the bag (``OnlineConformal.p_values``),
 takes ``B`` Jumper steps (``PowerJumper.update_many``), checks the shared reset marker and sets
 two gauges. This times each of those alone and ``observe`` as a whole, with a shared metrics

@@ -161,3 +161,43 @@ def test_on_the_event_loop_one_turns_requests_are_counted_together_with_the_same
     asyncio.run(one_turn())
     assert counted == [sum(map(len, requests))]  # one update for the whole turn
     assert together.status("tiny", "1") == one_by_one.status("tiny", "1")
+
+
+def test_a_status_or_reset_in_the_same_turn_counts_what_was_answered_before_it(bundle: Bundle) -> None:
+    manifest = bundle.manifest
+    alarms = DriftAlarms([manifest], ServiceMetrics(score_buckets([manifest]), 4), delta=0.01, workers=1)
+    high = manifest.calibration.scores[-1] + 1.0
+
+    async def one_turn() -> None:
+        alarms.observe("tiny", "1", [high] * 3)
+        assert alarms.status("tiny", "1").images == 3  # type: ignore[union-attr]
+        alarms.observe("tiny", "1", [high] * 2)
+        assert alarms.reset("tiny", "1").images == 0  # the 2 counted before the reset, not after it
+        await asyncio.sleep(0)
+
+    asyncio.run(one_turn())
+    assert alarms.status("tiny", "1").images == 0  # type: ignore[union-attr]
+
+
+def test_scores_left_pending_by_a_loop_that_stopped_are_counted_on_the_next_one(bundle: Bundle) -> None:
+    manifest = bundle.manifest
+    alarms = DriftAlarms([manifest], ServiceMetrics(score_buckets([manifest]), 4), delta=0.01, workers=1)
+
+    stopping = asyncio.new_event_loop()
+
+    def observe_and_stop() -> None:
+        alarms.observe("tiny", "1", [0.5])
+        stopping.stop()  # callbacks scheduled by this one, the count among them, never run
+
+    stopping.call_soon(observe_and_stop)
+    stopping.run_forever()
+    stopping.close()
+    assert alarms._pending  # left pending by the stopped loop
+
+    async def next_loop() -> None:
+        alarms.observe("tiny", "1", [0.5, 0.5])
+        await asyncio.sleep(0)
+        assert alarms._pending == {}  # counted here, not left for a status to find
+
+    asyncio.run(next_loop())
+    assert alarms.status("tiny", "1").images == 3  # type: ignore[union-attr]
