@@ -11,6 +11,7 @@ import yaml
 from models.runtime import load_bundle
 from tests.helpers.images import make_image_folder, make_list_dataset
 from models.scoring.scores import SCORES
+from training.assess import compare
 from training.assess.compare import default_methods, load_compare_config, method_configs, unit_config
 from training.assess.metrics import auroc
 from training.assess.scoring import ID_VAL, VAL_CLASSES, fit_score, run_logits
@@ -126,6 +127,25 @@ def test_compare_selects_by_left_out_classes_and_exports_a_model_of_every_id_cla
     assert len(bundle.manifest.class_names) == 3  # every ID class, the left-out one included
     assert Path(summary["bundle"]).is_dir() and (tmp_path / "runs" / "split0" / "seed0" / "all-classes").is_dir()
     assert "ID classes left out of training" in (tmp_path / "runs" / "compare.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_failed_export_keeps_the_tables(compare_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = yaml.safe_load(compare_file.read_text())
+    raw["compare"]["methods"] = {"baseline": {"name": "baseline"}, "oe": {"name": "oe"}}
+    raw["output_dir"] = str(tmp_path / "runs")
+    raw["export"]["repository"] = str(tmp_path / "repo")
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    def disk_full(*args: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compare, "export_selected", disk_full)
+    assert main(["compare", str(path)]) != 0
+    summary = json.loads((tmp_path / "runs" / "compare.json").read_text())
+    assert summary["bundle"] is None and {row["method"] for row in summary["table"]} == {"baseline", "oe"}
+    assert "Selected on validation data only" in (tmp_path / "runs" / "compare.md").read_text()
 
 
 def test_compare_refuses_at_once_a_version_already_in_the_repository(
