@@ -274,6 +274,12 @@ class ExportConfig(_Strict):
     name: str = Field("model", description="model name")
     version: str = Field("1", description="model version")
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: object) -> object:
+        """``--set export.version=2`` (or ``version: 2`` in YAML) reads as a number; a version is its text."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
     @property
     def bundle_dir(self) -> Path:
         return self.repository / self.name / self.version

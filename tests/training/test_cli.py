@@ -26,6 +26,7 @@ from tests.helpers.runs import REPO, tiny_config
 from training import cli_parser
 from training.assess.calibrate import CalibrationRecord, calibration_markdown
 from training.cli import main
+from training.config import load_config
 from training.data import experiment
 from training.fit import trainer
 from training.fit.trainer import config_fingerprint
@@ -135,6 +136,11 @@ def test_a_compare_section_outside_compare_names_the_command(tmp_path: Path, cap
     path = _write_config(tmp_path, compare={"seeds": [0]})
     assert main(["pipeline", str(path)]) == 2
     assert "read by 'mixoe compare' only" in _error_line(capsys)
+
+
+def test_an_export_version_given_as_a_number_is_its_text(tmp_path: Path) -> None:
+    path = _write_config(tmp_path)
+    assert load_config(path, ["export.version=2"]).export.version == "2"
 
 
 def test_a_pipeline_whose_bundle_exists_is_refused_before_any_data_is_read(
