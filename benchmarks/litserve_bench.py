@@ -6,7 +6,10 @@ JPEGs to ``POST /predict`` as fast as answers come back):
 
 * ``service``   ``python -m service`` with ``--workers`` processes, ``max_batch_size=--max-batch-size``
                 images and ``max_batch_delay_ms=--max-batch-delay-ms`` (measured exactly as
-                ``serve_bench.py`` measures its ``batched`` runs);
+                ``serve_bench.py`` measures its ``batched`` runs), in each ``--service-layouts``:
+                ``single`` (each worker runs the model in its own batch loop) and ``model-process``
+                (the workers decode, one model process runs the model: like LitServe, HTTP and the
+                model then live in different processes);
 * ``litserve``  ``litserve_server.py``: LitServe on the CPU with ``workers_per_device=--workers``
                 inference processes (and LitServe's default of as many API server processes), the
                 service's per-image work (same decoder, crop and ``Bundle.predict``), batches of up
@@ -34,7 +37,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +48,10 @@ from serve_bench import (
     DEFAULT_IMAGES, ROOT, RunResult, cpu_use, default_bundle, load_jpegs, measure_server, server_result,
 )
 from service.local import free_port, wait_until_ok
+
+
+# The service's settings per layout: the model in every worker, or in one model process beside them.
+SERVICE_LAYOUTS = {"single": {"model_process": "false"}, "model-process": {"model_process": "true"}}
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,6 +67,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="server processes holding the model, for both")
     parser.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass, at most")
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--service-layouts", nargs="+", choices=tuple(SERVICE_LAYOUTS), default=list(SERVICE_LAYOUTS),
+        help="the service's process layouts measured, each beside the same LitServe run",
+    )
     parser.add_argument("--litserve-path", type=Path, help="prepended to LitServe's PYTHONPATH (a pip --target)")
     parser.add_argument(
         "--manager-queue", dest="fast_queue", action="store_false",
@@ -153,20 +164,30 @@ _COLUMNS = ("config", "img/req", "req/s", "img/s", "p50 ms", "p99 ms", "mean bat
             "img/s vs litserve", "p99 vs litserve")
 
 
-def print_table(rows: list[tuple[int, RunResult, RunResult | None]]) -> None:
+@dataclass(frozen=True)
+class Comparison:
+    """One request size: the service in each layout measured, and LitServe under the same load."""
+
+    images_per_request: int
+    services: dict[str, RunResult]  # by layout
+    litserve: RunResult | None
+
+
+def print_table(rows: list[Comparison]) -> None:
     """One line per server run; the service's with its ratios to LitServe at the same images per request."""
     def number(value: float | None, digits: int = 1) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     lines = []
-    for per_request, service, litserve in rows:
-        for result in [service, *([litserve] if litserve else [])]:
+    for row in rows:
+        litserve = row.litserve
+        for result in [*row.services.values(), *([litserve] if litserve else [])]:
             ratios = (
-                (service.images_per_s / litserve.images_per_s, (service.p99_ms or 0) / (litserve.p99_ms or 1))
-                if litserve and result is service else (None, None)
+                (result.images_per_s / litserve.images_per_s, (result.p99_ms or 0) / (litserve.p99_ms or 1))
+                if litserve and result is not litserve else (None, None)
             )
             lines.append((
-                result.config, str(per_request), number(result.images_per_s / per_request),
+                result.config, str(row.images_per_request), number(result.images_per_s / row.images_per_request),
                 number(result.images_per_s), number(result.p50_ms), number(result.p99_ms),
                 number(result.mean_batch_size), number(result.cpu_ms_per_image, 2), str(result.errors),
                 number(ratios[0], 2), number(ratios[1], 2),
@@ -184,27 +205,28 @@ def main() -> None:
     if version is None:
         print(f"LitServe is not importable (PYTHONPATH {args.litserve_path or '-'}): its rows are skipped", flush=True)
     print(f"bundle {bundle_path} on cpu ({machine_name('cpu')}); {len(jpegs)} JPEGs; LitServe {version}", flush=True)
-    rows: list[tuple[int, RunResult, RunResult | None]] = []
+    rows: list[Comparison] = []
     for per_request in args.images_per_request:
         run_args = argparse.Namespace(**vars(args) | {"images_per_request": per_request})
         with LoadGenerator(request_bodies(jpegs, per_request), args.client_processes) as load:
-            service = measure_server(
-                f"service-{per_request}img", run_args, bundle_path, "cpu", args.max_batch_size,
-                args.max_batch_delay_ms, load, {"workers": str(args.workers), "model_process": "false"},
-            )
-            print(f"{service.config}: {service.images_per_s:.1f} img/s", flush=True)
+            services = {}
+            for layout in args.service_layouts:
+                service = measure_server(
+                    f"service-{layout}-{per_request}img", run_args, bundle_path, "cpu", args.max_batch_size,
+                    args.max_batch_delay_ms, load, {"workers": str(args.workers), **SERVICE_LAYOUTS[layout]},
+                )
+                print(f"{service.config}: {service.images_per_s:.1f} img/s", flush=True)
+                services[layout] = service
             litserve = measure_litserve(args, bundle_path, per_request, load) if version else None
             if litserve:
                 print(f"{litserve.config}: {litserve.images_per_s:.1f} img/s", flush=True)
-        rows.append((per_request, service, litserve))
+        rows.append(Comparison(per_request, services, litserve))
         write_report(args, bundle_path, version, rows)
     print_table(rows)
     print(f"wrote {args.out}")
 
 
-def write_report(
-    args: argparse.Namespace, bundle_path: Path, version: str | None, rows: list[tuple[int, RunResult, RunResult | None]]
-) -> None:
+def write_report(args: argparse.Namespace, bundle_path: Path, version: str | None, rows: list[Comparison]) -> None:
     report = {
         "bundle": str(bundle_path),
         "machine": machine_name("cpu"),
@@ -213,7 +235,7 @@ def write_report(
         "client_processes": args.client_processes,
         "duration_s": args.duration,
         "service": {"workers": args.workers, "max_batch_size_images": args.max_batch_size,
-                    "max_batch_delay_ms": args.max_batch_delay_ms, "model_process": False},
+                    "max_batch_delay_ms": args.max_batch_delay_ms, "layouts": args.service_layouts},
         "litserve": None if version is None else {
             "version": version, "accelerator": "cpu", "devices": 1, "workers_per_device": args.workers,
             "num_api_servers": args.workers,  # LitServe's default: one per inference worker
@@ -221,8 +243,12 @@ def write_report(
             "batch_timeout_s": args.max_batch_delay_ms / 1000, "fast_queue": args.fast_queue,
         },
         "results": [
-            {"images_per_request": k, "service": asdict(service), "litserve": asdict(litserve) if litserve else None}
-            for k, service, litserve in rows
+            {
+                "images_per_request": row.images_per_request,
+                "service": {layout: asdict(result) for layout, result in row.services.items()},
+                "litserve": asdict(row.litserve) if row.litserve else None,
+            }
+            for row in rows
         ],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
