@@ -37,6 +37,7 @@ from service.monitoring.drift import DriftAlarms
 from service.monitoring.metrics import ServiceMetrics, multiprocess_directory, score_buckets
 from service.runtime.hosted import HostedModel
 from service.runtime.batch_loop.inference import graphs_note
+from service.runtime.cpu_threads import pin_intra_op_threads
 from service.runtime.batch_loop.local_host import LocalHost
 from service.runtime.model_client import HostClient
 from service.runtime.batch_loop.host_tasks import Loader
@@ -74,6 +75,7 @@ class ServiceContext:
             # The model runs elsewhere; CPU threads only decode and resize, each in its own decode
             # worker. One intra-op thread per worker avoids oversubscribing the cores.
             torch.set_num_threads(1)
+        model_threads = torch.get_num_threads()
         selected = select_bundles(settings.model_repository, settings.models)
         keys, pins = load_public_keys(settings.trusted_keys), settings.pinned_digests
         bundles = [
@@ -85,9 +87,14 @@ class ServiceContext:
         if model_process:
             client = HostClient.from_environment(settings.model_process_timeout_s)
         else:
-            local_host = LocalHost(partial(_host, device, settings, metrics), bundles)
+            local_host = LocalHost(partial(_host, device, settings, metrics), bundles, model_threads)
             client = local_host.client(settings.model_process_timeout_s)
-        decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="mixoe-decode")
+        # Each decoding thread resizes one image at a time: one intra-op thread each, so that they and
+        # the batch loop's model (``model_threads``) do not contend for the same cores.
+        decode_pool = ThreadPoolExecutor(
+            max_workers=settings.decode_workers, thread_name_prefix="mixoe-decode",
+            initializer=pin_intra_op_threads, initargs=(1,),
+        )
         try:
             registry = await _start_models(bundles, settings, metrics, client)
         except BaseException:
