@@ -75,7 +75,6 @@ class ServiceContext:
             # The model runs elsewhere; CPU threads only decode and resize, each in its own decode
             # worker. One intra-op thread per worker avoids oversubscribing the cores.
             torch.set_num_threads(1)
-        model_threads = torch.get_num_threads()
         selected = select_bundles(settings.model_repository, settings.models)
         keys, pins = load_public_keys(settings.trusted_keys), settings.pinned_digests
         bundles = [
@@ -87,10 +86,10 @@ class ServiceContext:
         if model_process:
             client = HostClient.from_environment(settings.model_process_timeout_s)
         else:
-            local_host = LocalHost(partial(_host, device, settings, metrics), bundles, model_threads)
+            local_host = LocalHost(partial(_host, device, settings, metrics), bundles)
             client = local_host.client(settings.model_process_timeout_s)
         # Each decoding thread resizes one image at a time: one intra-op thread each, so that they and
-        # the batch loop's model (``model_threads``) do not contend for the same cores.
+        # the batch loop's model do not contend for the same cores (service.runtime.cpu_threads).
         decode_pool = ThreadPoolExecutor(
             max_workers=settings.decode_workers, thread_name_prefix="mixoe-decode",
             initializer=pin_intra_op_threads, initargs=(1,),

@@ -10,8 +10,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from models.runtime import Bundle, PendingLogits
 from service.app import create_app
-from service.runtime.batch_loop.model_host import ModelHost
 from service.runtime.cpu_threads import pin_intra_op_threads
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files
@@ -58,17 +58,22 @@ def test_a_pinned_count_holds_after_another_thread_pins_a_different_one(three_th
 def test_a_cpu_server_decodes_on_one_thread_each_and_runs_the_model_on_the_process_count(
     make_settings: Callable[..., Settings], tiny: TinyModel, three_threads: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loop_threads: list[int] = []
-    serve_forever = ModelHost.serve_forever
+    """Every batch the loop runs (warm-up, then requests after the decoding threads pinned theirs to
+    one) runs on the process's count of three."""
+    model_threads: list[int] = []
+    start = Bundle.start
 
-    def counted(host: ModelHost) -> None:
-        loop_threads.append(torch.get_num_threads())
-        serve_forever(host)
+    def counted(bundle: Bundle, batch: torch.Tensor) -> PendingLogits:
+        model_threads.append(torch.get_num_threads())
+        return start(bundle, batch)
 
-    monkeypatch.setattr(ModelHost, "serve_forever", counted)
+    monkeypatch.setattr(Bundle, "start", counted)
     with TestClient(create_app(make_settings())) as client:
-        assert client.post("/predict", files=role_files(tiny, "accepted")).status_code == 200
+        served_before = len(model_threads)
+        for _ in range(3):
+            assert client.post("/predict", files=role_files(tiny, "accepted")).status_code == 200
         decode_pool = client.app.state.context.decode_pool  # type: ignore[attr-defined]
         decoding = {decode_pool.submit(torch.get_num_threads).result() for _ in range(8)}
-    assert loop_threads == [3]
+    assert len(model_threads) > served_before  # the requests' batches were counted, not only warm-up's
+    assert set(model_threads) == {3}
     assert decoding == {1}

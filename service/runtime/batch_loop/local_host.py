@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from models.runtime import Bundle
-from service.runtime.cpu_threads import pin_intra_op_threads
+from service.runtime.cpu_threads import settle_intra_op_threads
 from service.runtime.framing import ChannelClosed
 from service.runtime.model_client import Channel, HostClient
 from service.runtime.batch_loop.host_tasks import Loader, Release, Task
@@ -40,10 +40,8 @@ _CLOSED = None  # what a mailbox receives once the loop will answer no more
 class LocalHost:
     """A :class:`ModelHost` serving ``bundles`` in a thread of its own, until :meth:`stop`."""
 
-    def __init__(self, host_of: Callable[[Loader], ModelHost], bundles: list[Bundle], intra_op_threads: int):
-        """``host_of(loader)`` builds the host around the loader that hands it ``bundles``; the loop's
-        thread runs the models on ``intra_op_threads`` PyTorch threads (:mod:`service.runtime.cpu_threads`)."""
-        self._intra_op_threads = intra_op_threads
+    def __init__(self, host_of: Callable[[Loader], ModelHost], bundles: list[Bundle]):
+        """``host_of(loader)`` builds the host around the loader that hands it ``bundles``."""
         self._bundles: dict[ModelKey, Bundle] = {model_key(bundle): bundle for bundle in bundles}
         self._host: ModelHost = host_of(self._bundle)
         self._mailboxes: weakref.WeakSet[_Mailbox] = weakref.WeakSet()  # the open channels' (a closed one's goes)
@@ -77,7 +75,7 @@ class LocalHost:
 
     def _serve(self) -> None:
         try:
-            pin_intra_op_threads(self._intra_op_threads)
+            settle_intra_op_threads()  # the process's count, before decoding threads ask for theirs
             self._host.serve_forever()
         except BaseException as error:
             self.failure = f"the batch loop stopped ({error!r})"
