@@ -4,20 +4,22 @@ Batching pays where the device runs a batch in little more time than one image (
 2-core AMD EPYC, MobileNetV2 ran 44 images/s at batch 1 and 12.7 at batch 32, and the batched
 server was slower than one without batching (2026-11-27, ``benchmarks/RESULTS.md``). So at warm-up
 (:meth:`service.runtime.batch_loop.inference.ModelRunner.warm_up`) each candidate size, after the
-warm-up's own throw-away batch, runs a few more times; the median is its time, and batches never
-hold more images than the size with the most images per second. ``MIXOE_BATCH_SIZE_TUNING=false``
+warm-up's own throw-away batch, runs a few more times; the fastest run is its time, and batches
+never hold more images than the size with the most images per second. The fastest, not the median:
+another process busy beside the warm-up (a server's HTTP workers start while its model process
+times) only ever adds time. With the median, start-ups of the same server on a 2-core EPYC chose
+batch 2, 4 or 8 (``benchmarks/RESULTS.md``). ``MIXOE_BATCH_SIZE_TUNING=false``
 turns this off: batches then hold up to ``MIXOE_MAX_BATCH_SIZE``.
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable, Sequence
 
 TIMED_RUNS = 3
-"""Timed runs per batch size (after the warm-up's throw-away run); their median counts."""
+"""Timed runs per batch size (after the warm-up's throw-away run); the fastest counts."""
 
 
 class BatchSizeTuning:
@@ -32,7 +34,7 @@ class BatchSizeTuning:
         self._clock = clock
         self._runs = runs
         self.seconds: dict[int, float] = {}
-        """Median seconds per batch, by batch size, of the sizes timed so far."""
+        """Seconds per batch (the fastest run), by batch size, of the sizes timed so far."""
 
     def time(self, rows: int, run_batch: Callable[[], object]) -> None:
         """Time ``run_batch`` (a batch of ``rows`` images, run to completion) ``runs`` times."""
@@ -41,7 +43,7 @@ class BatchSizeTuning:
             started = self._clock()
             run_batch()
             durations.append(self._clock() - started)
-        self.seconds[rows] = statistics.median(durations)
+        self.seconds[rows] = min(durations)
 
     @property
     def complete(self) -> bool:
