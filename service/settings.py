@@ -85,7 +85,8 @@ class Settings(BaseSettings):
         "the weights on the device and larger batches. Workers then check and decode on the CPU and send it each "
         "request's images at once, every request in flight. "
         "auto: on when several workers share a CUDA device (on an H200, 8 workers served 2.6 times as many images per "
-        "second with it as with a model each; see benchmarks/RESULTS.md).",
+        "second with it as with a model each; see benchmarks/RESULTS.md). Worth turning on for a small CPU too: with "
+        "one worker on 2 cores it served 1.1-1.8 times the images per second of one process.",
     )
     worker_timeout_s: int = Field(
         30,
@@ -109,7 +110,7 @@ class Settings(BaseSettings):
     batch_size_tuning: bool = Field(
         True,
         description="At start, time each model at batch sizes 1, 2, 4, ... up to max_batch_size (three runs "
-        "each, the median) and never form a batch larger than the size with the most images per second on this "
+        "each, the fastest) and never form a batch larger than the size with the most images per second on this "
         "device, which on a CPU can be far below max_batch_size (service/runtime/batch_loop/tuning.py); false: batches of up "
         "to max_batch_size.",
     )
