@@ -15,6 +15,8 @@ Three measurements of one bundle on one machine, in one run (compare ratios, not
                Each batched run measures its batch sizes at start (``MIXOE_BATCH_SIZE_TUNING``,
                ``service/runtime/batch_loop/tuning.py``); the ``limit`` column is the largest batch it then
                forms, from its log;
+* ``...-Nt`` (``--model-threads N``) each ``batched`` and ``batched-Nw-mp`` run again with
+               ``MIXOE_MODEL_THREADS=N``: the batch loop runs the model on N intra-op threads (CPU);
 * ``batched-untuned`` (``--untuned``) the ``batched`` run with ``MIXOE_BATCH_SIZE_TUNING=false``:
                batches of up to ``--max-batch-size`` whatever their speed;
 * ``naive``    the same server with ``max_batch_size=1``: one forward pass per image, which is what a
@@ -270,6 +272,10 @@ def parse_args() -> argparse.Namespace:
         "--model-process", type=int, nargs="*", default=[], metavar="WORKERS",
         help="worker counts to run (again) with MIXOE_MODEL_PROCESS=true: one process holds the model for all",
     )
+    parser.add_argument(
+        "--model-threads", type=int, nargs="*", default=[], metavar="THREADS",
+        help="on a CPU, repeat each batched and model-process run with MIXOE_MODEL_THREADS=THREADS (config suffix -Nt)",
+    )
     parser.add_argument("--skip-naive", action="store_true", help="only raw and batched")
     parser.add_argument(
         "--untuned", action="store_true",
@@ -287,10 +293,11 @@ def parse_args() -> argparse.Namespace:
         or args.max_batch_size < 1
         or not 1 <= args.images_per_request <= 1000
         or not all(1 <= workers <= 64 for workers in [*args.workers, *args.model_process])
+        or not all(threads >= 1 for threads in args.model_threads)
     ):
         parser.error(
             "need --clients >= --client-processes, --max-batch-size >= 1, 1 <= --images-per-request <= 1000 "
-            "(the service's max_files limit) and 1 <= --workers <= 64"
+            "(the service's max_files limit), 1 <= --workers <= 64 and --model-threads >= 1"
         )
     return args
 
@@ -519,6 +526,11 @@ def server_runs(args: argparse.Namespace, device: str) -> list[tuple[str, int, f
     runs += [
         (f"batched-{n}w-mp", *batched, {"workers": str(n), "model_process": "true"})
         for n in sorted(set(args.model_process))
+    ]
+    runs += [
+        (f"{config}-{threads}t", *sizes, settings | {"model_threads": str(threads)})
+        for threads in args.model_threads
+        for config, *sizes, settings in list(runs)
     ]
     if device.startswith("cuda"):
         # The nvjpeg twin of the run with the most workers: with a model process if any ran

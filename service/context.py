@@ -37,7 +37,7 @@ from service.monitoring.drift import DriftAlarms
 from service.monitoring.metrics import ServiceMetrics, multiprocess_directory, score_buckets
 from service.runtime.hosted import HostedModel
 from service.runtime.batch_loop.inference import graphs_note
-from service.runtime.cpu_threads import pin_intra_op_threads
+from service.runtime.cpu_threads import batch_loop_threads, pin_intra_op_threads
 from service.runtime.batch_loop.local_host import LocalHost
 from service.runtime.model_client import HostClient
 from service.runtime.batch_loop.host_tasks import Loader
@@ -170,6 +170,7 @@ def _host(device: torch.device, settings: Settings, metrics: ServiceMetrics, loa
         batch_size_tuning=settings.batch_size_tuning,
         max_delay_s=settings.max_batch_delay_s,
         loader=loader,
+        intra_op_threads=batch_loop_threads(device, settings.model_threads),
     )
 
 

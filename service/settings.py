@@ -121,6 +121,15 @@ class Settings(BaseSettings):
         description="How long the batch loop, when no batch is running, waits for more images to fill one "
         "(a running batch is never held up).",
     )
+    model_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="PyTorch intra-op threads the batch loop runs the model on when the device is a CPU (default: "
+        "PyTorch's own count, one per core). The forward pass shares the cores with decoding and HTTP: when they, "
+        "not the model, limit the service (a small model), fewer threads leave them the cores (benchmarks/RESULTS.md, "
+        "\"The model's threads\").",
+    )
     queue_size: int = Field(
         1024,
         ge=1,

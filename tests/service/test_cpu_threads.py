@@ -1,5 +1,5 @@
-"""Intra-op thread counts: one per decoding thread, the model's own for the batch loop, each holding
-whatever another thread sets afterwards."""
+"""Intra-op thread counts: one per decoding thread, the model's own (or ``model_threads``) for the
+batch loop, each holding whatever another thread sets afterwards."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from models.runtime import Bundle, PendingLogits
 from service.app import create_app
-from service.runtime.cpu_threads import pin_intra_op_threads
+from service.runtime.cpu_threads import batch_loop_threads, pin_intra_op_threads
 from service.settings import Settings
 from tests.service.helpers import TinyModel, role_files
 
@@ -55,25 +55,39 @@ def test_a_pinned_count_holds_after_another_thread_pins_a_different_one(three_th
     assert seen == [1, 2, 2]
 
 
-def test_a_cpu_server_decodes_on_one_thread_each_and_runs_the_model_on_the_process_count(
-    make_settings: Callable[..., Settings], tiny: TinyModel, three_threads: None, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("model_threads", "expected"), [(None, 3), (2, 2)])
+def test_a_cpu_server_decodes_on_one_thread_each_and_runs_the_model_on_its_count(
+    make_settings: Callable[..., Settings],
+    tiny: TinyModel,
+    three_threads: None,
+    monkeypatch: pytest.MonkeyPatch,
+    model_threads: int | None,
+    expected: int,
 ) -> None:
     """Every batch the loop runs (warm-up, then requests after the decoding threads pinned theirs to
-    one) runs on the process's count of three."""
-    model_threads: list[int] = []
+    one) runs on ``model_threads``, by default the process's count of three."""
+    counts: list[int] = []
     start = Bundle.start
 
     def counted(bundle: Bundle, batch: torch.Tensor) -> PendingLogits:
-        model_threads.append(torch.get_num_threads())
+        counts.append(torch.get_num_threads())
         return start(bundle, batch)
 
     monkeypatch.setattr(Bundle, "start", counted)
-    with TestClient(create_app(make_settings())) as client:
-        served_before = len(model_threads)
+    with TestClient(create_app(make_settings(model_threads=model_threads))) as client:
+        served_before = len(counts)
         for _ in range(3):
             assert client.post("/predict", files=role_files(tiny, "accepted")).status_code == 200
         decode_pool = client.app.state.context.decode_pool  # type: ignore[attr-defined]
         decoding = {decode_pool.submit(torch.get_num_threads).result() for _ in range(8)}
-    assert len(model_threads) > served_before  # the requests' batches were counted, not only warm-up's
-    assert set(model_threads) == {3}
+    assert len(counts) > served_before  # the requests' batches were counted, not only warm-up's
+    assert set(counts) == {expected}
     assert decoding == {1}
+
+
+def test_model_threads_apply_on_a_cpu_and_a_cuda_loop_runs_on_one() -> None:
+    """On CUDA the loop only feeds the GPU: one thread whatever model_threads says."""
+    assert batch_loop_threads(torch.device("cpu"), None) is None
+    assert batch_loop_threads(torch.device("cpu"), 2) == 2
+    assert batch_loop_threads(torch.device("cuda"), None) == 1
+    assert batch_loop_threads(torch.device("cuda", 1), 4) == 1

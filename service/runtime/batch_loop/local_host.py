@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from models.runtime import Bundle
-from service.runtime.cpu_threads import settle_intra_op_threads
 from service.runtime.framing import ChannelClosed
 from service.runtime.model_client import Channel, HostClient
 from service.runtime.batch_loop.host_tasks import Loader, Release, Task
@@ -75,7 +74,6 @@ class LocalHost:
 
     def _serve(self) -> None:
         try:
-            settle_intra_op_threads()  # the process's count, before decoding threads ask for theirs
             self._host.serve_forever()
         except BaseException as error:
             self.failure = f"the batch loop stopped ({error!r})"

@@ -44,6 +44,7 @@ from service.runtime.batch_loop.host_tasks import (
     load_from_disk, reply, send,
 )
 from service.runtime.batch_loop.inference import ModelRunner, run_crops, stack_on
+from service.runtime.cpu_threads import pin_intra_op_threads, settle_intra_op_threads
 from service.runtime.verdicts import ImageVerdict
 from service.runtime.batch_loop.model_loads import LoadSettings, ModelLoads
 from service.runtime.protocol import Answer, Failed, Judged, Load, ModelKey, Ping, Pong, Reply, Run
@@ -67,10 +68,14 @@ class ModelHost:
         max_delay_s: float = 0.0,
         loader: Loader = load_from_disk,
         pipelined: bool | None = None,
+        intra_op_threads: int | None = None,
     ):
         """``pipelined``: launch the next batch before answering the one in flight (``None``: on
-        CUDA, where the forward pass runs asynchronously; on a CPU it has finished by then)."""
+        CUDA, where the forward pass runs asynchronously; on a CPU it has finished by then).
+        ``intra_op_threads``: PyTorch's threads for everything the loop runs, warm-up and timing
+        included (``None``: the process's count; :func:`~service.runtime.cpu_threads.batch_loop_threads`)."""
         self._device = device
+        self._intra_op_threads = intra_op_threads
         self._observer = observer
         self._max_delay_s = max_delay_s
         self._pipelined = device.type == "cuda" if pipelined is None else pipelined
@@ -109,7 +114,11 @@ class ModelHost:
         self.submit(Task(NOBODY, Stop()))
 
     def serve_forever(self) -> None:
-        """Run tasks until :meth:`stop` (never, in the model process)."""
+        """Run tasks in this thread until :meth:`stop` (never, in the model process)."""
+        if self._intra_op_threads is None:
+            settle_intra_op_threads()  # the process's count, before decoding threads ask for theirs
+        else:
+            pin_intra_op_threads(self._intra_op_threads)
         while not self._stopped:
             self.step()
 

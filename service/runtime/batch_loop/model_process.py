@@ -59,12 +59,11 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
-import torch
-
 from models.network.nets import resolve_device
 from service.api.errors import ServiceError
 from service.monitoring.logs import configure_logging
 from service.monitoring.metrics import BatchMetrics
+from service.runtime.cpu_threads import batch_loop_threads
 from service.runtime.framing import BlockingChannel, authenticated_socket
 from service.runtime.model_client import ADDRESS_VARIABLE, KEY_VARIABLE, HostClient, set_timeouts
 from service.runtime.batch_loop.host_tasks import Release, Task
@@ -194,9 +193,6 @@ def _serve(settings: Settings, address: str, key: bytes, control: Connection) ->
     for name in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(name, signal.SIG_IGN)  # see the module docstring: the control pipe stops us
     device = resolve_device(settings.device)
-    if device.type == "cuda":
-        # This process's CPU work is stacking crops and feeding the GPU: the cores are the workers'.
-        torch.set_num_threads(1)
     host = ModelHost(
         device,
         settings.max_batch_size,
@@ -205,6 +201,7 @@ def _serve(settings: Settings, address: str, key: bytes, control: Connection) ->
         cuda_graphs=settings.cuda_graphs,
         batch_size_tuning=settings.batch_size_tuning,
         max_delay_s=settings.max_batch_delay_s,
+        intra_op_threads=batch_loop_threads(device, settings.model_threads),
     )
     listener = Listener(address, family="AF_UNIX", backlog=64)  # authenticated per connection, in its own thread
     logger.info("model process listening on %s, device %s", address, device)
