@@ -127,8 +127,9 @@ class Settings(BaseSettings):
         le=1024,
         description="PyTorch intra-op threads the batch loop runs the model on when the device is a CPU (default: "
         "PyTorch's own count, one per core). The forward pass shares the cores with decoding and HTTP: when they, "
-        "not the model, limit the service (a small model), fewer threads leave them the cores (benchmarks/RESULTS.md, "
-        "\"The model's threads\").",
+        "not the model, limit the service, fewer threads leave them the cores. On 2 cores with a model process, 1 "
+        "served a small model 1.5-1.8 times the images per second at 0.54-0.57 times the CPU per image in most runs, but "
+        "MobileNetV2 fewer images (benchmarks/RESULTS.md, \"The model's threads\").",
     )
     queue_size: int = Field(
         1024,
