@@ -498,10 +498,12 @@ def test_the_model_process_refuses_a_wrong_key_and_outlives_a_dropped_handshake(
     assert ADDRESS_VARIABLE not in os.environ and not model_process.died
 
 
-def start_with_model_process(tiny: TinyModel, log: Path, workers: str, timeout_s: str = "30") -> LocalServer:
+def start_with_model_process(
+    tiny: TinyModel, log: Path, workers: str, timeout_s: str = "30", **settings: str
+) -> LocalServer:
     return start_local_server(
         {"model_repository": str(tiny.repository), "device": "cpu", "decode_workers": "2", "workers": workers,
-         "model_process": "true", "model_process_timeout_s": timeout_s, "batch_size_tuning": "false"},
+         "model_process": "true", "model_process_timeout_s": timeout_s, "batch_size_tuning": "false"} | settings,
         log,
         timeout_s=90,
     )
@@ -512,12 +514,13 @@ def model_process_pid(log: Path) -> int:
     return pid
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(("workers", "model_threads"), [("1", None), ("2", "3")])
 def test_workers_share_one_model_process_which_outlives_a_group_sigterm_and_stops_with_them(
-    tiny: TinyModel, tmp_path: Path, workers: str
+    tiny: TinyModel, tmp_path: Path, workers: str, model_threads: str | None
 ) -> None:
+    """With ``model_threads`` the model process's loop (warm-up included) runs on that many threads."""
     log = tmp_path / "model-process.log"
-    served = start_with_model_process(tiny, log, workers)
+    served = start_with_model_process(tiny, log, workers, **({"model_threads": model_threads} if model_threads else {}))
     try:
         pid = model_process_pid(log)
         # What a SIGTERM to the whole process group does to it: nothing (the workers drain through it).
@@ -534,6 +537,8 @@ def test_workers_share_one_model_process_which_outlives_a_group_sigterm_and_stop
         assert sample_value(metrics, "mixoe_requests_total", {"route": "/predict", "status": "200"}) == 2 * int(workers)
         loads = [e for e in log_entries(log) if str(e["message"]).startswith("batch loop loaded")]
         assert len(loads) == 1  # one copy, whatever the number of workers
+        if model_threads:
+            assert f"on cpu, {model_threads} intra-op threads" in loads[0]["message"]
     finally:
         status = served.stop()
     assert status == 0

@@ -136,9 +136,9 @@ class ModelLoads:
             return
         bundle = warming.runner.bundle
         logger.info(
-            "batch loop loaded %s:%s from %s on %s (warm-up %.1f s%s)",
-            bundle.name, bundle.version, key[0], self._settings.device, time.perf_counter() - warming.started,
-            graphs_note(bundle),
+            "batch loop loaded %s:%s from %s on %s, %d intra-op threads (warm-up %.1f s%s)",
+            bundle.name, bundle.version, key[0], self._settings.device, torch.get_num_threads(),
+            time.perf_counter() - warming.started, graphs_note(bundle),
         )
         del self._warming[key]
         waiting = self._loading.pop(key)
