@@ -16,7 +16,8 @@ Three measurements of one bundle on one machine, in one run (compare ratios, not
                ``service/runtime/batch_loop/tuning.py``); the ``limit`` column is the largest batch it then
                forms, from its log;
 * ``...-Nt`` (``--model-threads N``) each ``batched`` and ``batched-Nw-mp`` run again with
-               ``MIXOE_MODEL_THREADS=N``: the batch loop runs the model on N intra-op threads (CPU);
+               ``MIXOE_MODEL_THREADS=N``: the batch loop runs the model on N intra-op threads (on a CPU
+               only: a CUDA batch loop runs on one);
 * ``batched-untuned`` (``--untuned``) the ``batched`` run with ``MIXOE_BATCH_SIZE_TUNING=false``:
                batches of up to ``--max-batch-size`` whatever their speed;
 * ``naive``    the same server with ``max_batch_size=1``: one forward pass per image, which is what a
@@ -527,11 +528,12 @@ def server_runs(args: argparse.Namespace, device: str) -> list[tuple[str, int, f
         (f"batched-{n}w-mp", *batched, {"workers": str(n), "model_process": "true"})
         for n in sorted(set(args.model_process))
     ]
-    runs += [
-        (f"{config}-{threads}t", *sizes, settings | {"model_threads": str(threads)})
-        for threads in args.model_threads
-        for config, *sizes, settings in list(runs)
-    ]
+    if not device.startswith("cuda"):  # a CUDA batch loop runs on one thread whatever the setting
+        runs += [
+            (f"{config}-{threads}t", *sizes, settings | {"model_threads": str(threads)})
+            for threads in sorted(set(args.model_threads))
+            for config, *sizes, settings in list(runs)
+        ]
     if device.startswith("cuda"):
         # The nvjpeg twin of the run with the most workers: with a model process if any ran
         # (where the choice is nvjpeg in one process or the CPUs of all workers).

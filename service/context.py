@@ -73,7 +73,8 @@ class ServiceContext:
         device = torch.device("cpu") if model_process else resolve_device(settings.device)
         if device.type == "cuda" or model_process:
             # The model runs elsewhere; CPU threads only decode and resize, each in its own decode
-            # worker. One intra-op thread per worker avoids oversubscribing the cores.
+            # worker. One intra-op thread per worker avoids oversubscribing the cores. (A single
+            # server's batch loop on CUDA pins one too: batch_loop_threads.)
             torch.set_num_threads(1)
         selected = select_bundles(settings.model_repository, settings.models)
         keys, pins = load_public_keys(settings.trusted_keys), settings.pinned_digests

@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         "request's images at once, every request in flight. "
         "auto: on when several workers share a CUDA device (on an H200, 8 workers served 2.6 times as many images per "
         "second with it as with a model each; see benchmarks/RESULTS.md). Worth turning on for a small CPU too: with "
-        "one worker on 2 cores it served 1.1-1.8 times the images per second of one process.",
+        "one worker on 2 cores it served MobileNetV2 1.1-1.8 times the images per second of one process.",
     )
     worker_timeout_s: int = Field(
         30,
@@ -125,11 +125,12 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=1024,
-        description="PyTorch intra-op threads the batch loop runs the model on when the device is a CPU (default: "
-        "PyTorch's own count, one per core). The forward pass shares the cores with decoding and HTTP: when they, "
-        "not the model, limit the service, fewer threads leave them the cores. On 2 cores with a model process, 1 "
-        "served a small model 1.5-1.8 times the images per second at 0.54-0.57 times the CPU per image in most runs, but "
-        "MobileNetV2 fewer images (benchmarks/RESULTS.md, \"The model's threads\").",
+        description="PyTorch intra-op threads the batch loop runs the model on when the device is a CPU (unset: "
+        "PyTorch's own count, one per core; leave it unset rather than naming that count, which ran slower). The "
+        "forward pass shares the cores with decoding and HTTP: when they, not the model, limit the service, fewer "
+        "threads leave them the cores. On 2 cores with a model process, 1 instead of unset served a small model "
+        "1.4-1.7 times the images per second at 0.52-0.67 times the CPU per image (most runs), but MobileNetV2 "
+        "0.63-1.01 times the images (benchmarks/RESULTS.md, \"The model's threads\").",
     )
     queue_size: int = Field(
         1024,
