@@ -528,12 +528,6 @@ def server_runs(args: argparse.Namespace, device: str) -> list[tuple[str, int, f
         (f"batched-{n}w-mp", *batched, {"workers": str(n), "model_process": "true"})
         for n in sorted(set(args.model_process))
     ]
-    if not device.startswith("cuda"):  # a CUDA batch loop runs on one thread whatever the setting
-        runs += [
-            (f"{config}-{threads}t", *sizes, settings | {"model_threads": str(threads)})
-            for threads in sorted(set(args.model_threads))
-            for config, *sizes, settings in list(runs)
-        ]
     if device.startswith("cuda"):
         # The nvjpeg twin of the run with the most workers: with a model process if any ran
         # (where the choice is nvjpeg in one process or the CPUs of all workers).
@@ -542,6 +536,12 @@ def server_runs(args: argparse.Namespace, device: str) -> list[tuple[str, int, f
         with_model_process = str(bool(args.model_process)).lower()
         settings = {"workers": str(most), "gpu_jpeg_decode": "true", "model_process": with_model_process}
         runs.append((name, *batched, settings))
+    else:  # --model-threads: a CUDA batch loop runs on one thread whatever the setting
+        runs += [
+            (f"{config}-{threads}t", *sizes, settings | {"model_threads": str(threads)})
+            for threads in sorted(set(args.model_threads))
+            for config, *sizes, settings in list(runs)
+        ]
     if args.untuned:
         runs.append(("batched-untuned", *batched, {"model_process": "false", "batch_size_tuning": "false"}))
     if not args.skip_naive:

@@ -8,9 +8,9 @@ that asks for nothing runs its resize with as many threads as the model, on the 
 the event loop need.
 
 The batch loop only settles its count (:func:`settle_intra_op_threads`) unless ``model_threads``
-names one or the device is CUDA (:func:`batch_loop_threads`): on the 2-core CPU an explicit ``torch.set_num_threads(2)``,
-even to the count a thread already had, ran the MobileNetV2 bundle 15-40% slower at 4 and 8 images
-per batch than the count PyTorch chose itself.
+names one or the device is CUDA (:func:`batch_loop_threads`): on the 2-core CPU an explicit
+``torch.set_num_threads(2)``, even to the count a thread already had, ran the MobileNetV2 bundle
+15-40% slower at 4 and 8 images per batch than the count PyTorch chose itself.
 """
 
 from __future__ import annotations
